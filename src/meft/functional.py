@@ -1,0 +1,89 @@
+"""The MEFT sparse adapter as a function: the fast op and its dense masked reference.
+
+    y = sparse_adapter(x, keys, values, router, top_k=K, n_probe=P, gate="product")
+
+x (..., d), keys (N, d), values (N, d), router (E, d) -> y (..., d). Neuron i belongs to
+expert i // (N // E). See :mod:`meft.routing` for the selection and :mod:`meft.kernels` for
+the exact output and gradients. Letters: T tokens, d hidden, N neurons, K kept per token,
+E experts, P probed, U union of the selected ids.
+
+Fast path (``sparse_adapter``):
+    g = x W_g^T                         (T, E)   differentiable, on x's device
+    ids = route(x, keys, g)             (T, K)   no autograd; scores only probed experts' keys
+    U, local = unique(ids)              (U,), (T, K)
+    ku, vu = keys[U], values[U]         (U, d)   ``F.embedding``: with ``sparse_grad=True`` the
+                                                 table gradients are sparse COO (U rows)
+    gsel = g[t, e(ids)]                 (T, K)   product gate only
+    y = sparse_rows(x, gsel, ku, vu, local)
+
+Reference (``sparse_adapter_reference``), the specification: score every key, mask the
+experts not probed with -inf, take the top-K of the masked scores as a dense (T, N) mask, and
+y = (ReLU(s) * mask) @ values. Autograd through it defines the gradients: to x, to the selected
+key and value rows, and to the router rows of the experts used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from meft.kernels import sparse_rows
+from meft.routing import check_adapter_args, route
+
+
+def sparse_adapter(
+    x: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    router: Tensor,
+    *,
+    top_k: int,
+    n_probe: int,
+    gate: str = "product",
+    sparse_grad: bool = False,
+) -> Tensor:
+    """Fast sparse adapter. Gradients flow to x, keys, values and router.
+
+    With ``sparse_grad=True`` keys and values receive sparse COO gradients holding only the
+    U selected rows (as ``nn.Embedding(sparse=True)`` does); otherwise dense (N, d) ones.
+    """
+    check_adapter_args(x, keys, values, router, top_k=top_k, n_probe=n_probe, gate=gate)
+    d = x.shape[-1]
+    n_per_expert = keys.shape[0] // router.shape[0]
+    x2 = x.reshape(-1, d)  # (T, d)
+    g = x2 @ router.T  # (T, E)
+    ids = route(x2.detach(), keys.detach(), g.detach(), top_k=top_k, n_probe=n_probe, gate=gate)
+    uniq, local = torch.unique(ids, return_inverse=True)  # (U,), (T, K)
+    ku = F.embedding(uniq, keys, sparse=sparse_grad)  # (U, d)
+    vu = F.embedding(uniq, values, sparse=sparse_grad)  # (U, d)
+    gsel = g.gather(1, ids // n_per_expert) if gate == "product" else None  # (T, K)
+    y = sparse_rows(x2, gsel, ku, vu, local)
+    return y.reshape(x.shape)
+
+
+def sparse_adapter_reference(
+    x: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    router: Tensor,
+    *,
+    top_k: int,
+    n_probe: int,
+    gate: str = "product",
+) -> Tensor:
+    """Dense masked computation of :func:`sparse_adapter`: O(T*N*d), the specification."""
+    check_adapter_args(x, keys, values, router, top_k=top_k, n_probe=n_probe, gate=gate)
+    n, d = keys.shape
+    e = router.shape[0]
+    x2 = x.reshape(-1, d)  # (T, d)
+    expert_of = torch.arange(n, device=keys.device) // (n // e)  # (N,)
+    g = x2 @ router.T  # (T, E)
+    a = x2 @ keys.T  # (T, N)
+    probe = g.topk(n_probe, dim=1).indices  # (T, P)
+    probed = torch.zeros_like(g, dtype=torch.bool).scatter_(1, probe, True)[:, expert_of]
+    s = g[:, expert_of] * a if gate == "product" else a  # (T, N)
+    chosen = s.detach().masked_fill(~probed, float("-inf")).topk(top_k, dim=1).indices
+    mask = torch.zeros_like(s, dtype=torch.bool).scatter_(1, chosen, True)  # (T, N)
+    y = (torch.relu(s) * mask) @ values
+    return y.reshape(x.shape)

@@ -1,0 +1,131 @@
+"""The exact, differentiable adapter output from each token's own K neurons (method step 4).
+
+Inputs are already "staged": the union U of the neurons a batch selected, as row tables
+ku (U, d) and vu (U, d), and for every token the positions of its K neurons in that union,
+``local`` (T, K). With a_{t,k} = ku[local_{t,k}] . x_t and the gate value gsel_{t,k} of the
+neuron's expert (product gate; absent for gate "none"):
+
+    s = gsel * a                (T, K)
+    w = ReLU(s)                 (T, K)
+    y_t = sum_k w_{t,k} vu[local_{t,k}]          (T, d)
+
+Backward, for upstream dy (T, d):
+
+    dw_{t,k}  = dy_t . vu[local_{t,k}]           sampled dense-dense product (SDDMM)
+    ds        = dw * [s > 0]
+    da        = ds * gsel,   dgsel = ds * a
+    dx_t      = sum_k da_{t,k} ku[local_{t,k}]   bag sum over the token's K rows
+    dku[u]    = sum_{(t,k): local=u} da_{t,k} x_t     bag sum over the row's tokens
+    dvu[u]    = sum_{(t,k): local=u} w_{t,k} dy_t
+
+Every product is T*K*d multiply-adds and none materialises the (T, K, d) gather (75 MB at
+T=512, K=64, d=576 in float32): the "bag sums" are ``F.embedding_bag`` with per-sample weights
+(the transposed ones use the pattern sorted by row), and the SDDMM is
+``torch.sparse.sampled_addmm`` on a CSR pattern where the platform has it (CPU, float32/64),
+a chunked gather-and-bmm elsewhere. The gradients for ku and vu are (U, d): row-sparse
+gradients of the full tables, never N x d.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+_SDDMM_DTYPES = (torch.float32, torch.float64)
+_GATHER_CHUNK_ELEMS = 1 << 22  # elements of the (chunk, K, d) gather in the fallback path
+
+
+def pair_dots(x: Tensor, table: Tensor, local: Tensor) -> Tensor:
+    """a_{t,k} = table[local_{t,k}] . x_t for x (T, d), table (U, d), local (T, K) -> (T, K)."""
+    t, k = local.shape
+    if t == 0 or k == 0:
+        return x.new_zeros(t, k)
+    if x.device.type == "cpu" and x.dtype in _SDDMM_DTYPES:
+        crow = torch.arange(0, t * k + 1, k, device=x.device)
+        pattern = torch.sparse_csr_tensor(
+            crow, local.reshape(-1), x.new_zeros(t * k), (t, table.shape[0]),
+            check_invariants=False,
+        )
+        return torch.sparse.sampled_addmm(pattern, x, table.T, beta=0.0).values().view(t, k)
+    return pair_dots_gather(x, table, local)
+
+
+def pair_dots_gather(x: Tensor, table: Tensor, local: Tensor) -> Tensor:
+    """The portable version of :func:`pair_dots`: gather rows in token chunks, then bmm."""
+    t, k = local.shape
+    out = x.new_empty(t, k)
+    chunk = max(1, _GATHER_CHUNK_ELEMS // max(1, k * x.shape[1]))
+    for s in range(0, t, chunk):
+        rows = table[local[s : s + chunk]]  # (c, K, d)
+        out[s : s + chunk] = torch.bmm(rows, x[s : s + chunk].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def bag_sum(local: Tensor, table: Tensor, weights: Tensor) -> Tensor:
+    """out_t = sum_k weights_{t,k} table[local_{t,k}]: local, weights (T, K), table (U, d)."""
+    return F.embedding_bag(local, table, per_sample_weights=weights, mode="sum")
+
+
+def bag_sum_transposed(local: Tensor, n_rows: int, src: Tensor, weights: Tensor) -> Tensor:
+    """out[u] = sum_{(t,k): local_{t,k} = u} weights_{t,k} src_t -> (n_rows, d).
+
+    local, weights (T, K); src (T, d). Pairs are sorted by row so that each of the n_rows
+    outputs is one bag of token rows of src.
+    """
+    t, k = local.shape
+    flat = local.reshape(-1)
+    perm = torch.argsort(flat, stable=True)  # (T*K,) pairs grouped by row u
+    tokens = perm // k
+    counts = torch.bincount(flat, minlength=n_rows)
+    offsets = torch.zeros(n_rows, dtype=torch.long, device=local.device)
+    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    return F.embedding_bag(
+        tokens, src, offsets, per_sample_weights=weights.reshape(-1)[perm], mode="sum"
+    )
+
+
+class _SparseRows(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, x: Tensor, gsel: Tensor | None, ku: Tensor, vu: Tensor, local: Tensor
+    ) -> Tensor:
+        a = pair_dots(x, ku, local)  # (T, K)
+        s = a * gsel if gsel is not None else a
+        w = torch.relu(s)
+        ctx.save_for_backward(x, gsel, ku, vu, local, a, s)
+        return bag_sum(local, vu, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, gsel, ku, vu, local, a, s = ctx.saved_tensors
+        dy = dy.contiguous()
+        need_x, need_g, need_k, need_v, _ = ctx.needs_input_grad
+        dx = dgsel = dku = dvu = None
+        w = torch.relu(s)
+        if need_v:
+            dvu = bag_sum_transposed(local, vu.shape[0], dy, w)
+        if need_x or need_g or need_k:
+            ds = pair_dots(dy, vu, local) * (s > 0)  # (T, K)
+            da = ds * gsel if gsel is not None else ds
+            if need_g:
+                dgsel = ds * a
+            if need_x:
+                dx = bag_sum(local, ku, da)
+            if need_k:
+                dku = bag_sum_transposed(local, ku.shape[0], x, da)
+        return dx, dgsel, dku, dvu, None
+
+
+def sparse_rows(x: Tensor, gsel: Tensor | None, ku: Tensor, vu: Tensor, local: Tensor) -> Tensor:
+    """y (T, d) from x (T, d), gate values gsel (T, K) or None, staged rows ku, vu (U, d) and
+    positions local (T, K) into them; differentiable in x, gsel, ku and vu."""
+    out: Tensor = _SparseRows.apply(x, gsel, ku, vu, local)
+    return out

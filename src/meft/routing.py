@@ -1,0 +1,185 @@
+"""Routing: which K neurons each token uses (method steps 1-3), computed without autograd.
+
+Dimension letters used in every module of meft:
+    T tokens (all leading dims of x flattened), d hidden size, N adapter neurons per layer,
+    K neurons kept per token (``top_k``), E experts per layer, P experts probed per token
+    (``n_probe``), B = N // E neurons per expert, U size of the union of the ids selected by
+    a batch.
+
+Neuron i belongs to expert ``i // B`` (contiguous blocks), so the keys viewed as (E, B, d) are
+the experts' key blocks without any copy.
+
+For token t with router scores g_t = W_g x_t (E,):
+    1. probe the top-P experts by raw score g_t,
+    2. score the P*B candidates of those experts: s_{t,i} = g_{t,e(i)} * (k_i . x_t) with the
+       "product" gate, or s_{t,i} = k_i . x_t with gate "none",
+    3. keep the top-K candidates by s.
+
+Cost. Step 2 is the only large product. The T*P (token, expert) pairs are sorted by expert and
+each expert's key block multiplies the block of tokens that probed it, as one grouped matmul
+(``torch.nn.functional.grouped_mm``; a per-expert loop where that kernel is unavailable, e.g.
+float64). That is T*P*B*d multiply-adds, plus T*E*d for the router: O(T*d*(E + P*N/E)), i.e.
+O(T*d*sqrt(N)) with E ~ sqrt(N), instead of T*N*d for scoring every key. No (T, N) tensor is
+ever built; the largest intermediate is the (T, P*B) candidate score matrix.
+
+Routing is not differentiable (a discrete choice); gradients flow through the recomputed scores
+of the selected neurons only (see :mod:`meft.kernels`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GATES = ("product", "none")
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_adapter_args(
+    x: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    router: Tensor,
+    *,
+    top_k: int,
+    n_probe: int,
+    gate: str,
+) -> None:
+    """Raise a one-line ``ValueError`` naming the first inconsistent argument."""
+    if keys.dim() != 2:
+        raise ValueError(f"keys must be 2-D (N, d), got shape {tuple(keys.shape)}")
+    n, d = keys.shape
+    if values.shape != keys.shape:
+        raise ValueError(
+            f"values shape {tuple(values.shape)} does not match keys shape {tuple(keys.shape)}"
+        )
+    if router.dim() != 2 or router.shape[1] != d:
+        raise ValueError(f"router must be (E, d={d}), got shape {tuple(router.shape)}")
+    if x.dim() < 1 or x.shape[-1] != d:
+        raise ValueError(f"x must have last dimension d={d}, got shape {tuple(x.shape)}")
+    dtypes = {x.dtype, keys.dtype, values.dtype, router.dtype}
+    if len(dtypes) != 1:
+        raise ValueError(
+            "x, keys, values and router must share one dtype, got "
+            f"x={x.dtype}, keys={keys.dtype}, values={values.dtype}, router={router.dtype}"
+        )
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"sparse_adapter needs floating-point tensors, got {x.dtype}")
+    check_routing_sizes(n, router.shape[0], top_k=top_k, n_probe=n_probe, gate=gate)
+
+
+def check_routing_sizes(n_neurons: int, n_experts: int, *, top_k: int, n_probe: int,
+                        gate: str) -> None:
+    """Validate N, E, K, P and the gate; shared by the op, the module and the configs."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if n_neurons < 1 or n_experts < 1:
+        raise ValueError(f"need at least one neuron and one expert, got N={n_neurons}, "
+                         f"E={n_experts}")
+    if n_neurons % n_experts != 0:
+        raise ValueError(f"experts E={n_experts} must divide neurons N={n_neurons}")
+    if not 1 <= n_probe <= n_experts:
+        raise ValueError(f"n_probe={n_probe} must be in [1, E={n_experts}]")
+    candidates = n_probe * (n_neurons // n_experts)
+    if not 1 <= top_k <= candidates:
+        raise ValueError(
+            f"top_k={top_k} must be in [1, n_probe * N // E = {candidates}] "
+            f"(n_probe={n_probe}, N={n_neurons}, E={n_experts})"
+        )
+
+
+def default_experts(n_neurons: int) -> int:
+    """The divisor of N closest to 4*sqrt(N) (the paper's choice), ties to the smaller one."""
+    if n_neurons < 1:
+        raise ValueError(f"neurons must be positive, got {n_neurons}")
+    target = 4.0 * n_neurons**0.5
+    divisors = [e for e in range(1, n_neurons + 1) if n_neurons % e == 0]
+    return min(divisors, key=lambda e: (abs(e - target), e))
+
+
+def _grouped_scores(xs: Tensor, key_blocks: Tensor, counts: Tensor) -> Tensor:
+    """Rows of xs (R, d), grouped by expert with counts (E,), times their expert's keys.
+
+    key_blocks (E, B, d). Row r of group e gives xs[r] @ key_blocks[e].T -> (R, B).
+    """
+    if _grouped_mm is not None and xs.dtype in _GROUPED_MM_DTYPES and xs.device.type == "cpu":
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        return _grouped_mm(xs, key_blocks.transpose(1, 2), offs=offs)
+    return grouped_scores_loop(xs, key_blocks, counts)
+
+
+def grouped_scores_loop(xs: Tensor, key_blocks: Tensor, counts: Tensor) -> Tensor:
+    """Per-expert loop over the non-empty groups: the portable version of the grouped matmul."""
+    out = xs.new_empty(xs.shape[0], key_blocks.shape[1])
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            torch.mm(xs[start : start + c], key_blocks[e].T, out=out[start : start + c])
+            start += c
+    return out
+
+
+def candidate_scores(x: Tensor, key_blocks: Tensor, probe_ids: Tensor) -> Tensor:
+    """Key scores k_i . x_t of every candidate: x (T, d), key_blocks (E, B, d),
+    probe_ids (T, P) -> (T, P, B)."""
+    t, p = probe_ids.shape
+    e = key_blocks.shape[0]
+    flat = probe_ids.reshape(-1)  # (T*P,)
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    counts = torch.bincount(flat, minlength=e)  # (E,)
+    xs = x.index_select(0, order // p)  # (T*P, d)
+    scores_sorted = _grouped_scores(xs, key_blocks, counts)  # (T*P, B)
+    scores = torch.empty_like(scores_sorted).index_copy_(0, order, scores_sorted)
+    return scores.view(t, p, key_blocks.shape[1])
+
+
+@torch.no_grad()
+def probe(gate_scores: Tensor, n_probe: int) -> tuple[Tensor, Tensor]:
+    """Step 1: g (T, E) -> (scores, expert ids), each (T, P), the top-P experts by raw score."""
+    scores, ids = gate_scores.topk(n_probe, dim=1)
+    return scores, ids
+
+
+@torch.no_grad()
+def select(
+    x: Tensor,
+    keys: Tensor,
+    probe_scores: Tensor,
+    probe_ids: Tensor,
+    n_experts: int,
+    *,
+    top_k: int,
+    gate: str = "product",
+) -> Tensor:
+    """Steps 2-3: x (T, d), keys (N, d), probe scores and expert ids (T, P) -> ids (T, K).
+
+    ids are int64 global neuron ids, sorted ascending within each token (the order is
+    irrelevant to the math; sorted rows make valid CSR patterns for the kernels).
+    """
+    t, d = x.shape
+    b = keys.shape[0] // n_experts
+    p = probe_ids.shape[1]
+    scores = candidate_scores(x, keys.view(n_experts, b, d), probe_ids)  # (T, P, B)
+    if gate == "product":
+        scores = scores * probe_scores.unsqueeze(-1)
+    top = scores.view(t, p * b).topk(top_k, dim=1).indices  # (T, K) candidate slots
+    ids = probe_ids.gather(1, top // b) * b + top % b  # (T, K) global neuron ids
+    return ids.sort(dim=1).values
+
+
+@torch.no_grad()
+def route(
+    x: Tensor,
+    keys: Tensor,
+    gate_scores: Tensor,
+    *,
+    top_k: int,
+    n_probe: int,
+    gate: str = "product",
+) -> Tensor:
+    """Select each token's K neurons: x (T, d), keys (N, d), g = x @ W_g.T (T, E) -> ids (T, K)."""
+    probe_scores, probe_ids = probe(gate_scores, n_probe)
+    return select(x, keys, probe_scores, probe_ids, gate_scores.shape[1], top_k=top_k, gate=gate)
