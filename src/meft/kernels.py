@@ -53,7 +53,8 @@ def pair_dots(x: Tensor, table: Tensor, local: Tensor) -> Tensor:
             crow, local.reshape(-1), x.new_zeros(t * k), (t, table.shape[0]),
             check_invariants=False,
         )
-        return torch.sparse.sampled_addmm(pattern, x, table.T, beta=0.0).values().view(t, k)
+        dots: Tensor = torch.sparse.sampled_addmm(pattern, x, table.T, beta=0.0)
+        return dots.values().view(t, k)
     return pair_dots_gather(x, table, local)
 
 
@@ -79,7 +80,7 @@ def bag_sum_transposed(local: Tensor, n_rows: int, src: Tensor, weights: Tensor)
     local, weights (T, K); src (T, d). Pairs are sorted by row so that each of the n_rows
     outputs is one bag of token rows of src.
     """
-    t, k = local.shape
+    k = local.shape[1]
     flat = local.reshape(-1)
     perm = torch.argsort(flat, stable=True)  # (T*K,) pairs grouped by row u
     tokens = perm // k
@@ -99,7 +100,7 @@ class _SparseRows(torch.autograd.Function):
         a = pair_dots(x, ku, local)  # (T, K)
         s = a * gsel if gsel is not None else a
         w = torch.relu(s)
-        ctx.save_for_backward(x, gsel, ku, vu, local, a, s)
+        ctx.save_for_backward(x, gsel, ku, vu, local, a, s)  # type: ignore[arg-type]
         return bag_sum(local, vu, w)
 
     @staticmethod

@@ -107,7 +107,8 @@ def _grouped_scores(xs: Tensor, key_blocks: Tensor, counts: Tensor) -> Tensor:
     """
     if _grouped_mm is not None and xs.dtype in _GROUPED_MM_DTYPES and xs.device.type == "cpu":
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        return _grouped_mm(xs, key_blocks.transpose(1, 2), offs=offs)
+        out: Tensor = _grouped_mm(xs, key_blocks.transpose(1, 2), offs=offs)
+        return out
     return grouped_scores_loop(xs, key_blocks, counts)
 
 

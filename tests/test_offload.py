@@ -1,0 +1,182 @@
+"""The offloaded module: equal to the functional op, accumulates, counts bytes, stays on host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import Case, make_inputs
+from meft.functional import sparse_adapter
+from meft.offload import OffloadedSparseAdapter
+from meft.optim import RowSparseAdamW, clip_grad_norm_
+from meft.store import HostStore
+
+CASE = Case(tokens=24, dim=16, neurons=256, experts=16, top_k=8, n_probe=3)
+
+
+def _module(dtype: torch.dtype, gate: str = "product", seed: int = 0,
+            device: str = "cpu") -> OffloadedSparseAdapter:
+    _, keys, values, router, _ = make_inputs(CASE, dtype, seed)
+    store = HostStore(keys, values)
+    return OffloadedSparseAdapter(store, n_experts=CASE.experts, top_k=CASE.top_k,
+                                  n_probe=CASE.n_probe, gate=gate, router=router, device=device)
+
+
+@pytest.mark.parametrize("gate", ["product", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_module_equals_functional(gate: str, dtype: torch.dtype) -> None:
+    mod = _module(dtype, gate)
+    x, _, _, _, dy = make_inputs(CASE, dtype, 1, lead=(2,))
+    x1 = x.clone().requires_grad_(True)
+    y = mod(x1)
+    y.backward(dy)
+    keys = mod.store.keys.clone().requires_grad_(True)
+    values = mod.store.values.clone().requires_grad_(True)
+    router = mod.router.detach().clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    y2 = sparse_adapter(x2, keys, values, router, top_k=CASE.top_k, n_probe=CASE.n_probe,
+                        gate=gate)
+    y2.backward(dy)
+    # the same kernels on the same numbers: equal bit for bit
+    assert torch.equal(y, y2)
+    assert torch.equal(x1.grad, x2.grad)
+    assert torch.equal(mod.store.key_grad.to_dense(), keys.grad)
+    assert torch.equal(mod.store.value_grad.to_dense(), values.grad)
+    if gate == "product":
+        assert torch.equal(mod.router.grad, router.grad)
+    else:
+        assert mod.router.grad is None
+
+
+def test_micro_batches_accumulate() -> None:
+    mod = _module(torch.float64)
+    xs = [make_inputs(CASE, torch.float64, 10 + i)[0] for i in range(3)]
+    dys = [make_inputs(CASE, torch.float64, 20 + i)[4] for i in range(3)]
+    for x, dy in zip(xs, dys, strict=True):
+        mod(x).backward(dy)
+    keys = mod.store.keys.clone().requires_grad_(True)
+    values = mod.store.values.clone().requires_grad_(True)
+    router = mod.router.detach().clone().requires_grad_(True)
+    for x, dy in zip(xs, dys, strict=True):
+        sparse_adapter(x, keys, values, router, top_k=CASE.top_k, n_probe=CASE.n_probe
+                       ).backward(dy)
+    torch.testing.assert_close(mod.store.key_grad.to_dense(), keys.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mod.store.value_grad.to_dense(), values.grad, rtol=1e-12,
+                               atol=1e-12)
+    torch.testing.assert_close(mod.router.grad, router.grad, rtol=1e-12, atol=1e-12)
+    assert mod.store.stats.forwards == 3
+
+
+def test_byte_counters_equal_the_method_formula() -> None:
+    """d->h: T*d hidden + 2*U*d gradients; h->d: 2*U*d rows; indices counted on their own."""
+    mod = _module(torch.float32)
+    stats = mod.store.stats
+    total = {"t": 0, "u": 0, "h2d": 0, "d2h": 0, "idx_h2d": 0, "idx_d2h": 0}
+    item, d, k, p = 4, CASE.dim, CASE.top_k, CASE.n_probe
+    for tokens in [24, 7, 31]:
+        x = torch.randn(tokens, d)
+        mod.store.zero_grad()
+        u_before = stats.union_rows
+        mod(x).sum().backward()
+        u = stats.union_rows - u_before
+        assert CASE.top_k <= u <= min(tokens * k, CASE.neurons)
+        assert len(mod.store.key_grad) == len(mod.store.value_grad) == u
+        total["t"] += tokens
+        total["u"] += u
+        total["h2d"] += 2 * u * d * item
+        total["d2h"] += tokens * d * item + 2 * u * d * item
+        total["idx_h2d"] += (u + tokens * k) * 8
+        total["idx_d2h"] += tokens * p * (8 + item)
+    assert stats.tokens == total["t"] and stats.union_rows == total["u"]
+    assert stats.row_bytes_h2d == total["h2d"]
+    assert stats.hidden_bytes_d2h + stats.grad_bytes_d2h == total["d2h"]
+    assert stats.index_bytes_h2d == total["idx_h2d"]
+    assert stats.index_bytes_d2h == total["idx_d2h"]
+    assert stats.bytes_h2d == total["h2d"] + total["idx_h2d"]
+    assert stats.bytes_d2h == total["d2h"] + total["idx_d2h"]
+    assert stats.route_s > 0 and stats.stage_s > 0
+
+
+def test_no_grad_forward_moves_no_gradients() -> None:
+    mod = _module(torch.float32)
+    with torch.no_grad():
+        y = mod(torch.randn(5, CASE.dim))
+    assert y.shape == (5, CASE.dim)
+    assert len(mod.store.key_grad) == 0 and mod.store.stats.grad_bytes_d2h == 0
+
+
+def test_tables_are_not_module_state() -> None:
+    mod = _module(torch.float32)
+    names = [n for n, _ in mod.named_parameters()]
+    assert names == ["router"]
+    assert list(mod.state_dict()) == ["router"]
+    keys = mod.store.keys
+    mod.to(torch.float64)  # moving/casting the module never touches the host tables
+    assert mod.store.keys is keys and keys.dtype == torch.float32
+
+
+def test_zero_values_make_the_adapter_output_zero() -> None:
+    store = HostStore.initialize(CASE.neurons, CASE.dim, generator=torch.Generator().manual_seed(0))
+    mod = OffloadedSparseAdapter(store, n_experts=CASE.experts, top_k=CASE.top_k,
+                                 n_probe=CASE.n_probe)
+    x = torch.randn(9, CASE.dim)
+    assert torch.equal(mod(x), torch.zeros_like(x))
+
+
+def test_training_steps_fit_a_target_and_touch_only_selected_rows() -> None:
+    """A few optimizer steps on a regression target lower the loss; rows never selected keep
+    their initial values; the router learns through the product gate."""
+    torch.manual_seed(0)
+    store = HostStore.initialize(CASE.neurons, CASE.dim, generator=torch.Generator().manual_seed(1))
+    mod = OffloadedSparseAdapter(store, n_experts=CASE.experts, top_k=CASE.top_k,
+                                 n_probe=CASE.n_probe)
+    host_opt = RowSparseAdamW(store.tables, lr=1e-2)
+    dev_opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
+    x = torch.randn(32, CASE.dim)
+    target = torch.randn(32, CASE.dim) * 0.1
+    keys0, router0 = store.keys.clone(), mod.router.detach().clone()
+    touched: set[int] = set()
+    losses = []
+    for _ in range(30):
+        loss = (mod(x) - target).pow(2).mean()
+        loss.backward()
+        touched |= set(store.key_grad.ids.tolist())
+        clip_grad_norm_(mod.parameters(), [store.key_grad, store.value_grad], 1.0)
+        host_opt.step()
+        dev_opt.step()
+        host_opt.zero_grad()
+        dev_opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    untouched = sorted(set(range(CASE.neurons)) - touched)
+    assert untouched, "the test needs rows that were never selected"
+    assert torch.equal(store.keys[untouched], keys0[untouched])
+    assert not torch.equal(mod.router.detach(), router0)
+    assert store.stats.update_s > 0
+
+
+def test_bad_configuration_is_rejected() -> None:
+    store = HostStore.initialize(100, 8)
+    with pytest.raises(ValueError, match="must divide"):
+        OffloadedSparseAdapter(store, n_experts=7, top_k=4, n_probe=2)
+    with pytest.raises(ValueError, match="top_k"):
+        OffloadedSparseAdapter(store, n_experts=10, top_k=30, n_probe=2)
+    mod = OffloadedSparseAdapter(store, n_experts=10, top_k=4, n_probe=2)
+    with pytest.raises(ValueError, match="last dimension 8"):
+        mod(torch.randn(3, 9))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_module_equals_cpu_module() -> None:
+    cpu = _module(torch.float64)
+    gpu = _module(torch.float64, device="cuda")
+    x, _, _, _, dy = make_inputs(CASE, torch.float64, 3)
+    y_cpu = cpu(x)
+    y_cpu.backward(dy)
+    y_gpu = gpu(x.cuda())
+    y_gpu.backward(dy.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gpu.store.key_grad.to_dense(), cpu.store.key_grad.to_dense(),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gpu.router.grad.cpu(), cpu.router.grad, rtol=1e-10, atol=1e-10)

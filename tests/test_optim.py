@@ -1,0 +1,134 @@
+"""Row-sparse AdamW against torch.optim.AdamW, and global clipping against torch's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meft.optim import RowSparseAdamW, clip_grad_norm_
+from meft.store import HostTable, RowSparseGrad
+
+N, D = 40, 6
+
+
+def _table(seed: int, dtype: torch.dtype = torch.float64) -> HostTable:
+    gen = torch.Generator().manual_seed(seed)
+    return HostTable("t", torch.randn(N, D, generator=gen, dtype=dtype), RowSparseGrad(N, D,
+                                                                                     dtype=dtype))
+
+
+def _grad(gen: torch.Generator, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(rows.numel(), D, generator=gen, dtype=dtype)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_dense_mode_equals_torch_adamw(weight_decay: float) -> None:
+    table = _table(0)
+    param = torch.nn.Parameter(table.data.clone())
+    ours = RowSparseAdamW([table], lr=1e-2, weight_decay=weight_decay, mode="dense")
+    ref = torch.optim.AdamW([param], lr=1e-2, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(12):
+        rows = torch.randperm(N, generator=gen)[: 5 + step]  # a few rows each step, or none
+        g = _grad(gen, rows, torch.float64)
+        ours.zero_grad()
+        table.grad.add(rows, g)
+        param.grad = table.grad.to_dense()
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(table.data, param.data, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lazy_mode_equals_torch_adamw_when_every_row_is_touched(dtype: torch.dtype) -> None:
+    table = _table(2, dtype)
+    param = torch.nn.Parameter(table.data.clone())
+    ours = RowSparseAdamW([table], lr=3e-3, weight_decay=0.05)
+    ref = torch.optim.AdamW([param], lr=3e-3, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(12):
+        rows = torch.randperm(N, generator=gen)  # every row, in a random order
+        g = _grad(gen, rows, dtype)
+        ours.zero_grad()
+        table.grad.add(rows, g)
+        param.grad = table.grad.to_dense()
+        ours.step()
+        ref.step()
+        tol = 1e-14 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(table.data, param.data, rtol=tol, atol=tol)
+
+
+def test_lazy_mode_is_per_row_adamw_and_leaves_untouched_rows_alone() -> None:
+    """Each row follows its own AdamW, advanced only at the steps that touch it."""
+    table = _table(4)
+    start = table.data.clone()
+    rows_params = [torch.nn.Parameter(table.data[i].clone()) for i in range(N)]
+    refs = [torch.optim.AdamW([p], lr=1e-2, weight_decay=0.1) for p in rows_params]
+    ours = RowSparseAdamW([table], lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(5)
+    never = torch.arange(N - 5, N)  # the last five rows are never touched
+    touched_steps = torch.zeros(N, dtype=torch.long)
+    for _ in range(15):
+        rows = torch.randperm(N - 5, generator=gen)[:8]
+        g = _grad(gen, rows, torch.float64)
+        ours.zero_grad()
+        table.grad.add(rows, g)
+        ours.step()
+        for j, i in enumerate(rows.tolist()):
+            rows_params[i].grad = g[j].clone()
+            refs[i].step()
+            touched_steps[i] += 1
+    for i in range(N):
+        torch.testing.assert_close(table.data[i], rows_params[i].data, rtol=0, atol=1e-14)
+    assert torch.equal(table.data[never], start[never])
+    state = ours.state[table.data]
+    assert torch.equal(state["step"], touched_steps)
+    assert state["exp_avg"][never].abs().sum() == 0
+
+
+def test_learning_rate_is_settable_and_schedulable() -> None:
+    table = _table(6)
+    opt = RowSparseAdamW([table], lr=1.0)
+    opt.lr = 0.5
+    assert opt.param_groups[0]["lr"] == 0.5
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    table.grad.add(torch.tensor([0]), torch.ones(1, D, dtype=torch.float64))
+    opt.step()
+    sched.step()
+    assert opt.lr == pytest.approx(0.25)
+
+
+def test_invalid_hyperparameters_raise() -> None:
+    for kw, msg in [({"lr": 0.0}, "learning rate"), ({"lr": -1.0}, "learning rate"),
+                    ({"weight_decay": -0.1}, "weight_decay"), ({"mode": "eager"}, "mode"),
+                    ({"betas": (1.0, 0.9)}, "betas")]:
+        with pytest.raises(ValueError, match=msg):
+            RowSparseAdamW([_table(0)], **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_global_clipping_includes_host_rows_and_matches_torch(max_norm: float) -> None:
+    gen = torch.Generator().manual_seed(7)
+    router = torch.nn.Parameter(torch.randn(4, D, dtype=torch.float64, generator=gen))
+    router.grad = torch.randn(4, D, dtype=torch.float64, generator=gen)
+    acc = RowSparseGrad(N, D, dtype=torch.float64)
+    acc.add(torch.tensor([3, 9, 3]), torch.randn(3, D, dtype=torch.float64, generator=gen))
+    dense = torch.nn.Parameter(torch.zeros(N, D, dtype=torch.float64))
+    dense.grad = acc.to_dense()
+    twin = torch.nn.Parameter(router.data.clone())
+    twin.grad = router.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_([twin, dense], max_norm)
+    got = clip_grad_norm_([router], [acc], max_norm)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(router.grad, twin.grad)
+    torch.testing.assert_close(acc.to_dense(), dense.grad)
+
+
+def test_clipping_returns_non_finite_norm_without_touching_grads() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    acc = RowSparseGrad(5, 2)
+    acc.add(torch.tensor([1]), torch.full((1, 2), 3.0))
+    norm = clip_grad_norm_([p], [acc], 1.0)
+    assert not torch.isfinite(norm)
+    assert acc.rows[0, 0] == 3.0
