@@ -25,7 +25,8 @@ Targets, printed as PASS/FAIL (SKIP when the sizes involved were not run):
     (ii)  speedup at N=16384 >= 6
     (iii) routing fraction < 0.40 at every N
     (iv)  module time at the largest N / module time at N=4096 <= 3
-    (v)   lazy optimizer time per touched row at the largest N within 1.5x of N=4096
+    (v)   lazy optimizer time per touched row at the largest N at most 1.5x that at N=4096
+          (cost proportional to U, not N; cheaper per row at large N is fine)
 
 Results go to ``--json`` (default ``benchmarks/results/bench_adapter.json``) with the config,
 per-N results, targets and the environment; the environment is also the last stdout line.
@@ -207,7 +208,7 @@ def evaluate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     if base is None or big is base:
         skip = "needs N=4096 and a larger N"
         out["iv"] = target("module(largest N) / module(N=4096) <= 3", None, 3.0, None, skip)
-        out["v"] = target("lazy µs/touched row at largest N within 1.5x of N=4096", None, 1.5,
+        out["v"] = target("lazy µs/touched row at largest N <= 1.5x N=4096's", None, 1.5,
                           None, skip)
         return out
     growth = big["module_ms"] / base["module_ms"]
@@ -215,8 +216,8 @@ def evaluate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                        f"{big['module_ms']:.1f} ms at N={big['neurons']} / "
                        f"{base['module_ms']:.1f} ms")
     ratio = big["lazy_us_per_row"] / base["lazy_us_per_row"]
-    out["v"] = target("lazy µs/touched row at largest N within 1.5x of N=4096", ratio, 1.5,
-                      max(ratio, 1 / ratio) <= 1.5,
+    out["v"] = target("lazy µs/touched row at largest N <= 1.5x N=4096's", ratio, 1.5,
+                      ratio <= 1.5,
                       f"{big['lazy_us_per_row']:.3f} µs at N={big['neurons']} vs "
                       f"{base['lazy_us_per_row']:.3f} µs")
     return out

@@ -13,6 +13,10 @@ def test_row_sparse_grad_accumulates_like_a_dense_index_add() -> None:
     n, d = 50, 7
     acc = RowSparseGrad(n, d, dtype=torch.float64)
     dense = torch.zeros(n, d, dtype=torch.float64)
+    first = torch.arange(0, n, 3)  # distinct fresh rows: the copy path
+    rows0 = torch.randn(first.numel(), d, generator=gen, dtype=torch.float64)
+    acc.add(first, rows0)
+    dense.index_add_(0, first, rows0)
     for _ in range(6):  # several micro-batches, ids repeating within and across them
         ids = torch.randint(0, n, (13,), generator=gen)
         rows = torch.randn(13, d, generator=gen, dtype=torch.float64)
@@ -36,6 +40,20 @@ def test_row_sparse_grad_zero_then_reuse() -> None:
     want = torch.zeros(10, 3)
     want[[2, 5]] = 2.0
     torch.testing.assert_close(acc.to_dense(), want)  # row 1 and the old row 2 are gone
+
+
+def test_row_sparse_grad_adopts_the_first_rows_then_grows() -> None:
+    acc = RowSparseGrad(20, 4, dtype=torch.float64)
+    first = torch.randn(3, 4, dtype=torch.float64)
+    acc.add(torch.tensor([7, 2, 9]), first, adopt=True)
+    assert acc.rows.data_ptr() == first.data_ptr()  # handed over, not copied
+    more = torch.randn(4, 4, dtype=torch.float64)
+    acc.add(torch.tensor([2, 11, 12, 13]), more, adopt=True)  # not empty: accumulated
+    want = torch.zeros(20, 4, dtype=torch.float64)
+    want[[7, 2, 9]] += first
+    want[[2, 11, 12, 13]] += more
+    torch.testing.assert_close(acc.to_dense(), want)
+    assert sorted(acc.ids.tolist()) == [2, 7, 9, 11, 12, 13]
 
 
 def test_row_sparse_grad_rejects_bad_shapes() -> None:

@@ -29,7 +29,7 @@ gradients of the full tables, never N x d.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,22 +74,33 @@ def bag_sum(local: Tensor, table: Tensor, weights: Tensor) -> Tensor:
     return F.embedding_bag(local, table, per_sample_weights=weights, mode="sum")
 
 
-def bag_sum_transposed(local: Tensor, n_rows: int, src: Tensor, weights: Tensor) -> Tensor:
-    """out[u] = sum_{(t,k): local_{t,k} = u} weights_{t,k} src_t -> (n_rows, d).
+class RowPattern(NamedTuple):
+    """The (T, K) pattern sorted by row: bag u of U holds tokens[offsets[u]:offsets[u+1]]."""
 
-    local, weights (T, K); src (T, d). Pairs are sorted by row so that each of the n_rows
-    outputs is one bag of token rows of src.
-    """
+    tokens: Tensor  # (T*K,) token of each pair, pairs grouped by row
+    offsets: Tensor  # (U,) start of each row's bag
+    perm: Tensor  # (T*K,) position of each sorted pair in the flattened (T, K) pattern
+
+
+def row_pattern(local: Tensor, n_rows: int) -> RowPattern:
+    """Group the (token, slot) pairs of local (T, K) by the row u they point to."""
     k = local.shape[1]
     flat = local.reshape(-1)
-    perm = torch.argsort(flat, stable=True)  # (T*K,) pairs grouped by row u
-    tokens = perm // k
-    counts = torch.bincount(flat, minlength=n_rows)
+    perm = torch.argsort(flat, stable=True)  # (T*K,)
+    counts = torch.bincount(flat, minlength=n_rows)  # (U,)
     offsets = torch.zeros(n_rows, dtype=torch.long, device=local.device)
     torch.cumsum(counts[:-1], 0, out=offsets[1:])
-    return F.embedding_bag(
-        tokens, src, offsets, per_sample_weights=weights.reshape(-1)[perm], mode="sum"
-    )
+    return RowPattern(perm // k, offsets, perm)
+
+
+def bag_sum_transposed(pattern: RowPattern, src: Tensor, weights: Tensor) -> Tensor:
+    """out[u] = sum_{(t,k): local_{t,k} = u} weights_{t,k} src_t -> (U, d).
+
+    weights (T, K); src (T, d); ``pattern`` from :func:`row_pattern`. Each output row is one
+    bag of token rows of src, so nothing of size (T, K, d) is built.
+    """
+    return F.embedding_bag(pattern.tokens, src, pattern.offsets,
+                           per_sample_weights=weights.reshape(-1)[pattern.perm], mode="sum")
 
 
 class _SparseRows(torch.autograd.Function):
@@ -111,8 +122,9 @@ class _SparseRows(torch.autograd.Function):
         need_x, need_g, need_k, need_v, _ = ctx.needs_input_grad
         dx = dgsel = dku = dvu = None
         w = torch.relu(s)
+        pattern = row_pattern(local, ku.shape[0])
         if need_v:
-            dvu = bag_sum_transposed(local, vu.shape[0], dy, w)
+            dvu = bag_sum_transposed(pattern, dy, w)
         if need_x or need_g or need_k:
             ds = pair_dots(dy, vu, local) * (s > 0)  # (T, K)
             da = ds * gsel if gsel is not None else ds
@@ -121,7 +133,7 @@ class _SparseRows(torch.autograd.Function):
             if need_x:
                 dx = bag_sum(local, ku, da)
             if need_k:
-                dku = bag_sum_transposed(local, ku.shape[0], x, da)
+                dku = bag_sum_transposed(pattern, x, da)
         return dx, dgsel, dku, dvu, None
 
 

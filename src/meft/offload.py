@@ -175,7 +175,7 @@ class OffloadedSparseAdapter(nn.Module):
             if grad is None:
                 return
             rows.grad = None
-            acc.add(uniq, grad.to(_HOST))
+            acc.add(uniq, grad.to(_HOST, acc.rows.dtype), adopt=True)
             stats.grad_bytes_d2h += grad.numel() * grad.element_size()
 
         return hook

@@ -50,8 +50,13 @@ class RowSparseGrad:
     def __len__(self) -> int:
         return self._count
 
-    def add(self, ids: Tensor, rows: Tensor) -> None:
-        """Accumulate rows (R, d) into table rows ids (R,); ids may repeat."""
+    def add(self, ids: Tensor, rows: Tensor, *, adopt: bool = False) -> None:
+        """Accumulate rows (R, d) into table rows ids (R,); ids may repeat.
+
+        With ``adopt=True`` the caller hands ``rows`` over: when the accumulator is empty and
+        the ids are distinct, the tensor becomes the buffer instead of being copied (the first
+        micro-batch of a step then costs no copy at all).
+        """
         if ids.dim() != 1 or rows.shape != (ids.shape[0], self.dim):
             raise ValueError(f"expected ids (R,) and rows (R, {self.dim}), got "
                              f"{tuple(ids.shape)} and {tuple(rows.shape)}")
@@ -62,6 +67,16 @@ class RowSparseGrad:
         if fresh.numel():
             fresh = torch.unique(fresh)
             start, stop = self._count, self._count + fresh.numel()
+            if fresh.numel() == ids.numel():  # all new and distinct: no zero + add
+                if adopt and start == 0 and rows.is_contiguous():
+                    self._ids, self._rows = ids.clone(), rows  # the buffer is the caller's
+                else:
+                    self._reserve(stop)
+                    self._ids[start:stop] = ids
+                    self._rows[start:stop] = rows
+                self._slot[ids] = torch.arange(start, stop, device=self._slot.device)
+                self._count = stop
+                return
             self._reserve(stop)
             self._ids[start:stop] = fresh
             self._rows[start:stop].zero_()
