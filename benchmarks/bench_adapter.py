@@ -1,7 +1,7 @@
 """CPU benchmark of the MEFT sparse adapter: fast op, dense reference, offloaded module, optimizer.
 
 For each adapter size N (experts E = ``meft.routing.default_experts(N)``) it measures, on CPU,
-the median over ``--repeats`` timed calls (after one untimed warmup call):
+the median over ``--repeats`` timed calls (after ``WARMUP`` untimed calls):
 
 * ``fast``: forward + backward of ``meft.functional.sparse_adapter`` (``sparse_grad=True``);
 * ``reference``: forward + backward of the dense ``sparse_adapter_reference``, and the speedup
@@ -64,18 +64,19 @@ from meft.store import HostStore
 torch.manual_seed(0)
 
 MB = 1e6
+WARMUP = 2  # untimed calls first: buffer pools and optimizer state reach their steady state
 
 
 def timed(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None
           ) -> list[float]:
-    """Seconds of ``fn()`` for each of ``repeats`` calls after one warmup; ``setup`` untimed."""
+    """Seconds of ``fn()`` for each of ``repeats`` calls after WARMUP calls; ``setup`` untimed."""
     times: list[float] = []
-    for i in range(repeats + 1):
+    for i in range(repeats + WARMUP):
         if setup is not None:
             setup()
         start = time.perf_counter()
         fn()
-        if i:
+        if i >= WARMUP:
             times.append(time.perf_counter() - start)
     return times
 
@@ -110,7 +111,7 @@ def bench_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
     fwd_s: list[float] = []
     bwd_s: list[float] = []
     stats: list[dict[str, float]] = []
-    for i in range(reps + 1):
+    for i in range(reps + WARMUP):
         store.zero_grad()
         module.router.grad = None
         x.grad = None
@@ -120,7 +121,8 @@ def bench_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
         mid = time.perf_counter()
         y.backward(dy)
         stop = time.perf_counter()
-        if i:
+        del y  # a training loop drops the graph after backward
+        if i >= WARMUP:
             module_s.append(stop - start)
             fwd_s.append(mid - start)
             bwd_s.append(stop - mid)
@@ -262,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dim", type=int, default=576, help="hidden size d")
     ap.add_argument("--top-k", type=int, default=64, help="neurons kept per token K")
     ap.add_argument("--probe", type=int, default=8, help="experts probed per token P")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7)")
     ap.add_argument("--quick", action="store_true", help="small N and fewer repeats")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/bench_adapter.json"),
                     help="where to write the results")
@@ -270,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.neurons is None:
         args.neurons = [1024, 4096] if args.quick else [4096, 16384, 65536]
     if args.repeats is None:
-        args.repeats = 3 if args.quick else 5
+        args.repeats = 3 if args.quick else 7
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     return args
