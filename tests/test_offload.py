@@ -180,3 +180,32 @@ def test_cuda_module_equals_cpu_module() -> None:
     torch.testing.assert_close(gpu.store.key_grad.to_dense(), cpu.store.key_grad.to_dense(),
                                rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gpu.router.grad.cpu(), cpu.router.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_two_live_graphs_do_not_share_staging_buffers() -> None:
+    """Two forwards before one backward (weight sharing, contrastive losses): each keeps its
+    own staged rows, so the gradients equal the functional op's."""
+    mod = _module(torch.float64)
+    x1, _, _, _, dy1 = make_inputs(CASE, torch.float64, 30)
+    x2, _, _, _, dy2 = make_inputs(CASE, torch.float64, 31)
+    ((mod(x1) * dy1).sum() + (mod(x2) * dy2).sum()).backward()
+    keys = mod.store.keys.clone().requires_grad_(True)
+    values = mod.store.values.clone().requires_grad_(True)
+    router = mod.router.detach().clone().requires_grad_(True)
+    kw = dict(top_k=CASE.top_k, n_probe=CASE.n_probe)
+    ((sparse_adapter(x1, keys, values, router, **kw) * dy1).sum()
+     + (sparse_adapter(x2, keys, values, router, **kw) * dy2).sum()).backward()
+    torch.testing.assert_close(mod.store.key_grad.to_dense(), keys.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mod.store.value_grad.to_dense(), values.grad, rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_staging_buffers_are_reused_once_the_graph_is_gone() -> None:
+    mod = _module(torch.float32)
+    x = torch.randn(CASE.tokens, CASE.dim)
+    y = mod(x)
+    first = mod._staging._entries["keys"][0][0].data_ptr()
+    y.sum().backward()
+    del y
+    mod(x).sum().backward()
+    assert [e[0].data_ptr() for e in mod._staging._entries["keys"]] == [first]
