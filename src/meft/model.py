@@ -1,0 +1,302 @@
+"""Attach MEFT adapters to a Hugging Face causal LM: ``get_meft_model`` and ``MeftModel``.
+
+One :class:`~meft.offload.OffloadedSparseAdapter` sits beside the FFN (MLP) of each chosen
+decoder layer: a forward hook on the MLP adds ``adapter(mlp_input)`` to the MLP's output, so
+the adapter sees exactly the post-attention-norm hidden state the FFN sees (method.md), and
+the base model's modules, parameter names and ``state_dict`` stay untouched. Base weights are
+frozen. Values start at zero, so at initialisation the wrapped model's logits equal the base
+model's bit for bit.
+
+Layers are found by structure, not by a class list: the decoder's layers are the longest
+``nn.ModuleList`` whose blocks each own an MLP, and a block's MLP is its child named ``mlp``,
+``feed_forward`` or ``ffn``, or else the child whose class name ends in ``MLP``. That covers
+Llama, Mistral, Qwen2, SmolLM, Gemma, Phi-3, GPT-2, GPT-NeoX, OPT-style blocks; a model without
+such a structure gets an :class:`UnsupportedModelError` saying what was looked for.
+
+The host tables (keys, values: N x d per layer) live in :class:`~meft.store.HostStore`
+objects, never in ``nn.Module`` parameters, so ``model.to(device)`` moves only the routers.
+``save_pretrained`` writes ``adapter_config.json`` plus ``adapter_model.safetensors`` (sharded
+with an index when large), atomically; ``MeftModel.from_pretrained`` checks that the adapter
+fits the base model before loading it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from meft.config import ConfigError, MeftConfig
+from meft.offload import OffloadedSparseAdapter
+from meft.serialization import atomic_directory, load_tensors, save_tensors
+from meft.store import HostStore, TransferStats, router_init
+
+WEIGHTS_STEM = "adapter_model"
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no structure meft knows how to attach adapters to."""
+
+
+class AdapterMismatchError(ValueError):
+    """A saved adapter does not fit the base model it is being loaded into."""
+
+
+def find_mlp(block: nn.Module) -> nn.Module | None:
+    """The FFN of one decoder block, or None."""
+    for name in MLP_NAMES:
+        child = getattr(block, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    for child in block.children():
+        if type(child).__name__.lower().endswith("mlp"):
+            return child
+    return None
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The longest ``nn.ModuleList`` of blocks that each own an MLP."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if (isinstance(module, nn.ModuleList) and len(module) > 0
+                and all(find_mlp(block) is not None for block in module)
+                and (best is None or len(module) > len(best))):
+            best = module
+    if best is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no decoder layers found (looked for an nn.ModuleList of "
+            f"blocks each with a child named {', '.join(MLP_NAMES)} or a child class *MLP)")
+    return best
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    size = getattr(config, "hidden_size", None)
+    if isinstance(size, int):
+        return size
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if isinstance(emb, nn.Embedding):
+        return int(emb.embedding_dim)
+    raise UnsupportedModelError(f"{type(model).__name__}: cannot tell the hidden size "
+                                "(no config.hidden_size and no input embedding)")
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def model_name_of(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None)
+    return str(name) if name else None
+
+
+class MeftModel(nn.Module):
+    """A causal LM with MEFT adapters beside its FFNs. Calls go to the base model."""
+
+    def __init__(self, base_model: nn.Module, config: MeftConfig, *,
+                 device: torch.device | str | None = None,
+                 tensors: dict[str, Tensor] | None = None) -> None:
+        super().__init__()
+        self.base_model = base_model
+        blocks = find_decoder_layers(base_model)
+        d = hidden_size_of(base_model)
+        layer_ids = list(range(len(blocks))) if config.layers is None else list(config.layers)
+        bad = [i for i in layer_ids if not -len(blocks) <= i < len(blocks)]
+        if bad:
+            raise ConfigError(f"layers {bad} out of range: the model has {len(blocks)} "
+                              "decoder layers")
+        layer_ids = sorted({i % len(blocks) for i in layer_ids})
+        if tensors is None:
+            _check_host_memory(config, d, len(layer_ids))
+        config.hidden_size, config.num_layers = d, len(blocks)
+        if config.base_model is None:
+            config.base_model = model_name_of(base_model)
+        self.config = config
+        if device is None:
+            first = next(base_model.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device_ = torch.device(device)
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+
+        self.adapters = nn.ModuleDict()
+        self._enabled = True
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        gen = torch.Generator().manual_seed(config.seed)
+        for i in layer_ids:
+            if tensors is None:
+                store = HostStore.initialize(config.neurons, d, std=config.init_std,
+                                             dtype=config.dtype, generator=gen)
+                router = router_init(store.keys.float(), config.n_experts,
+                                     scheme=config.router_init, std=config.init_std,
+                                     generator=gen)
+            else:
+                store = HostStore(tensors[f"layers.{i}.keys"].to(config.dtype),
+                                  tensors[f"layers.{i}.values"].to(config.dtype))
+                router = tensors[f"layers.{i}.router"].float()
+            adapter = OffloadedSparseAdapter(
+                store, n_experts=config.n_experts, top_k=config.top_k, n_probe=config.n_probe,
+                gate=config.gate, device=self.device_, dtype=torch.float32, router=router)
+            self.adapters[str(i)] = adapter
+            self._handles.append(find_mlp(blocks[i]).register_forward_hook(  # type: ignore[union-attr]
+                self._hook(adapter), with_kwargs=True))
+
+    # ----------------------------------------------------------------- plumbing
+    def _hook(self, adapter: OffloadedSparseAdapter) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 output: Tensor) -> Tensor:
+            if not self._enabled:
+                return output
+            x = args[0] if args else next(iter(kwargs.values()))
+            return output + adapter(x).to(output.dtype)
+
+        return hook
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes exactly the base model."""
+        previous, self._enabled = self._enabled, False
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    def unload(self) -> nn.Module:
+        """Remove the hooks and return the untouched base model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return self.base_model
+
+    # ----------------------------------------------------------------- accessors
+    @property
+    def layer_ids(self) -> list[int]:
+        return [int(k) for k in self.adapters]
+
+    @property
+    def stores(self) -> list[HostStore]:
+        return [a.store for a in self.adapter_modules]
+
+    @property
+    def adapter_modules(self) -> list[OffloadedSparseAdapter]:
+        return [a for a in self.adapters.values() if isinstance(a, OffloadedSparseAdapter)]
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [a.router for a in self.adapter_modules]
+
+    def transfer_stats(self) -> list[TransferStats]:
+        return [s.stats for s in self.stores]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters: host tables, device routers; and the frozen base."""
+        host = sum(s.keys.numel() + s.values.numel() for s in self.stores)
+        device = sum(p.numel() for p in self.router_parameters())
+        base = sum(p.numel() for p in self.base_model.parameters())
+        return {"host": host, "device": device, "trainable": host + device, "base": base}
+
+    def print_trainable_parameters(self) -> None:
+        c = self.parameter_counts()
+        print(f"trainable params: {c['trainable']:,} (host tables {c['host']:,}, device routers "
+              f"{c['device']:,}) || base params: {c['base']:,} || trainable%: "
+              f"{100 * c['trainable'] / max(1, c['base']):.2f}")
+
+    # ----------------------------------------------------------------- files
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for i, adapter in zip(self.layer_ids, self.adapter_modules, strict=True):
+            out[f"layers.{i}.keys"] = adapter.store.keys
+            out[f"layers.{i}.values"] = adapter.store.values
+            out[f"layers.{i}.router"] = adapter.router.detach()
+        return out
+
+    def save_pretrained(self, directory: str | Path, *,
+                        max_shard_bytes: int = 2 * 1024**3) -> Path:
+        """Write adapter_config.json and adapter_model*.safetensors into ``directory``."""
+        directory = Path(directory)
+        config = MeftConfig.from_dict({**self.config.to_dict(), "layers": self.layer_ids})
+        with atomic_directory(directory) as tmp:
+            config.save(tmp)
+            save_tensors(self.adapter_tensors(), tmp, WEIGHTS_STEM,
+                         max_shard_bytes=max_shard_bytes, metadata={"format": "meft"})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | Path, *,
+                        device: torch.device | str | None = None) -> MeftModel:
+        """Attach the adapter saved in ``directory`` to ``base_model``."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise AdapterMismatchError(f"{directory}: no such adapter directory")
+        config = MeftConfig.load(directory)
+        blocks = find_decoder_layers(base_model)
+        d = hidden_size_of(base_model)
+        if config.hidden_size is not None and config.hidden_size != d:
+            raise AdapterMismatchError(
+                f"{directory}: adapter made for hidden size {config.hidden_size}, "
+                f"but this model ({type(base_model).__name__}) has hidden size {d}")
+        if config.num_layers is not None and config.num_layers != len(blocks):
+            raise AdapterMismatchError(
+                f"{directory}: adapter made for {config.num_layers} decoder layers, "
+                f"but this model has {len(blocks)}")
+        tensors = load_tensors(directory, WEIGHTS_STEM)
+        layers = config.layers or list(range(len(blocks)))
+        for i in layers:
+            for part, shape in (("keys", (config.neurons, d)), ("values", (config.neurons, d)),
+                                ("router", (config.n_experts, d))):
+                name = f"layers.{i}.{part}"
+                if name not in tensors:
+                    raise AdapterMismatchError(f"{directory}: tensor {name} missing")
+                if tuple(tensors[name].shape) != shape:
+                    raise AdapterMismatchError(
+                        f"{directory}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                        f"expected {shape}")
+        return cls(base_model, config, device=device, tensors=tensors)
+
+
+def _check_host_memory(config: MeftConfig, hidden_size: int, n_layers: int) -> None:
+    """Refuse, before allocating, host tables (with AdamW moments) that cannot fit."""
+    need = config.host_bytes_per_layer(hidden_size) * n_layers
+    available = available_host_bytes()
+    if os.environ.get("MEFT_SKIP_MEMORY_CHECK") or available is None:
+        return
+    if need > available:
+        raise ConfigError(
+            f"neurons={config.neurons} on {n_layers} layers needs {need / 1e9:.2f} GB of host "
+            f"memory (tables + AdamW moments), only {available / 1e9:.2f} GB available; "
+            "lower --neurons or use fewer layers")
+
+
+def get_meft_model(model: nn.Module, config: MeftConfig | None = None, *,
+                   device: torch.device | str | None = None) -> MeftModel:
+    """Wrap ``model`` (any transformers causal LM) with MEFT adapters; base weights frozen."""
+    return MeftModel(model, config if config is not None else MeftConfig(), device=device)

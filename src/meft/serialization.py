@@ -1,0 +1,144 @@
+"""Files: atomic directories and (sharded) safetensors, never pickle.
+
+Everything meft writes goes through :func:`atomic_directory`: files are written into a
+temporary sibling directory, fsynced, and the directory is renamed into place, so a reader
+(or a run killed at any moment) sees either the previous complete directory or the new
+complete one, never a half-written mix.
+
+Tensors are stored as safetensors, split into shards of at most ``max_shard_bytes`` with a
+Hugging Face style index (``<stem>.safetensors.index.json`` mapping tensor name to file) when
+they do not fit one file. Loading accepts only ``.safetensors`` and JSON; a directory holding
+only pickle-based weights (``.bin``, ``.pt``, ``.pkl``) is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class SerializationError(ValueError):
+    """A file or directory that cannot be read as what it claims to be."""
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``target`` atomically when the block ends.
+
+    On an exception the temporary directory is removed and ``target`` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_tensors(tensors: dict[str, Tensor], directory: str | Path, stem: str, *,
+                 max_shard_bytes: int = 2 * 1024**3, metadata: dict[str, str] | None = None
+                 ) -> list[str]:
+    """Write tensors as ``stem.safetensors`` or shards plus an index; return the file names."""
+    directory = Path(directory)
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().cpu().contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                 for i in range(len(shards))]
+    for shard, name in zip(shards, names, strict=True):
+        save_file(shard, str(directory / name), metadata=metadata)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size()
+                                           for t in tensors.values())},
+            "weight_map": {k: n for shard, n in zip(shards, names, strict=True) for k in shard},
+        }
+        (directory / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+def load_tensors(directory: str | Path, stem: str) -> dict[str, Tensor]:
+    """Read what :func:`save_tensors` wrote (single file or sharded); safetensors only."""
+    directory = Path(directory)
+    single = directory / f"{stem}.safetensors"
+    index = directory / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return _load(single)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise SerializationError(f"{index}: not a valid shard index ({err})") from None
+        out: dict[str, Tensor] = {}
+        for name in sorted(set(weight_map.values())):
+            out.update(_load(directory / name))
+        missing = set(weight_map) - set(out)
+        if missing:
+            raise SerializationError(f"{index}: tensors missing from the shards: "
+                                     f"{', '.join(sorted(missing)[:5])}")
+        return out
+    pickles = [p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise SerializationError(
+            f"{directory}: refusing pickle-based weights ({', '.join(sorted(pickles))}); "
+            "meft reads safetensors only")
+    raise SerializationError(f"{directory}: no {stem}.safetensors (or sharded index) found")
+
+
+def _load(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise SerializationError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise SerializationError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
