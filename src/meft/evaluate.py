@@ -1,9 +1,9 @@
 """Evaluation: greedy generation on held-out questions, scored like SQuAD and like the paper.
 
-For each sample the prompt is what :func:`meft.data.prompt_text` renders (the chat template's
-generation prompt when the tokenizer has one). Prompts are left-padded into batches and
-decoded greedily (``do_sample=False``) for at most ``max_new_tokens``; the completion is cut
-at the first newline-free end of turn the tokenizer knows (its eos). Scores
+For each sample the prompt is tokenized exactly as in training (:func:`meft.data.prompt_ids`:
+the chat template's generation prompt when the tokenizer has one). Prompts are left-padded into
+batches and decoded greedily (``do_sample=False``) for at most ``max_new_tokens`` or until the
+tokenizer's eos (for chat models, the end-of-turn token). Scores
 (:mod:`meft.metrics`): exact match after SQuAD normalisation against any alias, token F1, and
 "contains" (the normalised answer occurs in the output: the paper's EM). Also the mean
 per-token loss of the reference answers (teacher forcing), which moves long before exact
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from meft.data import Encoded, Sample, collate, prompt_text
+from meft.data import Encoded, Sample, collate, prompt_ids
 from meft.metrics import score_predictions
 
 
@@ -29,27 +29,26 @@ def generate_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], *,
                      max_new_tokens: int = 24, batch_size: int = 16,
                      progress: bool = True, desc: str = "generate") -> list[str]:
     """Greedy completions (stripped text) for each sample's prompt."""
-    prompts = [prompt_text(s, tokenizer) for s in samples]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    prompts = [prompt_ids(s, tokenizer) for s in samples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     outputs: list[str] = []
     was_training = model.training
     model.eval()
+    device = _input_device(model)
     try:
         batches = range(0, len(prompts), batch_size)
         for start in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt",
-                            padding=True, add_special_tokens=False)
-            device = _input_device(model)
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left-padded
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
             out = model.generate(
-                input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
+                input_ids=ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = out[:, enc.input_ids.shape[1]:]
-            outputs.extend(t.strip() for t in tokenizer.batch_decode(new,
-                                                                      skip_special_tokens=True))
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            outputs.extend(t.strip() for t in texts)
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return outputs
 

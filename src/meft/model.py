@@ -164,7 +164,8 @@ class MeftModel(nn.Module):
             if not self._enabled:
                 return output
             x = args[0] if args else next(iter(kwargs.values()))
-            return output + adapter(x).to(output.dtype)
+            out: Tensor = output + adapter(x).to(output.dtype)
+            return out
 
         return hook
 

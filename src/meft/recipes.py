@@ -194,6 +194,7 @@ def train(**o: Any) -> dict[str, Any]:
         plots = [str(p) for p in plot_run(result.history, output,
                                           layer_ids=meft_model.layer_ids,
                                           title=f"meft on {source.name}")]
+    total_s = time.perf_counter() - started
     summary = {
         "meft_version": __version__,
         "model": source.name,
@@ -202,7 +203,7 @@ def train(**o: Any) -> dict[str, Any]:
         "train_config": asdict(tconfig),
         "steps": result.steps,
         "train_seconds": result.seconds,
-        "total_seconds": time.perf_counter() - started,
+        "total_seconds": total_s,
         "tokens": result.tokens,
         "final_loss": result.final_loss,
         "scores": {k: {m: v[m] for m in ("exact_match", "f1", "contains", "n")}
@@ -211,7 +212,7 @@ def train(**o: Any) -> dict[str, Any]:
         "environment": environment(device),
     }
     (output / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _report(results, result.seconds, summary["total_seconds"], output)
+    _report(results, result.seconds, total_s, output)
     return summary
 
 

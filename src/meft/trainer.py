@@ -66,7 +66,7 @@ class TrainConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size:
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         for name in ("lr", "router_lr"):
             value = getattr(self, name)
@@ -171,15 +171,19 @@ class Trainer:
         self.router_opt.zero_grad(set_to_none=True)
         self.step += 1
         stats = self.model.transfer_stats()
-        record = {
+        step_time = time.perf_counter() - start
+        unions = [s.mean_union for s in stats]
+        record: dict[str, Any] = {
             "step": self.step,
             "loss": loss,
             "lr": lr,
             "grad_norm": float(norm),
             "examples": len(examples),
             "tokens": tokens,
-            "step_time_s": time.perf_counter() - start,
-            "union_per_layer": [s.mean_union for s in stats],
+            "step_time_s": step_time,
+            "tokens_per_s": tokens / step_time,
+            "union_per_layer": unions,
+            "union_mean": sum(unions) / max(1, len(unions)),
             "touched_rows_per_layer": [s.touched_rows for s in stats],
             "mb_h2d": sum(s.bytes_h2d for s in stats) / 1e6,
             "mb_d2h": sum(s.bytes_d2h for s in stats) / 1e6,
@@ -187,8 +191,6 @@ class Trainer:
             "stage_s": sum(s.stage_s for s in stats),
             "update_s": sum(s.update_s for s in stats),
         }
-        record["tokens_per_s"] = tokens / record["step_time_s"]
-        record["union_mean"] = sum(record["union_per_layer"]) / max(1, len(stats))
         for s in stats:
             s.reset()
         return record
