@@ -54,8 +54,8 @@ def _layers(text: str) -> list[int]:
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "model": None, "data": None, "eval_data": None, "output": None, "steps": None,
-    "epochs": None, "batch_size": 12, "micro_batch_size": None, "neurons": 4096, "top_k": 64,
-    "experts": None, "probe": 8, "gate": "product", "layers": None, "lr": 1e-3,
+    "epochs": 3.0, "batch_size": 12, "micro_batch_size": None, "neurons": 4096, "top_k": 64,
+    "experts": None, "probe": 8, "gate": "product", "layers": None, "lr": 3e-3,
     "router_lr": None, "weight_decay": 0.0, "warmup_ratio": 0.02, "max_grad_norm": 1.0,
     "max_length": 256, "seed": 0, "eval_every": 0, "save_every": 0, "keep_checkpoints": 2,
     "max_new_tokens": 16, "eval_batch_size": 32, "max_eval": None, "eval_before": True,
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, help="total optimizer steps (overrides "
                    "--epochs)")
     t.add_argument("--epochs", type=_positive_float, help="passes over the training data "
-                   "(default 4 for the demo, 3 otherwise)")
+                   "(default 3)")
     t.add_argument("--batch-size", type=_positive_int, help="examples per optimizer step "
                    "(default 12)")
     t.add_argument("--micro-batch-size", type=_positive_int, help="examples per forward; "
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=_layers, help="decoder layers with an adapter, e.g. "
                    "0,5,9 or 10-29 (default: all)")
     t.add_argument("--lr", type=_positive_float, help="peak learning rate of the adapter "
-                   "(default 1e-3)")
+                   "(default 3e-3; the paper's 1e-4 is for LLaMA-7B over many more steps)")
     t.add_argument("--router-lr", type=_positive_float, help="router learning rate "
                    "(default: --lr)")
     t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")

@@ -29,7 +29,13 @@ from meft._version import __version__
 from meft.config import ConfigError, MeftConfig
 from meft.data import DataError, Encoded, Sample, encode, load_samples
 from meft.evaluate import evaluate
-from meft.loading import ModelLoadError, load_model_and_tokenizer
+from meft.loading import (
+    ModelLoadError,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    resolve_model,
+)
 from meft.model import AdapterMismatchError, MeftModel, UnsupportedModelError, get_meft_model
 from meft.serialization import SerializationError
 from meft.synthetic import make_knowledge_set
@@ -120,18 +126,17 @@ def train(**o: Any) -> dict[str, Any]:
     output = prepare_output(Path(o["output"]) if o["output"] is not None else None,
                             o["overwrite"])
     device = pick_device(o["device"])
-    demo = o["data"] is None
     config = MeftConfig(neurons=o["neurons"], top_k=o["top_k"], experts=o["experts"],
                         n_probe=o["probe"], gate=o["gate"], layers=o["layers"], lr=o["lr"],
                         weight_decay=o["weight_decay"], seed=o["seed"])
-    epochs = o["epochs"] if o["epochs"] is not None else (4.0 if demo else 3.0)
-    tconfig = TrainConfig(steps=o["steps"], epochs=epochs, batch_size=o["batch_size"],
+    tconfig = TrainConfig(steps=o["steps"], epochs=o["epochs"], batch_size=o["batch_size"],
                           micro_batch_size=o["micro_batch_size"], lr=o["lr"],
                           router_lr=o["router_lr"], warmup_ratio=o["warmup_ratio"],
                           max_grad_norm=o["max_grad_norm"], eval_every=o["eval_every"],
                           save_every=o["save_every"], keep_checkpoints=o["keep_checkpoints"],
                           seed=o["seed"], progress=o["progress"])
 
+    source = resolve_model(o["model"])  # fail fast on a bad --model, before any work
     train_samples, eval_samples, seen_samples, data_desc = load_data(
         o["data"], o["eval_data"], o["seed"])
     if o["max_eval"]:
@@ -139,8 +144,8 @@ def train(**o: Any) -> dict[str, Any]:
         seen_samples = seen_samples[: o["max_eval"]]
     say(f"data: {data_desc}")
     say("loading model ...")
-    model, tokenizer, source = load_model_and_tokenizer(
-        o["model"], trust_remote_code=o["trust_remote_code"])
+    tokenizer = load_tokenizer(source, trust_remote_code=o["trust_remote_code"])
+    model = load_model(source, trust_remote_code=o["trust_remote_code"])
     model.to(device)
     say(f"model: {source.name} ({type(model).__name__}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on {device}")
@@ -150,6 +155,7 @@ def train(**o: Any) -> dict[str, Any]:
     eval_qa = [s for s in eval_samples if s.answers]
     eval_enc = encode_all(eval_samples, tokenizer, o["max_length"], "evaluation")
 
+    config.base_model = source.name
     meft_model = get_meft_model(model, config, device=device)
     counts = meft_model.parameter_counts()
     host_gb = sum(s.nbytes for s in meft_model.stores) * 2 / 1e9  # tables + AdamW moments

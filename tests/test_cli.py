@@ -1,0 +1,134 @@
+"""The CLI end to end on a tiny random Llama with a tiny tokenizer: train, eval, generate, info,
+and one clear line for user mistakes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from meft.cli import main
+from tokenizers_for_tests import make_tokenizer
+
+TINY = ["--neurons", "64", "--top-k", "4", "--experts", "8", "--probe", "2"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=None))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "facts.jsonl"
+    rows = [{"question": f"Where was person {i} born?", "answer": [f"Teluvia{i % 3}"]}
+            for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_eval_generate_info(model_dir: Path, data_file: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(model_dir), "--data", str(data_file), "--output",
+                 str(out), "--steps", "3", "--batch-size", "4", "--micro-batch-size", "2",
+                 "--lr", "1e-2", "--max-new-tokens", "4", "--save-every", "2",
+                 "--no-progress", *TINY])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "before training: exact match" in err and "held-out, after" in err
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    record = json.loads(lines[-1])
+    assert len(record["union_per_layer"]) == 2 and record["mb_h2d"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000002", "step-00000003"]
+    for png in ("loss.png", "union.png", "transfer.png"):
+        assert (out / png).stat().st_size > 1000
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps"] == 3 and set(run["scores"]) == {"before", "after"}
+
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(out / "adapter"),
+                 "--data", str(data_file), "--max-new-tokens", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"exact_match", "f1", "contains", "n"} and result["n"] == 12
+
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(out / "adapter"),
+                 "--prompt", "Where was person 1 born?", "--max-new-tokens", "3"]) == 0
+    assert isinstance(capsys.readouterr().out, str)
+
+    assert main(["info", "--adapter", str(out / "adapter"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["neurons"] == 64 and info["layers"] == 2 and info["hidden_size"] == 32
+    assert info["host_table_bytes"] == 2 * 2 * 64 * 32 * 4
+
+
+def test_output_directory_is_not_overwritten(model_dir: Path, data_file: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    code = main(["train", "--model", str(model_dir), "--data", str(data_file), "--output",
+                 str(out), "--steps", "1", "--no-progress", *TINY])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("meft: error:") and "--overwrite" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--neurons", "100", "--experts", "7"], "must divide"),
+        (["--top-k", "999"], "top_k=999"),
+        (["--model", "/no/such/model"], "no such file or directory"),
+        (["--data", "/no/such.jsonl"], "no such file"),
+    ],
+)
+def test_bad_input_is_one_line(args: list[str], needle: str, model_dir: Path, data_file: Path,
+                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["train", "--model", str(model_dir), "--data", str(data_file), "--output",
+            str(tmp_path / "run"), "--steps", "1", "--no-progress", *TINY]
+    code = main(base + args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("meft: error:")]
+    assert len(errors) == 1 and needle in errors[0] and err.splitlines()[-1] == errors[0]
+
+
+def test_bad_flag_values_are_rejected_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--lr", "-1"])
+    assert exit_info.value.code == 2
+    assert "expected a positive number" in capsys.readouterr().err
+
+
+def test_yaml_config_file(model_dir: Path, data_file: Path, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {model_dir}\ndata: {data_file}\nsteps: 2\nbatch-size: 3\n"
+                   "neurons: 64\ntop_k: 4\nexperts: 8\nprobe: 2\nprogress: false\n"
+                   "eval_before: false\nplots: false\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--output", str(out), "--steps", "1"]) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["examples"] == 3  # flag beats file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nonsense_key: 1\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(bad)])
+    assert "unknown key 'nonsense_key'" in capsys.readouterr().err

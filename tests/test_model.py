@@ -1,0 +1,214 @@
+"""get_meft_model / MeftModel on tiny random Llama, Qwen2 and GPT-2 models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from meft.config import ConfigError, MeftConfig
+from meft.model import (
+    AdapterMismatchError,
+    MeftModel,
+    UnsupportedModelError,
+    find_decoder_layers,
+    get_meft_model,
+)
+from meft.optim import RowSparseAdamW
+from meft.serialization import SerializationError
+
+VOCAB = 97
+
+
+def tiny(arch: str, hidden: int = 32, layers: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers,
+                                           n_head=4, n_positions=64, bos_token_id=0,
+                                           eos_token_id=1))
+    return model.eval()
+
+
+def config(**kw: object) -> MeftConfig:
+    base = dict(neurons=64, top_k=8, experts=8, n_probe=2, seed=1)
+    base.update(kw)
+    return MeftConfig(**base)  # type: ignore[arg-type]
+
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def perturb(model: MeftModel) -> None:
+    gen = torch.Generator().manual_seed(5)
+    for store in model.stores:
+        store.values.normal_(0, 0.5, generator=gen)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_at_initialisation(arch: str) -> None:
+    base = tiny(arch)
+    want = logits(base)
+    model = get_meft_model(base, config())
+    assert torch.equal(logits(model), want)
+    assert model.layer_ids == [0, 1, 2]
+    assert all(not p.requires_grad for p in model.base_model.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_disabled_adapter_equals_base_and_enabled_differs(arch: str) -> None:
+    base = tiny(arch)
+    want = logits(base)
+    model = get_meft_model(base, config())
+    perturb(model)
+    assert not torch.allclose(logits(model), want)
+    with model.disable_adapter():
+        assert torch.equal(logits(model), want)
+    assert not torch.allclose(logits(model), want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_steps_change_only_the_adapter(arch: str) -> None:
+    base = tiny(arch)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_meft_model(base, config())
+    keys0 = [s.keys.clone() for s in model.stores]
+    values0 = [s.values.clone() for s in model.stores]
+    routers0 = [r.detach().clone() for r in model.router_parameters()]
+    host = RowSparseAdamW([t for s in model.stores for t in s.tables], lr=1e-2)
+    dev = torch.optim.AdamW(model.router_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(4):
+        out = model(input_ids=IDS, labels=IDS)
+        out.loss.backward()
+        host.step()
+        dev.step()
+        host.zero_grad()
+        dev.zero_grad()
+        losses.append(out.loss.item())
+    after = base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not torch.equal(a, b.values) for a, b in zip(values0, model.stores, strict=True))
+    # keys (and routers, through the product gate) move once values are non-zero
+    assert any(not torch.equal(a, b.keys) for a, b in zip(keys0, model.stores, strict=True))
+    assert any(not torch.equal(a, b.detach())
+               for a, b in zip(routers0, model.router_parameters(), strict=True))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_gives_identical_logits(arch: str, tmp_path: Path) -> None:
+    model = get_meft_model(tiny(arch), config())
+    perturb(model)
+    want = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["neurons"] == 64 and saved["hidden_size"] == 32 and saved["layers"] == [0, 1, 2]
+    loaded = MeftModel.from_pretrained(tiny(arch), tmp_path / "adapter")
+    assert torch.equal(logits(loaded), want)
+
+
+def test_sharded_save_round_trip(tmp_path: Path) -> None:
+    model = get_meft_model(tiny("llama"), config(neurons=128, experts=16))
+    perturb(model)
+    want = logits(model)
+    model.save_pretrained(tmp_path / "a", max_shard_bytes=20_000)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert "adapter_model.safetensors.index.json" in names
+    assert sum(n.endswith(".safetensors") for n in names) > 2
+    assert torch.equal(logits(MeftModel.from_pretrained(tiny("llama"), tmp_path / "a")), want)
+
+
+def test_subset_of_layers_and_generate() -> None:
+    model = get_meft_model(tiny("qwen2", layers=4), config(layers=[1, -1]))
+    assert model.layer_ids == [1, 3]
+    perturb(model)
+    out = model.generate(input_ids=IDS[:1, :4], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9)
+    with pytest.raises(ConfigError, match="out of range"):
+        get_meft_model(tiny("qwen2", layers=2), config(layers=[5]))
+
+
+def test_adapter_for_another_model_is_refused(tmp_path: Path) -> None:
+    get_meft_model(tiny("llama", hidden=32), config()).save_pretrained(tmp_path / "a")
+    with pytest.raises(AdapterMismatchError, match="hidden size 32"):
+        MeftModel.from_pretrained(tiny("llama", hidden=48), tmp_path / "a")
+    with pytest.raises(AdapterMismatchError, match="3 decoder layers"):
+        MeftModel.from_pretrained(tiny("llama", layers=2), tmp_path / "a")
+    with pytest.raises(AdapterMismatchError, match="no such adapter directory"):
+        MeftModel.from_pretrained(tiny("llama"), tmp_path / "missing")
+
+
+def test_pickle_weights_are_refused(tmp_path: Path) -> None:
+    get_meft_model(tiny("llama"), config()).save_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    (tmp_path / "a" / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(SerializationError, match="refusing pickle"):
+        MeftModel.from_pretrained(tiny("llama"), tmp_path / "a")
+
+
+def test_unsupported_model_names_what_was_looked_for() -> None:
+    class NoLayers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    with pytest.raises(UnsupportedModelError, match="mlp, feed_forward, ffn"):
+        get_meft_model(NoLayers(), config())
+
+
+def test_decoder_layers_found_by_structure() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ffn = nn.Linear(8, 8)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Linear(8, 8)])
+            self.blocks = nn.ModuleList([Block() for _ in range(3)])
+
+    net = Net()
+    assert find_decoder_layers(net) is net.blocks
+
+
+def test_config_validation_and_unknown_fields(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must divide"):
+        MeftConfig(neurons=100, experts=7)
+    with pytest.raises(ConfigError, match="top_k"):
+        MeftConfig(neurons=64, experts=32, top_k=10, n_probe=2)
+    with pytest.raises(ConfigError, match="lr must be positive"):
+        MeftConfig(lr=0.0)
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        MeftConfig(storage_dtype="int8")
+    assert MeftConfig(neurons=4096).experts == 256
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"neurons": 64, "bogus": 1}))
+    with pytest.raises(ConfigError, match="unknown field"):
+        MeftConfig.load(tmp_path)

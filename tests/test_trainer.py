@@ -1,0 +1,101 @@
+"""The training loop: schedule, accumulation, divergence, metrics and checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from meft.checkpoint import list_checkpoints, read_checkpoint
+from meft.data import Encoded
+from meft.model import get_meft_model
+from meft.trainer import TrainConfig, Trainer, TrainingDiverged, lr_multiplier
+from test_model import config, tiny
+
+
+def examples(n: int = 8, seed: int = 0) -> list[Encoded]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 6 + i % 4
+        ids = torch.randint(2, 97, (length,), generator=gen).tolist()
+        labels = [-100] * 3 + ids[3:]
+        out.append(Encoded(ids, labels, False))
+    return out
+
+
+def test_schedule_warms_up_then_decays_to_zero() -> None:
+    total, warmup = 100, 5
+    mults = [lr_multiplier(s, total, warmup) for s in range(total)]
+    assert mults[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert mults[5] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(mults[5:]))
+    assert mults[-1] == pytest.approx(1 / 95)
+
+
+def test_micro_batches_accumulate_to_the_full_batch_update(tmp_path: Path) -> None:
+    """One step over 8 examples equals one step over 4 micro-batches of 2."""
+    data = examples()
+    results = []
+    for micro in (None, 2):
+        model = get_meft_model(tiny("llama"), config())
+        for s in model.stores:  # non-zero values so keys and routers get gradients too
+            s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        trainer = Trainer(model, data, TrainConfig(steps=1, batch_size=8, micro_batch_size=micro,
+                                                   lr=1e-2, progress=False),
+                          tmp_path / f"run{micro}", pad_id=0)
+        trainer.train()
+        results.append(([s.keys.clone() for s in model.stores],
+                         [s.values.clone() for s in model.stores],
+                         [r.detach().clone() for r in model.router_parameters()]))
+    for a, b in zip(results[0], results[1], strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_training_lowers_the_loss_and_writes_metrics_and_checkpoints(tmp_path: Path) -> None:
+    model = get_meft_model(tiny("qwen2"), config())
+    trainer = Trainer(model, examples(), TrainConfig(steps=12, batch_size=4, lr=2e-2,
+                                                     save_every=5, keep_checkpoints=2,
+                                                     progress=False),
+                      tmp_path, pad_id=0, eval_encoded=examples(4, seed=1))
+    result = trainer.train()
+    assert result.steps == 12
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    first = sum(r["loss"] for r in records[:3]) / 3
+    last = sum(r["loss"] for r in records[-3:]) / 3
+    assert last < first
+    assert "eval_loss" in records[-1]
+    assert all(r["union_mean"] > 0 and r["mb_h2d"] > 0 for r in records)
+    assert records[0]["lr"] < records[1]["lr"] or records[0]["lr"] == records[1]["lr"]
+    ckpts = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-00000005", "step-00000010"]
+    tensors, state = read_checkpoint(ckpts[-1])
+    assert state["step"] == 10
+    assert any(k.endswith(".exp_avg") for k in tensors)
+    assert (ckpts[-1] / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_non_finite_loss_stops_before_touching_the_tables(tmp_path: Path) -> None:
+    model = get_meft_model(tiny("llama"), config())
+    with torch.no_grad():
+        model.router_parameters()[0].fill_(float("nan"))
+    for s in model.stores:
+        s.values.fill_(0.1)
+    before = [s.values.clone() for s in model.stores]
+    trainer = Trainer(model, examples(), TrainConfig(steps=3, batch_size=4, progress=False),
+                      tmp_path, pad_id=0)
+    with pytest.raises(TrainingDiverged, match="step 1"):
+        trainer.train()
+    assert all(torch.equal(a, s.values) for a, s in zip(before, model.stores, strict=True))
+
+
+@pytest.mark.parametrize(("kw", "msg"), [({"steps": 0}, "steps"), ({"batch_size": 0}, "batch"),
+                                         ({"lr": -1.0}, "lr"), ({"warmup_ratio": 1.0}, "warmup")])
+def test_train_config_validation(kw: dict, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(**kw)
