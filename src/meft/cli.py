@@ -170,6 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model repo code")
 
+    b = sub.add_parser("bench", help="compare meft with LoRA, a dense adapter and dense "
+                       "offload on the same model, data and steps")
+    b.add_argument("--methods", nargs="+", help="lora:qv:R lora:all:R dense:N offload:N "
+                   "meft:N meft-noexperts:N (default: the full comparison; --quick: a few)")
+    b.add_argument("--steps", type=_positive_int, help="optimizer steps per method "
+                   "(default 60; --quick 20)")
+    b.add_argument("--batch-size", type=_positive_int, default=11,
+                   help="examples per step, ~512 tokens (default 11)")
+    b.add_argument("--quick", action="store_true", help="a few methods, 20 steps, 24 eval "
+                   "questions: a few minutes")
+    b.add_argument("--max-eval", type=_positive_int, help="held-out questions scored "
+                   "(default: all 120; --quick 24)")
+    b.add_argument("--output", type=Path, default=Path("benchmarks/results/compare"),
+                   help="directory for the JSON per run, table.md and plots "
+                   "(default benchmarks/results/compare)")
+    b.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    b.add_argument("--model", help="base model (default: the embedded SmolLM2)")
+    b.add_argument("--lora-lr", type=_positive_float, default=1e-3,
+                   help="LoRA learning rate (default 1e-3)")
+    b.add_argument("--adapter-lr", type=_positive_float, default=3e-3,
+                   help="learning rate of meft and the dense adapters (default 3e-3)")
+    b.add_argument("--no-eval", action="store_true", help="timing only: skip the "
+                   "generation eval")
+    b.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
+    b.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+
     i = sub.add_parser("info", help="describe a saved adapter: sizes, host bytes, transfer")
     i.add_argument("--adapter", type=Path, required=True, help="adapter directory")
     i.add_argument("--tokens", type=_positive_int, default=512,
@@ -237,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, adapter=args.adapter, prompt=args.prompt,
                 max_new_tokens=args.max_new_tokens, raw=args.raw, device=args.device,
                 trust_remote_code=args.trust_remote_code))
+        elif args.command == "bench":
+            recipes.bench_cli(
+                methods=args.methods, steps=args.steps, batch_size=args.batch_size,
+                quick=args.quick, max_eval=args.max_eval, output=args.output, seed=args.seed,
+                model=args.model, lora_lr=args.lora_lr, adapter_lr=args.adapter_lr,
+                no_eval=args.no_eval, device=args.device, progress=args.progress)
         elif args.command == "info":
             print(recipes.info_cli(args.adapter, tokens=args.tokens, as_json=args.json))
     except KeyboardInterrupt:

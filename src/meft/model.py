@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,25 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"{type(model).__name__}: no decoder layers found (looked for an nn.ModuleList of "
             f"blocks each with a child named {', '.join(MLP_NAMES)} or a child class *MLP)")
     return best
+
+
+def attach_beside_mlp(block: nn.Module, adapter: nn.Module,
+                      enabled: Callable[[], bool] = lambda: True
+                      ) -> torch.utils.hooks.RemovableHandle:
+    """Make ``block``'s MLP return ``mlp(x) + adapter(x)`` (while ``enabled()``)."""
+    mlp = find_mlp(block)
+    if mlp is None:
+        raise UnsupportedModelError(f"{type(block).__name__}: no MLP child")
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+             output: Tensor) -> Tensor:
+        if not enabled():
+            return output
+        x = args[0] if args else next(iter(kwargs.values()))
+        out: Tensor = output + adapter(x).to(output.dtype)
+        return out
+
+    return mlp.register_forward_hook(hook, with_kwargs=True)
 
 
 def hidden_size_of(model: nn.Module) -> int:
@@ -154,21 +173,9 @@ class MeftModel(nn.Module):
                 store, n_experts=config.n_experts, top_k=config.top_k, n_probe=config.n_probe,
                 gate=config.gate, device=self.device_, dtype=torch.float32, router=router)
             self.adapters[str(i)] = adapter
-            self._handles.append(find_mlp(blocks[i]).register_forward_hook(  # type: ignore[union-attr]
-                self._hook(adapter), with_kwargs=True))
+            self._handles.append(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
 
     # ----------------------------------------------------------------- plumbing
-    def _hook(self, adapter: OffloadedSparseAdapter) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 output: Tensor) -> Tensor:
-            if not self._enabled:
-                return output
-            x = args[0] if args else next(iter(kwargs.values()))
-            out: Tensor = output + adapter(x).to(output.dtype)
-            return out
-
-        return hook
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
 

@@ -12,11 +12,14 @@ configuration, environment and summary) and the PNG plots.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import platform
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -328,3 +331,73 @@ def info_cli(adapter: Path, *, tokens: int, as_json: bool) -> str:
         return json.dumps(info, indent=2)
     lines = [f"{key}: {value}" for key, value in info.items()]
     return "\n".join(lines)
+
+
+def save_plain_copy(model: Any, directory: str) -> None:
+    """config.json + model.safetensors of a loaded model, including one loaded from GGUF
+    (which ``save_pretrained`` refuses: transformers marks it as quantized)."""
+    from safetensors.torch import save_model
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    save_model(model, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def bench_cli(*, methods: list[str] | None, steps: int | None, batch_size: int,
+              quick: bool, max_eval: int | None, output: Path, seed: int, model: str | None,
+              lora_lr: float, adapter_lr: float, no_eval: bool, device: str | None,
+              progress: bool) -> dict[str, Any]:
+    """``meft bench``: train every method the same way; JSON per run, table, plots."""
+    from meft import bench
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    names = methods or (bench.QUICK_METHODS if quick else bench.DEFAULT_METHODS)
+    parsed = [bench.parse_method(m) for m in names]
+    cfg = bench.BenchConfig(steps=steps or (20 if quick else 60), batch_size=batch_size,
+                            seed=seed, lora_lr=lora_lr, adapter_lr=adapter_lr,
+                            max_eval=max_eval if max_eval is not None else (24 if quick
+                                                                             else None),
+                            evaluate=not no_eval)
+    dev = pick_device(device)
+    source = resolve_model(model)
+    output.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="meft-bench-") as tmp:
+        # each method runs in its own process (its own peak RSS); they load this copy of the
+        # base model, saved once as safetensors (fast to load, unlike de-quantising a GGUF)
+        say(f"bench: preparing {source.name} ...")
+        load_tokenizer(source).save_pretrained(tmp)
+        save_plain_copy(load_model(source), tmp)
+        for method in parsed:
+            say(f"bench: {method.name} ({cfg.steps} steps of {cfg.batch_size} examples)")
+            result_path = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "meft.bench", "--method", method.name, "--model-dir",
+                   tmp, "--config", json.dumps(asdict(cfg)), "--people", str(DEMO_PEOPLE),
+                   "--result", str(result_path), "--device", str(dev)]
+            if not progress:
+                cmd.append("--no-progress")
+            proc = subprocess.run(cmd, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench: {method.name} failed (exit {proc.returncode})")
+            result = json.loads(result_path.read_text())
+            path = bench.write_result(result, cfg, output, {"model": source.name,
+                                                            "data": "built-in synthetic"})
+            results.append(result)
+            em = result["exact_match"]
+            say(f"  {result['step_time_s']:.2f} s/step, {result['tokens_per_s']:.0f} tok/s, "
+                f"EM {'-' if em is None else f'{100 * em:.1f}%'} -> {path}")
+    table = bench.markdown_table(results)
+    targets = bench.evaluate_targets(results)
+    lines = [f"{'PASS' if t['passed'] else 'SKIP' if t['passed'] is None else 'FAIL'} "
+             f"{t['target']}: {t['detail']}" for t in targets]
+    env = bench.environment()
+    header = (f"{source.name}, built-in synthetic facts, {cfg.steps} steps x {cfg.batch_size} "
+              f"examples, seed {seed}; {env['cpu']}, {env['threads']} threads, torch "
+              f"{env['torch']}, commit {str(env['git_commit'])[:10]}")
+    (output / "table.md").write_text(f"{header}\n\n{table}\n\n" + "\n".join(lines) + "\n")
+    plots = bench.plot_results(results, output)
+    print(f"{header}\n\n{table}\n")
+    print("\n".join(lines))
+    return {"results": results, "targets": targets, "plots": [str(p) for p in plots]}
