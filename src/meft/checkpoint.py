@@ -61,12 +61,16 @@ def load_optimizer_tensors(model: MeftModel, host_opt: RowSparseAdamW,
 
 
 def save_checkpoint(directory: str | Path, model: MeftModel, host_opt: RowSparseAdamW,
-                    router_opt: torch.optim.Optimizer, trainer_state: dict[str, Any]) -> Path:
+                    router_opt: torch.optim.Optimizer, trainer_state: dict[str, Any], *,
+                    rng: Tensor | None = None) -> Path:
     """Write one complete checkpoint directory atomically."""
     directory = Path(directory)
+    tensors = optimizer_tensors(model, host_opt, router_opt)
+    if rng is not None:
+        tensors["rng.torch"] = rng
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp / "adapter")
-        save_tensors(optimizer_tensors(model, host_opt, router_opt), tmp, "optimizer")
+        save_tensors(tensors, tmp, "optimizer")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
     return directory
 

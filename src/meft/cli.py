@@ -60,7 +60,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_length": 256, "seed": 0, "eval_every": 0, "save_every": 0, "keep_checkpoints": 2,
     "max_new_tokens": 16, "eval_batch_size": 32, "max_eval": None, "eval_before": True,
     "device": None, "overwrite": False, "trust_remote_code": False, "progress": True,
-    "plots": True,
+    "plots": True, "resume": None, "stop_after": None,
 }
 
 
@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the evaluation before training")
     t.add_argument("--device", help="compute device, e.g. cpu or cuda (default: cuda if "
                    "available, else cpu)")
+    t.add_argument("--resume", type=Path, help="continue the run in this --output directory "
+                   "from its newest checkpoint, up to --steps total steps (default: a new run)")
+    t.add_argument("--stop-after", type=_positive_int, help="stop with a checkpoint after "
+                   "this many steps of this invocation; continue later with --resume "
+                   "(default: run to the end)")
     t.add_argument("--overwrite", action="store_const", const=True,
                    help="allow writing into an existing non-empty --output")
     t.add_argument("--trust-remote-code", action="store_const", const=True,
@@ -248,10 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from meft import recipes  # heavy imports (torch, transformers) only when needed
+    from meft.trainer import TrainingInterrupted
 
     try:
         if args.command == "train":
-            recipes.train(**_train_options(args, parser))
+            if args.resume is not None:
+                explicit = {k: v for k, v in vars(args).items()
+                            if v is not None and k not in ("command", "config")}
+                recipes.train(**recipes.resume_options(args.resume, explicit))
+            else:
+                recipes.train(**_train_options(args, parser))
         elif args.command == "eval":
             result = recipes.evaluate_cli(
                 model=args.model, adapter=args.adapter, data=args.data,
@@ -275,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("meft: interrupted", file=sys.stderr)
         return 130
+    except TrainingInterrupted as stop:
+        return 130 if stop.by_signal else 0
     except recipes.USER_ERRORS as err:
         print(f"meft: error: {err}", file=sys.stderr)
         return 2

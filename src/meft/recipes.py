@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from meft._version import __version__
+from meft.checkpoint import list_checkpoints
 from meft.config import ConfigError, MeftConfig
 from meft.data import DataError, Encoded, Sample, encode, load_samples
 from meft.evaluate import evaluate
@@ -42,7 +43,7 @@ from meft.loading import (
 from meft.model import AdapterMismatchError, MeftModel, UnsupportedModelError, get_meft_model
 from meft.serialization import SerializationError
 from meft.synthetic import make_knowledge_set
-from meft.trainer import TrainConfig, Trainer, TrainingDiverged
+from meft.trainer import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataError, ModelLoadError, AdapterMismatchError, UnsupportedModelError,
@@ -121,13 +122,66 @@ def load_data(data: str | None, eval_data: str | None, seed: int
     return train, [], [], f"{data} ({len(train)} examples; too few to hold some out)"
 
 
+RUN_CONFIG = "run_config.json"
+RESUME_OVERRIDES = ("steps", "stop_after", "progress", "plots", "device")
+RUN_KEYS = {"model", "data", "eval_data", "steps", "epochs", "batch_size", "micro_batch_size",
+            "neurons", "top_k", "experts", "probe", "gate", "layers", "lr", "router_lr",
+            "weight_decay", "warmup_ratio", "max_grad_norm", "max_length", "seed",
+            "eval_every", "save_every", "keep_checkpoints", "max_new_tokens",
+            "eval_batch_size", "max_eval", "eval_before", "device", "trust_remote_code",
+            "progress", "plots"}
+
+
+def resume_options(directory: Path, explicit: dict[str, Any]) -> dict[str, Any]:
+    """The options of the run in ``directory``, with the few a resume may change."""
+    path = directory / RUN_CONFIG
+    if not path.is_file():
+        raise FileExistsError(f"--resume {directory}: no {RUN_CONFIG} (not a meft run "
+                              "directory?)")
+    try:
+        options: dict[str, Any] = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: invalid JSON ({err})") from None
+    if not list_checkpoints(directory / "checkpoints"):
+        raise FileExistsError(f"--resume {directory}: no complete checkpoint in "
+                              f"{directory / 'checkpoints'}")
+    missing = sorted(RUN_KEYS - set(options))
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)} (written by another version?)")
+    unsupported = sorted(k for k in explicit if k not in (*RESUME_OVERRIDES, "resume"))
+    if unsupported:
+        raise ConfigError(f"--resume continues the run as configured; only --steps, "
+                          f"--stop-after, --device and display flags may change (got "
+                          f"{', '.join('--' + k.replace('_', '-') for k in unsupported)})")
+    options.update({k: v for k, v in explicit.items() if k in RESUME_OVERRIDES})
+    options["resume"] = directory
+    options["output"] = str(directory)
+    return options
+
+
 def train(**o: Any) -> dict[str, Any]:
-    """The main job. Options are the CLI's train flags (see ``meft train --help``)."""
+    """The main job. Options are the CLI's train flags (see ``meft train --help``).
+
+    With ``resume=DIR`` the run in DIR continues from its newest complete checkpoint, up to
+    ``steps`` total steps; the result is bit for bit what an uninterrupted run gives."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     started = time.perf_counter()
     torch.manual_seed(o["seed"])
-    output = prepare_output(Path(o["output"]) if o["output"] is not None else None,
-                            o["overwrite"])
+    resume = o.get("resume")
+    checkpoint = None
+    if resume is not None:
+        output = Path(resume)
+        found = list_checkpoints(output / "checkpoints")
+        if not found:
+            raise FileExistsError(f"--resume {output}: no complete checkpoint in "
+                                  f"{output / 'checkpoints'}")
+        checkpoint = found[-1]
+    else:
+        output = prepare_output(Path(o["output"]) if o["output"] is not None else None,
+                                o["overwrite"])
+        saved = {k: (str(v) if isinstance(v, Path) else v) for k, v in o.items()
+                 if k not in ("resume", "stop_after")}
+        (output / RUN_CONFIG).write_text(json.dumps(saved, indent=2) + "\n")
     device = pick_device(o["device"])
     config = MeftConfig(neurons=o["neurons"], top_k=o["top_k"], experts=o["experts"],
                         n_probe=o["probe"], gate=o["gate"], layers=o["layers"], lr=o["lr"],
@@ -170,21 +224,35 @@ def train(**o: Any) -> dict[str, Any]:
     gen_kw = {"max_new_tokens": o["max_new_tokens"], "batch_size": o["eval_batch_size"],
               "progress": o["progress"]}
     results: dict[str, Any] = {}
-    if o["eval_before"] and eval_qa:
+    before_path = output / "eval_before.json"
+    if checkpoint is not None and before_path.is_file():
+        results["before"] = json.loads(before_path.read_text())
+    elif o["eval_before"] and eval_qa:
         results["before"] = evaluate(meft_model, tokenizer, eval_qa, desc="eval before",
                                      **gen_kw)
+        before_path.write_text(json.dumps(results["before"]) + "\n")
         say(f"before training: {_fmt(results['before'])}")
 
     trainer = Trainer(meft_model, train_enc, tconfig, output, pad_id=tokenizer.pad_token_id,
                       eval_encoded=eval_enc)
+    trainer.stop_after = o.get("stop_after")
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        say(f"resuming from {checkpoint} (step {trainer.step} of {trainer.total})")
     say(f"training {trainer.total} steps of {tconfig.batch_size} examples "
         f"({len(train_enc)} examples, {trainer.total * tconfig.batch_size / len(train_enc):.1f}"
         f" epochs), lr {trainer.lr:g} -> {output}")
     try:
         result = trainer.train()
-    except KeyboardInterrupt:
-        path = trainer.save_checkpoint()
-        say(f"interrupted at step {trainer.step}: checkpoint saved to {path}")
+    except TrainingInterrupted as stop:
+        say(f"{'interrupted' if stop.by_signal else 'stopped'} at step {stop.step}; "
+            f"checkpoint saved to {stop.checkpoint}; continue with: meft train --resume "
+            f"{output} --steps {trainer.total}")
+        raise
+    except TrainingDiverged:
+        kept = list_checkpoints(output / "checkpoints")
+        if kept:
+            say(f"the last good checkpoint is {kept[-1]}")
         raise
     trainer.save_checkpoint()
     meft_model.save_pretrained(output / "adapter")

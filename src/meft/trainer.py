@@ -19,8 +19,12 @@ logged; every ``save_every`` steps a checkpoint is written (atomic, newest ``kee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,11 +34,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from meft.checkpoint import prune_checkpoints, save_checkpoint
+from meft.checkpoint import (
+    load_optimizer_tensors,
+    prune_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
 from meft.data import Encoded, collate, iterate_batches
 from meft.evaluate import answer_loss, token_loss_sum
 from meft.model import MeftModel
 from meft.optim import RowSparseAdamW, clip_grad_norm_
+from meft.serialization import load_tensors
 
 
 class TrainingDiverged(RuntimeError):
@@ -124,17 +134,25 @@ class Trainer:
         self.router_opt = torch.optim.AdamW(model.router_parameters(), lr=self.router_lr,
                                             weight_decay=wd)
         self.step = 0
+        self.epoch = 0  # data position: batch ``position`` of epoch ``epoch`` comes next
+        self.position = 0
+        self.stop_after: int | None = None  # stop (with a checkpoint) after this many steps
+        self._stop_requested = False
         self.history: list[dict[str, Any]] = []
         self.metrics_path = self.output / "metrics.jsonl"
 
     # ------------------------------------------------------------------ data order
-    def _batches(self) -> Iterator[tuple[int, list[int]]]:
-        epoch = 0
+    def _batches(self) -> Iterator[list[int]]:
+        """Batches from the current data position on; advances ``epoch``/``position``."""
         while True:
-            for idx in iterate_batches(self.train_set, self.config.batch_size,
-                                       seed=self.config.seed, epoch=epoch):
-                yield epoch, idx
-            epoch += 1
+            order = list(iterate_batches(self.train_set, self.config.batch_size,
+                                         seed=self.config.seed, epoch=self.epoch))
+            while self.position < len(order):
+                idx = order[self.position]
+                self.position += 1
+                yield idx
+            self.epoch += 1
+            self.position = 0
 
     # ------------------------------------------------------------------ one step
     def _set_lr(self) -> float:
@@ -197,16 +215,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
+        """Train up to ``total`` steps. Ctrl-C (SIGINT) finishes the current step, writes a
+        checkpoint and raises :class:`TrainingInterrupted`; a second Ctrl-C stops at once."""
         self.output.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
+        first_step = self.step
         total_tokens = 0
         batches = self._batches()
         bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step",
                    disable=not self.config.progress, dynamic_ncols=True)
-        with open(self.metrics_path, "a") as metrics:
+        with _graceful_sigint(self), open(self.metrics_path, "a") as metrics:
             while self.step < self.total:
-                epoch, idx = next(batches)
-                record = self.train_step(idx)
+                epoch = self.epoch
+                record = self.train_step(next(batches))
                 record["epoch"] = epoch
                 total_tokens += record["tokens"]
                 if self.config.eval_every and self.step % self.config.eval_every == 0:
@@ -223,6 +244,12 @@ class Trainer:
                 bar.update(1)
                 if self.config.save_every and self.step % self.config.save_every == 0:
                     self.save_checkpoint()
+                if self._stop_requested or (self.stop_after is not None
+                                            and self.step - first_step >= self.stop_after
+                                            and self.step < self.total):
+                    bar.close()
+                    path = self.save_checkpoint()
+                    raise TrainingInterrupted(self.step, path, self._stop_requested)
         bar.close()
         final = self.history[-1]["loss"] if self.history else math.nan
         return TrainResult(self.step, final, time.perf_counter() - start, total_tokens,
@@ -233,12 +260,77 @@ class Trainer:
             return math.nan
         return answer_loss(self.model, self.eval_encoded, self.pad_id)
 
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "total_steps": self.total, "epoch": self.epoch,
+                "position": self.position, "train_config": asdict(self.config),
+                "lr": self.lr, "router_lr": self.router_lr,
+                "python_random": _jsonable_random_state()}
+
     def save_checkpoint(self) -> Path:
         root = self.output / "checkpoints"
-        state = {"step": self.step, "total_steps": self.total,
-                 "train_config": asdict(self.config), "lr": self.lr,
-                 "router_lr": self.router_lr}
-        path = save_checkpoint(root / f"step-{self.step:08d}", self.model, self.host_opt,
-                               self.router_opt, state)
+        path = root / f"step-{self.step:08d}"
+        if not (path / "trainer_state.json").is_file():  # already saved at this step
+            save_checkpoint(path, self.model, self.host_opt, self.router_opt, self.state(),
+                            rng=torch.get_rng_state())
         prune_checkpoints(root, self.config.keep_checkpoints)
         return path
+
+    def restore(self, directory: str | Path) -> None:
+        """Continue exactly from a checkpoint written by :meth:`save_checkpoint`."""
+        directory = Path(directory)
+        tensors, state = read_checkpoint(directory)
+        adapter = load_tensors(directory / "adapter", "adapter_model")
+        with torch.no_grad():
+            for i, adapter_module in zip(self.model.layer_ids, self.model.adapter_modules,
+                                         strict=True):
+                adapter_module.store.keys.copy_(adapter[f"layers.{i}.keys"])
+                adapter_module.store.values.copy_(adapter[f"layers.{i}.values"])
+                adapter_module.router.copy_(adapter[f"layers.{i}.router"])
+        load_optimizer_tensors(self.model, self.host_opt, self.router_opt, tensors)
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        if self.metrics_path.is_file():  # drop lines logged after the checkpoint
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            self.history = [json.loads(line) for line in kept]
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped early (Ctrl-C or ``stop_after``) after writing a checkpoint."""
+
+    def __init__(self, step: int, checkpoint: Path, by_signal: bool) -> None:
+        super().__init__(f"stopped at step {step}; checkpoint {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+        self.by_signal = by_signal
+
+
+def _jsonable_random_state() -> list[Any]:
+    import random
+
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+@contextlib.contextmanager
+def _graceful_sigint(trainer: Trainer) -> Iterator[None]:
+    """First SIGINT: ask the loop to stop after the current step. Second: stop now."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if trainer._stop_requested:
+            raise KeyboardInterrupt
+        trainer._stop_requested = True
+        print("\nmeft: stopping after this step (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,80 @@
+"""Stop and resume: k steps, stop, resume to S gives the same adapter files, bit for bit, as S
+steps in one go; Ctrl-C saves a checkpoint and exits 130."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meft.cli import main
+from meft.serialization import load_tensors
+from test_cli import TINY, data_file, model_dir  # noqa: F401  (fixtures)
+
+RUN = ["--steps", "6", "--batch-size", "4", "--save-every", "2", "--lr", "1e-2",
+       "--no-progress", "--no-plots", "--no-eval-before", "--max-new-tokens", "2", *TINY]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_stop_and_resume_is_bitwise_identical(model_dir: Path, data_file: Path,  # noqa: F811
+                                              tmp_path: Path) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ["train", "--model", str(model_dir), "--data", str(data_file)]
+    assert main([*common, "--output", str(whole), *RUN]) == 0
+    assert main([*common, "--output", str(split), *RUN, "--stop-after", "3"]) == 0
+    assert not (split / "adapter").exists()  # stopped: no final adapter yet
+    state = json.loads((split / "checkpoints" / "step-00000003" / "trainer_state.json")
+                       .read_text())
+    assert state["step"] == 3
+    assert main(["train", "--resume", str(split), "--steps", "6", "--no-progress"]) == 0
+    assert _files(whole / "adapter") == _files(split / "adapter")
+    a = load_tensors(whole / "checkpoints" / "step-00000006", "optimizer")
+    b = load_tensors(split / "checkpoints" / "step-00000006", "optimizer")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert main(["train", "--resume", str(split), "--lr", "0.1"]) == 2  # settings are the run's
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoints(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--resume", str(tmp_path), "--steps", "4"]) == 2
+    assert "run_config.json" in capsys.readouterr().err
+    (tmp_path / "run_config.json").write_text("{}")
+    assert main(["train", "--resume", str(tmp_path), "--steps", "4"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    ckpt = tmp_path / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    assert main(["train", "--resume", str(tmp_path), "--steps", "4"]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir: Path, data_file: Path,  # noqa: F811
+                                                 tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "meft.cli", "train", "--model", str(model_dir), "--data",
+           str(data_file), "--output", str(out), "--steps", "100000", "--batch-size", "2",
+           "--no-progress", "--no-eval-before", *TINY]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    for line in proc.stderr:  # wait until training has started
+        if line.startswith("training "):
+            break
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        pass
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    assert "interrupted at step" in err and "--resume" in err
+    ckpts = sorted((out / "checkpoints").iterdir())
+    assert ckpts and (ckpts[-1] / "adapter" / "adapter_model.safetensors").is_file()
