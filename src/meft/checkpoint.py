@@ -87,8 +87,11 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop leftovers of killed writes."""
     for path in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
+    for stale in Path(root).glob(".step-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_checkpoint(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -96,7 +96,8 @@ def default_experts(n_neurons: int) -> int:
     if n_neurons < 1:
         raise ValueError(f"neurons must be positive, got {n_neurons}")
     target = 4.0 * n_neurons**0.5
-    divisors = [e for e in range(1, n_neurons + 1) if n_neurons % e == 0]
+    small = [e for e in range(1, int(n_neurons**0.5) + 1) if n_neurons % e == 0]
+    divisors = small + [n_neurons // e for e in small]
     return min(divisors, key=lambda e: (abs(e - target), e))
 
 

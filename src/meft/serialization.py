@@ -49,6 +49,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
@@ -70,6 +71,17 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_directory(target: Path) -> None:
+    """Undo a replacement killed half-way: if ``target`` is gone but the copy it was being
+    replaced from survives as ``.<name>.old-<pid>``, put that copy back; drop stale temps."""
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"))
+    if not target.exists() and olds:
+        os.rename(olds[-1], target)
+        olds = olds[:-1]
+    for stale in olds + list(target.parent.glob(f".{target.name}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_tensors(tensors: dict[str, Tensor], directory: str | Path, stem: str, *,

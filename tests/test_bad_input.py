@@ -1,0 +1,186 @@
+"""Bad input costs one clear line and a non-zero exit, never a traceback or a run.
+
+One test per case of issue 5, through the CLI as a user meets them, plus property-based tests
+of config validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meft.cli import main
+from meft.config import ConfigError, MeftConfig
+from test_cli import TINY, data_file, model_dir  # noqa: F401  (fixtures)
+
+FAST = ["--no-progress", "--no-plots", "--no-eval-before", "--max-new-tokens", "2"]
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return code, err
+
+
+def one_error(err: str) -> str:
+    errors = [line for line in err.splitlines() if line.startswith("meft: error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def train(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--output", str(out),
+            "--steps", "2", "--batch-size", "2", *FAST, *TINY, *extra]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b'{"question": "a", "answer": "b"}\n{"question": "c", "answer":\n', ":2: invalid JSON"),
+        (b'{"question": "a"}\n', ':1: field "answer" is missing'),
+        (b'{"question": "a", "answer": 5}\n', ':1: field "answer"'),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}\n', ":1:"),
+        (b"\n\n", "no examples"),
+        (b'{"question": "a", "answer": "b\xff"}\n', ":1: not valid UTF-8"),
+        (b'[1, 2]\n', ":1:"),
+    ],
+    ids=["malformed", "missing-field", "wrong-type", "no-assistant", "empty", "non-utf8",
+         "not-object"],
+)
+def test_bad_data_file(content: bytes, needle: str, model_dir: Path,  # noqa: F811
+                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    code, err = run(train(model_dir, bad, tmp_path / "run"), capsys)
+    assert code == 2
+    line = one_error(err)
+    assert "bad.jsonl" in line and needle in line
+
+
+def test_absurdly_long_example_is_truncated_with_a_warning(
+        model_dir: Path, data_file: Path, tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rows = data_file.read_text() + json.dumps(
+        {"question": "why " * 5000, "answer": "because"}) + "\n"
+    data = tmp_path / "long.jsonl"
+    data.write_text(rows)
+    code, err = run(train(model_dir, data, tmp_path / "run", "--max-length", "48"), capsys)
+    assert code == 0
+    assert "truncated" in err
+
+
+def test_missing_model_path(data_file: Path, tmp_path: Path,  # noqa: F811
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run(train(tmp_path / "nope", data_file, tmp_path / "run"), capsys)
+    assert code == 2 and "no such file or directory" in one_error(err)
+
+
+def test_unsupported_architecture(data_file: Path, tmp_path: Path,  # noqa: F811
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenizers_for_tests import make_tokenizer
+    from transformers import MambaConfig, MambaForCausalLM
+
+    tok = make_tokenizer()
+    model = MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=16,
+                                         num_hidden_layers=2, state_size=4))
+    model.save_pretrained(tmp_path / "mamba")
+    tok.save_pretrained(tmp_path / "mamba")
+    code, err = run(train(tmp_path / "mamba", data_file, tmp_path / "run"), capsys)
+    assert code == 2
+    line = one_error(err)
+    assert "MambaForCausalLM" in line and "no decoder layers found" in line
+
+
+def test_adapter_made_for_another_model(model_dir: Path, data_file: Path,  # noqa: F811
+                                        tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenizers_for_tests import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert main(train(model_dir, data_file, tmp_path / "run")) == 0
+    capsys.readouterr()
+    tok = make_tokenizer()
+    other = tmp_path / "wider"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2)).save_pretrained(other)
+    tok.save_pretrained(other)
+    code, err = run(["eval", "--model", str(other), "--adapter",
+                     str(tmp_path / "run" / "adapter"), "--data", str(data_file)], capsys)
+    assert code == 2 and "hidden size 32" in one_error(err)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--neurons", "64", "--top-k", "40", "--experts", "8", "--probe", "2"], "top_k=40"),
+        (["--neurons", "64", "--experts", "7"], "must divide"),
+        (["--weight-decay", "-1"], "weight_decay"),
+        (["--warmup-ratio", "1.5"], "warmup_ratio"),
+    ],
+)
+def test_invalid_config_values(flags: list[str], needle: str, model_dir: Path,  # noqa: F811
+                               data_file: Path, tmp_path: Path,  # noqa: F811
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run([*train(model_dir, data_file, tmp_path / "run"), *flags], capsys)
+    assert code == 2 and needle in one_error(err)
+
+
+def test_non_positive_lr_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--lr", "0"])
+    assert info.value.code == 2 and "positive" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+        model_dir: Path, data_file: Path, tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import meft.trainer as trainer_module
+
+    real = trainer_module.clip_grad_norm_
+    calls = {"n": 0}
+
+    def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
+        calls["n"] += 1
+        norm = real(*args, **kwargs)  # type: ignore[arg-type]
+        return torch.tensor(float("nan")) if calls["n"] == 3 else norm
+
+    monkeypatch.setattr(trainer_module, "clip_grad_norm_", poisoned)
+    out = tmp_path / "run"
+    code, err = run([*train(model_dir, data_file, out, "--save-every", "1"), "--steps", "5"],
+                    capsys)
+    assert code == 2
+    assert "step 3" in one_error(err)
+    assert "last good checkpoint" in err and "step-00000002" in err
+    assert (out / "checkpoints" / "step-00000002" / "trainer_state.json").is_file()
+    assert not (out / "checkpoints" / "step-00000003").exists()
+
+
+def test_tables_that_cannot_fit_are_refused_before_allocating(
+        model_dir: Path, data_file: Path, tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--neurons", str(2**28), "--experts", str(2**14), "--top-k", "4", "--probe", "2"]
+    code, err = run([*train(model_dir, data_file, tmp_path / "run"), *flags], capsys)
+    line = one_error(err)
+    assert code == 2 and "GB of host memory" in line and "available" in line
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 5000), e=st.integers(1, 400), k=st.integers(-2, 600),
+       p=st.integers(-2, 50))
+def test_config_validation_property(n: int, e: int, k: int, p: int) -> None:
+    """A config is accepted exactly when the routing sizes are consistent."""
+    valid = n % e == 0 and 1 <= p <= e and 1 <= k <= p * (n // e)
+    try:
+        cfg = MeftConfig(neurons=n, experts=e, top_k=k, n_probe=p)
+    except ConfigError as err:
+        assert not valid, err
+        assert "\n" not in str(err)
+    else:
+        assert valid
+        assert MeftConfig.from_dict(cfg.to_dict()) == cfg
