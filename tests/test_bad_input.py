@@ -82,8 +82,9 @@ def test_missing_model_path(data_file: Path, tmp_path: Path,  # noqa: F811
 
 def test_unsupported_architecture(data_file: Path, tmp_path: Path,  # noqa: F811
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from tokenizers_for_tests import make_tokenizer
     from transformers import MambaConfig, MambaForCausalLM
+
+    from tokenizers_for_tests import make_tokenizer
 
     tok = make_tokenizer()
     model = MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=16,
@@ -99,8 +100,9 @@ def test_unsupported_architecture(data_file: Path, tmp_path: Path,  # noqa: F811
 def test_adapter_made_for_another_model(model_dir: Path, data_file: Path,  # noqa: F811
                                         tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from tokenizers_for_tests import make_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokenizers_for_tests import make_tokenizer
 
     assert main(train(model_dir, data_file, tmp_path / "run")) == 0
     capsys.readouterr()
