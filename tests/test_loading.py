@@ -21,10 +21,10 @@ def test_resolution_of_model_specs(tmp_path: Path) -> None:
     assert resolve_model("org/name").path == "org/name"  # a hub id, from the local cache
     with pytest.raises(ModelLoadError, match="no such file or directory"):
         resolve_model(str(tmp_path / "missing"))
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         (tmp_path / "empty").mkdir()
         resolve_model(str(tmp_path / "empty"))
-    with pytest.raises(ModelLoadError, match="must be a .gguf"):
+    with pytest.raises(ModelLoadError, match=r"must be a \.gguf"):
         (tmp_path / "weights.bin").write_bytes(b"x")
         resolve_model(str(tmp_path / "weights.bin"))
 
