@@ -456,6 +456,18 @@ def bench_cli(*, methods: list[str] | None, steps: int | None, batch_size: int,
             em = result["exact_match"]
             say(f"  {result['step_time_s']:.2f} s/step, {result['tokens_per_s']:.0f} tok/s, "
                 f"EM {'-' if em is None else f'{100 * em:.1f}%'} -> {path}")
+    # the table covers every run in the directory, so methods can be added a few at a time
+    fresh = {r["method"] for r in results}
+    for path in sorted(output.glob("*.json")):
+        try:
+            earlier = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(earlier, dict) and earlier.get("method") and \
+                earlier["method"] not in fresh and "step_time_s" in earlier:
+            results.append(earlier)
+    order = {m: i for i, m in enumerate(bench.DEFAULT_METHODS)}
+    results.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"]))
     table = bench.markdown_table(results)
     targets = bench.evaluate_targets(results)
     lines = [f"{'PASS' if t['passed'] else 'SKIP' if t['passed'] is None else 'FAIL'} "
