@@ -374,15 +374,11 @@ def plot_results(results: Sequence[dict[str, Any]], directory: Path) -> list[Pat
     return paths
 
 
-def config_dict(cfg: BenchConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
 def write_result(result: dict[str, Any], cfg: BenchConfig, directory: Path,
                  extra: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path: Path = directory / (str(result["method"]).replace(":", "_") + ".json")
-    payload = {"config": {**config_dict(cfg), **extra}, "metrics": result,
+    payload = {"config": {**asdict(cfg), **extra}, "metrics": result,
                "environment": environment(), **result}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -21,7 +21,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -150,7 +149,3 @@ def _load(path: Path) -> dict[str, Tensor]:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types
         raise SerializationError(f"{path}: not a readable safetensors file ({err})") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -264,8 +264,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "total_steps": self.total, "epoch": self.epoch,
                 "position": self.position, "train_config": asdict(self.config),
-                "lr": self.lr, "router_lr": self.router_lr,
-                "python_random": _jsonable_random_state()}
+                "lr": self.lr, "router_lr": self.router_lr}
 
     def save_checkpoint(self) -> Path:
         root = self.output / "checkpoints"
@@ -306,13 +305,6 @@ class TrainingInterrupted(Exception):
         self.step = step
         self.checkpoint = checkpoint
         self.by_signal = by_signal
-
-
-def _jsonable_random_state() -> list[Any]:
-    import random
-
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
 
 
 @contextlib.contextmanager
