@@ -448,7 +448,10 @@ def bench_cli(*, methods: list[str] | None, steps: int | None, batch_size: int,
                 cmd.append("--no-progress")
             proc = subprocess.run(cmd, check=False)
             if proc.returncode != 0:
-                raise RuntimeError(f"bench: {method.name} failed (exit {proc.returncode})")
+                why = ("killed: out of memory?" if proc.returncode == -9
+                       else f"exit {proc.returncode}")
+                say(f"  {method.name} failed ({why}); skipped")
+                continue
             result = json.loads(result_path.read_text())
             path = bench.write_result(result, cfg, output, {"model": source.name,
                                                             "data": "built-in synthetic"})
