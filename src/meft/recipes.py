@@ -312,12 +312,9 @@ def _report(results: dict[str, Any], train_s: float, total_s: float, output: Pat
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    return {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.machine(),
-        "device": str(device),
-        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }
+    from meft.bench import environment as machine
+
+    return {**machine(), "machine": platform.machine(), "device": str(device)}
 
 
 def _load_adapted(model: str | None, adapter: Path | None, device: str | None,
