@@ -233,7 +233,7 @@ def run_method(method: Method, base: torch.nn.Module, tokenizer: Any,
                      leave=False):
         idx = next(order)
         examples = [train[i] for i in idx]
-        labelled = sum(sum(1 for y in e.labels[1:] if y != -100) for e in examples)
+        labelled = sum(e.target_tokens for e in examples)
         start = time.perf_counter()
         setup.set_lr(lr_multiplier(step, cfg.steps, warmup))
         loss_sum, _ = token_loss_sum(setup.model, collate(examples, tokenizer.pad_token_id))
@@ -439,8 +439,8 @@ def worker(argv: Sequence[str] | None = None) -> int:
     """One method in a fresh process (so its peak RSS is its own): ``python -m meft.bench``."""
     import argparse
 
-    from meft.data import encode
     from meft.loading import ModelSource, load_model, load_tokenizer
+    from meft.recipes import encode_all
     from meft.synthetic import make_knowledge_set
 
     ap = argparse.ArgumentParser(prog="python -m meft.bench")
@@ -457,8 +457,7 @@ def worker(argv: Sequence[str] | None = None) -> int:
     tokenizer = load_tokenizer(source)
     base = load_model(source)
     ks = make_knowledge_set(args.people, seed=cfg.seed)
-    train = [e for e in (encode(s, tokenizer, 256) for s in ks.train)
-             if any(y != -100 for y in e.labels)]
+    train = encode_all(ks.train, tokenizer, 256, "training")
     reset_peak_rss()
     result = run_method(parse_method(args.method), base, tokenizer, train, ks.eval, cfg,
                         torch.device(args.device), progress=args.progress, copy_base=False)

@@ -85,6 +85,11 @@ class Encoded:
     labels: list[int]
     truncated: bool
 
+    @property
+    def target_tokens(self) -> int:
+        """Positions that carry loss after the one-token shift of next-token prediction."""
+        return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
+
 
 # ---------------------------------------------------------------------------------------------
 # parsing

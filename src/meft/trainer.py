@@ -166,7 +166,7 @@ class Trainer:
         start = time.perf_counter()
         lr = self._set_lr()
         examples = [self.train_set[i] for i in idx]
-        labelled = sum(sum(1 for y in e.labels[1:] if y != -100) for e in examples)
+        labelled = sum(e.target_tokens for e in examples)
         tokens = sum(len(e.input_ids) for e in examples)
         micro = self.config.micro_batch_size or self.config.batch_size
         loss_total = 0.0
