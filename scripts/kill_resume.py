@@ -24,35 +24,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the offline tiny tokenizer
-
-
-def make_tiny_model(directory: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tokenizers_for_tests import make_tokenizer
-
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id)).save_pretrained(directory)
-    tok.save_pretrained(directory)
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny model and tokenizer of the tests
 
 
 def newest_checkpoint(run: Path) -> tuple[int, str | None]:
     """(step, error) of the newest complete checkpoint; error is None if it loads."""
     from meft.checkpoint import list_checkpoints, read_checkpoint
-    from meft.serialization import load_tensors
+    from meft.model import read_adapter
 
     found = list_checkpoints(run / "checkpoints")
     if not found:
         return 0, None
     try:
         tensors, state = read_checkpoint(found[-1])
-        load_tensors(found[-1] / "adapter", "adapter_model")
+        read_adapter(found[-1] / "adapter")
         assert tensors and state["step"] == int(found[-1].name.split("-")[1])
         return int(state["step"]), None
     except Exception as err:  # report, do not crash the checker
@@ -70,7 +55,9 @@ def main() -> int:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="meft-kill-") as tmp:
         tmp_path = Path(tmp)
-        make_tiny_model(tmp_path / "model")
+        from helpers import save_tiny_llama
+
+        save_tiny_llama(tmp_path / "model")
         data = tmp_path / "data.jsonl"
         data.write_text("".join(json.dumps({"question": f"Where was person {i} born?",
                                             "answer": f"City{i % 5}"}) + "\n"

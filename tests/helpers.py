@@ -1,11 +1,80 @@
-"""Shared test helpers: random adapter inputs and tie-aware comparison against the reference."""
+"""Shared test helpers: tiny random models, random adapter inputs, and tie-aware comparison
+against the reference. Fixtures built from these live in conftest.py; scripts/kill_resume.py
+builds its model with :func:`save_tiny_llama` too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from meft.config import MeftConfig
+
+VOCAB = 97
+IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+# adapter flags for the tiny models (hidden size 32): N=64, K=4, E=8, P=2
+TINY = ["--neurons", "64", "--top-k", "4", "--experts", "8", "--probe", "2"]
+
+
+def tiny(arch: str = "llama", hidden: int = 32, layers: int = 3, vocab: int = VOCAB,
+         **extra: object) -> nn.Module:
+    """A small random causal LM (llama, qwen2 or gpt2), the same for the same arguments."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    model: nn.Module
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, **extra))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, **extra))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers,
+                                           n_head=4, n_positions=64, bos_token_id=0,
+                                           eos_token_id=1, **extra))
+    return model.eval()
+
+
+def tiny_for(tokenizer: object, layers: int = 2) -> nn.Module:
+    """A tiny Llama whose vocabulary and special tokens fit ``tokenizer``."""
+    return tiny("llama", layers=layers, vocab=len(tokenizer),  # type: ignore[arg-type]
+                eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
+                pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
+                bos_token_id=None)
+
+
+def save_tiny_llama(directory: Path) -> Path:
+    """A tiny Llama and the tiny tokenizer saved as a model directory ``--model`` accepts."""
+    from tokenizers_for_tests import make_tokenizer
+
+    tok = make_tokenizer()
+    tiny_for(tok).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def meft_config(**kw: object) -> MeftConfig:
+    """An adapter config for the tiny models (N=64, K=8, E=8, P=2, seed 1)."""
+    base: dict[str, object] = dict(neurons=64, top_k=8, experts=8, n_probe=2, seed=1)
+    base.update(kw)
+    return MeftConfig(**base)  # type: ignore[arg-type]
+
+
+def logits(model: nn.Module) -> Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import TINY
 from meft.cli import main
 from meft.config import ConfigError, MeftConfig
-from test_cli import TINY, data_file, model_dir  # noqa: F401  (fixtures)
 
 FAST = ["--no-progress", "--no-plots", "--no-eval-before", "--max-new-tokens", "2"]
 
@@ -52,7 +52,7 @@ def train(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ids=["malformed", "missing-field", "wrong-type", "no-assistant", "empty", "non-utf8",
          "not-object"],
 )
-def test_bad_data_file(content: bytes, needle: str, model_dir: Path,  # noqa: F811
+def test_bad_data_file(content: bytes, needle: str, model_dir: Path,
                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content)
@@ -63,7 +63,7 @@ def test_bad_data_file(content: bytes, needle: str, model_dir: Path,  # noqa: F8
 
 
 def test_absurdly_long_example_is_truncated_with_a_warning(
-        model_dir: Path, data_file: Path, tmp_path: Path,  # noqa: F811
+        model_dir: Path, data_file: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     rows = data_file.read_text() + json.dumps(
         {"question": "why " * 5000, "answer": "because"}) + "\n"
@@ -74,13 +74,13 @@ def test_absurdly_long_example_is_truncated_with_a_warning(
     assert "truncated" in err
 
 
-def test_missing_model_path(data_file: Path, tmp_path: Path,  # noqa: F811
+def test_missing_model_path(data_file: Path, tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run(train(tmp_path / "nope", data_file, tmp_path / "run"), capsys)
     assert code == 2 and "no such file or directory" in one_error(err)
 
 
-def test_unsupported_architecture(data_file: Path, tmp_path: Path,  # noqa: F811
+def test_unsupported_architecture(data_file: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import MambaConfig, MambaForCausalLM
 
@@ -97,7 +97,7 @@ def test_unsupported_architecture(data_file: Path, tmp_path: Path,  # noqa: F811
     assert "MambaForCausalLM" in line and "no decoder layers found" in line
 
 
-def test_adapter_made_for_another_model(model_dir: Path, data_file: Path,  # noqa: F811
+def test_adapter_made_for_another_model(model_dir: Path, data_file: Path,
                                         tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -126,25 +126,31 @@ def test_adapter_made_for_another_model(model_dir: Path, data_file: Path,  # noq
         (["--warmup-ratio", "1.5"], "warmup_ratio"),
     ],
 )
-def test_invalid_config_values(flags: list[str], needle: str, model_dir: Path,  # noqa: F811
-                               data_file: Path, tmp_path: Path,  # noqa: F811
+def test_invalid_config_values(flags: list[str], needle: str, model_dir: Path,
+                               data_file: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run([*train(model_dir, data_file, tmp_path / "run"), *flags], capsys)
     assert code == 2 and needle in one_error(err)
 
 
-def test_non_positive_lr_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+def test_non_positive_lr_is_one_line_naming_the_field(capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    code, err = run(["train", "--lr", "0"], capsys)
+    assert code == 2 and one_error(err) == "meft: error: lr must be a positive number, got 0.0"
+
+
+def test_non_numeric_flag_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["train", "--lr", "0"])
-    assert info.value.code == 2 and "positive" in capsys.readouterr().err
+        main(["train", "--lr", "fast"])
+    assert info.value.code == 2 and "invalid float value: 'fast'" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
-        model_dir: Path, data_file: Path, tmp_path: Path,  # noqa: F811
+        model_dir: Path, data_file: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import meft.trainer as trainer_module
+    import meft.optim as optim_module
 
-    real = trainer_module.clip_grad_norm_
+    real = optim_module.clip_grad_norm_
     calls = {"n": 0}
 
     def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
@@ -152,7 +158,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         norm = real(*args, **kwargs)  # type: ignore[arg-type]
         return torch.tensor(float("nan")) if calls["n"] == 3 else norm
 
-    monkeypatch.setattr(trainer_module, "clip_grad_norm_", poisoned)
+    monkeypatch.setattr(optim_module, "clip_grad_norm_", poisoned)
     out = tmp_path / "run"
     code, err = run([*train(model_dir, data_file, out, "--save-every", "1"), "--steps", "5"],
                     capsys)
@@ -164,7 +170,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
 
 def test_tables_that_cannot_fit_are_refused_before_allocating(
-        model_dir: Path, data_file: Path, tmp_path: Path,  # noqa: F811
+        model_dir: Path, data_file: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     flags = ["--neurons", str(2**28), "--experts", str(2**14), "--top-k", "4", "--probe", "2"]
     code, err = run([*train(model_dir, data_file, tmp_path / "run"), *flags], capsys)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from helpers import IDS, logits, tiny
 from meft.baselines import DenseHostTables, DenseOffloadAdapter, DenseParallelAdapter, attach_dense
 from meft.functional import sparse_adapter_reference
-from test_model import IDS, logits, tiny
 
 
 def test_dense_adapter_is_sparse_adapter_with_every_neuron() -> None:

@@ -7,36 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import TINY
 from meft.cli import main
-from tokenizers_for_tests import make_tokenizer
-
-TINY = ["--neurons", "64", "--top-k", "4", "--experts", "8", "--probe", "2"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, bos_token_id=None))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "facts.jsonl"
-    rows = [{"question": f"Where was person {i} born?", "answer": [f"Teluvia{i % 3}"]}
-            for i in range(12)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_train_eval_generate_info(model_dir: Path, data_file: Path, tmp_path: Path,
@@ -110,13 +83,6 @@ def test_bad_input_is_one_line(args: list[str], needle: str, model_dir: Path, da
     assert len(errors) == 1 and needle in errors[0] and err.splitlines()[-1] == errors[0]
 
 
-def test_bad_flag_values_are_rejected_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--lr", "-1"])
-    assert exit_info.value.code == 2
-    assert "expected a positive number" in capsys.readouterr().err
-
-
 def test_yaml_config_file(model_dir: Path, data_file: Path, tmp_path: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "run.yaml"
@@ -129,6 +95,13 @@ def test_yaml_config_file(model_dir: Path, data_file: Path, tmp_path: Path,
     assert len(lines) == 1 and json.loads(lines[0])["examples"] == 3  # flag beats file
     bad = tmp_path / "bad.yaml"
     bad.write_text("nonsense_key: 1\n")
-    with pytest.raises(SystemExit):
-        main(["train", "--config", str(bad)])
-    assert "unknown key 'nonsense_key'" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["train", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err == (f"meft: error: --config {bad}: unknown key "
+                                       "'nonsense_key'\n")
+    bad.write_text("steps: many\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "steps must be a positive integer, got 'many'" in capsys.readouterr().err
+    bad.write_text("steps: [1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert f"--config {bad}:2: invalid YAML" in capsys.readouterr().err

@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
+from helpers import IDS, logits, tiny
+from helpers import meft_config as config
 from meft.config import ConfigError, MeftConfig
 from meft.model import (
     AdapterMismatchError,
@@ -28,39 +22,7 @@ from meft.model import (
 from meft.optim import RowSparseAdamW
 from meft.serialization import SerializationError
 
-VOCAB = 97
-
-
-def tiny(arch: str, hidden: int = 32, layers: int = 3) -> nn.Module:
-    torch.manual_seed(0)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
-    else:
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers,
-                                           n_head=4, n_positions=64, bos_token_id=0,
-                                           eos_token_id=1))
-    return model.eval()
-
-
-def config(**kw: object) -> MeftConfig:
-    base = dict(neurons=64, top_k=8, experts=8, n_probe=2, seed=1)
-    base.update(kw)
-    return MeftConfig(**base)  # type: ignore[arg-type]
-
-
 ARCHS = ["llama", "qwen2", "gpt2"]
-IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
 
 
 def perturb(model: MeftModel) -> None:
@@ -204,8 +166,10 @@ def test_config_validation_and_unknown_fields(tmp_path: Path) -> None:
         MeftConfig(neurons=100, experts=7)
     with pytest.raises(ConfigError, match="top_k"):
         MeftConfig(neurons=64, experts=32, top_k=10, n_probe=2)
-    with pytest.raises(ConfigError, match="lr must be positive"):
-        MeftConfig(lr=0.0)
+    with pytest.raises(ConfigError, match="init_std must be a positive number, got 0"):
+        MeftConfig(init_std=0)
+    with pytest.raises(ConfigError, match="gate must be one of product, none, got 'max'"):
+        MeftConfig(gate="max")
     with pytest.raises(ConfigError, match="storage_dtype"):
         MeftConfig(storage_dtype="int8")
     assert MeftConfig(neurons=4096).experts == 256

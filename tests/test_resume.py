@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY
 from meft.cli import main
 from meft.serialization import load_tensors
-from test_cli import TINY, data_file, model_dir  # noqa: F401  (fixtures)
 
 RUN = ["--steps", "6", "--batch-size", "4", "--save-every", "2", "--lr", "1e-2",
        "--no-progress", "--no-plots", "--no-eval-before", "--max-new-tokens", "2", *TINY]
@@ -24,7 +24,7 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def test_stop_and_resume_is_bitwise_identical(model_dir: Path, data_file: Path,  # noqa: F811
+def test_stop_and_resume_is_bitwise_identical(model_dir: Path, data_file: Path,
                                               tmp_path: Path) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
     common = ["train", "--model", str(model_dir), "--data", str(data_file)]
@@ -58,7 +58,7 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(
     assert "missing" in capsys.readouterr().err
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir: Path, data_file: Path,  # noqa: F811
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir: Path, data_file: Path,
                                                  tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "meft.cli", "train", "--model", str(model_dir), "--data",

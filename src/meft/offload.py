@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from meft.kernels import sparse_rows
-from meft.routing import check_routing_sizes, probe, select
-from meft.store import HostStore, RowSparseGrad, router_init
+from meft.routing import check_routing_sizes, probe, router_init, select
+from meft.store import HostStore, RowSparseGrad
 
 _HOST = torch.device("cpu")
 

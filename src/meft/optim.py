@@ -184,3 +184,110 @@ def clip_grad_norm_(
         for hg in host_grads:
             hg.scale_(coef)
     return total
+
+
+class OptimizerSet:
+    """All optimizers of one training run behind one interface.
+
+    Up to three optimizers, each over one kind of trainable tensor, with one schedule:
+
+        device   torch AdamW, two param groups: ``params`` at ``lr`` (LoRA, dense adapters,
+                 full fine-tuning) and ``routers`` at ``router_lr`` (meft's routers)
+        host     :class:`RowSparseAdamW` over host tables (meft) at ``lr``
+        offload  torch AdamW on the host over dense host tensors (the offload baseline) at ``lr``
+
+    :meth:`set_lr` scales every group's base rate by the schedule's multiplier; :meth:`clip_`
+    clips the one global norm over all of them (device ``.grad``, host dense ``.grad`` and host
+    row gradients); :meth:`step` steps host first, then the others. State tensors are named
+    ``<kind>.<name>.<state key>`` (``host.3.keys.exp_avg``, ``router.3.step``) from the names the
+    tensors were given, which is what checkpoints store.
+    """
+
+    def __init__(self, *, params: dict[str, Tensor] | None = None,
+                 routers: dict[str, Tensor] | None = None,
+                 host_tables: dict[str, HostTable] | None = None,
+                 offload: dict[str, Tensor] | None = None, lr: float,
+                 router_lr: float | None = None, weight_decay: float = 0.0) -> None:
+        self.named: dict[str, dict[str, Any]] = {
+            "device": dict(params or {}), "router": dict(routers or {}),
+            "host": dict(host_tables or {}), "offload": dict(offload or {})}
+        self.lr = lr
+        self.router_lr = router_lr if router_lr is not None else lr
+        groups = [{"params": list(group.values()), "base_lr": base}
+                  for group, base in ((self.named["device"], lr),
+                                      (self.named["router"], self.router_lr)) if group]
+        self.device: torch.optim.Optimizer | None = (
+            torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay) if groups else None)
+        self.host = (RowSparseAdamW(self.named["host"].values(), lr=lr,
+                                    weight_decay=weight_decay) if self.named["host"] else None)
+        offload_params = list(self.named["offload"].values())
+        self.offload = (torch.optim.AdamW(offload_params, lr=lr, weight_decay=weight_decay)
+                        if offload_params else None)
+        if self.offload is not None:
+            for group in self.offload.param_groups:
+                group["base_lr"] = lr
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.host, self.device, self.offload) if o is not None]
+
+    def set_lr(self, multiplier: float) -> None:
+        if self.host is not None:
+            self.host.lr = self.lr * multiplier
+        for opt in (self.device, self.offload):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * multiplier
+
+    def dense_params(self) -> list[Tensor]:
+        return [p for kind in ("device", "router", "offload") for p in self.named[kind].values()]
+
+    def clip_(self, max_norm: float) -> Tensor:
+        """Clip the global gradient norm; return it (non-finite: returned, nothing clipped)."""
+        host = self.host.host_grads if self.host is not None else []
+        return clip_grad_norm_(self.dense_params(), host, max_norm)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    # ----------------------------------------------------------------- state
+    def _state_of(self, kind: str, tensor: Any) -> dict[str, Any]:
+        if kind == "host":
+            assert self.host is not None
+            return self.host.state[tensor.data]
+        opt = self.offload if kind == "offload" else self.device
+        assert opt is not None
+        return opt.state[tensor]
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Every optimizer's state, named ``<kind>.<name>.<key>``."""
+        out: dict[str, Tensor] = {}
+        for kind, group in self.named.items():
+            for name, tensor in group.items():
+                for key, value in self._state_of(kind, tensor).items():
+                    if isinstance(value, Tensor):
+                        out[f"{kind}.{name}.{key}"] = value
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned (a missing name is an error)."""
+        for kind, group in self.named.items():
+            for name, tensor in group.items():
+                prefix = f"{kind}.{name}."
+                found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if kind == "host":
+                    state = self._state_of(kind, tensor)
+                    for key in state:
+                        if key not in found:
+                            raise KeyError(f"optimizer state {prefix}{key} missing")
+                        state[key].copy_(found[key])
+                elif found:  # torch AdamW keeps its step count on the host
+                    opt = self.offload if kind == "offload" else self.device
+                    assert opt is not None
+                    opt.state[tensor] = {k: v if k == "step" else v.to(tensor.device)
+                                         for k, v in found.items()}

@@ -28,6 +28,8 @@ of the selected neurons only (see :mod:`meft.kernels`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -185,3 +187,17 @@ def route(
     """Select each token's K neurons: x (T, d), keys (N, d), g = x @ W_g.T (T, E) -> ids (T, K)."""
     probe_scores, probe_ids = probe(gate_scores, n_probe)
     return select(x, keys, probe_scores, probe_ids, gate_scores.shape[1], top_k=top_k, gate=gate)
+
+
+def router_init(keys: Tensor, n_experts: int, *, scheme: str = "normal", std: float = 0.02,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Router (E, d): ``normal`` ~ N(0, std), or ``key_mean``: sqrt(B) x the mean of each
+    expert's keys (the sum over B i.i.d. rows scaled back to the keys' std)."""
+    n, d = keys.shape
+    if scheme == "normal":
+        out = torch.empty(n_experts, d, dtype=keys.dtype)
+        return out.normal_(0.0, std, generator=generator)
+    if scheme == "key_mean":
+        b = n // n_experts
+        return keys.view(n_experts, b, d).sum(1) / math.sqrt(b)
+    raise ValueError(f"router init scheme must be 'normal' or 'key_mean', got {scheme!r}")

@@ -24,11 +24,11 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from meft.errors import SerializationError
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-class SerializationError(ValueError):
-    """A file or directory that cannot be read as what it claims to be."""
 
 
 def _fsync_dir(path: Path) -> None:

@@ -18,7 +18,6 @@ the document's formula exactly), and the time spent routing, staging and updatin
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -217,16 +216,3 @@ class HostStore:
         self.key_grad.zero_()
         self.value_grad.zero_()
 
-
-def router_init(keys: Tensor, n_experts: int, *, scheme: str = "normal", std: float = 0.02,
-                generator: torch.Generator | None = None) -> Tensor:
-    """Router (E, d): ``normal`` ~ N(0, std), or ``key_mean``: sqrt(B) x the mean of each
-    expert's keys (the sum over B i.i.d. rows scaled back to the keys' std)."""
-    n, d = keys.shape
-    if scheme == "normal":
-        out = torch.empty(n_experts, d, dtype=keys.dtype)
-        return out.normal_(0.0, std, generator=generator)
-    if scheme == "key_mean":
-        b = n // n_experts
-        return keys.view(n_experts, b, d).sum(1) / math.sqrt(b)
-    raise ValueError(f"router init scheme must be 'normal' or 'key_mean', got {scheme!r}")

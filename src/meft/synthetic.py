@@ -156,3 +156,11 @@ def make_knowledge_set(n_people: int = 40, *, seed: int = 0,
             held_out.append(_qa(questions[-1], answer, source))
             seen.append(_qa(questions[0], answer, source))
     return KnowledgeSet(train=train, eval=held_out, eval_seen=seen, facts=facts)
+
+
+BUILTIN_PEOPLE = 30  # the built-in set of `meft train` and `meft bench`: 360 + 120 questions
+
+
+def builtin_set(seed: int = 0) -> KnowledgeSet:
+    """The built-in knowledge set every command trains on when given no data."""
+    return make_knowledge_set(BUILTIN_PEOPLE, seed=seed)

@@ -1,20 +1,28 @@
-"""The training loop: one readable loop over micro-batches, two optimisers, one schedule.
+"""The training loop, the only one: every command and every benchmark method trains through it.
+
+What it trains is a :class:`Trainable`: a module to call, its trainable tensors sorted by
+where they live and how they are updated (device parameters, meft routers, host tables with
+row-sparse gradients, dense host tensors of the offload baseline), and a reader of the traffic
+counters. ``Trainable.of_meft`` makes one from a :class:`~meft.model.MeftModel`; the benchmark
+makes one for LoRA, the dense adapters and the offload baseline. One
+:class:`~meft.optim.OptimizerSet` holds their optimizers.
 
 Per optimiser step (``batch_size`` examples, split into micro-batches of
 ``micro_batch_size`` whose gradients accumulate):
 
+    lr = base_lr * schedule(step): linear warmup over ``warmup_ratio`` of the steps, then
+         linear decay to 0 (the paper's schedule), applied to every optimizer
     for each micro-batch:  loss = sum of answer-token cross-entropy / labelled tokens in the step
                            loss.backward()      host row gradients accumulate in the stores
-    norm = clip_grad_norm_(routers, host row grads, max_grad_norm)    one global norm
-    a non-finite norm stops the run (TrainingDiverged) before any weight is touched
-    host RowSparseAdamW.step() (keys, values: touched rows only); router AdamW.step()
-    lr = base_lr * schedule(step): linear warmup over ``warmup_ratio`` of the steps, then
-    linear decay to 0 (the paper's schedule), applied to both optimisers
+    norm = one global norm over every gradient (device, host rows, host dense), clipped
+    a non-finite loss or norm stops the run (TrainingDiverged) before any weight is touched
+    step every optimizer (host first), zero the gradients
 
 Every step appends one JSON line to ``metrics.jsonl`` (loss, lr, grad norm, tokens/s, mean U
-per layer, MB moved each way, routing/staging/update seconds); the progress bar shows loss,
-tokens/s, mean U and MB per step. Every ``eval_every`` steps the held-out answer loss is
-logged; every ``save_every`` steps a checkpoint is written (atomic, newest ``keep`` kept).
+per layer, MB moved each way, staged bytes, routing/staging/update seconds); the progress bar
+shows loss, tokens/s, mean U and MB per step. Every ``eval_every`` steps the held-out answer loss
+is logged; every ``save_every`` steps a checkpoint is written (atomic, newest ``keep`` kept).
+Ctrl-C finishes the step, writes a checkpoint and raises :class:`TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -26,71 +34,102 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from meft.checkpoint import (
-    load_optimizer_tensors,
-    prune_checkpoints,
-    read_checkpoint,
-    save_checkpoint,
-)
+from meft.checkpoint import prune_checkpoints as _prune
+from meft.checkpoint import read_checkpoint, save_checkpoint
+from meft.config import TrainConfig
 from meft.data import Encoded, collate, iterate_batches
+from meft.errors import DataError, TrainingDiverged
 from meft.evaluate import answer_loss, token_loss_sum
-from meft.model import MeftModel
-from meft.optim import RowSparseAdamW, clip_grad_norm_
-from meft.serialization import load_tensors
+from meft.model import MeftModel, read_adapter
+from meft.optim import OptimizerSet
+from meft.store import HostTable
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN or infinite."""
+__all__ = [
+    "StepTraffic",
+    "TrainResult",
+    "Trainable",
+    "Trainer",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "lr_multiplier",
+]
 
 
 @dataclass
-class TrainConfig:
-    """How to train (the adapter's own shape and lr live in MeftConfig)."""
+class StepTraffic:
+    """What one optimizer step moved between host and device (all layers)."""
 
-    steps: int | None = None  # total optimiser steps; None: derived from epochs
-    epochs: float = 3.0
-    batch_size: int = 8  # examples per optimiser step
-    micro_batch_size: int | None = None  # examples per forward; None: batch_size
-    lr: float | None = None  # None: the adapter config's lr
-    router_lr: float | None = None  # None: same as lr
-    warmup_ratio: float = 0.02
-    max_grad_norm: float = 1.0
-    eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    seed: int = 0
-    progress: bool = True
+    bytes_h2d: int = 0
+    bytes_d2h: int = 0
+    staged_bytes: int = 0  # peak device bytes of staged rows (and one layer's row grads)
+    union_per_layer: list[float] = field(default_factory=list)
+    touched_rows_per_layer: list[int] = field(default_factory=list)
+    route_s: float = 0.0
+    stage_s: float = 0.0
+    update_s: float = 0.0
 
-    def __post_init__(self) -> None:
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        for name in ("lr", "router_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
 
-    def total_steps(self, n_examples: int) -> int:
-        if self.steps is not None:
-            return self.steps
-        return max(1, math.ceil(self.epochs * n_examples / self.batch_size))
+def _no_traffic() -> StepTraffic:
+    return StepTraffic()
+
+
+@dataclass
+class Trainable:
+    """What a :class:`Trainer` trains.
+
+    ``model`` is called as ``model(input_ids=, attention_mask=)`` and returns ``.logits``.
+    ``params`` train with torch AdamW at ``lr``; ``routers`` with torch AdamW at ``router_lr``;
+    ``host_tables`` with the row-sparse AdamW at ``lr``; ``offload`` (dense host tensors)
+    with torch AdamW on the host at ``lr``. ``traffic`` returns the counters of the step just
+    done and resets them. ``adapter`` is the meft model checkpoints save and restore.
+    """
+
+    model: nn.Module
+    params: dict[str, Tensor] = field(default_factory=dict)
+    routers: dict[str, Tensor] = field(default_factory=dict)
+    host_tables: dict[str, HostTable] = field(default_factory=dict)
+    offload: dict[str, Tensor] = field(default_factory=dict)
+    traffic: Callable[[], StepTraffic] = _no_traffic
+    adapter: MeftModel | None = None
+
+    @classmethod
+    def of_meft(cls, model: MeftModel) -> Trainable:
+        def traffic() -> StepTraffic:
+            stats = model.transfer_stats()
+            rows = [s.row_bytes_h2d // max(1, s.forwards) for s in stats]
+            out = StepTraffic(
+                bytes_h2d=sum(s.bytes_h2d for s in stats),
+                bytes_d2h=sum(s.bytes_d2h for s in stats),
+                staged_bytes=sum(rows) + max(rows, default=0),  # all layers' rows + 1 grad
+                union_per_layer=[s.mean_union for s in stats],
+                touched_rows_per_layer=[s.touched_rows for s in stats],
+                route_s=sum(s.route_s for s in stats), stage_s=sum(s.stage_s for s in stats),
+                update_s=sum(s.update_s for s in stats))
+            for s in stats:
+                s.reset()
+            return out
+
+        return cls(model, routers=dict(model.named_routers()),
+                   host_tables=model.named_host_tables(), traffic=traffic, adapter=model)
+
+    def count(self) -> int:
+        """Trainable parameters."""
+        dense = [*self.params.values(), *self.routers.values(), *self.offload.values()]
+        return sum(t.numel() for t in dense) + sum(t.data.numel()
+                                                   for t in self.host_tables.values())
+
+    def device_tensors(self) -> list[Tensor]:
+        """The trainable tensors that live on the compute device."""
+        return [*self.params.values(), *self.routers.values()]
 
 
 def lr_multiplier(step: int, total: int, warmup: int) -> float:
@@ -110,14 +149,15 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains a :class:`MeftModel` on encoded examples; writes metrics and checkpoints."""
+    """Trains a :class:`Trainable` (or a MeftModel) on encoded examples."""
 
-    def __init__(self, model: MeftModel, train: Sequence[Encoded], config: TrainConfig,
-                 output: str | Path, *, pad_id: int,
+    def __init__(self, model: Trainable | MeftModel, train: Sequence[Encoded],
+                 config: TrainConfig, output: str | Path, *, pad_id: int,
                  eval_encoded: Sequence[Encoded] | None = None) -> None:
         if not train:
-            raise ValueError("no training examples")
-        self.model = model
+            raise DataError("no training examples")
+        self.trainable = Trainable.of_meft(model) if isinstance(model, MeftModel) else model
+        self.model = self.trainable.model
         self.train_set = list(train)
         self.config = config
         self.output = Path(output)
@@ -125,14 +165,11 @@ class Trainer:
         self.eval_encoded = list(eval_encoded or [])
         self.total = config.total_steps(len(self.train_set))
         self.warmup = max(1, round(config.warmup_ratio * self.total))
-        lr = config.lr if config.lr is not None else model.config.lr
-        self.lr = lr
-        self.router_lr = config.router_lr if config.router_lr is not None else lr
-        wd = model.config.weight_decay
-        tables = [t for s in model.stores for t in s.tables]
-        self.host_opt = RowSparseAdamW(tables, lr=lr, weight_decay=wd)
-        self.router_opt = torch.optim.AdamW(model.router_parameters(), lr=self.router_lr,
-                                            weight_decay=wd)
+        t = self.trainable
+        self.optimizers = OptimizerSet(params=t.params, routers=t.routers,
+                                       host_tables=t.host_tables, offload=t.offload,
+                                       lr=config.lr, router_lr=config.device_lr,
+                                       weight_decay=config.weight_decay)
         self.step = 0
         self.epoch = 0  # data position: batch ``position`` of epoch ``epoch`` comes next
         self.position = 0
@@ -140,6 +177,7 @@ class Trainer:
         self._stop_requested = False
         self.history: list[dict[str, Any]] = []
         self.metrics_path = self.output / "metrics.jsonl"
+        self.desc = "train"  # progress bar label
 
     # ------------------------------------------------------------------ data order
     def _batches(self) -> Iterator[list[int]]:
@@ -155,16 +193,10 @@ class Trainer:
             self.position = 0
 
     # ------------------------------------------------------------------ one step
-    def _set_lr(self) -> float:
-        mult = lr_multiplier(self.step, self.total, self.warmup)
-        self.host_opt.lr = self.lr * mult
-        for group in self.router_opt.param_groups:
-            group["lr"] = self.router_lr * mult
-        return self.lr * mult
-
     def train_step(self, idx: Sequence[int]) -> dict[str, Any]:
         start = time.perf_counter()
-        lr = self._set_lr()
+        mult = lr_multiplier(self.step, self.total, self.warmup)
+        self.optimizers.set_lr(mult)
         examples = [self.train_set[i] for i in idx]
         labelled = sum(e.target_tokens for e in examples)
         tokens = sum(len(e.input_ids) for e in examples)
@@ -176,25 +208,21 @@ class Trainer:
             loss_sum, _ = token_loss_sum(self.model, batch)
             (loss_sum / max(1, labelled)).backward()
             loss_total += float(loss_sum.detach())
-        host_grads = [g for s in self.model.stores for g in (s.key_grad, s.value_grad)]
-        norm = clip_grad_norm_(self.model.router_parameters(), host_grads,
-                               self.config.max_grad_norm)
+        norm = self.optimizers.clip_(self.config.max_grad_norm)
         loss = loss_total / max(1, labelled)
         if not (math.isfinite(loss) and torch.isfinite(norm)):
             raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {float(norm)}; "
                                    "stopping (lower --lr?)")
-        self.host_opt.step()
-        self.router_opt.step()
-        self.host_opt.zero_grad()
-        self.router_opt.zero_grad(set_to_none=True)
+        self.optimizers.step()
+        self.optimizers.zero_grad()
         self.step += 1
-        stats = self.model.transfer_stats()
+        traffic = self.trainable.traffic()
         step_time = time.perf_counter() - start
-        unions = [s.mean_union for s in stats]
-        record: dict[str, Any] = {
+        unions = traffic.union_per_layer
+        return {
             "step": self.step,
             "loss": loss,
-            "lr": lr,
+            "lr": self.config.lr * mult,
             "grad_norm": float(norm),
             "examples": len(examples),
             "tokens": tokens,
@@ -202,16 +230,14 @@ class Trainer:
             "tokens_per_s": tokens / step_time,
             "union_per_layer": unions,
             "union_mean": sum(unions) / max(1, len(unions)),
-            "touched_rows_per_layer": [s.touched_rows for s in stats],
-            "mb_h2d": sum(s.bytes_h2d for s in stats) / 1e6,
-            "mb_d2h": sum(s.bytes_d2h for s in stats) / 1e6,
-            "route_s": sum(s.route_s for s in stats),
-            "stage_s": sum(s.stage_s for s in stats),
-            "update_s": sum(s.update_s for s in stats),
+            "touched_rows_per_layer": traffic.touched_rows_per_layer,
+            "mb_h2d": traffic.bytes_h2d / 1e6,
+            "mb_d2h": traffic.bytes_d2h / 1e6,
+            "staged_mb": traffic.staged_bytes / 1e6,
+            "route_s": traffic.route_s,
+            "stage_s": traffic.stage_s,
+            "update_s": traffic.update_s,
         }
-        for s in stats:
-            s.reset()
-        return record
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
@@ -222,7 +248,7 @@ class Trainer:
         first_step = self.step
         total_tokens = 0
         batches = self._batches()
-        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step",
+        bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step",
                    disable=not self.config.progress, dynamic_ncols=True)
         with _graceful_sigint(self), open(self.metrics_path, "a") as metrics:
             while self.step < self.total:
@@ -230,9 +256,9 @@ class Trainer:
                 record = self.train_step(next(batches))
                 record["epoch"] = epoch
                 total_tokens += record["tokens"]
-                if self.config.eval_every and self.step % self.config.eval_every == 0:
-                    record["eval_loss"] = self.eval_loss()
-                if self.step == self.total and self.eval_encoded and "eval_loss" not in record:
+                if self.eval_encoded and (
+                        self.step == self.total
+                        or (self.config.eval_every and self.step % self.config.eval_every == 0)):
                     record["eval_loss"] = self.eval_loss()
                 self.history.append(record)
                 metrics.write(json.dumps(record) + "\n")
@@ -264,29 +290,29 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "total_steps": self.total, "epoch": self.epoch,
                 "position": self.position, "train_config": asdict(self.config),
-                "lr": self.lr, "router_lr": self.router_lr}
+                "lr": self.config.lr, "router_lr": self.config.device_lr}
+
+    def _adapter(self) -> MeftModel:
+        if self.trainable.adapter is None:
+            raise TypeError("checkpoints need a meft adapter (Trainable.adapter)")
+        return self.trainable.adapter
 
     def save_checkpoint(self) -> Path:
         root = self.output / "checkpoints"
         path = root / f"step-{self.step:08d}"
         if not (path / "trainer_state.json").is_file():  # already saved at this step
-            save_checkpoint(path, self.model, self.host_opt, self.router_opt, self.state(),
-                            rng=torch.get_rng_state())
-        prune_checkpoints(root, self.config.keep_checkpoints)
+            save_checkpoint(path, self._adapter(), self.optimizers.state_tensors(),
+                            self.state(), rng=torch.get_rng_state())
+        _prune(root, self.config.keep_checkpoints)
         return path
 
     def restore(self, directory: str | Path) -> None:
         """Continue exactly from a checkpoint written by :meth:`save_checkpoint`."""
         directory = Path(directory)
         tensors, state = read_checkpoint(directory)
-        adapter = load_tensors(directory / "adapter", "adapter_model")
-        with torch.no_grad():
-            for i, adapter_module in zip(self.model.layer_ids, self.model.adapter_modules,
-                                         strict=True):
-                adapter_module.store.keys.copy_(adapter[f"layers.{i}.keys"])
-                adapter_module.store.values.copy_(adapter[f"layers.{i}.values"])
-                adapter_module.router.copy_(adapter[f"layers.{i}.router"])
-        load_optimizer_tensors(self.model, self.host_opt, self.router_opt, tensors)
+        _, adapter = read_adapter(directory / "adapter")
+        self._adapter().load_adapter_state(adapter, source=str(directory / "adapter"))
+        self.optimizers.load_state_tensors(tensors)
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]

@@ -1,0 +1,122 @@
+"""The methods ``meft bench`` compares, each built as a :class:`~meft.trainer.Trainable`.
+
+    lora:qv:R / lora:all:R   peft LoRA of rank R (alpha 2R, no dropout) on the q,v projections
+                             / on all linear layers
+    dense:N                  the parallel adapter with every neuron active, on the device
+    offload:N                the same, stored on the host, moved whole each step, dense
+                             AdamW on the host (DeepSpeed-style offload)
+    meft:N                   meft with the adapter flags given (E, P, K, gate ...)
+    meft-noexperts:N         meft with a single expert: every key scored (no Key-Experts)
+
+All of them then train through the one :class:`~meft.trainer.Trainer`, so they share the loss,
+schedule, clipping, weight decay and data order; only the trainable part differs. Each method
+kind has its own default learning rate (LoRA's from :data:`meft.config.LORA_LR`, the others
+``meft train``'s), overridden for all by ``--lr``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from meft.baselines import DenseOffloadAdapter, DenseParallelAdapter, attach_dense
+from meft.config import LORA_LR, BenchJob, MeftConfig, TrainConfig
+from meft.errors import ConfigError
+from meft.model import get_meft_model
+from meft.trainer import StepTraffic, Trainable
+
+KINDS = ("lora", "dense", "offload", "meft", "meft-noexperts")
+DEFAULT_METHODS = ["lora:qv:8", "lora:qv:16", "lora:all:16", "dense:1024", "dense:16384",
+                   "offload:16384", "meft:1024", "meft:4096", "meft:16384", "meft:65536",
+                   "meft-noexperts:16384"]
+QUICK_METHODS = ["lora:qv:16", "dense:1024", "offload:1024", "meft:1024", "meft:4096"]
+
+
+@dataclass(frozen=True)
+class Method:
+    kind: str
+    neurons: int = 0
+    rank: int = 0
+    targets: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.kind == "lora":
+            return f"lora:{self.targets}:{self.rank}"
+        return f"{self.kind}:{self.neurons}"
+
+    @property
+    def default_lr(self) -> float:
+        return LORA_LR if self.kind == "lora" else TrainConfig.lr
+
+
+def parse_method(text: str) -> Method:
+    parts = text.split(":")
+    try:
+        if parts[0] == "lora" and len(parts) == 3 and parts[1] in ("qv", "all"):
+            method = Method("lora", rank=int(parts[2]), targets=parts[1])
+            if method.rank > 0:
+                return method
+        if parts[0] in KINDS[1:] and len(parts) == 2 and int(parts[1]) > 0:
+            return Method(parts[0], neurons=int(parts[1]))
+    except ValueError:
+        pass
+    raise ConfigError(f"method {text!r}: expected lora:qv:R, lora:all:R, dense:N, offload:N, "
+                      "meft:N or meft-noexperts:N (R, N positive integers)")
+
+
+def check_method(method: Method, job: BenchJob) -> None:
+    """Refuse, before any work, a meft method whose adapter flags do not fit its N."""
+    if method.kind.startswith("meft"):
+        meft_config(method, job)
+
+
+def meft_config(method: Method, job: BenchJob) -> MeftConfig:
+    if method.kind == "meft-noexperts":
+        return job.adapter_config(method.neurons, experts=1, n_probe=1, gate="none")
+    return job.adapter_config(method.neurons)
+
+
+def build(method: Method, model: nn.Module, job: BenchJob, device: torch.device
+          ) -> Trainable:
+    """Attach ``method`` to ``model`` (trained in place) and say what trains."""
+    layers = job.adapter.get("layers")
+    if method.kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(model, LoraConfig(
+            r=method.rank, lora_alpha=2 * method.rank, lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj"] if method.targets == "qv" else "all-linear",
+            layers_to_transform=layers))
+        peft_model.to(device)
+        return Trainable(peft_model, params={n: p for n, p in peft_model.named_parameters()
+                                             if p.requires_grad})
+    if method.kind in ("dense", "offload"):
+        adapters, _ = attach_dense(model, method.neurons, offload=method.kind == "offload",
+                                   seed=job.seed, layers=layers, device=device)
+        model.to(device)
+        if method.kind == "dense":
+            dense = [a for a in adapters if isinstance(a, DenseParallelAdapter)]
+            return Trainable(model, params={f"{j}.{name}": p for j, a in enumerate(dense)
+                                            for name, p in a.named_parameters()})
+        offload = [a for a in adapters if isinstance(a, DenseOffloadAdapter)]
+
+        def traffic() -> StepTraffic:
+            tables = [a.tables for a in offload]
+            per_layer = 2 * tables[0].keys.numel() * tables[0].keys.element_size()
+            out = StepTraffic(bytes_h2d=sum(t.bytes_h2d for t in tables),
+                              bytes_d2h=sum(t.bytes_d2h for t in tables),
+                              staged_bytes=per_layer * (len(tables) + 1))
+            for t in tables:
+                t.bytes_h2d = t.bytes_d2h = 0
+            return out
+
+        return Trainable(model, offload={f"{j}.{name}": p for j, a in enumerate(offload)
+                                         for name, p in (("keys", a.tables.keys),
+                                                         ("values", a.tables.values))},
+                         traffic=traffic)
+    meft = get_meft_model(model, meft_config(method, job), device=device)
+    meft.to(device)
+    return Trainable.of_meft(meft)
