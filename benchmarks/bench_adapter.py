@@ -35,12 +35,9 @@ per-N results, targets and the environment; the environment is also the last std
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +57,7 @@ from meft.offload import OffloadedSparseAdapter
 from meft.optim import RowSparseAdamW
 from meft.routing import default_experts
 from meft.store import HostStore
+from meft.sysinfo import environment
 
 torch.manual_seed(0)
 
@@ -230,37 +228,6 @@ def evaluate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _read(path: str, prefix: str) -> str | None:
-    try:
-        with open(path) as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith(prefix)), None)
-    except OSError:
-        return None
-
-
-def environment() -> dict[str, Any]:
-    try:
-        commit: str | None = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "processor": platform.processor(),
-        "machine": platform.machine(),
-        "cpu_model": _read("/proc/cpuinfo", "model name"),
-        "cpu_count": os.cpu_count(),
-        "mem_total": _read("/proc/meminfo", "MemTotal"),
-        "git_commit": commit,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--neurons", type=int, nargs="+", default=None,
@@ -271,9 +238,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--probe", type=int, default=8, help="experts probed per token P")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7)")
     ap.add_argument("--quick", action="store_true", help="small N and fewer repeats")
-    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/bench_adapter.json"),
-                    help="where to write the results")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="where to write the results (default: a new "
+                    "runs/bench_adapter-<timestamp>.json; the committed "
+                    "benchmarks/results/bench_adapter.json only when named)")
     args = ap.parse_args(argv)
+    if args.json is None:
+        args.json = Path("runs") / time.strftime("bench_adapter-%Y%m%d-%H%M%S.json")
     if args.neurons is None:
         args.neurons = [1024, 4096] if args.quick else [4096, 16384, 65536]
     if args.repeats is None:

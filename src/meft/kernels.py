@@ -36,8 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
 _SDDMM_DTYPES = (torch.float32, torch.float64)
 _GATHER_CHUNK_ELEMS = 1 << 22  # elements of the (chunk, K, d) gather in the fallback path
 
@@ -49,10 +47,12 @@ def pair_dots(x: Tensor, table: Tensor, local: Tensor) -> Tensor:
         return x.new_zeros(t, k)
     if x.device.type == "cpu" and x.dtype in _SDDMM_DTYPES:
         crow = torch.arange(0, t * k + 1, k, device=x.device)
-        pattern = torch.sparse_csr_tensor(
-            crow, local.reshape(-1), x.new_zeros(t * k), (t, table.shape[0]),
-            check_invariants=False,
-        )
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta": known
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            pattern = torch.sparse_csr_tensor(
+                crow, local.reshape(-1), x.new_zeros(t * k), (t, table.shape[0]),
+                check_invariants=False,
+            )
         dots: Tensor = torch.sparse.sampled_addmm(pattern, x, table.T, beta=0.0)
         return dots.values().view(t, k)
     return pair_dots_gather(x, table, local)

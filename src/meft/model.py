@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -304,7 +304,7 @@ class MeftModel(nn.Module):
         return cls(base_model, config, device=device, tensors=tensors)
 
 
-def check_adapter_tensors(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]],
+def check_adapter_tensors(tensors: dict[str, Tensor], shapes: Mapping[str, tuple[int, ...]],
                           source: str) -> None:
     """Every expected tensor present with its expected shape, or an AdapterMismatchError."""
     for name, shape in shapes.items():

@@ -259,10 +259,12 @@ class OptimizerSet:
     def _state_of(self, kind: str, tensor: Any) -> dict[str, Any]:
         if kind == "host":
             assert self.host is not None
-            return self.host.state[tensor.data]
+            state: dict[str, Any] = self.host.state[tensor.data]
+            return state
         opt = self.offload if kind == "offload" else self.device
         assert opt is not None
-        return opt.state[tensor]
+        found: dict[str, Any] = opt.state[tensor]
+        return found
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Every optimizer's state, named ``<kind>.<name>.<key>``."""

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meft.bench.methods import Method, build, meft_config, parse_method
+from meft.bench.methods import Method, build, parse_method
 from meft.config import BenchJob
 from meft.data import Encoded, Sample, encode_all
 from meft.evaluate import evaluate
@@ -63,8 +63,7 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     # parameters + gradients + two AdamW moments of the trainable device tensors
     trainable_device = 4 * _bytes(trainable.device_tensors())
     tokens = [r["tokens"] for r in history]
-    adapter = (meft_config(method, job).to_dict() if method.kind.startswith("meft")
-               else None)
+    adapter = trainable.adapter.config.to_dict() if trainable.adapter is not None else None
     result: dict[str, Any] = {
         "method": method.name,
         "kind": method.kind,
