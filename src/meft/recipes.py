@@ -169,8 +169,8 @@ def train(job: TrainJob) -> dict[str, Any]:
         f"({100 * counts['host'] / counts['base']:.0f}% of the base), {host_gb:.2f} GB host "
         f"memory with optimizer state; routers {counts['device'] / 1e6:.2f}M on {device}")
 
-    gen_kw: dict[str, Any] = {"max_new_tokens": run.max_new_tokens, "batch_size": run.eval_batch_size,
-              "progress": tconfig.progress}
+    gen_kw: dict[str, Any] = {"max_new_tokens": run.max_new_tokens,
+                              "batch_size": run.eval_batch_size, "progress": tconfig.progress}
     results: dict[str, Any] = {}
     before_path = output / "eval_before.json"
     if checkpoint is not None and before_path.is_file():
