@@ -44,7 +44,7 @@ from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, r
 from meft.model import MeftModel, get_meft_model, read_adapter
 from meft.synthetic import builtin_set
 from meft.sysinfo import environment, pick_device
-from meft.trainer import Trainer, TrainingInterrupted
+from meft.trainer import Trainer, TrainingInterrupted, TrainResult
 
 RUN_CONFIG = "run_config.json"
 # the flat option keys meft 0.1 recorded in run_config.json (still resumable)
@@ -128,17 +128,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     config, tconfig, run = job.adapter, job.train, job.run
     started = time.perf_counter()
     torch.manual_seed(tconfig.seed)
-    checkpoint = None
-    if run.resume is not None:
-        output = Path(run.resume)
-        found = list_checkpoints(output / "checkpoints")
-        if not found:
-            raise RunDirectoryError(f"--resume {output}: no complete checkpoint in "
-                                    f"{output / 'checkpoints'}")
-        checkpoint = found[-1]
-    else:
-        output = prepare_output(run.output, run.overwrite)
-        (output / RUN_CONFIG).write_text(json.dumps(job.to_dict(), indent=2) + "\n")
+    output, checkpoint = _open_run(job)
     device = pick_device(run.device)
 
     source = resolve_model(run.model)  # fail fast on a bad --model, before any work
@@ -190,18 +180,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     say(f"training {trainer.total} steps of {tconfig.batch_size} examples "
         f"({len(train_enc)} examples, {trainer.total * tconfig.batch_size / len(train_enc):.1f}"
         f" epochs), lr {tconfig.lr:g} -> {output}")
-    try:
-        result = trainer.train()
-    except TrainingInterrupted as stop:
-        say(f"{'interrupted' if stop.by_signal else 'stopped'} at step {stop.step}; "
-            f"checkpoint saved to {stop.checkpoint}; continue with: meft train --resume "
-            f"{output} --steps {trainer.total}")
-        raise
-    except TrainingDiverged:
-        kept = list_checkpoints(output / "checkpoints")
-        if kept:
-            say(f"the last good checkpoint is {kept[-1]}")
-        raise
+    result = _train_or_explain(trainer)
     trainer.save_checkpoint()
     meft_model.save_pretrained(output / "adapter")
 
@@ -239,6 +218,37 @@ def train(job: TrainJob) -> dict[str, Any]:
     (output / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(results, result.seconds, total_s, output)
     return summary
+
+
+def _open_run(job: TrainJob) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from): a new directory recording the resolved
+    job, or the resumed run's with its newest complete checkpoint."""
+    if job.run.resume is None:
+        output = prepare_output(job.run.output, job.run.overwrite)
+        (output / RUN_CONFIG).write_text(json.dumps(job.to_dict(), indent=2) + "\n")
+        return output, None
+    output = Path(job.run.resume)
+    found = list_checkpoints(output / "checkpoints")
+    if not found:
+        raise RunDirectoryError(f"--resume {output}: no complete checkpoint in "
+                                f"{output / 'checkpoints'}")
+    return output, found[-1]
+
+
+def _train_or_explain(trainer: Trainer) -> TrainResult:
+    """Train; on a stop, say how to resume; on divergence, name the last good checkpoint."""
+    try:
+        return trainer.train()
+    except TrainingInterrupted as stop:
+        say(f"{'interrupted' if stop.by_signal else 'stopped'} at step {stop.step}; "
+            f"checkpoint saved to {stop.checkpoint}; continue with: meft train --resume "
+            f"{trainer.output} --steps {trainer.total}")
+        raise
+    except TrainingDiverged:
+        kept = list_checkpoints(trainer.output / "checkpoints")
+        if kept:
+            say(f"the last good checkpoint is {kept[-1]}")
+        raise
 
 
 def _fmt(scores: dict[str, Any]) -> str:
