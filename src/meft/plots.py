@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +30,7 @@ def plot_run(history: Sequence[dict[str, Any]], directory: str | Path, *,
     directory.mkdir(parents=True, exist_ok=True)
     if not history:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r["step"] for r in history]
     paths = []
 
@@ -79,5 +80,5 @@ def plot_run(history: Sequence[dict[str, Any]], directory: str | Path, *,
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meft.bench.methods import DEFAULT_METHODS
+from meft.plots import pyplot
 from meft.sysinfo import environment
 
 
@@ -62,10 +63,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_results(results: Sequence[dict[str, Any]], directory: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     scored = [r for r in results if r["exact_match"] is not None]
