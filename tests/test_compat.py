@@ -1,5 +1,7 @@
-"""Files written by earlier versions keep working: tests/data/adapter-0.1.0 was saved by
-meft 0.1.0 (commit 5ef3a87) with its base model's weights and the logits it produced."""
+"""Files written by earlier versions keep working. Everything under tests/data was written by
+meft 0.1.0 (commit 5ef3a87): adapter-0.1.0 with its base model's weights and the logits it
+produced; run-0.1.0, a run stopped after 2 of 4 steps, with run-0.1.0-final, what the same run
+gave without the stop."""
 
 from __future__ import annotations
 
@@ -40,3 +42,27 @@ def test_old_config_fields_are_ignored_not_refused(capsys) -> None:  # type: ign
     assert main(["info", "--adapter", str(OLD), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["host_table_bytes"] == 2 * 64 * 32 * 4 * 3
+
+
+def test_run_stopped_by_0_1_0_resumes_to_what_0_1_0_would_have_trained(
+        model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    """tests/data/run-0.1.0: `meft train ... --steps 4 --stop-after 2` by meft 0.1.0 (flat
+    run_config.json, its checkpoint format); run-0.1.0-final: the adapter and metrics 0.1.0
+    wrote training the same 4 steps without a stop. The tiny model and data are the
+    fixtures' (the same builders made them)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(DATA / "run-0.1.0", run)
+    recorded = json.loads((run / "run_config.json").read_text())
+    assert "probe" in recorded and "adapter" not in recorded  # the 0.1.0 flat format
+    recorded.update(model=str(model_dir), data=str(data_file))  # paths of this machine
+    (run / "run_config.json").write_text(json.dumps(recorded))
+    assert main(["train", "--resume", str(run), "--steps", "4", "--no-progress"]) == 0
+    got = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(DATA / "run-0.1.0-final" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    old = [json.loads(x)["loss"] for x in
+           (DATA / "run-0.1.0-final" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == old
