@@ -132,3 +132,90 @@ def test_clipping_returns_non_finite_norm_without_touching_grads() -> None:
     norm = clip_grad_norm_([p], [acc], 1.0)
     assert not torch.isfinite(norm)
     assert acc.rows[0, 0] == 3.0
+
+
+def _optimizer_set_case(seed: int):  # type: ignore[no-untyped-def]
+    """An OptimizerSet over all four kinds of tensor, and the same tensors' copies."""
+    from meft.optim import OptimizerSet
+
+    gen = torch.Generator().manual_seed(seed)
+    params = {"a": torch.nn.Parameter(torch.randn(3, 4, generator=gen, dtype=torch.float64))}
+    routers = {"0": torch.nn.Parameter(torch.randn(2, 4, generator=gen, dtype=torch.float64))}
+    offload = {"0.keys": torch.nn.Parameter(torch.randn(5, 4, generator=gen,
+                                                        dtype=torch.float64))}
+    table = _table(seed + 1)
+    opts = OptimizerSet(params=params, routers=routers, host_tables={"0.keys": table},
+                        offload=offload, lr=1e-2, router_lr=3e-2, weight_decay=0.1)
+    return opts, params["a"], routers["0"], offload["0.keys"], table
+
+
+def _grads(opts, a, r, o, table, gen: torch.Generator) -> None:  # type: ignore[no-untyped-def]
+    for p in (a, r, o):
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 3
+    rows = torch.randperm(N, generator=gen)[:7]
+    table.grad.add(rows, _grad(gen, rows, torch.float64) * 3)
+
+
+def test_optimizer_set_is_one_torch_adamw_per_kind_with_one_clip_and_one_schedule() -> None:
+    opts, a, r, o, table = _optimizer_set_case(0)
+    ref_params = [torch.nn.Parameter(t.detach().clone()) for t in (a, r, o)]
+    ref_table = HostTable("t", table.data.clone(), RowSparseGrad(N, D, dtype=torch.float64))
+    ref = [torch.optim.AdamW([ref_params[0]], lr=1e-2, weight_decay=0.1),
+           torch.optim.AdamW([ref_params[1]], lr=3e-2, weight_decay=0.1),
+           torch.optim.AdamW([ref_params[2]], lr=1e-2, weight_decay=0.1),
+           RowSparseAdamW([ref_table], lr=1e-2, weight_decay=0.1)]
+    gen, gen_ref = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for step, mult in enumerate((0.5, 1.0, 0.25)):
+        opts.set_lr(mult)
+        _grads(opts, a, r, o, table, gen)
+        norm = opts.clip_(max_norm=1.0)
+        opts.step()
+        opts.zero_grad()
+        # the reference: the same gradients, torch's clipping over all of them, four optimizers
+        _grads(None, *ref_params, ref_table, gen_ref)
+        dense = torch.cat([p.grad.reshape(-1) for p in ref_params] + [ref_table.grad.rows
+                                                                       .reshape(-1)])
+        want = dense.norm()
+        coef = min(1.0, 1.0 / (float(want) + 1e-6))
+        for p in ref_params:
+            p.grad.mul_(coef)
+        ref_table.grad.scale_(coef)
+        for i, opt in enumerate(ref):
+            for group in opt.param_groups:
+                group["lr"] = (3e-2 if i == 1 else 1e-2) * mult
+            opt.step()
+            opt.zero_grad()
+        torch.testing.assert_close(norm, want, rtol=1e-12, atol=0)
+        for ours, theirs in zip((a, r, o, table.data), (*ref_params, ref_table.data),
+                                strict=True):
+            torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=1e-14,
+                                       msg=f"step {step}")
+        assert len(table.grad) == 0 and a.grad is None
+
+
+def test_optimizer_set_state_round_trips_by_name() -> None:
+    first, a, r, o, table = _optimizer_set_case(0)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        _grads(first, a, r, o, table, gen)
+        first.step()
+        first.zero_grad()
+    state = first.state_tensors()
+    assert {"device.a.exp_avg", "router.0.exp_avg_sq", "offload.0.keys.step",
+            "host.0.keys.exp_avg", "host.0.keys.step"} <= set(state)
+    second, a2, r2, o2, table2 = _optimizer_set_case(0)
+    for mine, theirs in zip((a2, r2, o2, table2.data), (a, r, o, table.data), strict=True):
+        with torch.no_grad():
+            mine.copy_(theirs)
+    second.load_state_tensors({k: v.clone() for k, v in state.items()})
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    _grads(first, a, r, o, table, gen_a)
+    _grads(second, a2, r2, o2, table2, gen_b)
+    first.step()
+    second.step()
+    for x, y in zip((a, r, o, table.data), (a2, r2, o2, table2.data), strict=True):
+        assert torch.equal(x, y)
+    from meft.errors import SerializationError
+
+    with pytest.raises(SerializationError, match=r"host\.0\.keys\.step missing"):
+        second.load_state_tensors({})

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from meft.errors import SerializationError
 from meft.store import HostTable, RowSparseGrad
 
 MODES = ("lazy", "dense")
@@ -286,7 +287,8 @@ class OptimizerSet:
                     state = self._state_of(kind, tensor)
                     for key in state:
                         if key not in found:
-                            raise KeyError(f"optimizer state {prefix}{key} missing")
+                            raise SerializationError(f"optimizer state {prefix}{key} missing "
+                                                 "(a checkpoint of another run?)")
                         state[key].copy_(found[key])
                 elif found:  # torch AdamW keeps its step count on the host
                     opt = self.offload if kind == "offload" else self.device
