@@ -43,8 +43,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from meft.checkpoint import prune_checkpoints as _prune
-from meft.checkpoint import read_checkpoint, save_checkpoint
+from meft.checkpoint import prune_checkpoints, read_checkpoint, save_checkpoint
 from meft.config import TrainConfig
 from meft.data import Encoded, collate, iterate_batches
 from meft.errors import DataError, TrainingDiverged
@@ -303,7 +302,7 @@ class Trainer:
         if not (path / "trainer_state.json").is_file():  # already saved at this step
             save_checkpoint(path, self._adapter(), self.optimizers.state_tensors(),
                             self.state(), rng=torch.get_rng_state())
-        _prune(root, self.config.keep_checkpoints)
+        prune_checkpoints(root, self.config.keep_checkpoints)
         return path
 
     def restore(self, directory: str | Path) -> None:

@@ -122,11 +122,12 @@ def worker(argv: Sequence[str] | None = None) -> int:
     source = ModelSource(args.model_dir, None, args.model_dir)
     tokenizer = load_tokenizer(source)
     base = load_model(source)
+    method = parse_method(args.method)
     data = builtin_set(job.seed)
-    max_length = int(job.train_config(1.0).max_length)
-    train = encode_all(data.train, tokenizer, max_length, "training")
+    train = encode_all(data.train, tokenizer, job.train_config(method.default_lr).max_length,
+                       "training")
     reset_peak_rss()
-    result = run_method(parse_method(args.method), base, tokenizer, train, data.eval, job,
+    result = run_method(method, base, tokenizer, train, data.eval, job,
                         torch.device(args.device), copy_base=False)
     args.result.write_text(json.dumps(result))
     return 0
