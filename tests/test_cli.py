@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import TINY
 from meft.cli import main
+from meft.model import MeftModel
 
 
 def test_train_eval_generate_info(model_dir: Path, data_file: Path, tmp_path: Path,
@@ -39,15 +41,33 @@ def test_train_eval_generate_info(model_dir: Path, data_file: Path, tmp_path: Pa
                  "--data", str(data_file), "--max-new-tokens", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) >= {"exact_match", "f1", "contains", "n"} and result["n"] == 12
+    assert result["exact_match"] <= result["contains"]
 
+    prompt = "Where was person 1 born?"
     assert main(["generate", "--model", str(model_dir), "--adapter", str(out / "adapter"),
-                 "--prompt", "Where was person 1 born?", "--max-new-tokens", "3"]) == 0
-    assert isinstance(capsys.readouterr().out, str)
+                 "--prompt", prompt, "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out == _greedy(model_dir, out / "adapter", prompt, 3) + "\n"
 
     assert main(["info", "--adapter", str(out / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["neurons"] == 64 and info["layers"] == 2 and info["hidden_size"] == 32
     assert info["host_table_bytes"] == 2 * 2 * 64 * 32 * 4
+
+
+def _greedy(model_dir: Path, adapter: Path, prompt: str, max_new_tokens: int) -> str:
+    """The greedy completion of ``prompt`` (chat template applied) through the Python API."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = MeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                   add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        ids = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    return str(tok.decode(ids[0, enc.input_ids.shape[1]:], skip_special_tokens=True)).strip()
 
 
 def test_output_directory_is_not_overwritten(model_dir: Path, data_file: Path, tmp_path: Path,

