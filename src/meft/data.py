@@ -57,8 +57,6 @@ ROLES = ("system", "user", "assistant")
 _PLAIN_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-
-
 @dataclass(frozen=True)
 class Sample:
     """One training or evaluation example.

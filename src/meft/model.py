@@ -46,8 +46,6 @@ HOST_MEMORY_FRACTION = 0.75
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
-
-
 def tensor_name(layer: int, part: str) -> str:
     """The name of one adapter tensor in adapter_model.safetensors (part: keys, values,
     router). The only place the file's naming is spelled out."""
