@@ -318,6 +318,9 @@ class RunConfig:
     max_eval: int | None = option(None, "evaluate on at most this many held-out questions",
                                   check="positive", default_text="all")
     eval_before: bool = option(True, "evaluate before training", flag="--no-eval-before")
+    retention: bool = option(True, "measure forgetting: general questions the base model "
+                             "answers, asked again after training, and the loss on general "
+                             "text", flag="--no-retention")
     device: str | None = option(None, "compute device, e.g. cpu or cuda",
                                 default_text="cuda if available, else cpu")
     trust_remote_code: bool = option(False, "let transformers run model code from the "

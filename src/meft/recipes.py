@@ -42,6 +42,8 @@ from meft.errors import DataError, RunDirectoryError, TrainingDiverged
 from meft.evaluate import evaluate
 from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model
 from meft.model import MeftModel, get_meft_model, read_adapter
+from meft.retention import PROBE_FILE, RetentionProbe
+from meft.retention import describe as describe_retention
 from meft.synthetic import builtin_set
 from meft.sysinfo import environment, pick_device
 from meft.trainer import Trainer, TrainingInterrupted, TrainResult
@@ -171,6 +173,9 @@ def train(job: TrainJob) -> dict[str, Any]:
         before_path.write_text(json.dumps(results["before"]) + "\n")
         say(f"before training: {_fmt(results['before'])}")
 
+    probe = _retention_probe(meft_model, tokenizer, run, output, resumed=checkpoint is not None,
+                             **gen_kw) if run.retention else None
+
     trainer = Trainer(meft_model, train_enc, tconfig, output, pad_id=tokenizer.pad_token_id,
                       eval_encoded=eval_enc)
     trainer.stop_after = run.stop_after
@@ -190,6 +195,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     if seen_samples:
         results["after_seen_phrasing"] = evaluate(meft_model, tokenizer, seen_samples,
                                                   desc="eval seen", **gen_kw)
+    if probe is not None:
+        results["retention"] = probe.measure(meft_model, tokenizer, **gen_kw)
     (output / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     plots = []
     if run.plots:
@@ -211,13 +218,29 @@ def train(job: TrainJob) -> dict[str, Any]:
         "final_loss": result.final_loss,
         "losses": [r["loss"] for r in result.history],
         "scores": {k: {m: v[m] for m in ("exact_match", "f1", "contains", "n")}
-                   for k, v in results.items()},
+                   for k, v in results.items() if k != "retention"},
+        "retention": ({k: v for k, v in results["retention"].items() if k != "forgotten"}
+                      if "retention" in results else None),
         "plots": plots,
         "environment": environment(device),
     }
     (output / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(results, result.seconds, total_s, output)
     return summary
+
+
+def _retention_probe(model: MeftModel, tokenizer: Any, run: RunConfig, output: Path, *,
+                     resumed: bool, **gen_kw: Any) -> RetentionProbe:
+    """The probe of the base model: built now (adapter off) or, on resume, the run's own."""
+    path = output / PROBE_FILE
+    if resumed and path.is_file():
+        return RetentionProbe.load(path)
+    with model.disable_adapter():
+        probe = RetentionProbe.build(model, tokenizer, **gen_kw)
+    probe.save(path)
+    say(f"retention probe: the base model answers {len(probe.kept)} of {probe.asked} general "
+        f"questions; general text loss {probe.base_general_loss:.3f}")
+    return probe
 
 
 def _open_run(job: TrainJob) -> tuple[Path, Path | None]:
@@ -263,8 +286,12 @@ def _report(results: dict[str, Any], train_s: float, total_s: float, output: Pat
     width = max(len(v) for v in names.values())
     say(f"{'':{width}}  exact match    F1  contains     n")
     for key, scores in results.items():
+        if key == "retention":
+            continue
         say(f"{names.get(key, key):{width}}  {100 * scores['exact_match']:10.1f}% "
             f"{100 * scores['f1']:5.1f}% {100 * scores['contains']:8.1f}% {scores['n']:5d}")
+    if "retention" in results:
+        say(describe_retention(results["retention"]))
     say(f"\ntrained in {train_s / 60:.1f} min (total {total_s / 60:.1f} min); adapter: "
         f"{output / 'adapter'}; metrics, plots, eval.json in {output}")
 
