@@ -25,7 +25,8 @@ def test_parse_method() -> None:
     assert parse_method("lora:qv:16") == Method("lora", rank=16, targets="qv")
     assert parse_method("meft:4096") == Method("meft", neurons=4096)
     assert parse_method("meft-noexperts:16384").name == "meft-noexperts:16384"
-    for bad in ("lora:16", "dense", "meft:big", "sparse:10", "lora:xy:4", "meft:0"):
+    assert parse_method("full") == Method("full") and Method("full").name == "full"
+    for bad in ("lora:16", "dense", "meft:big", "sparse:10", "lora:xy:4", "meft:0", "full:8"):
         with pytest.raises(ConfigError, match="expected lora:qv:R"):
             parse_method(bad)
 
@@ -60,7 +61,7 @@ def test_targets_pass_fail_and_skip() -> None:
     assert all(t["passed"] is None for t in evaluate_targets(results[:1]))
 
 
-KINDS = ["dense:32", "offload:32", "meft:64", "meft-noexperts:64"]
+KINDS = ["dense:32", "offload:32", "meft:64", "meft-noexperts:64", "full"]
 if importlib.util.find_spec("peft") is not None:
     KINDS.append("lora:qv:4")
 
@@ -77,7 +78,7 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
                         torch.device("cpu"))
     assert result["method"] == name and result["steps"] == 3
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
-    assert result["lr"] == (1e-3 if name.startswith("lora") else 3e-3)
+    assert result["lr"] == {"lora": 1e-3, "full": 1e-4}.get(name.split(":")[0], 3e-3)
     assert result["train_config"]["weight_decay"] == 0.0  # the loop's, not torch's default
     assert result["eval_n"] == 4 and 0 <= result["exact_match"] <= 1
     d, layers = 32, 2
@@ -87,6 +88,11 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     elif name.startswith("dense"):
         assert result["trainable_params"] == 2 * 32 * d * layers
         assert result["device_bytes_trainable"] == 4 * 2 * 32 * d * layers * 4
+    elif name == "full":  # every base weight trains: + gradients and two moments on device
+        n_base = sum(p.numel() for p in base.parameters())
+        assert result["trainable_params"] == n_base
+        assert result["device_bytes_trainable"] == 3 * 4 * n_base
+        assert result["device_bytes_base"] == 4 * n_base
     elif name.startswith("meft"):
         assert result["moved_bytes_per_step"] > 0 and result["union_mean"] > 0
         assert result["adapter_config"]["neurons"] == 64

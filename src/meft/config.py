@@ -61,6 +61,7 @@ LEGACY_ADAPTER_FIELDS = ("lr", "weight_decay")
 # meft bench: --quick runs fewer steps and questions; LoRA's own default learning rate
 BENCH_STEPS, QUICK_STEPS, QUICK_MAX_EVAL = 60, 20, 24
 LORA_LR = 1e-3
+FULL_LR = 1e-4  # full fine-tuning's default rate (provisional until the tuned comparison)
 
 _CHECKS = {
     "positive": (lambda v: v > 0, "positive"),
@@ -345,8 +346,8 @@ class BenchConfig:
     """``meft bench``: which methods, how long, where the results go."""
 
     methods: list[str] | None = option(None, "methods: lora:qv:R lora:all:R dense:N offload:N "
-                                       "meft:N meft-noexperts:N", default_text="the full "
-                                       "comparison; --quick: a few")
+                                       "meft:N meft-noexperts:N full", default_text="the "
+                                       "full comparison; --quick: a few")
     quick: bool = option(False, f"a few methods, {QUICK_STEPS} steps, {QUICK_MAX_EVAL} eval "
                          "questions: a few minutes")
     steps: int | None = option(None, "optimizer steps per method", check="positive",
@@ -354,8 +355,8 @@ class BenchConfig:
     batch_size: int = option(11, "examples per step (~512 tokens on the built-in data)",
                              check="positive")
     lr: float | None = option(None, "learning rate of every method", check="positive",
-                              default_text=f"each method's own: LoRA {LORA_LR:g}, the others "
-                              f"{TrainConfig.lr:g} as meft train")
+                              default_text=f"each method's own: LoRA {LORA_LR:g}, full "
+                              f"{FULL_LR:g}, the others {TrainConfig.lr:g} as meft train")
     evaluate: bool = option(True, "score held-out questions after training (off: timing "
                             "only)", flag="--no-eval")
     output: str | None = option(None, "directory for one JSON per run, table.md and plots; "

@@ -7,6 +7,8 @@
                              AdamW on the host (DeepSpeed-style offload)
     meft:N                   meft with the adapter flags given (E, P, K, gate ...)
     meft-noexperts:N         meft with a single expert: every key scored (no Key-Experts)
+    full                     full fine-tuning: every base weight trained (the upper anchor for
+                             learning and for forgetting)
 
 All of them then train through the one :class:`~meft.trainer.Trainer`, so they share the loss,
 schedule, clipping, weight decay and data order; only the trainable part differs. Each method
@@ -22,15 +24,15 @@ import torch
 from torch import nn
 
 from meft.baselines import DenseOffloadAdapter, DenseParallelAdapter, attach_dense
-from meft.config import LORA_LR, BenchJob, MeftConfig, TrainConfig
+from meft.config import FULL_LR, LORA_LR, BenchJob, MeftConfig, TrainConfig
 from meft.errors import ConfigError
 from meft.model import get_meft_model
 from meft.trainer import StepTraffic, Trainable
 
-KINDS = ("lora", "dense", "offload", "meft", "meft-noexperts")
+KINDS = ("lora", "dense", "offload", "meft", "meft-noexperts", "full")
 DEFAULT_METHODS = ["lora:qv:8", "lora:qv:16", "lora:all:16", "dense:1024", "dense:16384",
                    "offload:16384", "meft:1024", "meft:4096", "meft:16384", "meft:65536",
-                   "meft-noexperts:16384"]
+                   "meft-noexperts:16384", "full"]
 QUICK_METHODS = ["lora:qv:16", "dense:1024", "offload:1024", "meft:1024", "meft:4096"]
 
 
@@ -45,26 +47,30 @@ class Method:
     def name(self) -> str:
         if self.kind == "lora":
             return f"lora:{self.targets}:{self.rank}"
+        if self.kind == "full":
+            return "full"
         return f"{self.kind}:{self.neurons}"
 
     @property
     def default_lr(self) -> float:
-        return LORA_LR if self.kind == "lora" else TrainConfig.lr
+        return {"lora": LORA_LR, "full": FULL_LR}.get(self.kind, TrainConfig.lr)
 
 
 def parse_method(text: str) -> Method:
     parts = text.split(":")
+    if text == "full":
+        return Method("full")
     try:
         if parts[0] == "lora" and len(parts) == 3 and parts[1] in ("qv", "all"):
             method = Method("lora", rank=int(parts[2]), targets=parts[1])
             if method.rank > 0:
                 return method
-        if parts[0] in KINDS[1:] and len(parts) == 2 and int(parts[1]) > 0:
+        if parts[0] in KINDS[1:5] and len(parts) == 2 and int(parts[1]) > 0:
             return Method(parts[0], neurons=int(parts[1]))
     except ValueError:
         pass
     raise ConfigError(f"method {text!r}: expected lora:qv:R, lora:all:R, dense:N, offload:N, "
-                      "meft:N or meft-noexperts:N (R, N positive integers)")
+                      "meft:N, meft-noexperts:N (R, N positive integers) or full")
 
 
 def check_method(method: Method, job: BenchJob) -> None:
@@ -83,6 +89,11 @@ def build(method: Method, model: nn.Module, job: BenchJob, device: torch.device
           ) -> Trainable:
     """Attach ``method`` to ``model`` (trained in place) and say what trains."""
     layers = job.adapter.get("layers")
+    if method.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.to(device)
+        return Trainable(model, params=dict(model.named_parameters()))
     if method.kind == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -51,7 +51,8 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     tconfig = job.train_config(method.default_lr)
     torch.manual_seed(tconfig.seed)
     model = copy.deepcopy(base) if copy_base else base
-    base_bytes = _bytes(list(model.parameters()))
+    base_params = list(model.parameters())
+    base_bytes = _bytes(base_params)
     trainable = build(method, model, job, device)
     with tempfile.TemporaryDirectory(prefix="meft-bench-run-") as tmp:
         trainer = Trainer(trainable, train, tconfig, tmp, pad_id=tokenizer.pad_token_id)
@@ -60,8 +61,11 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     times = [r["step_time_s"] for r in history]
     step_time = statistics.median(times[2:] if len(times) > 2 else times)
     staged = max(int(r["staged_mb"] * 1e6) for r in history)
-    # parameters + gradients + two AdamW moments of the trainable device tensors
-    trainable_device = 4 * _bytes(trainable.device_tensors())
+    # gradients + two AdamW moments of the trainable device tensors, and the tensors
+    # themselves unless they are base weights (counted in base_bytes: full fine-tuning)
+    in_base = {id(p) for p in base_params}
+    trainable_device = sum((3 if id(t) in in_base else 4) * _bytes([t])
+                           for t in trainable.device_tensors())
     tokens = [r["tokens"] for r in history]
     adapter = trainable.adapter.config.to_dict() if trainable.adapter is not None else None
     result: dict[str, Any] = {
