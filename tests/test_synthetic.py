@@ -89,3 +89,15 @@ def test_write_jsonl_load_samples_round_trip(tmp_path: Path) -> None:
         assert back == part
         assert [s.answers for s in back] == [s.answers for s in part]
         assert back[0].source == f"{path}:1"
+
+
+def test_validation_phrasing_is_held_out_and_distinct_from_the_test_phrasing() -> None:
+    ks = make_knowledge_set(6, seed=3)
+    n_facts = 4 * 6
+    assert len(ks.validation) == len(ks.eval) == n_facts
+    trained = {s.messages[0]["content"] for s in ks.train}
+    for val, test in zip(ks.validation, ks.eval, strict=True):
+        assert val.answers == test.answers and val.source == test.source
+        assert val.messages[0]["content"] != test.messages[0]["content"]
+        assert val.messages[0]["content"] not in trained
+    assert make_knowledge_set(6, seed=3, train_phrasings=4).validation == []

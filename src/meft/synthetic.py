@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meft.data import Sample, write_jsonl
 
@@ -82,14 +82,17 @@ N_TEMPLATES = 5
 @dataclass(frozen=True)
 class KnowledgeSet:
     """``train``: ``train_phrasings`` questions per fact; ``eval``: one held-out phrasing per
-    fact; ``eval_seen``: the first training phrasing per fact; ``facts``: one dict per person
-    (keys ``name`` and :data:`ATTRIBUTES`). All samples are of kind "qa", ordered by person then
-    attribute."""
+    fact (the test set); ``eval_seen``: the first training phrasing per fact; ``validation``:
+    one more held-out phrasing per fact, distinct from the test one and trained on by nobody,
+    for choosing settings (empty when ``train_phrasings`` leaves no fifth template);
+    ``facts``: one dict per person (keys ``name`` and :data:`ATTRIBUTES`). All samples are of
+    kind "qa", ordered by person then attribute."""
 
     train: list[Sample]
     eval: list[Sample]
     eval_seen: list[Sample]
     facts: list[dict[str, str]]
+    validation: list[Sample] = field(default_factory=list)
 
 
 def _word(rng: random.Random, n_syllables: tuple[int, int], endings: tuple[str, ...]) -> str:
@@ -144,6 +147,7 @@ def make_knowledge_set(n_people: int = 40, *, seed: int = 0,
     train: list[Sample] = []
     held_out: list[Sample] = []
     seen: list[Sample] = []
+    validation: list[Sample] = []
     for p, fact in enumerate(facts):
         for a, attribute in enumerate(ATTRIBUTES):
             templates = TEMPLATES[attribute]
@@ -155,7 +159,11 @@ def make_knowledge_set(n_people: int = 40, *, seed: int = 0,
             train += [_qa(q, answer, source) for q in questions[:-1]]
             held_out.append(_qa(questions[-1], answer, source))
             seen.append(_qa(questions[0], answer, source))
-    return KnowledgeSet(train=train, eval=held_out, eval_seen=seen, facts=facts)
+            if train_phrasings + 2 <= N_TEMPLATES:
+                spare = templates[(start + train_phrasings + 1) % N_TEMPLATES]
+                validation.append(_qa(spare.format(name=fact["name"]), answer, source))
+    return KnowledgeSet(train=train, eval=held_out, eval_seen=seen, facts=facts,
+                        validation=validation)
 
 
 BUILTIN_PEOPLE = 30  # the built-in set of `meft train` and `meft bench`: 360 + 120 questions
