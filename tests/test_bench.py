@@ -33,7 +33,7 @@ def test_parse_method() -> None:
 
 def _result(method: str, step: float, em: float, moved: float, device: float) -> dict:
     kind = method.split(":")[0]
-    return {"method": method, "kind": kind, "step_time_s": step, "exact_match": em,
+    return {"method": method, "kind": kind, "step_time_s": step, "test_em": em,
             "moved_bytes_per_step": moved, "device_bytes": device}
 
 
@@ -53,7 +53,7 @@ def test_targets_pass_fail_and_skip() -> None:
         "meft EM >= LoRA (nearest device bytes) + 10 points": True,  # +20
     }
     results[0]["step_time_s"] = 2.5  # 1.39x LoRA, 2.8x dense
-    results[0]["exact_match"] = 0.45  # -7 vs dense, +15 vs LoRA
+    results[0]["test_em"] = 0.45  # -7 vs dense, +15 vs LoRA
     verdicts = {t["target"]: t["passed"] for t in evaluate_targets(results)}
     assert verdicts["meft step time <= 1.25x LoRA r=16"] is False
     assert verdicts["meft >= 3x faster than dense, same N"] is False
@@ -74,13 +74,19 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     before = {k: v.clone() for k, v in base.state_dict().items()}
     job = BenchJob.from_options({"steps": 3, "batch_size": 4, "top_k": 4, "n_probe": 2,
                                  "max_eval": 4, "max_new_tokens": 3, "progress": False})
-    result = run_method(parse_method(name), base, tokenizer, train, ks.eval, job,
-                        torch.device("cpu"))
+    from meft.retention import RetentionProbe, general_loss
+
+    probe = RetentionProbe([0, 1, 2], 215, general_loss(base, tokenizer))
+    result = run_method(parse_method(name), base, tokenizer, train, ks.validation, ks.eval, job,
+                        torch.device("cpu"), probe=probe)
     assert result["method"] == name and result["steps"] == 3
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
     assert result["lr"] == {"lora": 1e-3, "full": 1e-4}.get(name.split(":")[0], 3e-3)
     assert result["train_config"]["weight_decay"] == 0.0  # the loop's, not torch's default
-    assert result["eval_n"] == 4 and 0 <= result["exact_match"] <= 1
+    assert result["validation_n"] == result["test_n"] == 4
+    assert 0 <= result["validation_em"] <= 1 and 0 <= result["test_em"] <= 1
+    assert result["retention"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert result["general_loss_delta"] != 0.0  # every method changed the model somewhat
     d, layers = 32, 2
     if name.startswith("offload"):
         assert result["moved_bytes_per_step"] == 4 * 32 * d * 4 * layers
@@ -107,35 +113,112 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
 @pytest.mark.slow
 def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """Two methods, JSON per run and a table; meft:64's losses are meft train's, step by step."""
+    """Two methods, JSON per run, summary and table; meft:64's losses are meft train's."""
     common = ["--model", str(model_dir), "--steps", "3", "--batch-size", "4", "--top-k", "4",
               "--experts", "8", "--probe", "2", "--no-progress"]
     out = tmp_path / "bench"
     assert main(["bench", "--methods", "meft:64", "dense:32", "--no-eval", "--output",
                  str(out), *common]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "dense_32.json", "meft_64.json", "step_time_vs_n.png", "table.md"]
+        "dense_32@0.003.json", "meft_64@0.003.json", "step_time_vs_n.png", "summary.json",
+        "table.md"]
     table = (out / "table.md").read_text()
-    assert "| meft:64 |" in table and "| dense:32 |" in table
-    bench = json.loads((out / "meft_64.json").read_text())
+    assert "| meft:64 | 0.003 |" in table and "| dense:32 | 0.003 |" in table
+    assert "command: meft bench --methods meft:64 dense:32 --no-eval" in table
+    bench = json.loads((out / "meft_64@0.003.json").read_text())
     assert bench["config"]["bench"]["steps"] == 3 and bench["environment"]["torch"]
     assert bench["adapter_config"]["experts"] == 8 and len(bench["losses"]) == 3
+    assert bench["selected"] is True and bench["lr_at_grid_edge"] is None
 
     run = tmp_path / "train"
     assert main(["train", "--neurons", "64", "--output", str(run), "--no-eval-before",
-                 "--max-eval", "2", "--max-new-tokens", "2", "--no-plots", *common]) == 0
+                 "--max-eval", "2", "--max-new-tokens", "2", "--no-plots", "--no-retention",
+                 *common]) == 0
     trained = json.loads((run / "run.json").read_text())
     assert trained["losses"] == bench["losses"]  # the same loop, bit for bit
     assert trained["config"]["adapter"] == {**bench["adapter_config"],
                                             "base_model": trained["config"]["adapter"][
                                                 "base_model"]}
 
-    # a second invocation into the same directory adds its run and keeps the others
+    # an existing output is refused, unless --overwrite: then runs are added, others kept
     capsys.readouterr()
-    assert main(["bench", "--methods", "meft-noexperts:64", "--no-eval", "--output", str(out),
-                 *common]) == 0
+    again = ["bench", "--methods", "meft-noexperts:64", "--no-eval", "--output", str(out),
+             *common]
+    assert main(again) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert all(f"| {m} |" in printed for m in ("meft:64", "dense:32", "meft-noexperts:64"))
+
+
+@pytest.mark.slow
+def test_lr_grid_chooses_on_validation_and_never_on_test(model_dir: Path, tmp_path: Path
+                                                         ) -> None:
+    """The same comparison on the user's data twice: once with the true test answers, once
+    with every test answer replaced by a wrong one. Validation scores and the chosen rates
+    must not move; only the reported test scores may."""
+    rows = [{"question": f"Where was person {i} born?", "answer": [f"Teluvia{i % 3}"]}
+            for i in range(16)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({**r, "question": f"Person {i}'s birthplace?"}) + "\n"
+                           for i, r in enumerate(rows[:6])))
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({**r, "question": f"Birthplace of person {i}?"}) + "\n"
+                            for i, r in enumerate(rows[:6])))
+    poisoned = tmp_path / "poisoned.jsonl"
+    poisoned.write_text("".join(json.dumps({"question": f"Birthplace of person {i}?",
+                                            "answer": ["Nowhere"]}) + "\n"
+                                for i in range(6)))
+    summaries = []
+    for name, test_file in (("true", test), ("poisoned", poisoned)):
+        out = tmp_path / name
+        assert main(["bench", "--methods", "meft:64", "dense:32", "--model", str(model_dir),
+                     "--data", str(data), "--validation-data", str(val), "--eval-data",
+                     str(test_file), "--lr-grid", "1e-3,3e-2,3e-1", "--steps", "4",
+                     "--batch-size", "4", "--top-k", "4", "--experts", "8", "--probe", "2",
+                     "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
+        summaries.append(json.loads((out / "summary.json").read_text()))
+        assert len(list(out.glob("*@*.json"))) == 6
+        assert (out / "em_vs_lr.png").is_file()
+    true, poisoned_rows = summaries
+    from meft.bench.report import SUMMARY_FIELDS
+
+    assert all(tuple(row) == SUMMARY_FIELDS for row in true)
+    assert [r["method"] for r in true] == ["dense:32", "meft:64"] or \
+        [r["method"] for r in true] == ["meft:64", "dense:32"]
+    for a, b in zip(true, poisoned_rows, strict=True):
+        assert (a["method"], a["lr"], a["validation_em"]) == (b["method"], b["lr"],
+                                                              b["validation_em"])
+        assert b["test_em"] == 0.0  # nobody answers "Nowhere"
+        assert a["lr_grid"] == [1e-3, 3e-2, 3e-1] and a["selected"] is True
+        assert a["retention"] is None  # the random tiny model answers no general question
+
+
+def test_selection_looks_at_validation_only() -> None:
+    from meft.bench.report import select
+
+    def run(lr: float, val: float, test: float) -> dict:
+        return {"method": "m", "lr": lr, "validation_em": val, "validation_f1": val,
+                "test_em": test, "final_loss": 1.0}
+
+    runs = [run(1e-3, 0.2, 0.9), run(3e-3, 0.6, 0.1), run(1e-2, 0.5, 0.8)]
+    (chosen,) = select(runs)
+    assert chosen["lr"] == 3e-3 and chosen["lr_at_grid_edge"] is None
+    assert [r["selected"] for r in runs] == [False, True, False]
+    runs[0]["validation_em"] = 0.7
+    assert select(runs)[0]["lr_at_grid_edge"] == "lowest"
+
+
+def test_lr_grid_refusals(capsys: pytest.CaptureFixture[str], data_file: Path) -> None:
+    assert main(["bench", "--data", str(data_file), "--lr-grid", "1e-3,1e-2"]) == 2
+    assert "--lr-grid needs validation questions" in capsys.readouterr().err
+    assert main(["bench", "--lr", "1e-3", "--lr-grid", "1e-3,1e-2"]) == 2
+    assert "--lr and --lr-grid" in capsys.readouterr().err
+    assert main(["bench", "--lr-grid", "1e-3,-1"]) == 2
+    assert ("lr_grid must be a list of numbers, each positive, got [0.001, -1.0]"
+            in capsys.readouterr().err)
 
 
 def test_bench_refuses_bad_methods_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from meft.config import (
     TrainJob,
     flag_of,
     kind_of,
+    parse_floats,
     parse_layers,
     split_options,
 )
@@ -53,7 +55,15 @@ def _layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-_TYPES = {"int": int, "float": float, "str": str, "list[int]": _layers, "list[str]": str}
+def _floats(text: str) -> list[float]:
+    try:
+        return parse_floats(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_TYPES = {"int": int, "float": float, "str": str, "list[int]": _layers, "list[str]": str,
+          "list[float]": _floats}
 
 
 def _shown(f: Any) -> str:
@@ -171,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 recipes.train(TrainJob.from_options(options))
         elif args.command == "bench":
-            recipes.bench(BenchJob.from_options(_options(args, BenchJob.SECTIONS)))
+            typed = sys.argv[1:] if argv is None else argv
+            recipes.bench(BenchJob.from_options(_options(args, BenchJob.SECTIONS)),
+                          command=shlex.join(["meft", *typed]))
         elif args.command == "eval":
             parts = _split(args, EVAL_SECTIONS)
             result = recipes.evaluate_cli(RunConfig(**parts["run"]),

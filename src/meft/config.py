@@ -69,7 +69,8 @@ _CHECKS = {
     "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 _KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-          "list[int]": "a list of integers", "list[str]": "a list of strings"}
+          "list[int]": "a list of integers", "list[str]": "a list of strings",
+          "list[float]": "a list of numbers"}
 
 
 def option(default: Any, help: str, *, flag: str | None = None, check: str | None = None,
@@ -107,12 +108,23 @@ def parse_layers(text: str) -> list[int]:
                           f"got {text!r}") from None
 
 
+def parse_floats(text: str) -> list[float]:
+    """``1e-4,3e-4,1e-3`` -> list of numbers."""
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"expected numbers separated by commas, like 1e-4,3e-4, got "
+                          f"{text!r}") from None
+
+
 def _coerce(f: Any, value: Any) -> Any:
     """Strings from a YAML file for numeric fields, as the CLI would parse them."""
     kind, _ = kind_of(f)
     if isinstance(value, str):
         if kind == "list[int]":
             return parse_layers(value)
+        if kind == "list[float]":
+            return parse_floats(value)
         if kind in ("int", "float"):
             try:
                 return int(value) if kind == "int" else float(value)
@@ -142,13 +154,17 @@ def check_fields(obj: Any) -> None:
                 isinstance(v, int) and not isinstance(v, bool) for v in value),
             "list[str]": isinstance(value, list) and bool(value) and all(
                 isinstance(v, str) for v in value),
+            "list[float]": isinstance(value, list) and bool(value) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
         }[kind]
         check = f.metadata["check"]
         if ok and check is not None:
             test, _ = _CHECKS[check]
-            ok = test(value)
+            ok = all(test(v) for v in value) if kind == "list[float]" else test(value)
         if not ok:
-            what = _KINDS[kind] if check is None else f"{_KINDS[kind]} {_CHECKS[check][1]}"
+            what = (_KINDS[kind] if check is None
+                    else f"{_KINDS[kind]}, each {_CHECKS[check][1]}" if kind.startswith("list")
+                    else f"{_KINDS[kind]} {_CHECKS[check][1]}")
             what = what.replace("an integer positive", "a positive integer").replace(
                 "a number positive", "a positive number")
             raise ConfigError(f"{f.name} must be {what}, got {value!r}")
@@ -310,6 +326,8 @@ class RunConfig:
     data: str | None = option(None, "training JSONL ({question,answer} | {prompt,completion} | "
                               "{messages} | {text}) or a datasets save_to_disk dir",
                               default_text="the built-in synthetic knowledge set")
+    people: int = option(30, "invented people in the built-in set (4 facts each)",
+                         check="positive")
     eval_data: str | None = option(None, "held-out JSONL for evaluation",
                                    default_text="the built-in held-out phrasings, or 10% of "
                                    "--data")
@@ -354,6 +372,16 @@ class BenchConfig:
                                default_text=f"{BENCH_STEPS}; --quick {QUICK_STEPS}")
     batch_size: int = option(11, "examples per step (~512 tokens on the built-in data)",
                              check="positive")
+    lr_grid: list[float] | None = option(
+        None, "learning rates to train every method at, e.g. 3e-4,1e-3,3e-3,1e-2; each "
+        "method's rate is then chosen by exact match on the validation questions, never the "
+        "test ones", check="positive", default_text="none: each method at --lr or its own rate")
+    validation_data: str | None = option(None, "JSONL of validation questions (with --data) "
+                                         "for choosing each method's rate",
+                                         default_text="the built-in validation phrasings, or "
+                                         "none with --data")
+    overwrite: bool = option(False, "allow writing into an existing non-empty --output (runs "
+                             "already there stay in the table)")
     lr: float | None = option(None, "learning rate of every method", check="positive",
                               default_text=f"each method's own: LoRA {LORA_LR:g}, full "
                               f"{FULL_LR:g}, the others {TrainConfig.lr:g} as meft train")
@@ -532,8 +560,9 @@ class BenchJob:
         Section("train", TrainConfig, exclude=("steps", "epochs", "batch_size", "lr",
                                                "eval_every", "save_every",
                                                "keep_checkpoints")),
-        Section("run", RunConfig, only=("model", "device", "max_eval", "max_new_tokens",
-                                        "eval_batch_size", "trust_remote_code")),
+        Section("run", RunConfig, only=("model", "data", "eval_data", "people", "device",
+                                        "max_eval", "max_new_tokens", "eval_batch_size",
+                                        "trust_remote_code", "retention")),
         Section("bench", BenchConfig),
     )
 
@@ -544,6 +573,12 @@ class BenchJob:
         run = RunConfig(**parts["run"])
         if bench.quick and run.max_eval is None:
             run.max_eval = QUICK_MAX_EVAL
+        if bench.lr is not None and bench.lr_grid is not None:
+            raise ConfigError("--lr and --lr-grid: give one (a fixed rate, or rates to choose "
+                              "from)")
+        if bench.lr_grid is not None and run.data is not None and not bench.validation_data:
+            raise ConfigError("--lr-grid needs validation questions to choose by: pass "
+                              "--validation-data (test questions are never used to choose)")
         job = cls(parts["adapter"], parts["train"], run, bench)
         job.train_config(LORA_LR)  # validate now, before any work (adapters: per method)
         return job

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import sys
 import time
 from pathlib import Path
@@ -37,14 +36,14 @@ from meft.config import (
     TrainJob,
 )
 from meft.console import say
-from meft.data import Sample, encode_all, load_samples
+from meft.data import encode_all, load_samples
+from meft.datasets import load_splits
 from meft.errors import DataError, RunDirectoryError, TrainingDiverged
 from meft.evaluate import evaluate
 from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model
 from meft.model import MeftModel, get_meft_model, read_adapter
 from meft.retention import PROBE_FILE, RetentionProbe
 from meft.retention import describe as describe_retention
-from meft.synthetic import builtin_set
 from meft.sysinfo import environment, pick_device
 from meft.trainer import Trainer, TrainingInterrupted, TrainResult
 
@@ -68,29 +67,6 @@ def prepare_output(output: str | None, overwrite: bool) -> Path:
                                 "or choose another directory")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def load_data(data: str | None, eval_data: str | None, seed: int
-              ) -> tuple[list[Sample], list[Sample], list[Sample], str]:
-    """(train, held-out eval, seen-phrasing eval, description)."""
-    if data is None:
-        ks = builtin_set(seed)
-        held = load_samples(eval_data) if eval_data else ks.eval
-        return ks.train, held, ks.eval_seen, (
-            f"built-in synthetic knowledge set: {len(ks.facts)} fictional people, "
-            f"{len(ks.train)} training questions, {len(held)} held-out phrasings")
-    train = load_samples(data)
-    if eval_data:
-        return train, load_samples(eval_data), [], f"{data} ({len(train)} examples)"
-    if len(train) >= 10:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_eval = min(200, max(1, len(train) // 10))
-        held = [train[i] for i in sorted(order[:n_eval])]
-        train = [train[i] for i in sorted(order[n_eval:])]
-        return train, held, [], (f"{data}: {len(train)} training examples, {len(held)} held "
-                                 "out for evaluation (pass --eval-data to choose)")
-    return train, [], [], f"{data} ({len(train)} examples; too few to hold some out)"
 
 
 def resume_job(directory: Path, explicit: dict[str, Any]) -> TrainJob:
@@ -134,8 +110,9 @@ def train(job: TrainJob) -> dict[str, Any]:
     device = pick_device(run.device)
 
     source = resolve_model(run.model)  # fail fast on a bad --model, before any work
-    train_samples, eval_samples, seen_samples, data_desc = load_data(run.data, run.eval_data,
-                                                                     tconfig.seed)
+    splits = load_splits(run.data, run.eval_data, seed=tconfig.seed, people=run.people)
+    train_samples, eval_samples, seen_samples = splits.train, splits.test, splits.seen
+    data_desc = splits.description
     if run.max_eval:
         eval_samples = eval_samples[: run.max_eval]
         seen_samples = seen_samples[: run.max_eval]
@@ -308,7 +285,7 @@ def _load_adapted(run: RunConfig, adapter: str | None) -> tuple[Any, Any]:
 
 def evaluate_cli(run: RunConfig, ev: EvalConfig) -> dict[str, Any]:
     """``meft eval``: exact match, F1 and contains (JSON-able)."""
-    samples = load_samples(ev.data) if ev.data else builtin_set().eval
+    samples = load_samples(ev.data) if ev.data else load_splits(None, None).test
     samples = [s for s in samples if s.answers][:run.max_eval]
     if not samples:
         raise DataError(f"{ev.data}: no examples with reference answers to evaluate")
@@ -370,8 +347,8 @@ def info_cli(info: InfoConfig) -> str:
     return "\n".join(f"{key}: {value}" for key, value in out.items())
 
 
-def bench(job: BenchJob) -> dict[str, Any]:
-    """``meft bench``: see :func:`meft.bench.compare`."""
+def bench(job: BenchJob, command: str = "(called from Python)") -> dict[str, Any]:
+    """``meft bench``: see :func:`meft.bench.compare` (``command`` is recorded in table.md)."""
     from meft.bench import compare
 
-    return compare(job)
+    return compare(job, command)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from meft.data import encode_all
+from meft.data import Encoded, encode
 from meft.evaluate import answer_loss, generate_answers
 from meft.general import general_questions, general_text_samples
 from meft.metrics import contains
@@ -42,10 +42,17 @@ def _correct(model: Any, tokenizer: Any, indices: list[int], *, max_new_tokens: 
     return [contains(p, s.answers) == 1.0 for p, s in zip(preds, samples, strict=True)]
 
 
-def general_loss(model: Any, tokenizer: Any, *, max_length: int = 256) -> float:
-    """Mean next-token loss of ``model`` on the general text (every token is labelled)."""
+def general_loss(model: Any, tokenizer: Any, *, window: int = 256) -> float:
+    """Mean next-token loss of ``model`` on the general text (every token is labelled), each
+    paragraph cut into windows of at most ``window`` tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = encode_all(general_text_samples(), tokenizer, max_length, "general text")
+    encoded = []
+    for sample in general_text_samples():
+        whole = encode(sample, tokenizer, 1 << 20)
+        for lo in range(0, len(whole.input_ids), window):
+            ids = whole.input_ids[lo:lo + window]
+            if len(ids) > 1:
+                encoded.append(Encoded(ids, whole.labels[lo:lo + window], False))
     return answer_loss(model, encoded, pad)
 
 

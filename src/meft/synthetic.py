@@ -165,10 +165,3 @@ def make_knowledge_set(n_people: int = 40, *, seed: int = 0,
     return KnowledgeSet(train=train, eval=held_out, eval_seen=seen, facts=facts,
                         validation=validation)
 
-
-BUILTIN_PEOPLE = 30  # the built-in set of `meft train` and `meft bench`: 360 + 120 questions
-
-
-def builtin_set(seed: int = 0) -> KnowledgeSet:
-    """The built-in knowledge set every command trains on when given no data."""
-    return make_knowledge_set(BUILTIN_PEOPLE, seed=seed)

@@ -26,73 +26,134 @@ from typing import Any
 
 from meft.bench.methods import DEFAULT_METHODS, QUICK_METHODS, check_method, parse_method
 from meft.bench.report import (
+    edge_warnings,
     evaluate_targets,
+    grid_table,
     markdown_table,
     plot_results,
     read_results,
+    run_name,
+    select,
+    summary,
     write_result,
 )
 from meft.config import BenchJob
 from meft.console import say
+from meft.data import write_jsonl
+from meft.datasets import load_splits
+from meft.errors import RunDirectoryError
 from meft.loading import load_model, load_tokenizer, resolve_model, save_plain_copy
+from meft.retention import RetentionProbe
 from meft.sysinfo import environment, pick_device
 
 __all__ = ["compare"]
 
 
-def compare(job: BenchJob) -> dict[str, Any]:
-    """Run every method of ``job`` (each in its own process); write one JSON per run, the
-    table and the plots over every run in the output directory; return them."""
+def _output(job: BenchJob) -> Path:
+    out = Path(job.bench.output or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"--output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not job.bench.overwrite:
+        raise RunDirectoryError(f"--output {out} exists and is not empty; pass --overwrite to "
+                                "add runs to it, or choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, Any]:
+    """Run every (method, rate) of ``job``, each in its own process; choose each method's rate
+    on validation; write one JSON per run, summary.json, table.md and the plots (over every
+    run in the output directory); return them."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    bench = job.bench
+    bench, run = job.bench, job.run
     names = bench.methods or (QUICK_METHODS if bench.quick else DEFAULT_METHODS)
     methods = [parse_method(m) for m in names]
     for method in methods:
         check_method(method, job)
-    device = pick_device(job.run.device)
-    source = resolve_model(job.run.model)
-    output = Path(bench.output or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S"))
-    output.mkdir(parents=True, exist_ok=True)
+    device = pick_device(run.device)
+    source = resolve_model(run.model)
+    splits = load_splits(run.data, run.eval_data, bench.validation_data, seed=job.seed,
+                         people=run.people)
+    if bench.lr_grid is not None and not splits.validation:
+        raise RunDirectoryError("--lr-grid needs validation questions to choose by; the data "
+                                "has none (pass --validation-data)")
+    output = _output(job)
     config = job.to_dict()
     fresh = []
     with tempfile.TemporaryDirectory(prefix="meft-bench-") as tmp:
-        # every method loads this copy of the base model, saved once as safetensors (fast
-        # to load, unlike de-quantising a GGUF)
+        # every run loads this copy of the base model, saved once as safetensors (fast to
+        # load, unlike de-quantising a GGUF), and these splits
+        say(f"bench: {splits.description}")
         say(f"bench: preparing {source.name} -> {output}")
-        load_tokenizer(source, trust_remote_code=job.run.trust_remote_code).save_pretrained(tmp)
-        save_plain_copy(load_model(source, trust_remote_code=job.run.trust_remote_code), tmp)
+        tokenizer = load_tokenizer(source, trust_remote_code=run.trust_remote_code)
+        base = load_model(source, trust_remote_code=run.trust_remote_code)
+        tokenizer.save_pretrained(tmp)
+        save_plain_copy(base, tmp)
+        data = Path(tmp) / "data"
+        for name in ("train", "validation", "test"):
+            write_jsonl(getattr(splits, name), data / f"{name}.jsonl")
+        probe_args: list[str] = []
+        if run.retention and bench.evaluate:
+            probe = RetentionProbe.build(base, tokenizer, max_new_tokens=run.max_new_tokens,
+                                         batch_size=run.eval_batch_size,
+                                         progress=job.train.get("progress", True))
+            probe.save(Path(tmp) / "probe.json")
+            probe_args = ["--probe", str(Path(tmp) / "probe.json")]
+            say(f"bench: retention probe: the base model answers {len(probe.kept)} of "
+                f"{probe.asked} general questions")
+        del base
+        rates: list[float | None] = [*bench.lr_grid] if bench.lr_grid else [None]
         for method in methods:
-            say(f"bench: {method.name} ({bench.steps} steps of {bench.batch_size} examples)")
-            result_path = Path(tmp) / "result.json"
-            cmd = [sys.executable, "-m", "meft.bench.run", "--method", method.name,
-                   "--model-dir", tmp, "--job", json.dumps(config), "--result",
-                   str(result_path), "--device", str(device)]
-            proc = subprocess.run(cmd, check=False)
-            if proc.returncode != 0:
-                why = ("killed: out of memory?" if proc.returncode == -9
-                       else f"exit {proc.returncode}")
-                say(f"  {method.name} failed ({why}); skipped")
-                continue
-            result = json.loads(result_path.read_text())
-            result["model"] = source.name
-            result["data"] = "built-in synthetic facts"
-            path = write_result(result, output, config, str(device))
-            fresh.append(result["method"])
-            em = result["exact_match"]
-            say(f"  {result['step_time_s']:.2f} s/step, {result['tokens_per_s']:.0f} tok/s, "
-                f"EM {'-' if em is None else f'{100 * em:.1f}%'} -> {path}")
+            for lr in rates:
+                shown = f"lr {lr:g}" if lr is not None else f"lr {bench.lr or method.default_lr:g}"
+                say(f"bench: {method.name}, {shown} ({bench.steps} steps of "
+                    f"{bench.batch_size} examples)")
+                result_path = Path(tmp) / "result.json"
+                cmd = [sys.executable, "-m", "meft.bench.run", "--method", method.name,
+                       "--model-dir", tmp, "--job", json.dumps(config), "--data", str(data),
+                       "--result", str(result_path), "--device", str(device), *probe_args]
+                if lr is not None:
+                    cmd += ["--lr", repr(lr)]
+                proc = subprocess.run(cmd, check=False)
+                if proc.returncode != 0:
+                    why = ("killed: out of memory?" if proc.returncode == -9
+                           else f"exit {proc.returncode}")
+                    say(f"  {method.name} failed ({why}); skipped")
+                    continue
+                result = json.loads(result_path.read_text())
+                result.update(model=source.name, data=splits.description)
+                path = write_result(result, output, config, str(device))
+                fresh.append(run_name(result["method"], result["lr"]))
+                say(f"  {result['step_time_s']:.2f} s/step, {result['tokens_per_s']:.0f} "
+                    f"tok/s, validation EM {_pct(result['validation_em'])}, test EM "
+                    f"{_pct(result['test_em'])}, retention {_pct(result['retention'])} -> "
+                    f"{path}")
     results = read_results(output)
-    table = markdown_table(results)
-    targets = evaluate_targets(results)
+    chosen = select(results)
+    for r in results:  # record the selection in every run file
+        path = output / f"{run_name(r['method'], r['lr'])}.json"
+        path.write_text(json.dumps(r, indent=2) + "\n")
+    rows = summary(chosen)
+    (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    targets = evaluate_targets(chosen)
     lines = [f"{'PASS' if t['passed'] else 'SKIP' if t['passed'] is None else 'FAIL'} "
              f"{t['target']}: {t['detail']}" for t in targets]
     env = environment(device)
-    header = (f"{source.name}, built-in synthetic facts, {bench.steps} steps x "
+    header = (f"{source.name}, {splits.description}; {bench.steps} steps x "
               f"{bench.batch_size} examples, seed {job.seed}; {env['cpu']}, {env['threads']} "
-              f"threads, torch {env['torch']}, commit {str(env['git_commit'])[:10]}")
-    (output / "table.md").write_text(f"{header}\n\n{table}\n\n" + "\n".join(lines) + "\n")
+              f"threads, torch {env['torch']}, commit {str(env['git_commit'])[:10]}\n\n"
+              f"command: {command}")
+    warnings = edge_warnings(chosen)
+    text = (f"{header}\n\nEach method at its chosen rate (best validation exact match):\n\n"
+            f"{markdown_table(chosen)}\n\n" + "".join(w + "\n" for w in warnings)
+            + f"\nEvery run (validation EM / test EM, %; bold: chosen):\n\n"
+            f"{grid_table(results)}\n\n" + "\n".join(lines) + "\n")
+    (output / "table.md").write_text(text)
     plots = plot_results(results, output)
-    print(f"{header}\n\n{table}\n")
-    print("\n".join(lines))
-    return {"output": str(output), "fresh": fresh, "results": results, "targets": targets,
-            "plots": [str(p) for p in plots]}
+    print(text)
+    return {"output": str(output), "fresh": fresh, "results": results, "summary": rows,
+            "targets": targets, "plots": [str(p) for p in plots]}
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"

@@ -1,15 +1,25 @@
-"""The comparison's outputs: one JSON per run, the table over every run in a directory, the
-plots, and the issue's targets, each PASS, FAIL or SKIP with its numbers.
+"""The comparison's outputs: one JSON per (method, rate) run, the selection of each method's
+rate on validation, ``summary.json``, the tables, the plots, and the issue's targets.
 
-A run file is ``<method>.json`` (``:`` -> ``_``) holding the method's metrics at the top level
-(``losses`` per step included), the resolved configuration of the comparison under ``config``
-and the machine under ``environment`` (:func:`meft.sysinfo.environment`). The table and plots
-cover every run file in the directory, so methods can be added a few at a time.
+A run file is ``<method>@<lr>.json`` (``:`` -> ``_``) holding the run's metrics at the top level
+(``losses`` per step included), the resolved configuration under ``config`` and the machine
+under ``environment`` (:func:`meft.sysinfo.environment`). :func:`select` marks, per method, the
+run with the best validation exact match (ties: validation F1, then the lower final training
+loss) as ``selected`` and says whether its rate sits at an end of the grid; test scores take no
+part. ``summary.json`` has one row per method at its selected rate with the fields of
+:data:`SUMMARY_FIELDS`. The tables and plots cover every run file in the directory, so methods
+can be added a few at a time.
+
+``device_bytes``: on CUDA the peak ``torch.cuda.max_memory_allocated``; elsewhere the bytes a GPU
+would have to hold: frozen base weights, trainable device tensors with their gradients and two
+AdamW moments, and the peak staged rows (meft) or whole tables (offload) of a step
+(activations excluded). ``host_bytes``: the worker process's peak RSS.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,20 +28,29 @@ from meft.bench.methods import DEFAULT_METHODS
 from meft.plots import pyplot
 from meft.sysinfo import environment
 
+SUMMARY_FIELDS = ("method", "lr", "selected", "lr_at_grid_edge", "lr_grid", "validation_em",
+                  "test_em", "test_f1", "retention", "general_loss_delta", "step_time_s",
+                  "tokens_per_s", "device_bytes", "host_bytes", "moved_bytes_per_step",
+                  "trainable_params")
+
+
+def run_name(method: str, lr: float) -> str:
+    return f"{method.replace(':', '_')}@{lr:g}"
+
 
 def write_result(result: dict[str, Any], directory: Path, config: dict[str, Any],
                  device: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    path: Path = directory / (str(result["method"]).replace(":", "_") + ".json")
+    path: Path = directory / f"{run_name(result['method'], result['lr'])}.json"
     payload = {**result, "config": config, "environment": environment(device)}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 
 def read_results(directory: Path) -> list[dict[str, Any]]:
-    """Every run file in ``directory``, in the order of the default method list."""
+    """Every run file in ``directory``, in the order of the default method list, then lr."""
     results = []
-    for path in sorted(directory.glob("*.json")):
+    for path in sorted(directory.glob("*@*.json")):
         try:
             result = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -39,68 +58,150 @@ def read_results(directory: Path) -> list[dict[str, Any]]:
         if isinstance(result, dict) and result.get("method") and "step_time_s" in result:
             results.append(result)
     order = {m: i for i, m in enumerate(DEFAULT_METHODS)}
-    results.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"]))
+    results.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["lr"]))
     return results
 
 
+def _key(r: dict[str, Any]) -> tuple[float, float, float]:
+    def val(x: float | None) -> float:
+        return -math.inf if x is None else x
+
+    return (val(r.get("validation_em")), val(r.get("validation_f1")), -r["final_loss"])
+
+
+def select(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark each method's run with the best validation score ``selected`` (and where its rate
+    sits in the method's grid); return the selected runs, one per method."""
+    chosen = []
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method]
+        best = max(runs, key=_key)
+        grid = sorted({r["lr"] for r in runs})
+        for r in runs:
+            r["selected"] = r is best
+            r["lr_grid"] = grid
+            r["lr_at_grid_edge"] = (None if len(grid) < 2 or grid[0] < r["lr"] < grid[-1]
+                                    else "lowest" if r["lr"] == grid[0] else "highest")
+        chosen.append(best)
+    return chosen
+
+
+def summary(selected: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: r.get(k) for k in SUMMARY_FIELDS} for r in selected]
+
+
+def edge_warnings(selected: Sequence[dict[str, Any]]) -> list[str]:
+    return [f"WARNING: {r['method']}'s best rate {r['lr']:g} is the {r['lr_at_grid_edge']} of "
+            f"its grid {','.join(f'{x:g}' for x in r['lr_grid'])}: a better rate may lie "
+            f"beyond it" for r in selected if r.get("lr_at_grid_edge")]
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
-    head = ("| method | trainable | step s | tok/s | device MB | moved MB/step | host peak GB "
-            "| EM | F1 | contains |")
-    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def pct(v: float | None) -> str:
-        return "–" if v is None else f"{100 * v:.1f}"
-
+    """One row per run given (usually the selected ones)."""
+    head = ("| method | lr | val EM | test EM | test F1 | retention | Δ general loss | "
+            "trainable | step s | tok/s | device MB | host GB | moved MB/step |")
+    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        rss = r.get("host_peak_rss_bytes")
+        host = r.get("host_bytes")
+        delta = r.get("general_loss_delta")
+        edge = " (edge)" if r.get("lr_at_grid_edge") else ""
         rows.append(
-            f"| {r['method']} | {r['trainable_params'] / 1e6:.1f}M | {r['step_time_s']:.2f} | "
+            f"| {r['method']} | {r['lr']:g}{edge} | {_pct(r.get('validation_em'))} | "
+            f"{_pct(r.get('test_em'))} | {_pct(r.get('test_f1'))} | "
+            f"{_pct(r.get('retention'))} | {'–' if delta is None else f'{delta:+.3f}'} | "
+            f"{r['trainable_params'] / 1e6:.1f}M | {r['step_time_s']:.2f} | "
             f"{r['tokens_per_s']:.0f} | {r['device_bytes'] / 1e6:.0f} | "
-            f"{r['moved_bytes_per_step'] / 1e6:.0f} | "
-            f"{'–' if rss is None else f'{rss / 1e9:.2f}'} | {pct(r['exact_match'])} | "
-            f"{pct(r['f1'])} | {pct(r['contains'])} |")
+            f"{'–' if host is None else f'{host / 1e9:.2f}'} | "
+            f"{r['moved_bytes_per_step'] / 1e6:.0f} |")
+    return "\n".join(rows)
+
+
+def grid_table(results: Sequence[dict[str, Any]]) -> str:
+    """Validation / test exact match of every (method, rate) run."""
+    rates = sorted({r["lr"] for r in results})
+    rows = ["| method | " + " | ".join(f"lr {x:g}" for x in rates) + " |",
+            "|---|" + "---:|" * len(rates)]
+    for method in dict.fromkeys(r["method"] for r in results):
+        cells = []
+        for x in rates:
+            r = next((r for r in results if r["method"] == method and r["lr"] == x), None)
+            cell = "" if r is None else f"{_pct(r.get('validation_em'))} / {_pct(r.get('test_em'))}"
+            cells.append(f"**{cell}**" if r is not None and r.get("selected") else cell)
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def plot_results(results: Sequence[dict[str, Any]], directory: Path) -> list[Path]:
     plt = pyplot()
-
     paths = []
-    scored = [r for r in results if r["exact_match"] is not None]
+    selected = [r for r in results if r.get("selected")]
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        paths.append(directory / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    if any(r.get("validation_em") is not None for r in results):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method in dict.fromkeys(r["method"] for r in results):
+            pts = sorted((r["lr"], 100 * r["validation_em"]) for r in results
+                         if r["method"] == method and r.get("validation_em") is not None)
+            ax.plot(*zip(*pts, strict=True), "o-", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("exact match on validation questions (%)")
+        ax.set_title("exact match vs learning rate (the rate is chosen here)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "em_vs_lr.png")
+    scored = [r for r in selected if r.get("test_em") is not None]
+    if any(r.get("retention") is not None for r in scored):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in scored:
+            if r.get("retention") is not None:
+                ax.scatter(100 * r["retention"], 100 * r["test_em"], s=30)
+                ax.annotate(r["method"], (100 * r["retention"], 100 * r["test_em"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("retention: general questions still answered (%)")
+        ax.set_ylabel("exact match on test questions (%)")
+        ax.set_title("learning vs forgetting (each method at its chosen rate)")
+        ax.grid(alpha=0.3)
+        save(fig, "em_vs_retention.png")
     if scored:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in scored:
-            ax.scatter(r["device_bytes"] / 1e6, 100 * r["exact_match"], s=30)
-            ax.annotate(r["method"], (r["device_bytes"] / 1e6, 100 * r["exact_match"]),
+            ax.scatter(r["device_bytes"] / 1e6, 100 * r["test_em"], s=30)
+            ax.annotate(r["method"], (r["device_bytes"] / 1e6, 100 * r["test_em"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_xlabel("device-resident MB (base weights + trainable state + staged rows)")
-        ax.set_ylabel("exact match on held-out questions (%)")
+        ax.set_xlabel("device MB (base weights + trainable state + staged rows)")
+        ax.set_ylabel("exact match on test questions (%)")
         ax.set_title("quality vs device memory")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(directory / "em_vs_device_bytes.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind in ("meft", "meft-noexperts", "dense", "offload"):
-        pts = sorted((r["neurons"], r["step_time_s"]) for r in results if r["kind"] == kind)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", label=kind)
-    for r in results:
-        if r["kind"] == "lora":
-            ax.axhline(r["step_time_s"], ls="--", lw=0.8, color="gray")
-            ax.annotate(r["method"], (ax.get_xlim()[0], r["step_time_s"]), fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("adapter neurons per layer N")
-    ax.set_ylabel("median step time (s)")
-    ax.set_title("step time vs N (dashed: LoRA)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(directory / "step_time_vs_n.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        save(fig, "em_vs_device_bytes.png")
+    sized = [r for r in selected if r.get("neurons")]
+    if sized:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for kind in ("meft", "meft-noexperts", "dense", "offload"):
+            pts = sorted((r["neurons"], r["step_time_s"]) for r in sized if r["kind"] == kind)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", label=kind)
+        for r in selected:
+            if not r.get("neurons"):
+                ax.axhline(r["step_time_s"], ls="--", lw=0.8, color="gray")
+                ax.annotate(r["method"], (ax.get_xlim()[0], r["step_time_s"]), fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("adapter neurons per layer N")
+        ax.set_ylabel("median step time (s)")
+        ax.set_title("step time vs N (dashed: LoRA, full)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, "step_time_vs_n.png")
     return paths
 
 
@@ -138,15 +239,15 @@ def evaluate_targets(results: Sequence[dict[str, Any]], neurons: int = 16384
             f"{offload['moved_bytes_per_step'] / 1e6:.0f} MB)")
     else:
         add("meft bytes moved <= 0.3x dense offload", None, f"needs offload:{neurons}")
-    if meft and dense and meft["exact_match"] is not None and dense["exact_match"] is not None:
-        gap = 100 * (meft["exact_match"] - dense["exact_match"])
+    if meft and dense and meft["test_em"] is not None and dense["test_em"] is not None:
+        gap = 100 * (meft["test_em"] - dense["test_em"])
         add("meft EM >= dense EM - 3 points", gap >= -3, f"{gap:+.1f} points")
     else:
         add("meft EM >= dense EM - 3 points", None, "needs evaluated meft and dense runs")
-    loras = [r for r in results if r["kind"] == "lora" and r["exact_match"] is not None]
-    if meft and loras and meft["exact_match"] is not None:
+    loras = [r for r in results if r["kind"] == "lora" and r["test_em"] is not None]
+    if meft and loras and meft["test_em"] is not None:
         near = min(loras, key=lambda r: abs(r["device_bytes"] - meft["device_bytes"]))
-        gap = 100 * (meft["exact_match"] - near["exact_match"])
+        gap = 100 * (meft["test_em"] - near["test_em"])
         add("meft EM >= LoRA (nearest device bytes) + 10 points", gap >= 10,
             f"{gap:+.1f} points vs {near['method']} ({near['device_bytes'] / 1e6:.0f} MB "
             f"vs {meft['device_bytes'] / 1e6:.0f} MB)")

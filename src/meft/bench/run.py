@@ -5,7 +5,9 @@ peak host RSS (VmHWM, reset before the run); device-resident bytes = the frozen 
 trainable device tensors with their gradients and two AdamW moments + the staged rows (and
 their gradients) at the peak of a step (activations excluded; on CUDA,
 ``torch.cuda.max_memory_allocated`` is recorded too); bytes moved per step each way; trainable
-parameters; the loss of every step; exact match / F1 / contains on held-out questions.
+parameters; the loss of every step; exact match / F1 / contains on the validation questions
+(which choose the rate) and on the test questions (which are reported); retention and the
+general-text loss change (:mod:`meft.retention`) against a probe built from the base model.
 
 Each method runs in its own process (``python -m meft.bench.run``) so its peak RSS is its own;
 :func:`run_method` is the same thing in-process.
@@ -29,8 +31,9 @@ from torch import nn
 
 from meft.bench.methods import Method, build, parse_method
 from meft.config import BenchJob
-from meft.data import Encoded, Sample, encode_all
+from meft.data import Encoded, Sample, encode_all, load_samples
 from meft.evaluate import evaluate
+from meft.retention import RetentionProbe
 from meft.sysinfo import peak_rss_bytes, reset_peak_rss
 from meft.trainer import Trainer
 
@@ -40,15 +43,17 @@ def _bytes(tensors: Sequence[torch.Tensor]) -> int:
 
 
 def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[Encoded],
-               eval_samples: Sequence[Sample], job: BenchJob, device: torch.device, *,
-               copy_base: bool = True) -> dict[str, Any]:
-    """Train one method for the job's steps, evaluate it, return its metrics.
+               validation: Sequence[Sample], test: Sequence[Sample], job: BenchJob,
+               device: torch.device, *, lr: float | None = None,
+               probe: RetentionProbe | None = None, copy_base: bool = True) -> dict[str, Any]:
+    """Train one method for the job's steps at ``lr`` (None: the job's or the method's rate),
+    evaluate it, return its metrics.
 
     ``copy_base=False`` trains ``base`` itself (a worker process that owns it)."""
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tconfig = job.train_config(method.default_lr)
+    tconfig = job.train_config(lr if lr is not None else method.default_lr)
     torch.manual_seed(tconfig.seed)
     model = copy.deepcopy(base) if copy_base else base
     base_params = list(model.parameters())
@@ -94,31 +99,42 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         "union_mean": statistics.mean(r["union_mean"] for r in history),
         "trainable_params": trainable.count(),
     }
+    if device.type == "cuda":  # measured, not accounted
+        result["device_bytes"] = result["cuda_max_memory_allocated"]
     result["moved_bytes_per_step"] = (result["moved_bytes_h2d_per_step"]
                                       + result["moved_bytes_d2h_per_step"])
-    if job.bench.evaluate and eval_samples:
-        samples = list(eval_samples)[: job.run.max_eval]
-        scores = evaluate(trainable.model, tokenizer, samples,
-                          max_new_tokens=job.run.max_new_tokens,
-                          batch_size=job.run.eval_batch_size,
-                          progress=trainer.config.progress, desc=f"eval {method.name}")
-        result.update({k: scores[k] for k in ("exact_match", "f1", "contains")})
-        result["eval_n"] = scores["n"]
-    else:
-        result.update(exact_match=None, f1=None, contains=None, eval_n=0)
-    result["host_peak_rss_bytes"] = peak_rss_bytes()
+    gen: dict[str, Any] = {"max_new_tokens": job.run.max_new_tokens,
+                           "batch_size": job.run.eval_batch_size,
+                           "progress": tconfig.progress}
+    for split, samples in (("validation", validation), ("test", test)):
+        scores = (evaluate(trainable.model, tokenizer, list(samples)[: job.run.max_eval],
+                           desc=f"{split} {method.name}", **gen)
+                  if job.bench.evaluate and samples else None)
+        for key in ("exact_match", "f1", "contains"):
+            short = {"exact_match": "em"}.get(key, key)
+            result[f"{split}_{short}"] = None if scores is None else scores[key]
+        result[f"{split}_n"] = 0 if scores is None else scores["n"]
+    measured = (probe.measure(trainable.model, tokenizer, **gen)
+                if probe is not None and job.bench.evaluate else None)
+    result["retention"] = None if measured is None else measured["retention"]
+    result["general_loss_delta"] = None if measured is None else measured["general_loss_delta"]
+    result["forgotten"] = None if measured is None else measured["forgotten"]
+    result["host_bytes"] = result["host_peak_rss_bytes"] = peak_rss_bytes()
     return result
 
 
 def worker(argv: Sequence[str] | None = None) -> int:
-    """One method in a fresh process: ``python -m meft.bench.run``."""
+    """One (method, rate) run in a fresh process: ``python -m meft.bench.run``."""
     from meft.loading import ModelSource, load_model, load_tokenizer
-    from meft.synthetic import builtin_set
 
     ap = argparse.ArgumentParser(prog="python -m meft.bench.run")
     ap.add_argument("--method", required=True)
+    ap.add_argument("--lr", type=float, help="the rate (default: the job's or the method's)")
     ap.add_argument("--model-dir", required=True, help="a plain copy of the base model")
     ap.add_argument("--job", required=True, help="the BenchJob as JSON")
+    ap.add_argument("--data", required=True, type=Path,
+                    help="directory with train.jsonl, validation.jsonl, test.jsonl")
+    ap.add_argument("--probe", type=Path, help="the retention probe of the base model")
     ap.add_argument("--result", required=True, type=Path)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -127,12 +143,16 @@ def worker(argv: Sequence[str] | None = None) -> int:
     tokenizer = load_tokenizer(source)
     base = load_model(source)
     method = parse_method(args.method)
-    data = builtin_set(job.seed)
-    train = encode_all(data.train, tokenizer, job.train_config(method.default_lr).max_length,
-                       "training")
+    splits = {name: load_samples(args.data / f"{name}.jsonl") if
+              (args.data / f"{name}.jsonl").stat().st_size else []
+              for name in ("train", "validation", "test")}
+    max_length = job.train_config(method.default_lr).max_length
+    train = encode_all(splits["train"], tokenizer, max_length, "training")
+    probe = RetentionProbe.load(args.probe) if args.probe is not None else None
     reset_peak_rss()
-    result = run_method(method, base, tokenizer, train, data.eval, job,
-                        torch.device(args.device), copy_base=False)
+    result = run_method(method, base, tokenizer, train, splits["validation"], splits["test"],
+                        job, torch.device(args.device), lr=args.lr, probe=probe,
+                        copy_base=False)
     args.result.write_text(json.dumps(result))
     return 0
 
