@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import meft.retention as retention
+import meft.evaluate as evaluate
 from helpers import tiny_for
 from meft.cli import main
 from meft.general import general_questions, general_text_samples
@@ -31,7 +31,7 @@ def _answering(correct: set[int]):  # type: ignore[no-untyped-def]
     index = {q.messages[0]["content"]: i for i, q in enumerate(general_questions())}
 
     def fake(model, tokenizer, samples, **kw):  # type: ignore[no-untyped-def]
-        return [f"Surely {s.answers[-1]}." if index[s.messages[0]["content"]] in correct
+        return [f"Surely {s.answers[-1]}." if index.get(s.messages[0]["content"]) in correct
                 else "I do not know." for s in samples]
 
     return fake
@@ -41,13 +41,13 @@ def test_probe_keeps_what_the_base_answers_and_scores_what_survives(
         tokenizer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     model = tiny_for(tokenizer)
     knows = {0, 3, 41, 100, 150, 214}
-    monkeypatch.setattr(retention, "generate_answers", _answering(knows))
+    monkeypatch.setattr(evaluate, "generate_answers", _answering(knows))
     probe = RetentionProbe.build(model, tokenizer, progress=False)
     assert probe.kept == sorted(knows) and probe.asked == len(general_questions())
     probe.save(tmp_path / "probe.json")
     assert RetentionProbe.load(tmp_path / "probe.json") == probe
 
-    monkeypatch.setattr(retention, "generate_answers", _answering({0, 41, 150, 7, 8}))
+    monkeypatch.setattr(evaluate, "generate_answers", _answering({0, 41, 150, 7, 8}))
     result = probe.measure(model, tokenizer, progress=False)
     assert (result["retained"], result["kept"]) == (3, 6) and result["retention"] == 0.5
     qs = general_questions()
@@ -58,7 +58,7 @@ def test_probe_keeps_what_the_base_answers_and_scores_what_survives(
 
 
 def test_a_model_that_answered_nothing_has_no_retention(tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(retention, "generate_answers", _answering(set()))
+    monkeypatch.setattr(evaluate, "generate_answers", _answering(set()))
     probe = RetentionProbe.build(tiny_for(tokenizer), tokenizer, progress=False)
     result = probe.measure(tiny_for(tokenizer), tokenizer, progress=False)
     assert probe.kept == [] and result["retention"] is None
@@ -70,7 +70,7 @@ def test_meft_train_reports_retention_and_can_skip_it(model_dir: Path, data_file
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]
                                                       ) -> None:
-    monkeypatch.setattr(retention, "generate_answers", _answering({1, 2, 3, 4}))
+    monkeypatch.setattr(evaluate, "generate_answers", _answering({1, 2, 3, 4}))
     common = ["train", "--model", str(model_dir), "--data", str(data_file), "--steps", "1",
               "--no-progress", "--no-plots", "--no-eval-before", "--max-new-tokens", "2",
               "--neurons", "64", "--top-k", "4", "--probe", "2"]

@@ -326,7 +326,11 @@ class RunConfig:
     data: str | None = option(None, "training JSONL ({question,answer} | {prompt,completion} | "
                               "{messages} | {text}) or a datasets save_to_disk dir",
                               default_text="the built-in synthetic knowledge set")
-    people: int = option(30, "invented people in the built-in set (4 facts each)",
+    dataset: str = option("synthetic", "built-in set used without --data: invented people "
+                          "(synthetic) or real airports and their cities (airports: pip "
+                          "install 'meft[data]'; facts the base model knows are removed)",
+                          choices=("synthetic", "airports"))
+    people: int = option(30, "invented people in the synthetic set (4 facts each)",
                          check="positive")
     eval_data: str | None = option(None, "held-out JSONL for evaluation",
                                    default_text="the built-in held-out phrasings, or 10% of "
@@ -560,7 +564,8 @@ class BenchJob:
         Section("train", TrainConfig, exclude=("steps", "epochs", "batch_size", "lr",
                                                "eval_every", "save_every",
                                                "keep_checkpoints")),
-        Section("run", RunConfig, only=("model", "data", "eval_data", "people", "device",
+        Section("run", RunConfig, only=("model", "data", "eval_data", "dataset", "people",
+                                        "device",
                                         "max_eval", "max_new_tokens", "eval_batch_size",
                                         "trust_remote_code", "retention")),
         Section("bench", BenchConfig),

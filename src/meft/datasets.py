@@ -8,8 +8,10 @@
     test         held-out questions the reported scores come from
     seen         training phrasings asked back (memorisation, for comparison; built-in only)
 
-With no data file: the built-in synthetic set (:mod:`meft.synthetic`, ``people`` invented
-people x 4 facts): 3 training phrasings, 1 validation and 1 test phrasing per fact. With
+With no data file: a built-in set, 3 training phrasings, 1 validation and 1 test phrasing per
+fact: ``dataset="synthetic"`` (:mod:`meft.synthetic`, ``people`` invented people x 4 facts) or
+``dataset="airports"`` (:mod:`meft.airports`, real airports and their cities; the caller then
+removes the facts its base model already answers with :func:`drop_known`). With
 ``data``: that file; ``eval_data`` is the test set, or else 10% of ``data`` (at most 200,
 chosen by ``seed``) is held out as the test set; ``validation_data`` is the validation set, or
 else there is none.
@@ -18,8 +20,10 @@ else there is none.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from meft.airports import make_airports_set
 from meft.data import Sample, load_samples
 from meft.synthetic import make_knowledge_set
 
@@ -33,17 +37,25 @@ class Splits:
     description: str
 
 
+DATASETS = ("synthetic", "airports")
+
+
 def load_splits(data: str | None, eval_data: str | None, validation_data: str | None = None,
-                *, seed: int = 0, people: int = 30) -> Splits:
+                *, seed: int = 0, people: int = 30, dataset: str = "synthetic") -> Splits:
     validation = load_samples(validation_data) if validation_data else None
     if data is None:
-        ks = make_knowledge_set(people, seed=seed)
+        if dataset == "airports":
+            ks = make_airports_set(seed=seed)
+            what = f"built-in airports set: {len(ks.eval)} real facts (airport -> city)"
+        else:
+            ks = make_knowledge_set(people, seed=seed)
+            what = (f"built-in synthetic knowledge set: {len(ks.facts)} fictional people, "
+                    f"{len(ks.eval)} facts")
         test = load_samples(eval_data) if eval_data else ks.eval
         val = validation if validation is not None else ks.validation
         return Splits(ks.train, val, test, ks.eval_seen, (
-            f"built-in synthetic knowledge set: {len(ks.facts)} fictional people, "
-            f"{len(ks.train)} training questions, {len(val)} validation and {len(test)} "
-            "held-out test phrasings"))
+            f"{what}, {len(ks.train)} training questions, {len(val)} validation and "
+            f"{len(test)} held-out test phrasings"))
     train = load_samples(data)
     val = validation or []
     if eval_data:
@@ -60,3 +72,17 @@ def load_splits(data: str | None, eval_data: str | None, validation_data: str | 
             "(pass --eval-data to choose)"))
     return Splits(train, val, [], [], f"{data} ({len(train)} examples; too few to hold some "
                                        "out)")
+
+
+def drop_known(splits: Splits, known: Callable[[list[Sample]], list[bool]]) -> Splits:
+    """Remove every fact whose test question ``known`` says the model already answers, from
+    every split (a fact is identified by its samples' ``source``)."""
+    answered = known(splits.test)
+    gone = {s.source for s, k in zip(splits.test, answered, strict=True) if k}
+
+    def keep(samples: list[Sample]) -> list[Sample]:
+        return [s for s in samples if s.source not in gone]
+
+    return Splits(keep(splits.train), keep(splits.validation), keep(splits.test),
+                  keep(splits.seen), f"{splits.description}; {len(gone)} facts the base "
+                  f"model already answered removed, {len(splits.test) - len(gone)} left")

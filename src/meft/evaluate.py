@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from meft.data import Encoded, Sample, collate, prompt_ids
-from meft.metrics import score_predictions
+from meft.metrics import contains, score_predictions
 
 
 @torch.no_grad()
@@ -94,6 +94,18 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Sample], *,
         for s, p in zip(samples, preds, strict=True)
     ]
     return scores
+
+
+def answered(model: Any, tokenizer: Any, samples: Sequence[Sample], *,
+             max_new_tokens: int = 16, batch_size: int = 32, progress: bool = True,
+             desc: str = "generate") -> list[bool]:
+    """Whether greedy generation answers each sample: an alias appears in the output as whole
+    words (``contains``). The test for "the model knows this" (retention, known facts)."""
+    if not samples:
+        return []
+    preds = generate_answers(model, tokenizer, samples, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, progress=progress, desc=desc)
+    return [contains(p, s.answers) == 1.0 for p, s in zip(preds, samples, strict=True)]
 
 
 def _question(sample: Sample) -> str:

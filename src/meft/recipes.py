@@ -37,9 +37,9 @@ from meft.config import (
 )
 from meft.console import say
 from meft.data import encode_all, load_samples
-from meft.datasets import load_splits
+from meft.datasets import drop_known, load_splits
 from meft.errors import DataError, RunDirectoryError, TrainingDiverged
-from meft.evaluate import evaluate
+from meft.evaluate import answered, evaluate
 from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model
 from meft.model import MeftModel, get_meft_model, read_adapter
 from meft.retention import PROBE_FILE, RetentionProbe
@@ -110,19 +110,25 @@ def train(job: TrainJob) -> dict[str, Any]:
     device = pick_device(run.device)
 
     source = resolve_model(run.model)  # fail fast on a bad --model, before any work
-    splits = load_splits(run.data, run.eval_data, seed=tconfig.seed, people=run.people)
-    train_samples, eval_samples, seen_samples = splits.train, splits.test, splits.seen
-    data_desc = splits.description
-    if run.max_eval:
-        eval_samples = eval_samples[: run.max_eval]
-        seen_samples = seen_samples[: run.max_eval]
-    say(f"data: {data_desc}")
+    splits = load_splits(run.data, run.eval_data, seed=tconfig.seed, people=run.people,
+                         dataset=run.dataset)
     say("loading model ...")
     tokenizer = load_tokenizer(source, trust_remote_code=run.trust_remote_code)
     model = load_model(source, trust_remote_code=run.trust_remote_code)
     model.to(device)
     say(f"model: {source.name} ({type(model).__name__}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on {device}")
+    gen_kw: dict[str, Any] = {"max_new_tokens": run.max_new_tokens,
+                              "batch_size": run.eval_batch_size, "progress": tconfig.progress}
+    if run.data is None and run.dataset == "airports":  # keep only what the model lacks
+        splits = drop_known(splits, lambda samples: answered(
+            model, tokenizer, samples, desc="known facts", **gen_kw))
+    train_samples, eval_samples, seen_samples = splits.train, splits.test, splits.seen
+    data_desc = splits.description
+    if run.max_eval:
+        eval_samples = eval_samples[: run.max_eval]
+        seen_samples = seen_samples[: run.max_eval]
+    say(f"data: {data_desc}")
     train_enc = encode_all(train_samples, tokenizer, tconfig.max_length, "training")
     if not train_enc:
         raise DataError("no training example has an answer token left to learn")
@@ -138,8 +144,6 @@ def train(job: TrainJob) -> dict[str, Any]:
         f"({100 * counts['host'] / counts['base']:.0f}% of the base), {host_gb:.2f} GB host "
         f"memory with optimizer state; routers {counts['device'] / 1e6:.2f}M on {device}")
 
-    gen_kw: dict[str, Any] = {"max_new_tokens": run.max_new_tokens,
-                              "batch_size": run.eval_batch_size, "progress": tconfig.progress}
     results: dict[str, Any] = {}
     before_path = output / "eval_before.json"
     if checkpoint is not None and before_path.is_file():

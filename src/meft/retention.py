@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from meft import evaluate
 from meft.data import Encoded, encode
-from meft.evaluate import answer_loss, generate_answers
+from meft.evaluate import answer_loss
 from meft.general import general_questions, general_text_samples
-from meft.metrics import contains
 
 PROBE_FILE = "retention_probe.json"
 
@@ -34,12 +34,9 @@ PROBE_FILE = "retention_probe.json"
 def _correct(model: Any, tokenizer: Any, indices: list[int], *, max_new_tokens: int,
              batch_size: int, progress: bool, desc: str) -> list[bool]:
     questions = general_questions()
-    samples = [questions[i] for i in indices]
-    if not samples:
-        return []
-    preds = generate_answers(model, tokenizer, samples, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, progress=progress, desc=desc)
-    return [contains(p, s.answers) == 1.0 for p, s in zip(preds, samples, strict=True)]
+    return evaluate.answered(model, tokenizer, [questions[i] for i in indices],
+                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             progress=progress, desc=desc)
 
 
 def general_loss(model: Any, tokenizer: Any, *, window: int = 256) -> float:

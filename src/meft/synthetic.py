@@ -144,24 +144,30 @@ def make_knowledge_set(n_people: int = 40, *, seed: int = 0,
         }
         for first, last, city in zip(firsts, lasts, cities, strict=True)
     ]
+    phrased = [(TEMPLATES[attribute], {"name": fact["name"]}, fact[attribute],
+                f"synthetic:person {p} {attribute}", p + a)
+               for p, fact in enumerate(facts) for a, attribute in enumerate(ATTRIBUTES)]
+    return split_phrasings(phrased, facts, train_phrasings)
+
+
+def split_phrasings(phrased: list[tuple[tuple[str, ...], dict[str, str], str, str, int]],
+                    facts: list[dict[str, str]], train_phrasings: int) -> KnowledgeSet:
+    """Questions of each fact (templates, their fields, answer, source, rotation start) split
+    into train / test / seen / validation phrasings by the rotation of the module doc."""
     train: list[Sample] = []
     held_out: list[Sample] = []
     seen: list[Sample] = []
     validation: list[Sample] = []
-    for p, fact in enumerate(facts):
-        for a, attribute in enumerate(ATTRIBUTES):
-            templates = TEMPLATES[attribute]
-            start = p + a  # the rotation shifts with the person and the attribute
-            order = [(start + j) % N_TEMPLATES for j in range(train_phrasings + 1)]
-            answer = fact[attribute]
-            source = f"synthetic:person {p} {attribute}"
-            questions = [templates[t].format(name=fact["name"]) for t in order]
-            train += [_qa(q, answer, source) for q in questions[:-1]]
-            held_out.append(_qa(questions[-1], answer, source))
-            seen.append(_qa(questions[0], answer, source))
-            if train_phrasings + 2 <= N_TEMPLATES:
-                spare = templates[(start + train_phrasings + 1) % N_TEMPLATES]
-                validation.append(_qa(spare.format(name=fact["name"]), answer, source))
+    for templates, fields_, answer, source, start in phrased:
+        n = len(templates)
+        order = [(start + j) % n for j in range(train_phrasings + 1)]
+        questions = [templates[t].format(**fields_) for t in order]
+        train += [_qa(q, answer, source) for q in questions[:-1]]
+        held_out.append(_qa(questions[-1], answer, source))
+        seen.append(_qa(questions[0], answer, source))
+        if train_phrasings + 2 <= n:
+            spare = templates[(start + train_phrasings + 1) % n]
+            validation.append(_qa(spare.format(**fields_), answer, source))
     return KnowledgeSet(train=train, eval=held_out, eval_seen=seen, facts=facts,
                         validation=validation)
 

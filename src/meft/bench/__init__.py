@@ -40,8 +40,9 @@ from meft.bench.report import (
 from meft.config import BenchJob
 from meft.console import say
 from meft.data import write_jsonl
-from meft.datasets import load_splits
+from meft.datasets import drop_known, load_splits
 from meft.errors import RunDirectoryError
+from meft.evaluate import answered
 from meft.loading import load_model, load_tokenizer, resolve_model, save_plain_copy
 from meft.retention import RetentionProbe
 from meft.sysinfo import environment, pick_device
@@ -73,7 +74,7 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
     device = pick_device(run.device)
     source = resolve_model(run.model)
     splits = load_splits(run.data, run.eval_data, bench.validation_data, seed=job.seed,
-                         people=run.people)
+                         people=run.people, dataset=run.dataset)
     if bench.lr_grid is not None and not splits.validation:
         raise RunDirectoryError("--lr-grid needs validation questions to choose by; the data "
                                 "has none (pass --validation-data)")
@@ -87,6 +88,11 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         say(f"bench: preparing {source.name} -> {output}")
         tokenizer = load_tokenizer(source, trust_remote_code=run.trust_remote_code)
         base = load_model(source, trust_remote_code=run.trust_remote_code)
+        if run.data is None and run.dataset == "airports":  # only what the model lacks
+            known = answered(base, tokenizer, splits.test, max_new_tokens=run.max_new_tokens,
+                             batch_size=run.eval_batch_size, desc="known facts")
+            splits = drop_known(splits, lambda _: known)
+            say(f"bench: {splits.description}")
         tokenizer.save_pretrained(tmp)
         save_plain_copy(base, tmp)
         data = Path(tmp) / "data"
