@@ -28,7 +28,8 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def test_stop_and_resume_is_bitwise_identical(model_dir: Path, data_file: Path,
-                                              tmp_path: Path) -> None:
+                                              tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
     common = ["train", "--model", str(model_dir), "--data", str(data_file)]
     assert main([*common, "--output", str(whole), *RUN]) == 0
@@ -37,14 +38,17 @@ def test_stop_and_resume_is_bitwise_identical(model_dir: Path, data_file: Path,
     state = json.loads((split / "checkpoints" / "step-00000003" / "trainer_state.json")
                        .read_text())
     assert state["step"] == 3
-    assert main(["train", "--resume", str(split), "--steps", "6", "--no-progress"]) == 0
+    # the original flags may be repeated as they were (only a changed value is refused)
+    assert main(["train", "--resume", str(split), *common[1:], "--output", str(split), *RUN]) == 0
     assert _files(whole / "adapter") == _files(split / "adapter")
     a = load_tensors(whole / "checkpoints" / "step-00000006", "optimizer")
     b = load_tensors(split / "checkpoints" / "step-00000006", "optimizer")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (split / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+    capsys.readouterr()
     assert main(["train", "--resume", str(split), "--lr", "0.1"]) == 2  # settings are the run's
+    assert "--lr 0.1 (the run has 0.01)" in capsys.readouterr().err
 
 
 def test_resume_refuses_changed_settings_and_missing_checkpoints(
