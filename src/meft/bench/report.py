@@ -154,6 +154,7 @@ def plot_results(results: Sequence[dict[str, Any]], directory: Path) -> list[Pat
             ax.plot(*zip(*pts, strict=True), "o-", label=method)
         ax.set_xscale("log")
         ax.set_xlabel("peak learning rate")
+        ax.set_ylim(0, 100)
         ax.set_ylabel("exact match on validation questions (%)")
         ax.set_title("exact match vs learning rate (the rate is chosen here)")
         ax.grid(alpha=0.3)
@@ -167,6 +168,8 @@ def plot_results(results: Sequence[dict[str, Any]], directory: Path) -> list[Pat
                 ax.scatter(100 * r["retention"], 100 * r["test_em"], s=30)
                 ax.annotate(r["method"], (100 * r["retention"], 100 * r["test_em"]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlim(0, 100)  # full scales: distances read as they are
+        ax.set_ylim(0, 100)
         ax.set_xlabel("retention: general questions still answered (%)")
         ax.set_ylabel("exact match on test questions (%)")
         ax.set_title("learning vs forgetting (each method at its chosen rate)")
