@@ -26,6 +26,9 @@ def test_parse_method() -> None:
     assert parse_method("meft:4096") == Method("meft", neurons=4096)
     assert parse_method("meft-noexperts:16384").name == "meft-noexperts:16384"
     assert parse_method("full") == Method("full") and Method("full").name == "full"
+    # default rates as the tuned comparison chose them
+    assert parse_method("lora:all:16").default_lr == 3e-3
+    assert parse_method("lora:all:64").default_lr == 1e-3
     for bad in ("lora:16", "dense", "meft:big", "sparse:10", "lora:xy:4", "meft:0", "full:8"):
         with pytest.raises(ConfigError, match="expected lora:qv:R"):
             parse_method(bad)
@@ -81,7 +84,7 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
                         torch.device("cpu"), probe=probe)
     assert result["method"] == name and result["steps"] == 3
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
-    assert result["lr"] == {"lora": 1e-3, "full": 1e-4}.get(name.split(":")[0], 3e-3)
+    assert result["lr"] == {"lora": 3e-3, "full": 1e-4}.get(name.split(":")[0], 3e-3)
     assert result["train_config"]["weight_decay"] == 0.0  # the loop's, not torch's default
     assert result["validation_n"] == result["test_n"] == 4
     assert 0 <= result["validation_em"] <= 1 and 0 <= result["test_em"] <= 1

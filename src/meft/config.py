@@ -60,7 +60,9 @@ ROUTER_INITS = ("normal", "key_mean")
 LEGACY_ADAPTER_FIELDS = ("lr", "weight_decay")
 # meft bench: --quick runs fewer steps and questions; LoRA's own default learning rate
 BENCH_STEPS, QUICK_STEPS, QUICK_MAX_EVAL = 60, 20, 24
-LORA_LR = 1e-3
+# LoRA's default rates, by rank, from the tuned comparison
+# (benchmarks/results/compare-tuned-synthetic: r=16 best at 3e-3, r=64 at 1e-3)
+LORA_LR, LORA_LR_HIGH_RANK, LORA_HIGH_RANK = 3e-3, 1e-3, 32
 FULL_LR = 1e-4  # full fine-tuning's default rate (provisional until the tuned comparison)
 
 _CHECKS = {
@@ -387,7 +389,8 @@ class BenchConfig:
     overwrite: bool = option(False, "allow writing into an existing non-empty --output (runs "
                              "already there stay in the table)")
     lr: float | None = option(None, "learning rate of every method", check="positive",
-                              default_text=f"each method's own: LoRA {LORA_LR:g}, full "
+                              default_text=f"each method's own: LoRA {LORA_LR:g} (rank >= "
+                              f"{LORA_HIGH_RANK}: {LORA_LR_HIGH_RANK:g}), full "
                               f"{FULL_LR:g}, the others {TrainConfig.lr:g} as meft train")
     evaluate: bool = option(True, "score held-out questions after training (off: timing "
                             "only)", flag="--no-eval")

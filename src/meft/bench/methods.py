@@ -12,7 +12,8 @@
 
 All of them then train through the one :class:`~meft.trainer.Trainer`, so they share the loss,
 schedule, clipping, weight decay and data order; only the trainable part differs. Each method
-kind has its own default learning rate (LoRA's from :data:`meft.config.LORA_LR`, the others
+kind has its own default learning rate (LoRA's from :data:`meft.config.LORA_LR`, by rank, as
+the tuned comparison found them; full fine-tuning's :data:`meft.config.FULL_LR`; the others
 ``meft train``'s), overridden for all by ``--lr``.
 """
 
@@ -24,7 +25,15 @@ import torch
 from torch import nn
 
 from meft.baselines import DenseOffloadAdapter, DenseParallelAdapter, attach_dense
-from meft.config import FULL_LR, LORA_LR, BenchJob, MeftConfig, TrainConfig
+from meft.config import (
+    FULL_LR,
+    LORA_HIGH_RANK,
+    LORA_LR,
+    LORA_LR_HIGH_RANK,
+    BenchJob,
+    MeftConfig,
+    TrainConfig,
+)
 from meft.errors import ConfigError
 from meft.model import get_meft_model
 from meft.trainer import StepTraffic, Trainable
@@ -53,7 +62,9 @@ class Method:
 
     @property
     def default_lr(self) -> float:
-        return {"lora": LORA_LR, "full": FULL_LR}.get(self.kind, TrainConfig.lr)
+        if self.kind == "lora":
+            return LORA_LR if self.rank < LORA_HIGH_RANK else LORA_LR_HIGH_RANK
+        return FULL_LR if self.kind == "full" else TrainConfig.lr
 
 
 def parse_method(text: str) -> Method:
