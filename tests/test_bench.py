@@ -152,6 +152,9 @@ def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Pat
     assert main([*again, "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert all(f"| {m} |" in printed for m in ("meft:64", "dense:32", "meft-noexperts:64"))
+    table = (out / "table.md").read_text()  # both invocations that made its runs
+    assert "command: meft bench --methods meft:64 dense:32" in table
+    assert "command: meft bench --methods meft-noexperts:64" in table
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
                     say(f"  {method.name} failed ({why}); skipped")
                     continue
                 result = json.loads(result_path.read_text())
-                result.update(model=source.name, data=splits.description)
+                result.update(model=source.name, data=splits.description, command=command)
                 path = write_result(result, output, config, str(device))
                 fresh.append(run_name(result["method"], result["lr"]))
                 say(f"  {result['step_time_s']:.2f} s/step, {result['tokens_per_s']:.0f} "
@@ -148,7 +148,8 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
     header = (f"{source.name}, {splits.description}; {bench.steps} steps x "
               f"{bench.batch_size} examples, seed {job.seed}; {env['cpu']}, {env['threads']} "
               f"threads, torch {env['torch']}, commit {str(env['git_commit'])[:10]}\n\n"
-              f"command: {command}")
+              + "".join(f"command: {c}\n" for c in dict.fromkeys(
+                  [*(r["command"] for r in results if r.get("command")), command])).rstrip())
     warnings = edge_warnings(chosen)
     text = (f"{header}\n\nEach method at its chosen rate (best validation exact match):\n\n"
             f"{markdown_table(chosen)}\n\n" + "".join(w + "\n" for w in warnings)
