@@ -15,7 +15,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +48,19 @@ GENERATE_SECTIONS = (Section("run", RunConfig, only=("model", "device", "trust_r
 INFO_SECTIONS = (Section("info", InfoConfig),)
 
 
-def _layers(text: str) -> list[int]:
-    try:
-        return parse_layers(text)
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A config parser as an argparse type (its ConfigError becomes a usage error)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return parse_floats(text)
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-_TYPES = {"int": int, "float": float, "str": str, "list[int]": _layers, "list[str]": str,
-          "list[float]": _floats}
+_TYPES = {"int": int, "float": float, "str": str, "list[int]": _argtype(parse_layers),
+          "list[str]": str, "list[float]": _argtype(parse_floats)}
 
 
 def _shown(f: Any) -> str:

@@ -164,11 +164,15 @@ def check_fields(obj: Any) -> None:
             test, _ = _CHECKS[check]
             ok = all(test(v) for v in value) if kind == "list[float]" else test(value)
         if not ok:
-            what = (_KINDS[kind] if check is None
-                    else f"{_KINDS[kind]}, each {_CHECKS[check][1]}" if kind.startswith("list")
-                    else f"{_KINDS[kind]} {_CHECKS[check][1]}")
-            what = what.replace("an integer positive", "a positive integer").replace(
-                "a number positive", "a positive number")
+            words = None if check is None else _CHECKS[check][1]
+            if words is None:
+                what = _KINDS[kind]
+            elif kind.startswith("list"):
+                what = f"{_KINDS[kind]}, each {words}"
+            elif check == "positive":
+                what = f"a positive {'integer' if kind == 'int' else 'number'}"
+            else:
+                what = f"{_KINDS[kind]} {words}"
             raise ConfigError(f"{f.name} must be {what}, got {value!r}")
         if kind == "float" and is_int:
             object.__setattr__(obj, f.name, float(value))

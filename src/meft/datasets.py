@@ -20,7 +20,6 @@ else there is none.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from meft.airports import make_airports_set
@@ -74,11 +73,10 @@ def load_splits(data: str | None, eval_data: str | None, validation_data: str | 
                                        "out)")
 
 
-def drop_known(splits: Splits, known: Callable[[list[Sample]], list[bool]]) -> Splits:
-    """Remove every fact whose test question ``known`` says the model already answers, from
-    every split (a fact is identified by its samples' ``source``)."""
-    answered = known(splits.test)
-    gone = {s.source for s, k in zip(splits.test, answered, strict=True) if k}
+def drop_known(splits: Splits, known: list[bool]) -> Splits:
+    """Remove, from every split, each fact whose test question the model already answers
+    (``known``, aligned with ``splits.test``; a fact is identified by its samples' ``source``)."""
+    gone = {s.source for s, k in zip(splits.test, known, strict=True) if k}
 
     def keep(samples: list[Sample]) -> list[Sample]:
         return [s for s in samples if s.source not in gone]

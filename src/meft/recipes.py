@@ -44,6 +44,7 @@ from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, r
 from meft.model import MeftModel, get_meft_model, read_adapter
 from meft.retention import PROBE_FILE, RetentionProbe
 from meft.retention import describe as describe_retention
+from meft.serialization import prepare_output
 from meft.sysinfo import environment, pick_device
 from meft.trainer import Trainer, TrainingInterrupted, TrainResult
 
@@ -55,18 +56,6 @@ LEGACY_RUN_KEYS = {
     "weight_decay", "warmup_ratio", "max_grad_norm", "max_length", "seed", "eval_every",
     "save_every", "keep_checkpoints", "max_new_tokens", "eval_batch_size", "max_eval",
     "eval_before", "device", "trust_remote_code", "progress", "plots"}
-
-
-def prepare_output(output: str | None, overwrite: bool) -> Path:
-    path = Path(output) if output is not None else Path("runs") / time.strftime(
-        "%Y%m%d-%H%M%S")
-    if path.exists() and not path.is_dir():
-        raise RunDirectoryError(f"--output {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise RunDirectoryError(f"--output {path} exists and is not empty; pass --overwrite "
-                                "or choose another directory")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def resume_job(directory: Path, explicit: dict[str, Any]) -> TrainJob:
@@ -82,9 +71,7 @@ def resume_job(directory: Path, explicit: dict[str, Any]) -> TrainJob:
         raise ConfigError(f"{path}: invalid JSON ({err})") from None
     if not isinstance(recorded, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    if not list_checkpoints(directory / "checkpoints"):
-        raise RunDirectoryError(f"--resume {directory}: no complete checkpoint in "
-                                f"{directory / 'checkpoints'}")
+    _newest_checkpoint(directory)
     if set(recorded) != {"adapter", "train", "run"}:  # meft 0.1's flat options
         missing = sorted(LEGACY_RUN_KEYS - set(recorded))
         if missing:
@@ -121,8 +108,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     gen_kw: dict[str, Any] = {"max_new_tokens": run.max_new_tokens,
                               "batch_size": run.eval_batch_size, "progress": tconfig.progress}
     if run.data is None and run.dataset == "airports":  # keep only what the model lacks
-        splits = drop_known(splits, lambda samples: answered(
-            model, tokenizer, samples, desc="known facts", **gen_kw))
+        splits = drop_known(splits, answered(model, tokenizer, splits.test,
+                                             desc="known facts", **gen_kw))
     train_samples, eval_samples, seen_samples = splits.train, splits.test, splits.seen
     data_desc = splits.description
     if run.max_eval:
@@ -219,8 +206,7 @@ def _retention_probe(model: MeftModel, tokenizer: Any, run: RunConfig, output: P
     with model.disable_adapter():
         probe = RetentionProbe.build(model, tokenizer, **gen_kw)
     probe.save(path)
-    say(f"retention probe: the base model answers {len(probe.kept)} of {probe.asked} general "
-        f"questions; general text loss {probe.base_general_loss:.3f}")
+    say(f"retention probe: {probe.summary()}")
     return probe
 
 
@@ -228,15 +214,20 @@ def _open_run(job: TrainJob) -> tuple[Path, Path | None]:
     """(run directory, checkpoint to resume from): a new directory recording the resolved
     job, or the resumed run's with its newest complete checkpoint."""
     if job.run.resume is None:
-        output = prepare_output(job.run.output, job.run.overwrite)
+        output = prepare_output(job.run.output, overwrite=job.run.overwrite)
         (output / RUN_CONFIG).write_text(json.dumps(job.to_dict(), indent=2) + "\n")
         return output, None
     output = Path(job.run.resume)
-    found = list_checkpoints(output / "checkpoints")
+    return output, _newest_checkpoint(output)
+
+
+def _newest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run directory, or a RunDirectoryError."""
+    found = list_checkpoints(run_dir / "checkpoints")
     if not found:
-        raise RunDirectoryError(f"--resume {output}: no complete checkpoint in "
-                                f"{output / 'checkpoints'}")
-    return output, found[-1]
+        raise RunDirectoryError(f"--resume {run_dir}: no complete checkpoint in "
+                                f"{run_dir / 'checkpoints'}")
+    return found[-1]
 
 
 def _train_or_explain(trainer: Trainer) -> TrainResult:

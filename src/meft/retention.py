@@ -90,6 +90,10 @@ class RetentionProbe:
                           for i, good in zip(self.kept, ok, strict=True) if not good],
         }
 
+    def summary(self) -> str:
+        return (f"the base model answers {len(self.kept)} of {self.asked} general questions; "
+                f"general text loss {self.base_general_loss:.3f}")
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self)) + "\n")
 

@@ -18,13 +18,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from meft.errors import SerializationError
+from meft.errors import RunDirectoryError, SerializationError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -68,6 +69,23 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def prepare_output(output: str | Path | None, *, overwrite: bool, prefix: str = "",
+                   hint: str = "") -> Path:
+    """The output directory of a run: ``output``, or a new ``runs/<prefix><timestamp>``.
+
+    Refused when it is a file, or a non-empty directory without ``overwrite`` (``hint`` says
+    what --overwrite would do); created otherwise."""
+    path = Path(output) if output is not None else Path("runs") / time.strftime(
+        f"{prefix}%Y%m%d-%H%M%S")
+    if path.exists() and not path.is_dir():
+        raise RunDirectoryError(f"--output {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise RunDirectoryError(f"--output {path} exists and is not empty; pass --overwrite"
+                                f"{hint} or choose another directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def recover_directory(target: Path) -> None:

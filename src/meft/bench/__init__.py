@@ -20,7 +20,6 @@ import logging
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,24 +40,14 @@ from meft.config import BenchJob
 from meft.console import say
 from meft.data import write_jsonl
 from meft.datasets import drop_known, load_splits
-from meft.errors import RunDirectoryError
+from meft.errors import DataError
 from meft.evaluate import answered
 from meft.loading import load_model, load_tokenizer, resolve_model, save_plain_copy
 from meft.retention import RetentionProbe
+from meft.serialization import prepare_output
 from meft.sysinfo import environment, pick_device
 
 __all__ = ["compare"]
-
-
-def _output(job: BenchJob) -> Path:
-    out = Path(job.bench.output or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S"))
-    if out.exists() and not out.is_dir():
-        raise RunDirectoryError(f"--output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not job.bench.overwrite:
-        raise RunDirectoryError(f"--output {out} exists and is not empty; pass --overwrite to "
-                                "add runs to it, or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, Any]:
@@ -76,9 +65,10 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
     splits = load_splits(run.data, run.eval_data, bench.validation_data, seed=job.seed,
                          people=run.people, dataset=run.dataset)
     if bench.lr_grid is not None and not splits.validation:
-        raise RunDirectoryError("--lr-grid needs validation questions to choose by; the data "
-                                "has none (pass --validation-data)")
-    output = _output(job)
+        raise DataError("--lr-grid needs validation questions to choose by; the data has none "
+                        "(pass --validation-data)")
+    output = prepare_output(bench.output, overwrite=bench.overwrite, prefix="bench-",
+                            hint=" to add runs to it,")
     config = job.to_dict()
     fresh = []
     with tempfile.TemporaryDirectory(prefix="meft-bench-") as tmp:
@@ -89,9 +79,9 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         tokenizer = load_tokenizer(source, trust_remote_code=run.trust_remote_code)
         base = load_model(source, trust_remote_code=run.trust_remote_code)
         if run.data is None and run.dataset == "airports":  # only what the model lacks
-            known = answered(base, tokenizer, splits.test, max_new_tokens=run.max_new_tokens,
-                             batch_size=run.eval_batch_size, desc="known facts")
-            splits = drop_known(splits, lambda _: known)
+            splits = drop_known(splits, answered(
+                base, tokenizer, splits.test, max_new_tokens=run.max_new_tokens,
+                batch_size=run.eval_batch_size, desc="known facts"))
             say(f"bench: {splits.description}")
         tokenizer.save_pretrained(tmp)
         save_plain_copy(base, tmp)
@@ -105,8 +95,7 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
                                          progress=job.train.get("progress", True))
             probe.save(Path(tmp) / "probe.json")
             probe_args = ["--probe", str(Path(tmp) / "probe.json")]
-            say(f"bench: retention probe: the base model answers {len(probe.kept)} of "
-                f"{probe.asked} general questions")
+            say(f"bench: retention probe: {probe.summary()}")
         del base
         rates: list[float | None] = [*bench.lr_grid] if bench.lr_grid else [None]
         for method in methods:
