@@ -29,6 +29,7 @@ from meft.bench.report import (
     evaluate_targets,
     grid_table,
     markdown_table,
+    pct,
     plot_results,
     read_results,
     run_name,
@@ -120,8 +121,8 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
                 path = write_result(result, output, config, str(device))
                 fresh.append(run_name(result["method"], result["lr"]))
                 say(f"  {result['step_time_s']:.2f} s/step, {result['tokens_per_s']:.0f} "
-                    f"tok/s, validation EM {_pct(result['validation_em'])}, test EM "
-                    f"{_pct(result['test_em'])}, retention {_pct(result['retention'])} -> "
+                    f"tok/s, validation EM {pct(result['validation_em'], '%')}, test EM "
+                    f"{pct(result['test_em'], '%')}, retention {pct(result['retention'], '%')} -> "
                     f"{path}")
     results = read_results(output)
     chosen = select(results)
@@ -150,6 +151,3 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
     return {"output": str(output), "fresh": fresh, "results": results, "summary": rows,
             "targets": targets, "plots": [str(p) for p in plots]}
 
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"

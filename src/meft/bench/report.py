@@ -96,8 +96,9 @@ def edge_warnings(selected: Sequence[dict[str, Any]]) -> list[str]:
             f"beyond it" for r in selected if r.get("lr_at_grid_edge")]
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+def pct(v: float | None, unit: str = "") -> str:
+    """A fraction as a percentage with one decimal (``–`` when missing)."""
+    return "–" if v is None else f"{100 * v:.1f}{unit}"
 
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
@@ -110,9 +111,9 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
         delta = r.get("general_loss_delta")
         edge = " (edge)" if r.get("lr_at_grid_edge") else ""
         rows.append(
-            f"| {r['method']} | {r['lr']:g}{edge} | {_pct(r.get('validation_em'))} | "
-            f"{_pct(r.get('test_em'))} | {_pct(r.get('test_f1'))} | "
-            f"{_pct(r.get('retention'))} | {'–' if delta is None else f'{delta:+.3f}'} | "
+            f"| {r['method']} | {r['lr']:g}{edge} | {pct(r.get('validation_em'))} | "
+            f"{pct(r.get('test_em'))} | {pct(r.get('test_f1'))} | "
+            f"{pct(r.get('retention'))} | {'–' if delta is None else f'{delta:+.3f}'} | "
             f"{r['trainable_params'] / 1e6:.1f}M | {r['step_time_s']:.2f} | "
             f"{r['tokens_per_s']:.0f} | {r['device_bytes'] / 1e6:.0f} | "
             f"{'–' if host is None else f'{host / 1e9:.2f}'} | "
@@ -129,7 +130,7 @@ def grid_table(results: Sequence[dict[str, Any]]) -> str:
         cells = []
         for x in rates:
             r = next((r for r in results if r["method"] == method and r["lr"] == x), None)
-            cell = "" if r is None else f"{_pct(r.get('validation_em'))} / {_pct(r.get('test_em'))}"
+            cell = "" if r is None else f"{pct(r.get('validation_em'))} / {pct(r.get('test_em'))}"
             cells.append(f"**{cell}**" if r is not None and r.get("selected") else cell)
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
