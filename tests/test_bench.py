@@ -113,6 +113,24 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
 
 
+def test_eval_every_records_the_validation_curve_without_changing_training(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    ks = make_knowledge_set(3, seed=0)
+    train = [encode(s, tokenizer, 64) for s in ks.train]
+    base = tiny_for(tokenizer)
+    runs = {}
+    for every in (0, 2):
+        job = BenchJob.from_options({"steps": 5, "batch_size": 4, "top_k": 4, "n_probe": 2,
+                                     "eval_every": every, "progress": False,
+                                     "evaluate": False})
+        runs[every] = run_method(parse_method("meft:64"), base, tokenizer, train,
+                                 ks.validation, ks.eval, job, torch.device("cpu"))
+    assert runs[0]["validation_losses"] == []
+    curve = runs[2]["validation_losses"]
+    assert [step for step, _ in curve] == [2, 4, 5]  # every 2 steps and at the end
+    assert all(math.isfinite(loss) and loss > 0 for _, loss in curve)
+    assert runs[2]["losses"] == runs[0]["losses"]  # evaluating does not perturb training
+
+
 @pytest.mark.slow
 def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:

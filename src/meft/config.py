@@ -303,7 +303,8 @@ class TrainConfig:
     max_length: int = option(256, "tokens per example; longer ones are truncated with a "
                              "warning", check="positive")
     seed: int = option(0, "seed of the adapter's initialisation and the data order")
-    eval_every: int = option(0, "held-out answer loss every N steps (0: at the end only)",
+    eval_every: int = option(0, "held-out answer loss every N steps (0: at the end only; "
+                             "meft bench: the validation loss curve, 0: none)",
                              check="nonneg")
     save_every: int = option(0, "checkpoint every N steps (0: at the end only)",
                              check="nonneg")
@@ -569,8 +570,7 @@ class BenchJob:
     SECTIONS: ClassVar[tuple[Section, ...]] = (
         Section("adapter", MeftConfig, exclude=("neurons",)),
         Section("train", TrainConfig, exclude=("steps", "epochs", "batch_size", "lr",
-                                               "eval_every", "save_every",
-                                               "keep_checkpoints")),
+                                               "save_every", "keep_checkpoints")),
         Section("run", RunConfig, only=("model", "data", "eval_data", "dataset", "people",
                                         "device",
                                         "max_eval", "max_new_tokens", "eval_batch_size",
@@ -601,7 +601,7 @@ class BenchJob:
         return TrainConfig(**self.train, steps=self.bench.steps,
                            batch_size=self.bench.batch_size,
                            lr=self.bench.lr if self.bench.lr is not None else default_lr,
-                           eval_every=0, save_every=0)
+                           save_every=0)
 
     @property
     def seed(self) -> int:

@@ -188,6 +188,19 @@ def plot_results(results: Sequence[dict[str, Any]], directory: Path) -> list[Pat
         ax.set_title("quality vs device memory")
         ax.grid(alpha=0.3)
         save(fig, "em_vs_device_bytes.png")
+    curves = [r for r in selected if r.get("validation_losses")]
+    if curves:  # did the budget of steps plateau? (meft bench --eval-every S)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in curves:
+            ax.plot(*zip(*r["validation_losses"], strict=True), "o-",
+                    label=f"{r['method']} @ {r['lr']:g}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("answer loss on validation questions")
+        ax.set_title("held-out loss during training (each method at its chosen rate)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "validation_loss.png")
     sized = [r for r in selected if r.get("neurons")]
     if sized:
         fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -5,7 +5,8 @@ peak host RSS (VmHWM, reset before the run); device-resident bytes = the frozen 
 trainable device tensors with their gradients and two AdamW moments + the staged rows (and
 their gradients) at the peak of a step (activations excluded; on CUDA,
 ``torch.cuda.max_memory_allocated`` is recorded too); bytes moved per step each way; trainable
-parameters; the loss of every step; exact match / F1 / contains on the validation questions
+parameters; the loss of every step (and, with ``--eval-every S``, the validation answer loss
+every S steps: the curve that shows whether a budget of steps has plateaued); exact match / F1 / contains on the validation questions
 (which choose the rate) and on the test questions (which are reported); retention and the
 general-text loss change (:mod:`meft.retention`) against a probe built from the base model.
 
@@ -59,8 +60,11 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     base_params = list(model.parameters())
     base_bytes = _bytes(base_params)
     trainable = build(method, model, job, device)
+    curve = (encode_all(list(validation), tokenizer, tconfig.max_length, "validation")
+             if tconfig.eval_every and validation else None)
     with tempfile.TemporaryDirectory(prefix="meft-bench-run-") as tmp:
-        trainer = Trainer(trainable, train, tconfig, tmp, pad_id=tokenizer.pad_token_id)
+        trainer = Trainer(trainable, train, tconfig, tmp, pad_id=tokenizer.pad_token_id,
+                          eval_encoded=curve)
         trainer.desc = method.name
         history = trainer.train().history
     times = [r["step_time_s"] for r in history]
@@ -83,6 +87,7 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         "train_config": asdict(tconfig),
         "adapter_config": adapter,
         "losses": [r["loss"] for r in history],
+        "validation_losses": [[r["step"], r["eval_loss"]] for r in history if "eval_loss" in r],
         "step_times_s": times,
         "step_time_s": step_time,
         "tokens_per_s": statistics.mean(tokens) / step_time,
