@@ -84,7 +84,7 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
                         torch.device("cpu"), probe=probe)
     assert result["method"] == name and result["steps"] == 3
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
-    assert result["lr"] == {"lora": 3e-3, "full": 1e-4}.get(name.split(":")[0], 3e-3)
+    assert result["lr"] == {"lora": 3e-3, "full": 3e-4}.get(name.split(":")[0], 3e-3)
     assert result["train_config"]["weight_decay"] == 0.0  # the loop's, not torch's default
     assert result["validation_n"] == result["test_n"] == 4
     assert 0 <= result["validation_em"] <= 1 and 0 <= result["test_em"] <= 1
