@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import tiny_for
-from meft.bench.methods import Method, parse_method
+from meft.bench.methods import Method, parse_entry, parse_method
 from meft.bench.report import evaluate_targets, markdown_table
 from meft.bench.run import run_method
 from meft.cli import main
@@ -32,6 +32,17 @@ def test_parse_method() -> None:
     for bad in ("lora:16", "dense", "meft:big", "sparse:10", "lora:xy:4", "meft:0", "full:8"):
         with pytest.raises(ConfigError, match="expected lora:qv:R"):
             parse_method(bad)
+
+
+def test_parse_entry_gives_a_method_its_own_rates() -> None:
+    assert parse_entry("meft:4096") == (Method("meft", neurons=4096), None)
+    assert parse_entry("full@1e-4,3e-4") == (Method("full"), [1e-4, 3e-4])
+    assert parse_entry("lora:all:16@3e-3") == (Method("lora", rank=16, targets="all"), [3e-3])
+    for bad in ("meft:64@", "meft:64@0", "meft:64@1e-3,x", "full@-1e-3", "full@inf"):
+        with pytest.raises(ConfigError, match="expected positive rates after @"):
+            parse_entry(bad)
+    with pytest.raises(ConfigError, match="expected lora:qv:R"):
+        parse_entry("lora:16@1e-3")
 
 
 def _result(method: str, step: float, em: float, moved: float, device: float) -> dict:
@@ -198,13 +209,14 @@ def test_lr_grid_chooses_on_validation_and_never_on_test(model_dir: Path, tmp_pa
     summaries = []
     for name, test_file in (("true", test), ("poisoned", poisoned)):
         out = tmp_path / name
-        assert main(["bench", "--methods", "meft:64", "dense:32", "--model", str(model_dir),
+        assert main(["bench", "--methods", "meft:64", "dense:32@1e-3,3e-2", "--model",
+                     str(model_dir),
                      "--data", str(data), "--validation-data", str(val), "--eval-data",
                      str(test_file), "--lr-grid", "1e-3,3e-2,3e-1", "--steps", "4",
                      "--batch-size", "4", "--top-k", "4", "--experts", "8", "--probe", "2",
                      "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
         summaries.append(json.loads((out / "summary.json").read_text()))
-        assert len(list(out.glob("*@*.json"))) == 6
+        assert len(list(out.glob("*@*.json"))) == 5  # meft: the grid's 3; dense: its own 2
         assert (out / "em_vs_lr.png").is_file()
     true, poisoned_rows = summaries
     from meft.bench.report import SUMMARY_FIELDS
@@ -216,7 +228,8 @@ def test_lr_grid_chooses_on_validation_and_never_on_test(model_dir: Path, tmp_pa
         assert (a["method"], a["lr"], a["validation_em"]) == (b["method"], b["lr"],
                                                               b["validation_em"])
         assert b["test_em"] == 0.0  # nobody answers "Nowhere"
-        assert a["lr_grid"] == [1e-3, 3e-2, 3e-1] and a["selected"] is True
+        assert a["lr_grid"] == ([1e-3, 3e-2, 3e-1] if a["method"] == "meft:64"
+                                else [1e-3, 3e-2]) and a["selected"] is True
         assert a["retention"] is None  # the random tiny model answers no general question
 
 
@@ -237,7 +250,14 @@ def test_selection_looks_at_validation_only() -> None:
 
 def test_lr_grid_refusals(capsys: pytest.CaptureFixture[str], data_file: Path) -> None:
     assert main(["bench", "--data", str(data_file), "--lr-grid", "1e-3,1e-2"]) == 2
-    assert "--lr-grid needs validation questions" in capsys.readouterr().err
+    assert "--lr-grid and method@rates need validation questions" in capsys.readouterr().err
+    assert main(["bench", "--data", str(data_file), "--methods", "meft:64@1e-3,3e-3"]) == 2
+    assert "need validation questions" in capsys.readouterr().err
+    assert main(["bench", "--lr", "1e-3", "--methods", "meft:64@1e-3"]) == 2
+    assert "--lr and meft:64@1e-3: give one" in capsys.readouterr().err
+    assert main(["bench", "--methods", "meft:64@fast"]) == 2
+    assert ("method 'meft:64@fast': expected positive rates after @, like meft:64@1e-3,3e-3"
+            in capsys.readouterr().err)
     assert main(["bench", "--lr", "1e-3", "--lr-grid", "1e-3,1e-2"]) == 2
     assert "--lr and --lr-grid" in capsys.readouterr().err
     assert main(["bench", "--lr-grid", "1e-3,-1"]) == 2

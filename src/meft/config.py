@@ -375,7 +375,9 @@ class BenchConfig:
     """``meft bench``: which methods, how long, where the results go."""
 
     methods: list[str] | None = option(None, "methods: lora:qv:R lora:all:R dense:N offload:N "
-                                       "meft:N meft-noexperts:N full", default_text="the "
+                                       "meft:N meft-noexperts:N full; METHOD@R1,R2 gives one "
+                                       "method its own rates to choose from (instead of "
+                                       "--lr-grid)", default_text="the "
                                        "full comparison; --quick: a few")
     quick: bool = option(False, f"a few methods, {QUICK_STEPS} steps, {QUICK_MAX_EVAL} eval "
                          "questions: a few minutes")
@@ -588,10 +590,15 @@ class BenchJob:
         if bench.lr is not None and bench.lr_grid is not None:
             raise ConfigError("--lr and --lr-grid: give one (a fixed rate, or rates to choose "
                               "from)")
-        if bench.lr_grid is not None and run.data is not None and not bench.validation_data:
-            raise ConfigError("--lr-grid needs validation questions to choose by: pass "
-                              "--validation-data (test questions are never used to choose)")
         job = cls(parts["adapter"], parts["train"], run, bench)
+        own = [m for m in bench.methods or [] if "@" in m]
+        if bench.lr is not None and own:
+            raise ConfigError(f"--lr and {own[0]}: give one (a fixed rate for every method, or "
+                              "a method's own rates)")
+        if job.chooses_rates and run.data is not None and not bench.validation_data:
+            raise ConfigError("--lr-grid and method@rates need validation questions to choose "
+                              "by: pass --validation-data (test questions are never used to "
+                              "choose)")
         job.train_config(LORA_LR)  # validate now, before any work (adapters: per method)
         return job
 
@@ -606,6 +613,11 @@ class BenchJob:
     @property
     def seed(self) -> int:
         return int(self.train.get("seed", TrainConfig.seed))
+
+    @property
+    def chooses_rates(self) -> bool:
+        """Rates are chosen on validation: a grid, or a method given its own (``m@r1,r2``)."""
+        return self.bench.lr_grid is not None or any("@" in m for m in self.bench.methods or [])
 
     def adapter_config(self, neurons: int, **overrides: Any) -> MeftConfig:
         """The adapter of a meft method with ``neurons`` (seeded like ``meft train``)."""

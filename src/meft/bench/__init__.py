@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from meft.bench.methods import DEFAULT_METHODS, QUICK_METHODS, check_method, parse_method
+from meft.bench.methods import DEFAULT_METHODS, QUICK_METHODS, check_method, parse_entry
 from meft.bench.report import (
     edge_warnings,
     evaluate_targets,
@@ -58,16 +58,16 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
     logging.getLogger("transformers").setLevel(logging.ERROR)
     bench, run = job.bench, job.run
     names = bench.methods or (QUICK_METHODS if bench.quick else DEFAULT_METHODS)
-    methods = [parse_method(m) for m in names]
-    for method in methods:
+    entries = [parse_entry(m) for m in names]
+    for method, _ in entries:
         check_method(method, job)
     device = pick_device(run.device)
     source = resolve_model(run.model)
     splits = load_splits(run.data, run.eval_data, bench.validation_data, seed=job.seed,
                          people=run.people, dataset=run.dataset)
-    if bench.lr_grid is not None and not splits.validation:
-        raise DataError("--lr-grid needs validation questions to choose by; the data has none "
-                        "(pass --validation-data)")
+    if job.chooses_rates and not splits.validation:
+        raise DataError("choosing rates (--lr-grid, method@rates) needs validation questions; "
+                        "the data has none (pass --validation-data)")
     output = prepare_output(bench.output, overwrite=bench.overwrite, prefix="bench-",
                             hint=" to add runs to it,")
     config = job.to_dict()
@@ -98,8 +98,8 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
             probe_args = ["--probe", str(Path(tmp) / "probe.json")]
             say(f"bench: retention probe: {probe.summary()}")
         del base
-        rates: list[float | None] = [*bench.lr_grid] if bench.lr_grid else [None]
-        for method in methods:
+        for method, own in entries:
+            rates: list[float | None] = [*(own or bench.lr_grid or [None])]
             for lr in rates:
                 shown = f"lr {lr:g}" if lr is not None else f"lr {bench.lr or method.default_lr:g}"
                 say(f"bench: {method.name}, {shown} ({bench.steps} steps of "

@@ -19,6 +19,8 @@ the tuned comparison found them; full fine-tuning's :data:`meft.config.FULL_LR`;
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +84,23 @@ def parse_method(text: str) -> Method:
         pass
     raise ConfigError(f"method {text!r}: expected lora:qv:R, lora:all:R, dense:N, offload:N, "
                       "meft:N, meft-noexperts:N (R, N positive integers) or full")
+
+
+def parse_entry(text: str) -> tuple[Method, list[float] | None]:
+    """A ``--methods`` entry: ``meft:16384`` (the rates of --lr-grid, --lr or the method's own
+    default) or ``meft:16384@1e-3,3e-3`` (this method's own rates to choose from)."""
+    name, at, rates = text.partition("@")
+    method = parse_method(name)
+    if not at:
+        return method, None
+    try:
+        values = [float(p) for p in rates.split(",") if p.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v < math.inf for v in values):
+        raise ConfigError(f"method {text!r}: expected positive rates after @, like "
+                          f"{name}@1e-3,3e-3")
+    return method, values
 
 
 def check_method(method: Method, job: BenchJob) -> None:
