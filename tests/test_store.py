@@ -43,6 +43,30 @@ def test_row_sparse_grad_zero_then_reuse() -> None:
     torch.testing.assert_close(acc.to_dense(), want)  # row 1 and the old row 2 are gone
 
 
+def test_row_sparse_grad_keep_is_a_masked_dense_gradient() -> None:
+    gen = torch.Generator().manual_seed(1)
+    n, d = 40, 5
+    acc = RowSparseGrad(n, d, dtype=torch.float64)
+    dense = torch.zeros(n, d, dtype=torch.float64)
+    for _ in range(3):
+        ids = torch.randint(0, n, (17,), generator=gen)
+        rows = torch.randn(17, d, generator=gen, dtype=torch.float64)
+        acc.add(ids, rows, adopt=True)
+        dense.index_add_(0, ids, rows)
+    keep = torch.rand(len(acc), generator=gen) < 0.5
+    kept = acc.ids[keep].tolist()
+    acc.keep_(keep)
+    mask = torch.zeros(n, 1, dtype=torch.float64)
+    mask[kept] = 1
+    torch.testing.assert_close(acc.to_dense(), dense * mask)
+    assert acc.ids.tolist() == kept  # order kept, dropped rows forgotten
+    more = torch.randn(n, d, generator=gen, dtype=torch.float64)  # accumulating still works
+    acc.add(torch.arange(n), more)
+    torch.testing.assert_close(acc.to_dense(), dense * mask + more)
+    with pytest.raises(ValueError, match="keep must be"):
+        acc.keep_(torch.ones(3, dtype=torch.bool))
+
+
 def test_row_sparse_grad_adopts_the_first_rows_then_grows() -> None:
     acc = RowSparseGrad(20, 4, dtype=torch.float64)
     first = torch.randn(3, 4, dtype=torch.float64)

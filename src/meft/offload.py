@@ -125,6 +125,7 @@ class OffloadedSparseAdapter(nn.Module):
                              f"{tuple(router.shape)}")
         self.router = nn.Parameter(router.to(self.device, dtype))
         self._staging = _StagingPool(pinned=self.device.type == "cuda")
+        self.counter: Any = None  # a meft.retain.AccessCounter while protection counts
 
     @property
     def n_neurons(self) -> int:
@@ -165,6 +166,8 @@ class OffloadedSparseAdapter(nn.Module):
             x_host, self.store.keys, probe_scores.to(_HOST, self.store.keys.dtype),
             probe_ids.to(_HOST), self.n_experts, top_k=self.top_k, gate=self.gate,
         )  # (T, K) on host
+        if self.counter is not None:
+            self.counter.add(ids)
         uniq, local = torch.unique(ids, return_inverse=True)  # (U,), (T, K)
         routed = time.perf_counter()
 

@@ -94,6 +94,19 @@ class RowSparseGrad:
         rows[: self._count] = self.rows
         self._ids, self._rows = ids, rows
 
+    def keep_(self, keep: Tensor) -> None:
+        """Keep only the touched rows where ``keep`` (R,) bool is true, in their order; the
+        others are forgotten as if never touched (an optimizer step then skips them)."""
+        if keep.shape != (self._count,):
+            raise ValueError(f"keep must be ({self._count},), got {tuple(keep.shape)}")
+        ids, rows = self.ids[keep], self.rows[keep]  # copies
+        self._slot[self.ids] = -1
+        n = ids.numel()
+        self._ids[:n] = ids
+        self._rows[:n] = rows
+        self._slot[ids] = torch.arange(n, device=self._slot.device)
+        self._count = n
+
     def zero_(self) -> None:
         """Forget every touched row (keeps the buffer for the next step)."""
         self._slot[self.ids] = -1

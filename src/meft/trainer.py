@@ -50,6 +50,7 @@ from meft.errors import DataError, TrainingDiverged
 from meft.evaluate import answer_loss, token_loss_sum
 from meft.model import MeftModel, read_adapter
 from meft.optim import OptimizerSet
+from meft.retain import Background, Retainer
 from meft.store import HostTable
 
 __all__ = [
@@ -152,7 +153,8 @@ class Trainer:
 
     def __init__(self, model: Trainable | MeftModel, train: Sequence[Encoded],
                  config: TrainConfig, output: str | Path, *, pad_id: int,
-                 eval_encoded: Sequence[Encoded] | None = None) -> None:
+                 eval_encoded: Sequence[Encoded] | None = None,
+                 retainer: Retainer | None = None) -> None:
         if not train:
             raise DataError("no training examples")
         self.trainable = Trainable.of_meft(model) if isinstance(model, MeftModel) else model
@@ -165,7 +167,13 @@ class Trainer:
         self.total = config.total_steps(len(self.train_set))
         self.warmup = max(1, round(config.warmup_ratio * self.total))
         t = self.trainable
-        self.optimizers = OptimizerSet(params=t.params, routers=t.routers,
+        self.retainer = retainer
+        routers = t.routers
+        if retainer is not None and not retainer.router:  # frozen: no gradient, no optimizer
+            for router in routers.values():
+                router.requires_grad_(False)
+            routers = {}
+        self.optimizers = OptimizerSet(params=t.params, routers=routers,
                                        host_tables=t.host_tables, offload=t.offload,
                                        lr=config.lr, router_lr=config.device_lr,
                                        weight_decay=config.weight_decay)
@@ -204,9 +212,12 @@ class Trainer:
         self.model.train()
         for lo in range(0, len(examples), micro):
             batch = collate(examples[lo:lo + micro], self.pad_id)
-            loss_sum, _ = token_loss_sum(self.model, batch)
+            with (self.retainer.watch(batch["attention_mask"]) if self.retainer is not None
+                  else contextlib.nullcontext()):
+                loss_sum, _ = token_loss_sum(self.model, batch)
             (loss_sum / max(1, labelled)).backward()
             loss_total += float(loss_sum.detach())
+        kept = self.retainer.select_() if self.retainer is not None else []
         norm = self.optimizers.clip_(self.config.max_grad_norm)
         loss = loss_total / max(1, labelled)
         if not (math.isfinite(loss) and torch.isfinite(norm)):
@@ -230,6 +241,7 @@ class Trainer:
             "union_per_layer": unions,
             "union_mean": sum(unions) / max(1, len(unions)),
             "touched_rows_per_layer": traffic.touched_rows_per_layer,
+            "retained_rows_per_layer": kept,
             "mb_h2d": traffic.bytes_h2d / 1e6,
             "mb_d2h": traffic.bytes_d2h / 1e6,
             "staged_mb": traffic.staged_bytes / 1e6,
@@ -300,8 +312,11 @@ class Trainer:
         root = self.output / "checkpoints"
         path = root / f"step-{self.step:08d}"
         if not (path / "trainer_state.json").is_file():  # already saved at this step
-            save_checkpoint(path, self._adapter(), self.optimizers.state_tensors(),
-                            self.state(), rng=torch.get_rng_state())
+            tensors = self.optimizers.state_tensors()
+            if self.retainer is not None and self.retainer.background is not None:
+                tensors.update(self.retainer.background.tensors())
+            save_checkpoint(path, self._adapter(), tensors, self.state(),
+                            rng=torch.get_rng_state())
         prune_checkpoints(root, self.config.keep_checkpoints)
         return path
 
@@ -312,6 +327,9 @@ class Trainer:
         _, adapter = read_adapter(directory / "adapter")
         self._adapter().load_adapter_state(adapter, source=str(directory / "adapter"))
         self.optimizers.load_state_tensors(tensors)
+        if self.retainer is not None:  # the statistics training started with, not new ones
+            self.retainer.background = Background.from_tensors(
+                tensors, list(self._adapter().adapters))
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]

@@ -1,0 +1,248 @@
+"""Forgetting protection: new facts go into neurons that general text does not use.
+
+meft's values start at zero, so a neuron that was never updated adds nothing: the model is the
+base model on every token whose K neurons are all untouched. Forgetting comes from rows that
+training writes and general inputs then read. The protection adapts Sparse Memory Finetuning
+(Lin et al. 2025, arXiv 2510.15103) to meft: each step updates only the rows most specific to
+the step's tokens, measured against background text.
+
+Notation: N neurons per layer, K neurons per token, T tokens, D background documents.
+
+Background statistics, once before training, fixed, saved with every checkpoint
+(:class:`Background`): the model with its adapter as training starts reads background text
+(generic text the user does not train on; :mod:`meft.background`), and per adapter layer and
+neuron i counts
+
+    C_bg(i)   accesses: tokens x K slots that chose i, padding excluded          (N,)
+    df(i)     background documents (sequences) with at least one access to i     (N,)
+
+(SMF counts batches of 1,000 pretraining sequences; with a few hundred short documents a
+document is the finer unit.) Per optimizer step and layer, ``c(i)`` counts the step's accesses
+over every micro-batch, padding excluded, and each accessed row is scored
+
+    tfidf(i) = c(i) / sum_j c(j) * log((D + 1) / (df(i) + 1))
+    kl(i)    = p(i) * log(p(i) / q(i)),  p = c / sum c,  q = (C_bg + 1) / sum (C_bg + 1)
+
+(the KL score of arXiv 2605.03229). The gradient rows (keys and values) of the ``rows`` best
+scored rows are kept; the others are dropped before clipping. The lazy row-sparse AdamW only
+touches rows that have a gradient, so a dropped row keeps its value and both moments bit for
+bit (no momentum drift, no weight decay). Every accessed row still takes part in the forward
+pass; traffic is unchanged. ``keys=False`` drops every key gradient (values only, as SMF);
+``router=False`` asks the trainer to freeze the routers, so with values only the rows every
+input reads are fixed from the start and the background statistics stay exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from meft.data import Encoded, collate
+from meft.errors import SerializationError
+
+if TYPE_CHECKING:
+    from meft.model import MeftModel
+
+SCORES = ("tfidf", "kl")
+PREFIX = "retain."  # tensor names in checkpoints: retain.<layer>.counts, retain.<layer>.df
+
+
+class AccessCounter:
+    """How often one layer's adapter chose each neuron, while counting is on.
+
+    The adapter calls :meth:`add` with each forward's ids (T, K); ``docs`` (T,) gives each
+    token its document (-1: padding, not counted). With ``track_docs`` the counter also counts,
+    per neuron, the distinct documents that chose it."""
+
+    def __init__(self, n_neurons: int) -> None:
+        self.n = n_neurons
+        self.counts = torch.zeros(n_neurons, dtype=torch.long)  # (N,)
+        self.df = torch.zeros(n_neurons, dtype=torch.long)  # (N,)
+        self.docs: Tensor | None = None  # (T,) while counting, else None: not counting
+        self.track_docs = False
+
+    def add(self, ids: Tensor) -> None:
+        if self.docs is None:
+            return
+        if self.docs.shape[0] != ids.shape[0]:
+            raise ValueError(f"access counter: {ids.shape[0]} tokens routed, "
+                             f"{self.docs.shape[0]} in the mask")
+        valid = self.docs >= 0  # (T,)
+        chosen = ids[valid]  # (T', K)
+        self.counts += torch.bincount(chosen.reshape(-1), minlength=self.n)
+        if self.track_docs:
+            pairs = self.docs[valid].unsqueeze(1) * self.n + chosen  # (T', K)
+            self.df += torch.bincount(torch.unique(pairs) % self.n, minlength=self.n)
+
+    def reset(self) -> None:
+        self.counts.zero_()
+        self.df.zero_()
+
+
+@dataclass
+class Background:
+    """Per layer (by adapter layer id): accesses C_bg (N,) and document frequency df (N,)."""
+
+    counts: dict[str, Tensor]
+    df: dict[str, Tensor]
+    documents: int
+
+    @classmethod
+    @torch.no_grad()
+    def measure(cls, model: MeftModel, encoded: Sequence[Encoded], pad_id: int, *,
+                batch_size: int = 16, progress: bool = True) -> Background:
+        """Count the accesses of ``model``'s adapters over ``encoded`` (module doc)."""
+        previous = {k: a.counter for k, a in model.adapters.items()}
+        counters = {k: AccessCounter(a.n_neurons) for k, a in model.adapters.items()}
+        for k, a in model.adapters.items():
+            a.counter = counters[k]
+        was_training = model.training
+        model.eval()
+        try:
+            for c in counters.values():
+                c.track_docs = True
+            for lo in tqdm(range(0, len(encoded), batch_size), desc="background",
+                           unit="batch", disable=not progress, dynamic_ncols=True):
+                batch = collate(encoded[lo:lo + batch_size], pad_id)
+                mask = batch["attention_mask"]  # (B, L)
+                docs = torch.arange(lo, lo + mask.shape[0]).unsqueeze(1).expand_as(mask)
+                with _counting(counters, torch.where(mask.bool(), docs, -1).reshape(-1)):
+                    model(input_ids=batch["input_ids"].to(model.device_),
+                          attention_mask=mask.to(model.device_))
+        finally:
+            model.train(was_training)
+            for k, a in model.adapters.items():
+                a.counter = previous[k]
+        return cls({k: c.counts.clone() for k, c in counters.items()},
+                   {k: c.df.clone() for k, c in counters.items()}, len(encoded))
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {f"{PREFIX}documents": torch.tensor([self.documents])}
+        for layer in self.counts:
+            out[f"{PREFIX}{layer}.counts"] = self.counts[layer]
+            out[f"{PREFIX}{layer}.df"] = self.df[layer]
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], layers: Sequence[str]) -> Background:
+        try:
+            return cls({k: tensors[f"{PREFIX}{k}.counts"].long() for k in layers},
+                       {k: tensors[f"{PREFIX}{k}.df"].long() for k in layers},
+                       int(tensors[f"{PREFIX}documents"].item()))
+        except KeyError as e:
+            raise SerializationError(f"background statistics {e.args[0]} missing (a checkpoint "
+                                     "trained without --retain?)") from None
+
+
+def row_scores(counts: Tensor, bg_counts: Tensor, df: Tensor, documents: int,
+               score: str) -> Tensor:
+    """Scores (N,) of one layer's rows from the step's accesses ``counts`` (N,) (module doc);
+    rows not accessed score -inf."""
+    c = counts.double()
+    p = c / c.sum().clamp_min(1)
+    if score == "tfidf":
+        out = p * torch.log((documents + 1) / (df.double() + 1))
+    elif score == "kl":
+        q = (bg_counts.double() + 1) / (bg_counts.double() + 1).sum()
+        out = p * torch.log(p.clamp_min(1e-300) / q)
+    else:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    return out.masked_fill(counts == 0, -math.inf)
+
+
+def top_rows(scores: Tensor, rows: int) -> Tensor:
+    """Ids of the ``rows`` best finite scores, ties to the lower id (deterministic)."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    n = min(rows, int(torch.isfinite(scores).sum()))
+    return order[:n]
+
+
+class Retainer:
+    """The protection during training: counts each step's accesses (:meth:`watch`), then keeps
+    the gradients of the selected rows only (:meth:`select_`)."""
+
+    def __init__(self, model: MeftModel, background: Background | None, *,
+                 score: str = "tfidf", rows: int = 512, keys: bool = True,
+                 router: bool = True) -> None:
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        self.model = model
+        self.background = background
+        self.score, self.rows, self.keys, self.router = score, rows, keys, router
+        self.counters = _attach(model)
+
+    @contextlib.contextmanager
+    def watch(self, attention_mask: Tensor) -> Iterator[None]:
+        """Count the accesses of the forwards inside (``attention_mask`` (B, L): 0 = pad)."""
+        mask = attention_mask.reshape(-1).cpu()
+        with _counting(self.counters, torch.where(mask.bool(), 0, -1)):
+            yield
+
+    @torch.no_grad()
+    def select_(self) -> list[int]:
+        """Drop the gradient rows outside each layer's selection; reset the counts; return
+        the rows kept per layer."""
+        if self.background is None:
+            raise RuntimeError("Retainer.select_ before the background statistics exist")
+        bg = self.background
+        kept = []
+        for layer, adapter in self.model.adapters.items():
+            counter = self.counters[layer]
+            scores = row_scores(counter.counts, bg.counts[layer], bg.df[layer], bg.documents,
+                                self.score)
+            chosen = torch.zeros(counter.n, dtype=torch.bool)
+            chosen[top_rows(scores, self.rows)] = True
+            store = adapter.store
+            store.value_grad.keep_(chosen[store.value_grad.ids])
+            if self.keys:
+                store.key_grad.keep_(chosen[store.key_grad.ids])
+            else:
+                store.key_grad.zero_()
+            kept.append(len(store.value_grad))
+            counter.reset()
+        return kept
+
+    def close(self) -> None:
+        _detach(self.model)
+
+    def summary(self) -> str:
+        bg = self.background
+        docs = f"{bg.documents} background documents" if bg is not None else "no background"
+        parts = "keys and values" if self.keys else "values only"
+        router = "routers trained" if self.router else "routers frozen"
+        return (f"forgetting protection: {self.score} over {docs}, top {self.rows} rows per "
+                f"layer and step, {parts}, {router}")
+
+
+def _attach(model: MeftModel) -> dict[str, AccessCounter]:
+    counters = {}
+    for layer, adapter in model.adapters.items():
+        if adapter.counter is None:
+            adapter.counter = AccessCounter(adapter.n_neurons)
+        counters[layer] = adapter.counter
+    return counters
+
+
+def _detach(model: MeftModel) -> None:
+    for adapter in model.adapters.values():
+        adapter.counter = None
+
+
+@contextlib.contextmanager
+def _counting(counters: dict[str, Any], docs: Tensor) -> Iterator[None]:
+    for c in counters.values():
+        c.docs = docs
+    try:
+        yield
+    finally:
+        for c in counters.values():
+            c.docs = None
