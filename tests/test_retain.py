@@ -123,7 +123,7 @@ def test_rows_outside_the_selection_do_not_move(tmp_path: Path) -> None:
     record = trainer.train().history[0]
     assert record["retained_rows_per_layer"] == [5] * len(model.stores)
     after, state_after = model.adapter_state(), trainer.optimizers.state_tensors()
-    for layer, adapter in model.adapters.items():
+    for layer in model.adapters:
         moved = set()
         for part in ("keys", "values"):
             name = tensor_name(int(layer), part)

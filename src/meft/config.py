@@ -309,6 +309,18 @@ class TrainConfig:
     save_every: int = option(0, "checkpoint every N steps (0: at the end only)",
                              check="nonneg")
     keep_checkpoints: int = option(2, "checkpoints kept", check="positive")
+    retain: str = option("off", "forgetting protection: each step trains only the adapter "
+                         "rows most specific to its tokens, measured against background text",
+                         choices=("on", "off"))
+    retain_score: str = option("tfidf", "protection's ranking of a step's rows: TF-IDF over "
+                               "background documents, or KL to background accesses",
+                               choices=("tfidf", "kl"))
+    retain_rows: int = option(512, "rows per layer and step that protection lets train (t)",
+                              check="positive")
+    retain_update: str = option("keys+values", "tables of the selected rows that train under "
+                                "protection", choices=("values", "keys+values"))
+    retain_router: str = option("trained", "meft's routers under protection",
+                                choices=("trained", "frozen"))
     progress: bool = option(True, "progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:
@@ -342,6 +354,10 @@ class RunConfig:
     eval_data: str | None = option(None, "held-out JSONL for evaluation",
                                    default_text="the built-in held-out phrasings, or 10% of "
                                    "--data")
+    background: str | None = option(None, "background text for --retain on (any format --data "
+                                    "reads): what the model should keep doing as before",
+                                    default_text="the base model's own answers to 320 "
+                                    "prompts shipped with meft (generated once, cached)")
     output: str | None = option(None, "run directory", default_text="runs/<timestamp>")
     max_new_tokens: int = option(16, "generation length at evaluation", check="positive")
     eval_batch_size: int = option(32, "prompts per generate call", check="positive")
@@ -574,7 +590,7 @@ class BenchJob:
         Section("train", TrainConfig, exclude=("steps", "epochs", "batch_size", "lr",
                                                "save_every", "keep_checkpoints")),
         Section("run", RunConfig, only=("model", "data", "eval_data", "dataset", "people",
-                                        "device",
+                                        "device", "background",
                                         "max_eval", "max_new_tokens", "eval_batch_size",
                                         "trust_remote_code", "retention")),
         Section("bench", BenchConfig),

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,12 @@ from torch import Tensor, nn
 from meft.kernels import sparse_rows
 from meft.routing import check_routing_sizes, probe, router_init, select
 from meft.store import HostStore, RowSparseGrad
+
+
+class Counter(Protocol):
+    """Receives each forward's chosen ids (T, K) (:class:`meft.retain.AccessCounter`)."""
+
+    def add(self, ids: Tensor) -> None: ...
 
 _HOST = torch.device("cpu")
 
@@ -125,7 +131,7 @@ class OffloadedSparseAdapter(nn.Module):
                              f"{tuple(router.shape)}")
         self.router = nn.Parameter(router.to(self.device, dtype))
         self._staging = _StagingPool(pinned=self.device.type == "cuda")
-        self.counter: Any = None  # a meft.retain.AccessCounter while protection counts
+        self.counter: Counter | None = None  # set while protection counts accesses
 
     @property
     def n_neurons(self) -> int:

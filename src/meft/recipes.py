@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from meft._version import __version__
+from meft.background import load_background
 from meft.checkpoint import list_checkpoints
 from meft.config import (
     BenchJob,
@@ -33,6 +34,7 @@ from meft.config import (
     GenerateConfig,
     InfoConfig,
     RunConfig,
+    TrainConfig,
     TrainJob,
 )
 from meft.console import say
@@ -42,6 +44,7 @@ from meft.errors import DataError, RunDirectoryError, TrainingDiverged
 from meft.evaluate import answered, evaluate
 from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model
 from meft.model import MeftModel, get_meft_model, read_adapter
+from meft.retain import Retainer
 from meft.retention import PROBE_FILE, RetentionProbe
 from meft.retention import describe as describe_retention
 from meft.serialization import prepare_output
@@ -144,8 +147,9 @@ def train(job: TrainJob) -> dict[str, Any]:
     probe = _retention_probe(meft_model, tokenizer, run, output, resumed=checkpoint is not None,
                              **gen_kw) if run.retention else None
 
+    retainer = _retainer(meft_model, tokenizer, tconfig, run, resumed=checkpoint is not None)
     trainer = Trainer(meft_model, train_enc, tconfig, output, pad_id=tokenizer.pad_token_id,
-                      eval_encoded=eval_enc)
+                      eval_encoded=eval_enc, retainer=retainer)
     trainer.stop_after = run.stop_after
     if checkpoint is not None:
         trainer.restore(checkpoint)
@@ -208,6 +212,24 @@ def _retention_probe(model: MeftModel, tokenizer: Any, run: RunConfig, output: P
     probe.save(path)
     say(f"retention probe: {probe.summary()}")
     return probe
+
+
+def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunConfig, *,
+              resumed: bool) -> Retainer | None:
+    """Forgetting protection if asked for: background statistics measured now, or on resume
+    read from the checkpoint (the ones the run started with)."""
+    if tconfig.retain != "on":
+        return None
+    samples = None
+    if not resumed:
+        with model.disable_adapter():
+            samples, desc = load_background(run.background, model.base_model, tokenizer,
+                                            progress=tconfig.progress)
+        say(f"background: {desc}")
+    retainer = Retainer.from_config(model, tconfig, samples, tokenizer,
+                                    progress=tconfig.progress)
+    say(retainer.summary())
+    return retainer
 
 
 def _open_run(job: TrainJob) -> tuple[Path, Path | None]:

@@ -44,11 +44,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from meft.data import Encoded, collate
+from meft.config import TrainConfig
+from meft.data import Encoded, Sample, collate, encode_all
 from meft.errors import SerializationError
 
 if TYPE_CHECKING:
     from meft.model import MeftModel
+    from meft.offload import OffloadedSparseAdapter
 
 SCORES = ("tfidf", "kl")
 PREFIX = "retain."  # tensor names in checkpoints: retain.<layer>.counts, retain.<layer>.df
@@ -99,9 +101,10 @@ class Background:
     def measure(cls, model: MeftModel, encoded: Sequence[Encoded], pad_id: int, *,
                 batch_size: int = 16, progress: bool = True) -> Background:
         """Count the accesses of ``model``'s adapters over ``encoded`` (module doc)."""
-        previous = {k: a.counter for k, a in model.adapters.items()}
-        counters = {k: AccessCounter(a.n_neurons) for k, a in model.adapters.items()}
-        for k, a in model.adapters.items():
+        layers = _layers(model)
+        previous = {k: a.counter for k, a in layers}
+        counters = {k: AccessCounter(a.n_neurons) for k, a in layers}
+        for k, a in layers:
             a.counter = counters[k]
         was_training = model.training
         model.eval()
@@ -118,7 +121,7 @@ class Background:
                           attention_mask=mask.to(model.device_))
         finally:
             model.train(was_training)
-            for k, a in model.adapters.items():
+            for k, a in layers:
                 a.counter = previous[k]
         return cls({k: c.counts.clone() for k, c in counters.items()},
                    {k: c.df.clone() for k, c in counters.items()}, len(encoded))
@@ -195,7 +198,7 @@ class Retainer:
             raise RuntimeError("Retainer.select_ before the background statistics exist")
         bg = self.background
         kept = []
-        for layer, adapter in self.model.adapters.items():
+        for layer, adapter in _layers(self.model):
             counter = self.counters[layer]
             scores = row_scores(counter.counts, bg.counts[layer], bg.df[layer], bg.documents,
                                 self.score)
@@ -211,6 +214,21 @@ class Retainer:
             counter.reset()
         return kept
 
+    @classmethod
+    def from_config(cls, model: MeftModel, config: TrainConfig,
+                    background: Sequence[Sample] | None, tokenizer: Any, *,
+                    progress: bool = True) -> Retainer:
+        """The protection ``config`` asks for (``retain_*`` fields); its statistics measured
+        now over ``background`` samples, or None: restored from a checkpoint later."""
+        stats = None
+        if background is not None:
+            encoded = encode_all(background, tokenizer, config.max_length, "background")
+            stats = Background.measure(model, encoded, tokenizer.pad_token_id,
+                                       progress=progress)
+        return cls(model, stats, score=config.retain_score, rows=config.retain_rows,
+                   keys=config.retain_update == "keys+values",
+                   router=config.retain_router == "trained")
+
     def close(self) -> None:
         _detach(self.model)
 
@@ -223,17 +241,20 @@ class Retainer:
                 f"layer and step, {parts}, {router}")
 
 
+def _layers(model: MeftModel) -> list[tuple[str, OffloadedSparseAdapter]]:
+    return list(zip(model.adapters, model.adapter_modules, strict=True))
+
+
 def _attach(model: MeftModel) -> dict[str, AccessCounter]:
+    """A fresh counter in every adapter of ``model`` (replacing any earlier one)."""
     counters = {}
-    for layer, adapter in model.adapters.items():
-        if adapter.counter is None:
-            adapter.counter = AccessCounter(adapter.n_neurons)
-        counters[layer] = adapter.counter
+    for layer, adapter in _layers(model):
+        counters[layer] = adapter.counter = AccessCounter(adapter.n_neurons)
     return counters
 
 
 def _detach(model: MeftModel) -> None:
-    for adapter in model.adapters.values():
+    for _, adapter in _layers(model):
         adapter.counter = None
 
 

@@ -99,7 +99,7 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
             say(f"bench: retention probe: {probe.summary()}")
         del base
         for method, own in entries:
-            rates: list[float | None] = [*(own or bench.lr_grid or [None])]
+            rates: list[float | None] = list(own or bench.lr_grid or []) or [None]
             for lr in rates:
                 shown = f"lr {lr:g}" if lr is not None else f"lr {bench.lr or method.default_lr:g}"
                 say(f"bench: {method.name}, {shown} ({bench.steps} steps of "

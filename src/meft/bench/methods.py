@@ -20,7 +20,6 @@ the tuned comparison found them; full fine-tuning's :data:`meft.config.FULL_LR`;
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

@@ -6,9 +6,10 @@ trainable device tensors with their gradients and two AdamW moments + the staged
 their gradients) at the peak of a step (activations excluded; on CUDA,
 ``torch.cuda.max_memory_allocated`` is recorded too); bytes moved per step each way; trainable
 parameters; the loss of every step (and, with ``--eval-every S``, the validation answer loss
-every S steps: the curve that shows whether a budget of steps has plateaued); exact match / F1 / contains on the validation questions
-(which choose the rate) and on the test questions (which are reported); retention and the
-general-text loss change (:mod:`meft.retention`) against a probe built from the base model.
+every S steps: the curve that shows whether a budget of steps has plateaued); exact match /
+F1 / contains on the validation questions (which choose the rate) and on the test questions
+(which are reported); retention and the general-text loss change (:mod:`meft.retention`)
+against a probe built from the base model.
 
 Each method runs in its own process (``python -m meft.bench.run``) so its peak RSS is its own;
 :func:`run_method` is the same thing in-process.

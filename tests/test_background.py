@@ -1,0 +1,78 @@
+"""Background text (meft.background) and ``meft train --retain on`` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY, tiny_for
+from meft.background import background_prompts, fingerprint, load_background, model_background
+from meft.cli import main
+from meft.general import GENERAL_TEXT, general_questions
+
+
+def test_prompts_are_many_and_share_nothing_with_the_probe() -> None:
+    prompts = background_prompts()
+    assert len(prompts) == len(set(prompts)) == 320
+    probe = {s.messages[0]["content"] for s in general_questions()}
+    assert not probe & set(prompts)
+    words = {w.strip(".,?").lower() for p in prompts for w in p.split()}
+    for held_out in ("capital", "symbol", "plus", "times", "opposite", "photosynthesis",
+                     "printing", "heart", "planet"):
+        assert held_out not in words
+        assert held_out in " ".join([*probe, GENERAL_TEXT]).lower()
+
+
+def test_the_model_background_is_generated_once_and_cached(
+        tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MEFT_CACHE", str(tmp_path))
+    model = tiny_for(tokenizer)
+    first = model_background(model, tokenizer, progress=False)
+    cached = list(tmp_path.glob("background-*.jsonl"))
+    assert len(cached) == 1 and fingerprint(model, tokenizer) in cached[0].name
+    assert len(first) == 320 and all(s.kind == "prompt" and s.answers[0] for s in first)
+    assert [s.messages[0]["content"] for s in first] == background_prompts()
+    import meft.background as bg
+
+    monkeypatch.setattr(bg, "generate_answers", lambda *a, **k: pytest.fail("regenerated"))
+    assert model_background(model, tokenizer, progress=False) == first  # from the cache
+    other = tiny_for(tokenizer)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    assert fingerprint(other, tokenizer) != fingerprint(model, tokenizer)
+
+
+def test_the_users_background_file(tokenizer, data_file: Path) -> None:  # type: ignore[no-untyped-def]
+    samples, desc = load_background(data_file, None, tokenizer)
+    assert len(samples) == 12 and desc == f"12 records of {data_file}"
+
+
+def test_train_with_protection_records_it_and_resumes_bitwise(
+        model_dir: Path, data_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEFT_CACHE", str(tmp_path / "cache"))
+    flags = ["--model", str(model_dir), "--data", str(data_file), "--steps", "4",
+             "--batch-size", "4", "--lr", "1e-2", "--max-new-tokens", "3", "--no-progress",
+             "--no-eval-before", "--no-retention", "--no-plots", "--retain", "on",
+             "--retain-rows", "3", "--retain-score", "kl", *TINY]
+    assert main(["train", *flags, "--output", str(tmp_path / "whole")]) == 0
+    err = capsys.readouterr().err
+    assert "background: the base model's answers to 320 shipped prompts" in err
+    assert "forgetting protection: kl over 320 background documents, top 3 rows" in err
+    metrics = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert all(r["retained_rows_per_layer"] == [3, 3] for r in metrics)
+    assert main(["train", *flags, "--output", str(tmp_path / "half"), "--stop-after",
+                 "2"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "half"), "--no-progress"]) == 0
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "half" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run = json.loads((tmp_path / "whole" / "run.json").read_text())
+    assert run["config"]["train"]["retain"] == "on"
+    assert run["config"]["train"]["retain_rows"] == 3
