@@ -26,10 +26,13 @@ def test_parse_method() -> None:
     assert parse_method("meft:4096") == Method("meft", neurons=4096)
     assert parse_method("meft-noexperts:16384").name == "meft-noexperts:16384"
     assert parse_method("full") == Method("full") and Method("full").name == "full"
+    assert parse_method("meft:64+retain") == Method("meft", neurons=64, retain=True)
+    assert parse_method("meft:64+retain").name == "meft:64+retain"
     # default rates as the tuned comparison chose them
     assert parse_method("lora:all:16").default_lr == 3e-3
     assert parse_method("lora:all:64").default_lr == 1e-3
-    for bad in ("lora:16", "dense", "meft:big", "sparse:10", "lora:xy:4", "meft:0", "full:8"):
+    for bad in ("lora:16", "dense", "meft:big", "sparse:10", "lora:xy:4", "meft:0", "full:8",
+                "dense:8+retain", "meft:+retain"):
         with pytest.raises(ConfigError, match="expected lora:qv:R"):
             parse_method(bad)
 
@@ -75,7 +78,7 @@ def test_targets_pass_fail_and_skip() -> None:
     assert all(t["passed"] is None for t in evaluate_targets(results[:1]))
 
 
-KINDS = ["dense:32", "offload:32", "meft:64", "meft-noexperts:64", "full"]
+KINDS = ["dense:32", "offload:32", "meft:64", "meft-noexperts:64", "full", "meft:64+retain"]
 if importlib.util.find_spec("peft") is not None:
     KINDS.append("lora:qv:4")
 
@@ -92,7 +95,7 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
 
     probe = RetentionProbe([0, 1, 2], 215, general_loss(base, tokenizer))
     result = run_method(parse_method(name), base, tokenizer, train, ks.validation, ks.eval, job,
-                        torch.device("cpu"), probe=probe)
+                        torch.device("cpu"), probe=probe, background=ks.eval)
     assert result["method"] == name and result["steps"] == 3
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
     assert result["lr"] == {"lora": 3e-3, "full": 3e-4}.get(name.split(":")[0], 3e-3)
@@ -116,6 +119,8 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     elif name.startswith("meft"):
         assert result["moved_bytes_per_step"] > 0 and result["union_mean"] > 0
         assert result["adapter_config"]["neurons"] == 64
+        assert (result["retained_rows_mean"] is None) == (not name.endswith("+retain"))
+        assert result["train_config"]["retain"] == ("on" if name.endswith("+retain") else "off")
     else:
         assert result["moved_bytes_per_step"] == 0
     assert result["device_bytes"] >= result["device_bytes_base"]
@@ -184,6 +189,27 @@ def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Pat
     table = (out / "table.md").read_text()  # both invocations that made its runs
     assert "command: meft bench --methods meft:64 dense:32" in table
     assert "command: meft bench --methods meft-noexperts:64" in table
+
+
+@pytest.mark.slow
+def test_bench_retain_method_equals_meft_train_with_protection(
+        model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEFT_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(model_dir), "--steps", "3", "--batch-size", "4", "--top-k", "4",
+              "--experts", "8", "--probe", "2", "--no-progress", "--retain-rows", "5",
+              "--retain-update", "values", "--retain-router", "frozen"]
+    out = tmp_path / "bench"
+    assert main(["bench", "--methods", "meft:64+retain", "--no-eval", "--output", str(out),
+                 *common]) == 0
+    bench = json.loads((out / "meft_64+retain@0.003.json").read_text())
+    assert bench["method"] == "meft:64+retain" and bench["retained_rows_mean"] <= 5
+    assert bench["train_config"]["retain_update"] == "values"
+    run = tmp_path / "train"
+    assert main(["train", "--neurons", "64", "--retain", "on", "--output", str(run),
+                 "--no-eval-before", "--max-eval", "2", "--max-new-tokens", "2", "--no-plots",
+                 "--no-retention", *common]) == 0
+    trained = json.loads((run / "run.json").read_text())
+    assert trained["losses"] == bench["losses"]  # the same protection, bit for bit
 
 
 @pytest.mark.slow

@@ -588,7 +588,7 @@ class BenchJob:
     SECTIONS: ClassVar[tuple[Section, ...]] = (
         Section("adapter", MeftConfig, exclude=("neurons",)),
         Section("train", TrainConfig, exclude=("steps", "epochs", "batch_size", "lr",
-                                               "save_every", "keep_checkpoints")),
+                                               "save_every", "keep_checkpoints", "retain")),
         Section("run", RunConfig, only=("model", "data", "eval_data", "dataset", "people",
                                         "device", "background",
                                         "max_eval", "max_new_tokens", "eval_batch_size",

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from meft.background import load_background
 from meft.bench.methods import DEFAULT_METHODS, QUICK_METHODS, check_method, parse_entry
 from meft.bench.report import (
     edge_warnings,
@@ -89,14 +90,20 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         data = Path(tmp) / "data"
         for name in ("train", "validation", "test"):
             write_jsonl(getattr(splits, name), data / f"{name}.jsonl")
-        probe_args: list[str] = []
+        worker_args: list[str] = []
         if run.retention and bench.evaluate:
             probe = RetentionProbe.build(base, tokenizer, max_new_tokens=run.max_new_tokens,
                                          batch_size=run.eval_batch_size,
                                          progress=job.train.get("progress", True))
             probe.save(Path(tmp) / "probe.json")
-            probe_args = ["--probe", str(Path(tmp) / "probe.json")]
+            worker_args = ["--probe", str(Path(tmp) / "probe.json")]
             say(f"bench: retention probe: {probe.summary()}")
+        if any(method.retain for method, _ in entries):
+            samples, desc = load_background(run.background, base, tokenizer,
+                                            progress=job.train.get("progress", True))
+            write_jsonl(samples, Path(tmp) / "background.jsonl")
+            worker_args += ["--background", str(Path(tmp) / "background.jsonl")]
+            say(f"bench: background for +retain: {desc}")
         del base
         for method, own in entries:
             rates: list[float | None] = list(own or bench.lr_grid or []) or [None]
@@ -107,7 +114,7 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
                 result_path = Path(tmp) / "result.json"
                 cmd = [sys.executable, "-m", "meft.bench.run", "--method", method.name,
                        "--model-dir", tmp, "--job", json.dumps(config), "--data", str(data),
-                       "--result", str(result_path), "--device", str(device), *probe_args]
+                       "--result", str(result_path), "--device", str(device), *worker_args]
                 if lr is not None:
                     cmd += ["--lr", repr(lr)]
                 proc = subprocess.run(cmd, check=False)

@@ -7,6 +7,9 @@
                              AdamW on the host (DeepSpeed-style offload)
     meft:N                   meft with the adapter flags given (E, P, K, gate ...)
     meft-noexperts:N         meft with a single expert: every key scored (no Key-Experts)
+    meft:N+retain            meft with forgetting protection (:mod:`meft.retain`), set by the
+                             --retain-* flags, against --background (default: the base
+                             model's own answers to the shipped prompts)
     full                     full fine-tuning: every base weight trained (the upper anchor for
                              learning and for forgetting)
 
@@ -19,6 +22,7 @@ the tuned comparison found them; full fine-tuning's :data:`meft.config.FULL_LR`;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -52,6 +56,7 @@ class Method:
     neurons: int = 0
     rank: int = 0
     targets: str = ""
+    retain: bool = False
 
     @property
     def name(self) -> str:
@@ -59,7 +64,7 @@ class Method:
             return f"lora:{self.targets}:{self.rank}"
         if self.kind == "full":
             return "full"
-        return f"{self.kind}:{self.neurons}"
+        return f"{self.kind}:{self.neurons}" + ("+retain" if self.retain else "")
 
     @property
     def default_lr(self) -> float:
@@ -69,6 +74,8 @@ class Method:
 
 
 def parse_method(text: str) -> Method:
+    if text.endswith("+retain") and text.startswith("meft:"):
+        return dataclasses.replace(parse_method(text[: -len("+retain")]), retain=True)
     parts = text.split(":")
     if text == "full":
         return Method("full")
@@ -82,7 +89,8 @@ def parse_method(text: str) -> Method:
     except ValueError:
         pass
     raise ConfigError(f"method {text!r}: expected lora:qv:R, lora:all:R, dense:N, offload:N, "
-                      "meft:N, meft-noexperts:N (R, N positive integers) or full")
+                      "meft:N, meft:N+retain, meft-noexperts:N (R, N positive integers) or "
+                      "full")
 
 
 def parse_entry(text: str) -> tuple[Method, list[float] | None]:

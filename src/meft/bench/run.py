@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -35,6 +36,7 @@ from meft.bench.methods import Method, build, parse_method
 from meft.config import BenchJob
 from meft.data import Encoded, Sample, encode_all, load_samples
 from meft.evaluate import evaluate
+from meft.retain import Retainer
 from meft.retention import RetentionProbe
 from meft.sysinfo import peak_rss_bytes, reset_peak_rss
 from meft.trainer import Trainer
@@ -47,11 +49,13 @@ def _bytes(tensors: Sequence[torch.Tensor]) -> int:
 def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[Encoded],
                validation: Sequence[Sample], test: Sequence[Sample], job: BenchJob,
                device: torch.device, *, lr: float | None = None,
-               probe: RetentionProbe | None = None, copy_base: bool = True) -> dict[str, Any]:
+               probe: RetentionProbe | None = None, copy_base: bool = True,
+               background: Sequence[Sample] | None = None) -> dict[str, Any]:
     """Train one method for the job's steps at ``lr`` (None: the job's or the method's rate),
     evaluate it, return its metrics.
 
-    ``copy_base=False`` trains ``base`` itself (a worker process that owns it)."""
+    ``copy_base=False`` trains ``base`` itself (a worker process that owns it); a
+    ``+retain`` method measures its background statistics over ``background``."""
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -61,11 +65,18 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     base_params = list(model.parameters())
     base_bytes = _bytes(base_params)
     trainable = build(method, model, job, device)
+    retainer = None
+    if method.retain:
+        if background is None or trainable.adapter is None:
+            raise ValueError(f"{method.name} needs background samples")
+        tconfig = dataclasses.replace(tconfig, retain="on")
+        retainer = Retainer.from_config(trainable.adapter, tconfig, background, tokenizer,
+                                        progress=tconfig.progress)
     curve = (encode_all(list(validation), tokenizer, tconfig.max_length, "validation")
              if tconfig.eval_every and validation else None)
     with tempfile.TemporaryDirectory(prefix="meft-bench-run-") as tmp:
         trainer = Trainer(trainable, train, tconfig, tmp, pad_id=tokenizer.pad_token_id,
-                          eval_encoded=curve)
+                          eval_encoded=curve, retainer=retainer)
         trainer.desc = method.name
         history = trainer.train().history
     times = [r["step_time_s"] for r in history]
@@ -103,6 +114,8 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         "moved_bytes_h2d_per_step": statistics.mean(r["mb_h2d"] * 1e6 for r in history),
         "moved_bytes_d2h_per_step": statistics.mean(r["mb_d2h"] * 1e6 for r in history),
         "union_mean": statistics.mean(r["union_mean"] for r in history),
+        "retained_rows_mean": (statistics.mean(statistics.mean(r["retained_rows_per_layer"])
+                                               for r in history) if retainer else None),
         "trainable_params": trainable.count(),
     }
     if device.type == "cuda":  # measured, not accounted
@@ -141,6 +154,7 @@ def worker(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", required=True, type=Path,
                     help="directory with train.jsonl, validation.jsonl, test.jsonl")
     ap.add_argument("--probe", type=Path, help="the retention probe of the base model")
+    ap.add_argument("--background", type=Path, help="background text for +retain methods")
     ap.add_argument("--result", required=True, type=Path)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -156,9 +170,10 @@ def worker(argv: Sequence[str] | None = None) -> int:
     train = encode_all(splits["train"], tokenizer, max_length, "training")
     probe = RetentionProbe.load(args.probe) if args.probe is not None else None
     reset_peak_rss()
+    background = load_samples(args.background) if args.background is not None else None
     result = run_method(method, base, tokenizer, train, splits["validation"], splits["test"],
                         job, torch.device(args.device), lr=args.lr, probe=probe,
-                        copy_base=False)
+                        copy_base=False, background=background)
     args.result.write_text(json.dumps(result))
     return 0
 
