@@ -76,3 +76,45 @@ def test_train_with_protection_records_it_and_resumes_bitwise(
     run = json.loads((tmp_path / "whole" / "run.json").read_text())
     assert run["config"]["train"]["retain"] == "on"
     assert run["config"]["train"]["retain_rows"] == 3
+
+
+def test_train_from_a_saved_adapter_keeps_its_rows_under_protection(
+        model_dir: Path, data_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("MEFT_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(model_dir), "--steps", "3", "--batch-size", "4", "--lr", "1e-2",
+              "--max-new-tokens", "3", "--no-progress", "--no-eval-before", "--no-retention",
+              "--no-plots"]
+    first = tmp_path / "first"
+    assert main(["train", *common, "--data", str(data_file), "--output", str(first),
+                 *TINY]) == 0
+    second_data = tmp_path / "second.jsonl"
+    second_data.write_text("".join(
+        json.dumps({"question": f"What is the colour of item {i}?", "answer": f"Zorbic{i}"})
+        + "\n" for i in range(8)))
+    assert main(["train", *common, "--data", str(second_data), "--adapter",
+                 str(first / "adapter"), "--neurons", "64", "--output",
+                 str(tmp_path / "bad")]) == 2
+    assert ("--adapter " + str(first / "adapter") + " fixes the adapter's shape; drop "
+            "--neurons") in capsys.readouterr().err
+    second = tmp_path / "second"
+    assert main(["train", *common, "--data", str(second_data), "--adapter",
+                 str(first / "adapter"), "--retain", "on", "--output", str(second)]) == 0
+    err = capsys.readouterr().err
+    assert "starting from the adapter in" in err and "rows written earlier kept" in err
+    recorded = json.loads((second / "run_config.json").read_text())
+    assert recorded["adapter"]["neurons"] == 64 and recorded["adapter"]["top_k"] == 4
+    a = load_file(first / "adapter" / "adapter_model.safetensors")
+    b = load_file(second / "adapter" / "adapter_model.safetensors")
+    changed = False
+    for name in a:
+        if name.endswith("values"):
+            written = a[name].abs().amax(1) > 0
+            assert written.any()
+            assert torch.equal(a[name][written], b[name][written])  # the first run's rows
+            assert torch.equal(a[name.replace("values", "keys")][written],
+                               b[name.replace("values", "keys")][written])
+            changed |= not torch.equal(a[name], b[name])
+    assert changed  # the second run learned in other rows

@@ -25,9 +25,11 @@ from meft.config import (
     EvalConfig,
     GenerateConfig,
     InfoConfig,
+    MeftConfig,
     RunConfig,
     Section,
     TrainJob,
+    cli_fields,
     flag_of,
     kind_of,
     parse_floats,
@@ -173,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             options = _options(args, TrainJob.SECTIONS)
+            shape = split_options(TrainJob.SECTIONS, options, source="options")["adapter"]
+            if options.get("adapter") is not None and shape:
+                flag = flag_of(next(f for f in cli_fields(MeftConfig) if f.name in shape))
+                raise ConfigError(f"--adapter {options['adapter']} fixes the adapter's shape; "
+                                  f"drop {flag}")
             if options.get("resume") is not None:
                 recipes.train(recipes.resume_job(Path(options["resume"]), options))
             else:

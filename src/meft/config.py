@@ -354,6 +354,10 @@ class RunConfig:
     eval_data: str | None = option(None, "held-out JSONL for evaluation",
                                    default_text="the built-in held-out phrasings, or 10% of "
                                    "--data")
+    adapter: str | None = option(None, "start from this saved adapter (its shape and what it "
+                                 "learned) and go on learning new data; with --retain on the "
+                                 "rows it already wrote are never updated",
+                                 default_text="a fresh adapter")
     background: str | None = option(None, "background text for --retain on (any format --data "
                                     "reads): what the model should keep doing as before",
                                     default_text="the base model's own answers to 320 "

@@ -125,8 +125,15 @@ def train(job: TrainJob) -> dict[str, Any]:
     eval_qa = [s for s in eval_samples if s.answers]
     eval_enc = encode_all(eval_samples, tokenizer, tconfig.max_length, "evaluation")
 
-    config.base_model = source.name
-    meft_model = get_meft_model(model, config, device=device)
+    if run.adapter is not None:  # go on from a saved adapter: its shape, its rows
+        meft_model = MeftModel.from_pretrained(model, run.adapter, device=device)
+        config = job.adapter = meft_model.config
+        if checkpoint is None:  # record the shape the run really has
+            (output / RUN_CONFIG).write_text(json.dumps(job.to_dict(), indent=2) + "\n")
+        say(f"starting from the adapter in {run.adapter}")
+    else:
+        config.base_model = source.name
+        meft_model = get_meft_model(model, config, device=device)
     counts = meft_model.parameter_counts()
     host_gb = sum(s.nbytes for s in meft_model.stores) * 2 / 1e9  # tables + AdamW moments
     say(f"adapter: N={config.neurons} K={config.top_k} E={config.n_experts} P={config.n_probe} "

@@ -30,6 +30,10 @@ bit (no momentum drift, no weight decay). Every accessed row still takes part in
 pass; traffic is unchanged. ``keys=False`` drops every key gradient (values only, as SMF);
 ``router=False`` asks the trainer to freeze the routers, so with values only the rows every
 input reads are fixed from the start and the background statistics stay exact.
+
+Continual learning: rows whose values are already non-zero when the protection starts (an
+adapter trained before, ``meft train --adapter DIR``) are never selected, so what the adapter
+learned before keeps its rows.
 """
 
 from __future__ import annotations
@@ -182,6 +186,9 @@ class Retainer:
         self.background = background
         self.score, self.rows, self.keys, self.router = score, rows, keys, router
         self.counters = _attach(model)
+        # rows an earlier run wrote (values start at zero): never selected, so what the
+        # adapter already learned stays as it was (continual learning)
+        self.protected = {layer: a.store.values.abs().amax(1) > 0 for layer, a in _layers(model)}
 
     @contextlib.contextmanager
     def watch(self, attention_mask: Tensor) -> Iterator[None]:
@@ -201,7 +208,7 @@ class Retainer:
         for layer, adapter in _layers(self.model):
             counter = self.counters[layer]
             scores = row_scores(counter.counts, bg.counts[layer], bg.df[layer], bg.documents,
-                                self.score)
+                                self.score).masked_fill_(self.protected[layer], -math.inf)
             chosen = torch.zeros(counter.n, dtype=torch.bool)
             chosen[top_rows(scores, self.rows)] = True
             store = adapter.store
@@ -237,8 +244,10 @@ class Retainer:
         docs = f"{bg.documents} background documents" if bg is not None else "no background"
         parts = "keys and values" if self.keys else "values only"
         router = "routers trained" if self.router else "routers frozen"
+        written = sum(int(p.sum()) for p in self.protected.values())
+        kept = f", {written} rows written earlier kept as they are" if written else ""
         return (f"forgetting protection: {self.score} over {docs}, top {self.rows} rows per "
-                f"layer and step, {parts}, {router}")
+                f"layer and step, {parts}, {router}{kept}")
 
 
 def _layers(model: MeftModel) -> list[tuple[str, OffloadedSparseAdapter]]:
