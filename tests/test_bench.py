@@ -28,6 +28,12 @@ def test_parse_method() -> None:
     assert parse_method("full") == Method("full") and Method("full").name == "full"
     assert parse_method("meft:64+retain") == Method("meft", neurons=64, retain=True)
     assert parse_method("meft:64+retain").name == "meft:64+retain"
+    swept = parse_method("meft:64+retain:kl:256:values:frozen")
+    assert swept.name == "meft:64+retain:kl:256:values:frozen"
+    assert swept.retain_overrides() == {"retain_score": "kl", "retain_rows": 256,
+                                        "retain_update": "values", "retain_router": "frozen"}
+    with pytest.raises(ConfigError, match="unknown protection setting 'lots'"):
+        parse_method("meft:64+retain:lots")
     # default rates as the tuned comparison chose them
     assert parse_method("lora:all:16").default_lr == 3e-3
     assert parse_method("lora:all:64").default_lr == 1e-3
@@ -78,7 +84,8 @@ def test_targets_pass_fail_and_skip() -> None:
     assert all(t["passed"] is None for t in evaluate_targets(results[:1]))
 
 
-KINDS = ["dense:32", "offload:32", "meft:64", "meft-noexperts:64", "full", "meft:64+retain"]
+KINDS = ["dense:32", "offload:32", "meft:64", "meft-noexperts:64", "full", "meft:64+retain",
+         "meft:64+retain:kl:3:values:frozen"]
 if importlib.util.find_spec("peft") is not None:
     KINDS.append("lora:qv:4")
 
@@ -119,8 +126,11 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     elif name.startswith("meft"):
         assert result["moved_bytes_per_step"] > 0 and result["union_mean"] > 0
         assert result["adapter_config"]["neurons"] == 64
-        assert (result["retained_rows_mean"] is None) == (not name.endswith("+retain"))
-        assert result["train_config"]["retain"] == ("on" if name.endswith("+retain") else "off")
+        assert (result["retained_rows_mean"] is None) == ("+retain" not in name)
+        assert result["train_config"]["retain"] == ("on" if "+retain" in name else "off")
+        if name.endswith("frozen"):
+            assert result["retained_rows_mean"] <= 3
+            assert result["train_config"]["retain_router"] == "frozen"
     else:
         assert result["moved_bytes_per_step"] == 0
     assert result["device_bytes"] >= result["device_bytes_base"]

@@ -9,7 +9,10 @@
     meft-noexperts:N         meft with a single expert: every key scored (no Key-Experts)
     meft:N+retain            meft with forgetting protection (:mod:`meft.retain`), set by the
                              --retain-* flags, against --background (default: the base
-                             model's own answers to the shipped prompts)
+                             model's own answers to the shipped prompts); settings may follow,
+                             overriding the flags for this method: ``+retain:kl:256:values:
+                             frozen`` (score tfidf|kl, rows t, update values|keys, router
+                             frozen|trained), so one comparison can sweep them
     full                     full fine-tuning: every base weight trained (the upper anchor for
                              learning and for forgetting)
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +61,7 @@ class Method:
     rank: int = 0
     targets: str = ""
     retain: bool = False
+    retain_settings: tuple[str, ...] = ()  # as written after +retain, e.g. ("kl", "256")
 
     @property
     def name(self) -> str:
@@ -64,7 +69,22 @@ class Method:
             return f"lora:{self.targets}:{self.rank}"
         if self.kind == "full":
             return "full"
-        return f"{self.kind}:{self.neurons}" + ("+retain" if self.retain else "")
+        protection = ":".join(("+retain", *self.retain_settings)) if self.retain else ""
+        return f"{self.kind}:{self.neurons}{protection}"
+
+    def retain_overrides(self) -> dict[str, Any]:
+        """The TrainConfig fields this method's ``+retain:...`` settings set."""
+        out: dict[str, Any] = {}
+        for token in self.retain_settings:
+            if token in ("tfidf", "kl"):
+                out["retain_score"] = token
+            elif token in ("values", "keys"):
+                out["retain_update"] = "values" if token == "values" else "keys+values"
+            elif token in ("frozen", "trained"):
+                out["retain_router"] = token
+            else:
+                out["retain_rows"] = int(token)
+        return out
 
     @property
     def default_lr(self) -> float:
@@ -73,9 +93,19 @@ class Method:
         return FULL_LR if self.kind == "full" else TrainConfig.lr
 
 
+RETAIN_TOKENS = ("tfidf", "kl", "values", "keys", "frozen", "trained")
+
+
 def parse_method(text: str) -> Method:
-    if text.endswith("+retain") and text.startswith("meft:"):
-        return dataclasses.replace(parse_method(text[: -len("+retain")]), retain=True)
+    base, plus, settings = text.partition("+retain")
+    if plus and base.startswith("meft:") and (not settings or settings.startswith(":")):
+        tokens = tuple(settings.split(":")[1:])
+        bad = [t for t in tokens if t not in RETAIN_TOKENS and not (t.isdigit() and int(t) > 0)]
+        if bad:
+            raise ConfigError(f"method {text!r}: unknown protection setting {bad[0]!r} "
+                              f"(expected tfidf, kl, rows as a positive integer, values, keys, "
+                              f"frozen or trained)")
+        return dataclasses.replace(parse_method(base), retain=True, retain_settings=tokens)
     parts = text.split(":")
     if text == "full":
         return Method("full")

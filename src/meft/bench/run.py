@@ -69,7 +69,7 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     if method.retain:
         if background is None or trainable.adapter is None:
             raise ValueError(f"{method.name} needs background samples")
-        tconfig = dataclasses.replace(tconfig, retain="on")
+        tconfig = dataclasses.replace(tconfig, retain="on", **method.retain_overrides())
         retainer = Retainer.from_config(trainable.adapter, tconfig, background, tokenizer,
                                         progress=tconfig.progress)
     curve = (encode_all(list(validation), tokenizer, tconfig.max_length, "validation")
