@@ -60,10 +60,10 @@ def test_access_counter_counts_tokens_and_documents() -> None:
     ids = torch.randint(0, n, (t, k), generator=gen)
     docs = torch.tensor([0, 0, 0, 1, 1, -1, -1, 2, 2, 2, 2, 3, -1, 3])
     counter = AccessCounter(n)
-    counter.add(ids)  # not counting: ignored
+    counter.add(ids, torch.zeros(t, 2))  # not counting: ignored
     assert counter.counts.sum() == 0
     counter.docs, counter.track_docs = docs, True
-    counter.add(ids)
+    counter.add(ids, torch.zeros(t, 2))
     want_counts, want_df = [0] * n, [0] * n
     for doc in set(docs.tolist()) - {-1}:
         seen = set()
@@ -78,7 +78,7 @@ def test_access_counter_counts_tokens_and_documents() -> None:
     assert counter.df.tolist() == want_df
     with pytest.raises(ValueError, match="13 in the mask"):
         counter.docs = docs[:13]
-        counter.add(ids)
+        counter.add(ids, torch.zeros(t, 2))
 
 
 def _trained(tmp_path: Path, name: str, retain: dict | None, steps: int = 3,
@@ -86,11 +86,11 @@ def _trained(tmp_path: Path, name: str, retain: dict | None, steps: int = 3,
     """Training on examples of one length (no padding: rows that only padding chose are
     dropped by the protection, but updated by plain training through their momentum)."""
     model = get_meft_model(tiny("llama"), meft_config())
-    if values is not None:  # non-zero values so keys and routers get gradients too
-        for s in model.stores:
-            s.values.normal_(0, values, generator=torch.Generator().manual_seed(3))
     retainer = (Retainer(model, background_of(model), **retain) if retain is not None
                 else None)
+    if values is not None:  # non-zero values so keys and routers get gradients too (set
+        for s in model.stores:  # after the protection started: not rows written earlier)
+            s.values.normal_(0, values, generator=torch.Generator().manual_seed(3))
     trainer = Trainer(model, examples(pad=False), TrainConfig(steps=steps, batch_size=4, lr=1e-2,
                                                      progress=False),
                       tmp_path / name, pad_id=0, retainer=retainer)
@@ -112,9 +112,9 @@ def test_keeping_every_row_is_plain_training(tmp_path: Path) -> None:
 
 def test_rows_outside_the_selection_do_not_move(tmp_path: Path) -> None:
     model = get_meft_model(tiny("llama"), meft_config())
+    retainer = Retainer(model, background_of(model), rows=5)
     for s in model.stores:
         s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
-    retainer = Retainer(model, background_of(model), rows=5)
     trainer = Trainer(model, examples(), TrainConfig(steps=1, batch_size=8, lr=1e-2,
                                                      progress=False),
                       tmp_path / "run", pad_id=0, retainer=retainer)
@@ -159,8 +159,11 @@ def test_background_statistics_ride_in_checkpoints_and_resume_is_bitwise(tmp_pat
 
     def run(name: str, stop_after: int | None, resume: Path | None = None) -> MeftModel:
         model = get_meft_model(tiny("llama"), meft_config())
-        background = background_of(model) if resume is None else None
-        retainer = Retainer(model, background, rows=6, score="kl")
+        background = (Background.measure(model, examples(12, seed=5), pad_id=0, batch_size=5,
+                                         progress=False, keep_inputs=30)
+                      if resume is None else None)
+        retainer = Retainer(model, background, rows=6, score="kl", penalty=1.0,
+                            penalty_tokens=8)
         trainer = Trainer(model, examples(), cfg, tmp_path / name, pad_id=0,
                           retainer=retainer)
         if resume is not None:
@@ -190,13 +193,14 @@ def test_protection_reduces_the_change_on_background_inputs(tmp_path: Path) -> N
         ref = base(input_ids=probe).logits
     train = examples(16, seed=1, lo=2, hi=50)
     moved = {}
-    for name, retain in (("off", None), ("on", {"rows": 4})):
+    variants = (("off", None), ("on", {"rows": 4}), ("penalty", {"rows": 0, "penalty": 30.0}))
+    for name, retain in variants:
         model = get_meft_model(tiny("llama", layers=2), meft_config(top_k=4))
         retainer = None
         if retain is not None:
             bg = Background.measure(model, examples(24, seed=7, lo=50, hi=97), pad_id=0,
-                                    progress=False)
-            retainer = Retainer(model, bg, **retain)
+                                    progress=False, keep_inputs=150)
+            retainer = Retainer(model, bg, penalty_tokens=64, **retain)
         history = Trainer(model, train, TrainConfig(steps=6, batch_size=8, lr=3e-2,
                                                     progress=False),
                           tmp_path / name, pad_id=0, retainer=retainer).train().history
@@ -205,3 +209,50 @@ def test_protection_reduces_the_change_on_background_inputs(tmp_path: Path) -> N
             moved[name] = float((model(input_ids=probe).logits - ref).abs().mean())
     assert moved["off"] > 0
     assert moved["on"] < 0.5 * moved["off"], moved
+    assert moved["penalty"] < 0.5 * moved["off"], moved
+
+
+def test_background_keeps_the_adapter_inputs_of_the_drawn_tokens() -> None:
+    model = get_meft_model(tiny("llama"), meft_config())
+    data = examples(7, seed=2)
+    seen: dict[str, list[torch.Tensor]] = {layer: [] for layer in model.adapters}
+    handles = [a.register_forward_pre_hook(
+        lambda mod, args, layer=layer: seen[layer].append(args[0].reshape(-1, 32).clone()))
+        for layer, a in model.adapters.items()]
+    everything = Background.measure(model, data, pad_id=0, batch_size=3, progress=False,
+                                    keep_inputs=10_000)
+    for h in handles:
+        h.remove()
+    total = sum(len(e.input_ids) for e in data)
+    for layer in model.adapters:  # every non-padding token, in order (right padding)
+        rows = []
+        for b, x in enumerate(seen[layer]):  # one forward per batch of 3, (3 * width, d)
+            batch = data[3 * b:3 * b + 3]
+            width = x.shape[0] // len(batch)
+            rows += [x[j * width:j * width + len(e.input_ids)] for j, e in enumerate(batch)]
+        assert torch.equal(everything.inputs[layer], torch.cat(rows))
+        assert everything.inputs[layer].shape == (total, 32)
+    some = Background.measure(model, data, pad_id=0, batch_size=3, progress=False,
+                              keep_inputs=9, seed=4)
+    for layer in model.adapters:
+        kept = some.inputs[layer]
+        assert kept.shape == (9, 32)
+        assert all((everything.inputs[layer] == row).all(1).any() for row in kept)
+    assert torch.equal(some.counts["0"], everything.counts["0"])  # counting is unchanged
+
+
+def test_the_penalty_is_the_mean_squared_adapter_output(tmp_path: Path) -> None:
+    model = get_meft_model(tiny("llama"), meft_config())
+    bg = Background.measure(model, examples(6, seed=3), pad_id=0, progress=False,
+                            keep_inputs=20)
+    retainer = Retainer(model, bg, rows=0, penalty=2.0, penalty_tokens=8)
+    for s in model.stores:
+        s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    got = retainer.penalty_backward(step=3)
+    want = 0.0
+    with torch.no_grad():
+        for layer, adapter in model.adapters.items():
+            idx = (torch.arange(8) + 24) % 20
+            want += float(2.0 * adapter(bg.inputs[layer][idx]).pow(2).sum(-1).mean())
+    assert got == pytest.approx(want, rel=1e-6)
+    assert all(len(s.value_grad) > 0 for s in model.stores)  # it sends gradients to rows

@@ -315,8 +315,10 @@ class TrainConfig:
     retain_score: str = option("tfidf", "protection's ranking of a step's rows: TF-IDF over "
                                "background documents, or KL to background accesses",
                                choices=("tfidf", "kl"))
-    retain_rows: int = option(512, "rows per layer and step that protection lets train (t)",
-                              check="positive")
+    retain_rows: int = option(512, "rows per layer and step that protection lets train (t; "
+                              "0: every row, no selection)", check="nonneg")
+    retain_penalty: float = option(0.0, "weight of protection's penalty on the adapter's "
+                                   "output for background tokens (0: none)", check="nonneg")
     retain_update: str = option("keys+values", "tables of the selected rows that train under "
                                 "protection", choices=("values", "keys+values"))
     retain_router: str = option("trained", "meft's routers under protection",

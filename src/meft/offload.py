@@ -36,9 +36,10 @@ from meft.store import HostStore, RowSparseGrad
 
 
 class Counter(Protocol):
-    """Receives each forward's chosen ids (T, K) (:class:`meft.retain.AccessCounter`)."""
+    """Receives each forward's chosen ids (T, K) and host inputs (T, d)
+    (:class:`meft.retain.AccessCounter`)."""
 
-    def add(self, ids: Tensor) -> None: ...
+    def add(self, ids: Tensor, x: Tensor) -> None: ...
 
 _HOST = torch.device("cpu")
 
@@ -173,7 +174,7 @@ class OffloadedSparseAdapter(nn.Module):
             probe_ids.to(_HOST), self.n_experts, top_k=self.top_k, gate=self.gate,
         )  # (T, K) on host
         if self.counter is not None:
-            self.counter.add(ids)
+            self.counter.add(ids, x_host)
         uniq, local = torch.unique(ids, return_inverse=True)  # (U,), (T, K)
         routed = time.perf_counter()
 

@@ -31,6 +31,14 @@ pass; traffic is unchanged. ``keys=False`` drops every key gradient (values only
 ``router=False`` asks the trainer to freeze the routers, so with values only the rows every
 input reads are fixed from the start and the background statistics stay exact.
 
+Output penalty (``penalty`` > 0, with or without the selection; ``rows=0`` turns the
+selection off): while measuring, the adapter inputs x of M background tokens per layer are kept
+(M, d); each step adds ``penalty * mean |adapter(x)|^2`` over the next m of them per layer to
+the loss. Values start at zero, so the adapter starts silent and the penalty starts at zero; it
+pulls back only rows that background tokens read. The inputs are those of the model as
+training starts (later layers' inputs drift as earlier adapters learn: an approximation that
+keeps the penalty adapter-sized work, no base-model pass).
+
 Continual learning: rows whose values are already non-zero when the protection starts (an
 adapter trained before, ``meft train --adapter DIR``) are never selected, so what the adapter
 learned before keeps its rows.
@@ -41,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +65,8 @@ if TYPE_CHECKING:
     from meft.offload import OffloadedSparseAdapter
 
 SCORES = ("tfidf", "kl")
+PENALTY_INPUTS = 4096  # background tokens whose adapter inputs are kept, per layer (M)
+PENALTY_TOKENS = 256  # of them, used per step and layer by the output penalty (m)
 PREFIX = "retain."  # tensor names in checkpoints: retain.<layer>.counts, retain.<layer>.df
 
 
@@ -73,13 +83,18 @@ class AccessCounter:
         self.df = torch.zeros(n_neurons, dtype=torch.long)  # (N,)
         self.docs: Tensor | None = None  # (T,) while counting, else None: not counting
         self.track_docs = False
+        self.capture: Tensor | None = None  # (T,) bool: keep these tokens' inputs
+        self.captured: list[Tensor] = []  # kept inputs, (T_i, d) each
 
-    def add(self, ids: Tensor) -> None:
+    def add(self, ids: Tensor, x: Tensor) -> None:
+        """One forward's chosen ids (T, K) and its inputs x (T, d) on the host."""
         if self.docs is None:
             return
         if self.docs.shape[0] != ids.shape[0]:
             raise ValueError(f"access counter: {ids.shape[0]} tokens routed, "
                              f"{self.docs.shape[0]} in the mask")
+        if self.capture is not None:
+            self.captured.append(x[self.capture].float().clone())
         valid = self.docs >= 0  # (T,)
         chosen = ids[valid]  # (T', K)
         self.counts += torch.bincount(chosen.reshape(-1), minlength=self.n)
@@ -94,17 +109,28 @@ class AccessCounter:
 
 @dataclass
 class Background:
-    """Per layer (by adapter layer id): accesses C_bg (N,) and document frequency df (N,)."""
+    """Per layer (by adapter layer id): accesses C_bg (N,), document frequency df (N,) and,
+    for the output penalty, the adapter inputs of up to M background tokens (M, d)."""
 
     counts: dict[str, Tensor]
     df: dict[str, Tensor]
     documents: int
+    inputs: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     @torch.no_grad()
     def measure(cls, model: MeftModel, encoded: Sequence[Encoded], pad_id: int, *,
-                batch_size: int = 16, progress: bool = True) -> Background:
-        """Count the accesses of ``model``'s adapters over ``encoded`` (module doc)."""
+                batch_size: int = 16, progress: bool = True, keep_inputs: int = 0,
+                seed: int = 0) -> Background:
+        """Count the accesses of ``model``'s adapters over ``encoded`` (module doc); keep the
+        adapter inputs of ``keep_inputs`` tokens drawn by ``seed`` (padding never drawn)."""
+        lengths = torch.tensor([len(e.input_ids) for e in encoded])
+        starts = torch.cumsum(lengths, 0) - lengths  # (D,) first global token of each
+        total = int(lengths.sum())
+        chosen = torch.zeros(total, dtype=torch.bool)
+        if keep_inputs:
+            gen = torch.Generator().manual_seed(seed)
+            chosen[torch.randperm(total, generator=gen)[:keep_inputs]] = True
         layers = _layers(model)
         previous = {k: a.counter for k, a in layers}
         counters = {k: AccessCounter(a.n_neurons) for k, a in layers}
@@ -118,23 +144,32 @@ class Background:
             for lo in tqdm(range(0, len(encoded), batch_size), desc="background",
                            unit="batch", disable=not progress, dynamic_ncols=True):
                 batch = collate(encoded[lo:lo + batch_size], pad_id)
-                mask = batch["attention_mask"]  # (B, L)
+                mask = batch["attention_mask"].bool()  # (B, L)
                 docs = torch.arange(lo, lo + mask.shape[0]).unsqueeze(1).expand_as(mask)
-                with _counting(counters, torch.where(mask.bool(), docs, -1).reshape(-1)):
+                position = starts[lo:lo + mask.shape[0]].unsqueeze(1) + torch.arange(
+                    mask.shape[1])  # (B, L) global token index
+                capture = (mask & chosen[position.clamp_max(total - 1)]).reshape(-1)
+                for c in counters.values():
+                    c.capture = capture if keep_inputs else None
+                with _counting(counters, torch.where(mask, docs, -1).reshape(-1)):
                     model(input_ids=batch["input_ids"].to(model.device_),
-                          attention_mask=mask.to(model.device_))
+                          attention_mask=mask.long().to(model.device_))
         finally:
             model.train(was_training)
             for k, a in layers:
                 a.counter = previous[k]
+        inputs = ({k: torch.cat(c.captured) for k, c in counters.items()} if keep_inputs
+                  else {})
         return cls({k: c.counts.clone() for k, c in counters.items()},
-                   {k: c.df.clone() for k, c in counters.items()}, len(encoded))
+                   {k: c.df.clone() for k, c in counters.items()}, len(encoded), inputs)
 
     def tensors(self) -> dict[str, Tensor]:
         out = {f"{PREFIX}documents": torch.tensor([self.documents])}
         for layer in self.counts:
             out[f"{PREFIX}{layer}.counts"] = self.counts[layer]
             out[f"{PREFIX}{layer}.df"] = self.df[layer]
+            if layer in self.inputs:
+                out[f"{PREFIX}{layer}.inputs"] = self.inputs[layer]
         return out
 
     @classmethod
@@ -142,7 +177,9 @@ class Background:
         try:
             return cls({k: tensors[f"{PREFIX}{k}.counts"].long() for k in layers},
                        {k: tensors[f"{PREFIX}{k}.df"].long() for k in layers},
-                       int(tensors[f"{PREFIX}documents"].item()))
+                       int(tensors[f"{PREFIX}documents"].item()),
+                       {k: tensors[f"{PREFIX}{k}.inputs"] for k in layers
+                        if f"{PREFIX}{k}.inputs" in tensors})
         except KeyError as e:
             raise SerializationError(f"background statistics {e.args[0]} missing (a checkpoint "
                                      "trained without --retain?)") from None
@@ -177,14 +214,17 @@ class Retainer:
 
     def __init__(self, model: MeftModel, background: Background | None, *,
                  score: str = "tfidf", rows: int = 512, keys: bool = True,
-                 router: bool = True) -> None:
+                 router: bool = True, penalty: float = 0.0,
+                 penalty_tokens: int = PENALTY_TOKENS) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if rows < 1:
-            raise ValueError(f"rows must be >= 1, got {rows}")
+        if rows < 0 or penalty < 0 or penalty_tokens < 1:
+            raise ValueError(f"rows and penalty must be >= 0, penalty_tokens >= 1, got rows="
+                             f"{rows}, penalty={penalty}, penalty_tokens={penalty_tokens}")
         self.model = model
         self.background = background
         self.score, self.rows, self.keys, self.router = score, rows, keys, router
+        self.penalty, self.penalty_tokens = penalty, penalty_tokens
         self.counters = _attach(model)
         # rows an earlier run wrote (values start at zero): never selected, so what the
         # adapter already learned stays as it was (continual learning)
@@ -199,14 +239,18 @@ class Retainer:
 
     @torch.no_grad()
     def select_(self) -> list[int]:
-        """Drop the gradient rows outside each layer's selection; reset the counts; return
-        the rows kept per layer."""
+        """Drop the gradient rows outside each layer's selection (``rows`` 0: keep all);
+        reset the counts; return the rows kept per layer."""
         if self.background is None:
             raise RuntimeError("Retainer.select_ before the background statistics exist")
         bg = self.background
         kept = []
         for layer, adapter in _layers(self.model):
             counter = self.counters[layer]
+            if not self.rows:
+                kept.append(len(adapter.store.value_grad))
+                counter.reset()
+                continue
             scores = row_scores(counter.counts, bg.counts[layer], bg.df[layer], bg.documents,
                                 self.score).masked_fill_(self.protected[layer], -math.inf)
             chosen = torch.zeros(counter.n, dtype=torch.bool)
@@ -221,6 +265,24 @@ class Retainer:
             counter.reset()
         return kept
 
+    def penalty_backward(self, step: int) -> float:
+        """Add the gradient of ``penalty * mean_t |adapter(x_t)|^2`` over ``penalty_tokens``
+        cached background inputs per layer (the next ones in order, from ``step``): the
+        adapter is pulled back towards silence on background text. Returns the penalty."""
+        if not self.penalty:
+            return 0.0
+        if self.background is None or not self.background.inputs:
+            raise RuntimeError("the output penalty needs background inputs (keep_inputs)")
+        total = 0.0
+        for layer, adapter in _layers(self.model):
+            xs = self.background.inputs[layer]  # (M, d)
+            idx = (torch.arange(self.penalty_tokens) + step * self.penalty_tokens) % xs.shape[0]
+            y = adapter(xs[idx].to(adapter.device))  # (m, d)
+            loss = self.penalty * y.pow(2).sum(-1).mean()
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
     @classmethod
     def from_config(cls, model: MeftModel, config: TrainConfig,
                     background: Sequence[Sample] | None, tokenizer: Any, *,
@@ -231,10 +293,12 @@ class Retainer:
         if background is not None:
             encoded = encode_all(background, tokenizer, config.max_length, "background")
             stats = Background.measure(model, encoded, tokenizer.pad_token_id,
-                                       progress=progress)
+                                       progress=progress, seed=config.seed,
+                                       keep_inputs=PENALTY_INPUTS if config.retain_penalty
+                                       else 0)
         return cls(model, stats, score=config.retain_score, rows=config.retain_rows,
                    keys=config.retain_update == "keys+values",
-                   router=config.retain_router == "trained")
+                   router=config.retain_router == "trained", penalty=config.retain_penalty)
 
     def close(self) -> None:
         _detach(self.model)
@@ -246,8 +310,11 @@ class Retainer:
         router = "routers trained" if self.router else "routers frozen"
         written = sum(int(p.sum()) for p in self.protected.values())
         kept = f", {written} rows written earlier kept as they are" if written else ""
-        return (f"forgetting protection: {self.score} over {docs}, top {self.rows} rows per "
-                f"layer and step, {parts}, {router}{kept}")
+        selection = (f"{self.score} over {docs}, top {self.rows} rows per layer and step"
+                     if self.rows else f"every row trains, {docs}")
+        penalty = (f", output penalty {self.penalty:g} on {self.penalty_tokens} background "
+                   "tokens per layer and step" if self.penalty else "")
+        return (f"forgetting protection: {selection}, {parts}, {router}{penalty}{kept}")
 
 
 def _layers(model: MeftModel) -> list[tuple[str, OffloadedSparseAdapter]]:

@@ -217,7 +217,10 @@ class Trainer:
                 loss_sum, _ = token_loss_sum(self.model, batch)
             (loss_sum / max(1, labelled)).backward()
             loss_total += float(loss_sum.detach())
-        kept = self.retainer.select_() if self.retainer is not None else []
+        kept, penalty = [], 0.0
+        if self.retainer is not None:
+            kept = self.retainer.select_()
+            penalty = self.retainer.penalty_backward(self.step)
         norm = self.optimizers.clip_(self.config.max_grad_norm)
         loss = loss_total / max(1, labelled)
         if not (math.isfinite(loss) and torch.isfinite(norm)):
@@ -242,6 +245,7 @@ class Trainer:
             "union_mean": sum(unions) / max(1, len(unions)),
             "touched_rows_per_layer": traffic.touched_rows_per_layer,
             "retained_rows_per_layer": kept,
+            "retain_penalty": penalty,
             "mb_h2d": traffic.bytes_h2d / 1e6,
             "mb_d2h": traffic.bytes_d2h / 1e6,
             "staged_mb": traffic.staged_bytes / 1e6,

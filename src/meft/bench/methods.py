@@ -11,8 +11,9 @@
                              --retain-* flags, against --background (default: the base
                              model's own answers to the shipped prompts); settings may follow,
                              overriding the flags for this method: ``+retain:kl:256:values:
-                             frozen`` (score tfidf|kl, rows t, update values|keys, router
-                             frozen|trained), so one comparison can sweep them
+                             frozen:pen0.5`` (score tfidf|kl, rows t or all, update
+                             values|keys, router frozen|trained, output penalty), so one
+                             comparison can sweep them
     full                     full fine-tuning: every base weight trained (the upper anchor for
                              learning and for forgetting)
 
@@ -82,6 +83,10 @@ class Method:
                 out["retain_update"] = "values" if token == "values" else "keys+values"
             elif token in ("frozen", "trained"):
                 out["retain_router"] = token
+            elif token == "all":
+                out["retain_rows"] = 0
+            elif token.startswith("pen"):
+                out["retain_penalty"] = float(token[3:])
             else:
                 out["retain_rows"] = int(token)
         return out
@@ -93,18 +98,27 @@ class Method:
         return FULL_LR if self.kind == "full" else TrainConfig.lr
 
 
-RETAIN_TOKENS = ("tfidf", "kl", "values", "keys", "frozen", "trained")
+RETAIN_TOKENS = ("tfidf", "kl", "values", "keys", "frozen", "trained", "all")
+
+
+def _retain_token(token: str) -> bool:
+    if token in RETAIN_TOKENS or (token.isdigit() and int(token) > 0):
+        return True
+    try:
+        return token.startswith("pen") and float(token[3:]) >= 0
+    except ValueError:
+        return False
 
 
 def parse_method(text: str) -> Method:
     base, plus, settings = text.partition("+retain")
     if plus and base.startswith("meft:") and (not settings or settings.startswith(":")):
         tokens = tuple(settings.split(":")[1:])
-        bad = [t for t in tokens if t not in RETAIN_TOKENS and not (t.isdigit() and int(t) > 0)]
+        bad = [t for t in tokens if not _retain_token(t)]
         if bad:
             raise ConfigError(f"method {text!r}: unknown protection setting {bad[0]!r} "
-                              f"(expected tfidf, kl, rows as a positive integer, values, keys, "
-                              f"frozen or trained)")
+                              f"(expected tfidf, kl, rows as a positive integer or all, "
+                              f"values, keys, frozen, trained, or penW for a penalty W)")
         return dataclasses.replace(parse_method(base), retain=True, retain_settings=tokens)
     parts = text.split(":")
     if text == "full":
