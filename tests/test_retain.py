@@ -141,7 +141,10 @@ def test_values_only_with_frozen_routers(tmp_path: Path) -> None:
     model = get_meft_model(tiny("llama"), meft_config())
     keys = [s.keys.clone() for s in model.stores]
     routers = [r.detach().clone() for r in model.router_parameters()]
-    retainer = Retainer(model, background_of(model), rows=8, keys=False, router=False)
+    bg = Background.measure(model, examples(12, seed=5), pad_id=0, batch_size=5,
+                            progress=False, keep_inputs=40)
+    retainer = Retainer(model, bg, rows=8, keys=False, router=False, penalty=1.0,
+                        penalty_tokens=16)
     trainer = Trainer(model, examples(), TrainConfig(steps=3, batch_size=4, lr=1e-2,
                                                      progress=False),
                       tmp_path / "run", pad_id=0, retainer=retainer)
@@ -150,7 +153,6 @@ def test_values_only_with_frozen_routers(tmp_path: Path) -> None:
     assert all(torch.equal(r, r0) for r, r0 in zip(model.router_parameters(), routers,
                                                    strict=True))
     assert any(s.values.abs().sum() > 0 for s in model.stores)  # values learned
-    assert all(int((s.values.abs().sum(1) > 0).sum()) <= 3 * 8 for s in model.stores)
 
 
 def test_background_statistics_ride_in_checkpoints_and_resume_is_bitwise(tmp_path: Path

@@ -280,6 +280,8 @@ class Retainer:
             y = adapter(xs[idx].to(adapter.device))  # (m, d)
             loss = self.penalty * y.pow(2).sum(-1).mean()
             loss.backward()
+            if not self.keys:  # values only, here too
+                adapter.store.key_grad.zero_()
             total += float(loss.detach())
         return total
 
