@@ -35,6 +35,8 @@ def test_schedule_warms_up_then_decays_to_zero() -> None:
     assert mults[5] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(mults[5:]))
     assert mults[-1] == pytest.approx(1 / 95)
+    flat = [lr_multiplier(s, total, warmup, "constant") for s in range(total)]
+    assert flat[:5] == mults[:5] and flat[5:] == [1.0] * 95
 
 
 def test_micro_batches_accumulate_to_the_full_batch_update(tmp_path: Path) -> None:

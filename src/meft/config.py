@@ -298,6 +298,8 @@ class TrainConfig:
                                  "parameters alike", check="nonneg")
     warmup_ratio: float = option(0.02, "fraction of the steps warming up linearly (then linear "
                                  "decay to 0)", check="fraction")
+    schedule: str = option("linear", "learning rate after warmup: linear decay to 0 (the "
+                           "paper's) or constant", choices=("linear", "constant"))
     max_grad_norm: float = option(1.0, "clip the global gradient norm (host rows and device "
                                   "parameters together)", check="positive")
     max_length: int = option(256, "tokens per example; longer ones are truncated with a "

@@ -11,7 +11,7 @@ Per optimiser step (``batch_size`` examples, split into micro-batches of
 ``micro_batch_size`` whose gradients accumulate):
 
     lr = base_lr * schedule(step): linear warmup over ``warmup_ratio`` of the steps, then
-         linear decay to 0 (the paper's schedule), applied to every optimizer
+         linear decay to 0 (the paper's schedule; or constant), applied to every optimizer
     for each micro-batch:  loss = sum of answer-token cross-entropy / labelled tokens in the step
                            loss.backward()      host row gradients accumulate in the stores
     norm = one global norm over every gradient (device, host rows, host dense), clipped
@@ -132,10 +132,13 @@ class Trainable:
         return [*self.params.values(), *self.routers.values()]
 
 
-def lr_multiplier(step: int, total: int, warmup: int) -> float:
-    """Linear warmup for ``warmup`` steps, then linear decay to 0 at ``total``."""
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str = "linear") -> float:
+    """Linear warmup for ``warmup`` steps, then linear decay to 0 at ``total`` (``linear``) or
+    the peak rate to the end (``constant``)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
@@ -202,7 +205,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, idx: Sequence[int]) -> dict[str, Any]:
         start = time.perf_counter()
-        mult = lr_multiplier(self.step, self.total, self.warmup)
+        mult = lr_multiplier(self.step, self.total, self.warmup, self.config.schedule)
         self.optimizers.set_lr(mult)
         examples = [self.train_set[i] for i in idx]
         labelled = sum(e.target_tokens for e in examples)
