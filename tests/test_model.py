@@ -107,6 +107,25 @@ def test_sharded_save_round_trip(tmp_path: Path) -> None:
     assert torch.equal(logits(MeftModel.from_pretrained(tiny("llama"), tmp_path / "a")), want)
 
 
+def test_saving_into_a_directory_keeps_what_else_is_there(tmp_path: Path) -> None:
+    """A Trainer's output directory holds checkpoints: saving the adapter there replaces only
+    the adapter's own files (and drops shards a smaller save no longer needs)."""
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    model = get_meft_model(tiny("llama"), config(neurons=128, experts=16))
+    perturb(model)
+    model.save_pretrained(out, max_shard_bytes=20_000)
+    assert sum(p.name.startswith("adapter_model-") for p in out.iterdir()) > 2
+    model.save_pretrained(out)  # one file now: the shards and their index go
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["adapter_config.json", "adapter_model.safetensors", "checkpoint-2",
+                     "notes.txt"]
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert torch.equal(logits(MeftModel.from_pretrained(tiny("llama"), out)), logits(model))
+
+
 def test_subset_of_layers_and_generate() -> None:
     model = get_meft_model(tiny("qwen2", layers=4), config(layers=[1, -1]))
     assert model.layer_ids == [1, 3]

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from meft.config import MeftConfig
+from meft.config import CONFIG_NAME, MeftConfig
 from meft.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
 from meft.offload import OffloadedSparseAdapter
 from meft.routing import router_init
-from meft.serialization import atomic_directory, load_tensors, save_tensors
+from meft.serialization import load_tensors, replaced_files, save_tensors
 from meft.store import HostStore, HostTable, TransferStats
 from meft.sysinfo import available_host_bytes
 
@@ -272,10 +272,11 @@ class MeftModel(nn.Module):
         """Write adapter_config.json and adapter_model*.safetensors into ``directory``."""
         directory = Path(directory)
         config = MeftConfig.from_dict({**self.config.to_dict(), "layers": self.layer_ids})
-        with atomic_directory(directory) as tmp:
-            config.save(tmp)
+        with replaced_files(directory, owned=lambda name: name.startswith(WEIGHTS_STEM),
+                            last=CONFIG_NAME) as tmp:
             save_tensors(self.adapter_state(), tmp, WEIGHTS_STEM,
                          max_shard_bytes=max_shard_bytes, metadata={"format": "meft"})
+            config.save(tmp)
         return directory
 
     @classmethod

@@ -1,9 +1,11 @@
 """Files: atomic directories and (sharded) safetensors, never pickle.
 
-Everything meft writes goes through :func:`atomic_directory`: files are written into a
-temporary sibling directory, fsynced, and the directory is renamed into place, so a reader
+Run directories and checkpoints go through :func:`atomic_directory`: files are written into
+a temporary sibling directory, fsynced, and the directory is renamed into place, so a reader
 (or a run killed at any moment) sees either the previous complete directory or the new
-complete one, never a half-written mix.
+complete one, never a half-written mix. An adapter saved into a directory that holds other
+things (``save_pretrained`` into a Trainer's output) replaces only its own files
+(:func:`replaced_files`).
 
 Tensors are stored as safetensors, split into shards of at most ``max_shard_bytes`` with a
 Hugging Face style index (``<stem>.safetensors.index.json`` mapping tensor name to file) when
@@ -19,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -97,6 +99,34 @@ def recover_directory(target: Path) -> None:
         olds = olds[:-1]
     for stale in olds + list(target.parent.glob(f".{target.name}.tmp-*")):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replaced_files(directory: str | Path, *, owned: Callable[[str], bool],
+                   last: str | None = None) -> Iterator[Path]:
+    """Yield a temporary directory whose files then replace their namesakes in ``directory``,
+    each atomically (fsync, rename; ``last`` renamed last), and remove files of ``directory``
+    that ``owned(name)`` claims but the new set lacks (stale shards). Other files in
+    ``directory`` are left alone: it may be a Trainer's output directory holding checkpoints.
+    A crash part-way leaves a mix of old and new files, which the reader's shape checks catch.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save-tmp-", dir=directory))
+    try:
+        yield tmp
+        names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == last)
+        for name in names:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        for name in names:
+            os.replace(tmp / name, directory / name)
+        for stale in directory.iterdir():
+            if stale.is_file() and owned(stale.name) and stale.name not in names:
+                stale.unlink()
+        _fsync_dir(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_tensors(tensors: dict[str, Tensor], directory: str | Path, stem: str, *,
