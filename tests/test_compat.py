@@ -25,7 +25,7 @@ def test_adapter_saved_by_0_1_0_loads_and_computes_what_it_did() -> None:
     base.load_state_dict(load_file(str(DATA / "adapter-0.1.0-base.safetensors")))
     want = load_file(str(DATA / "adapter-0.1.0-logits.safetensors"))
     model = MeftModel.from_pretrained(base, OLD)
-    assert model.config.neurons == 64 and model.layer_ids == [0, 1, 2]
+    assert model.meft_config.neurons == 64 and model.layer_ids == [0, 1, 2]
     with torch.no_grad():
         got = model(input_ids=want["input_ids"]).logits
         with model.disable_adapter():

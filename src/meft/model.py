@@ -146,7 +146,7 @@ class MeftModel(nn.Module):
         config.hidden_size, config.num_layers = d, len(blocks)
         if config.base_model is None:
             config.base_model = model_name_of(base_model)
-        self.config = config
+        self.meft_config = config  # .config is the base model's (as transformers expects)
         if device is None:
             first = next(base_model.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
@@ -271,7 +271,7 @@ class MeftModel(nn.Module):
                         max_shard_bytes: int = 2 * 1024**3) -> Path:
         """Write adapter_config.json and adapter_model*.safetensors into ``directory``."""
         directory = Path(directory)
-        config = MeftConfig.from_dict({**self.config.to_dict(), "layers": self.layer_ids})
+        config = MeftConfig.from_dict({**self.meft_config.to_dict(), "layers": self.layer_ids})
         with replaced_files(directory, owned=lambda name: name.startswith(WEIGHTS_STEM),
                             last=CONFIG_NAME) as tmp:
             save_tensors(self.adapter_state(), tmp, WEIGHTS_STEM,

@@ -208,7 +208,8 @@ class OptimizerSet:
                  routers: dict[str, Tensor] | None = None,
                  host_tables: dict[str, HostTable] | None = None,
                  offload: dict[str, Tensor] | None = None, lr: float,
-                 router_lr: float | None = None, weight_decay: float = 0.0) -> None:
+                 router_lr: float | None = None, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.named: dict[str, dict[str, Any]] = {
             "device": dict(params or {}), "router": dict(routers or {}),
             "host": dict(host_tables or {}), "offload": dict(offload or {})}
@@ -217,12 +218,13 @@ class OptimizerSet:
         groups = [{"params": list(group.values()), "base_lr": base}
                   for group, base in ((self.named["device"], lr),
                                       (self.named["router"], self.router_lr)) if group]
+        adam = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
         self.device: torch.optim.Optimizer | None = (
-            torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay) if groups else None)
-        self.host = (RowSparseAdamW(self.named["host"].values(), lr=lr,
-                                    weight_decay=weight_decay) if self.named["host"] else None)
+            torch.optim.AdamW(groups, **adam) if groups else None)  # type: ignore[arg-type]
+        self.host = (RowSparseAdamW(self.named["host"].values(), **adam)  # type: ignore[arg-type]
+                     if self.named["host"] else None)
         offload_params = list(self.named["offload"].values())
-        self.offload = (torch.optim.AdamW(offload_params, lr=lr, weight_decay=weight_decay)
+        self.offload = (torch.optim.AdamW(offload_params, **adam)  # type: ignore[arg-type]
                         if offload_params else None)
         if self.offload is not None:
             for group in self.offload.param_groups:

@@ -127,7 +127,7 @@ def train(job: TrainJob) -> dict[str, Any]:
 
     if run.adapter is not None:  # go on from a saved adapter: its shape, its rows
         meft_model = MeftModel.from_pretrained(model, run.adapter, device=device)
-        config = job.adapter = meft_model.config
+        config = job.adapter = meft_model.meft_config
         if checkpoint is None:  # record the shape the run really has
             (output / RUN_CONFIG).write_text(json.dumps(job.to_dict(), indent=2) + "\n")
         say(f"starting from the adapter in {run.adapter}")

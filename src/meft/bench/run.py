@@ -88,7 +88,7 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     trainable_device = sum((3 if id(t) in in_base else 4) * _bytes([t])
                            for t in trainable.device_tensors())
     tokens = [r["tokens"] for r in history]
-    adapter = trainable.adapter.config.to_dict() if trainable.adapter is not None else None
+    adapter = trainable.adapter.meft_config.to_dict() if trainable.adapter is not None else None
     result: dict[str, Any] = {
         "method": method.name,
         "kind": method.kind,

@@ -1,0 +1,194 @@
+"""MeftTrainer (transformers.Trainer) against meft's own trainer; resume; clipping; TRL."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+from transformers import TrainingArguments
+
+from helpers import meft_config, tiny
+from meft.data import Encoded
+from meft.integrations import MeftCollator, MeftTrainer, encoder
+from meft.model import MeftModel, get_meft_model, read_adapter
+from meft.trainer import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def examples(n: int = 8, seed: int = 0) -> list[Encoded]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, 97, (9,), generator=gen).tolist()
+        out.append(Encoded(ids, [-100] * 3 + ids[3:], False))
+    return out
+
+
+def rows(data: list[Encoded]) -> list[dict]:
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in data]
+
+
+def hf_args(out: Path, **kw: object) -> TrainingArguments:
+    base: dict[str, object] = dict(
+        output_dir=str(out), per_device_train_batch_size=8, learning_rate=1e-2,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        max_steps=4, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        seed=0, disable_tqdm=True)
+    base.update(kw)
+    return TrainingArguments(**base)  # type: ignore[arg-type]
+
+
+def nonzero_values(model: MeftModel) -> None:
+    for s in model.stores:  # so keys and routers get gradients from the first step
+        s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+
+
+def test_losses_and_adapter_equal_meft_trains(tmp_path: Path) -> None:
+    """Every step sees the whole dataset (batch 8 of 8), so the data order does not matter:
+    the same model, data, rate, schedule and clipping give the same losses and tables."""
+    data = examples()
+    ours = get_meft_model(tiny("llama"), meft_config())
+    nonzero_values(ours)
+    history = Trainer(ours, data, TrainConfig(steps=4, batch_size=8, lr=1e-2,
+                                              schedule="constant", warmup_ratio=0.0,
+                                              progress=False),
+                      tmp_path / "meft", pad_id=0).train().history
+
+    theirs = get_meft_model(tiny("llama"), meft_config())
+    nonzero_values(theirs)
+    trainer = MeftTrainer(model=theirs, args=hf_args(tmp_path / "hf"),
+                          train_dataset=rows(data), data_collator=MeftCollator(0))
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logged) == 4
+    for mine, hf in zip(history, logged, strict=True):
+        assert hf["loss"] == pytest.approx(mine["loss"], abs=1e-4)  # HF rounds to 4 places
+        assert hf["grad_norm"] == pytest.approx(float(mine["grad_norm"]), rel=1e-4)
+        assert hf["meft_union"] > 0 and hf["meft_mb_moved"] > 0
+    for name, t in ours.adapter_state().items():
+        torch.testing.assert_close(theirs.adapter_state()[name], t, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_from_a_trainer_checkpoint_is_bitwise(tmp_path: Path) -> None:
+    """5 steps in one go equal 4 steps (stopped, with checkpoints every 2 and only the newest
+    kept) then a resume from checkpoint-4: linear schedule, gradient accumulation."""
+    from transformers import TrainerCallback
+
+    class StopAt4(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            if state.global_step == 4:
+                control.should_training_stop = True
+
+    def trainer(out: Path, **kw: object) -> MeftTrainer:
+        model = get_meft_model(tiny("llama"), meft_config())
+        return MeftTrainer(model=model, args=hf_args(out, per_device_train_batch_size=2,
+                                                      gradient_accumulation_steps=2,
+                                                      lr_scheduler_type="linear",
+                                                      max_steps=5, **kw),
+                           train_dataset=rows(examples(12)), data_collator=MeftCollator(0))
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    stopped = trainer(tmp_path / "stopped", save_strategy="steps", save_steps=2,
+                      save_total_limit=1)
+    stopped.add_callback(StopAt4())
+    stopped.train()
+    assert [p.name for p in (tmp_path / "stopped").glob("checkpoint-*")] == ["checkpoint-4"]
+    ckpt = tmp_path / "stopped" / "checkpoint-4"
+    files = {p.name for p in ckpt.iterdir()}
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl"))], files
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors",
+            "scheduler.json", "trainer_state.json", "training_args.json"} <= files
+    read_adapter(ckpt)  # what meft eval, generate and info read
+    resumed = trainer(tmp_path / "stopped")
+    resumed.train(resume_from_checkpoint=True)
+    for name, t in whole.model.adapter_state().items():
+        assert torch.equal(resumed.model.adapter_state()[name], t), name
+
+
+def test_clipping_covers_the_host_rows(tmp_path: Path) -> None:
+    model = get_meft_model(tiny("llama"), meft_config())
+    trainer = MeftTrainer(model=model, args=hf_args(tmp_path), train_dataset=rows(examples()),
+                          data_collator=MeftCollator(0))
+    trainer.create_optimizer()
+    router = model.router_parameters()[0]
+    router.grad = torch.full_like(router, 1e-3)
+    store = model.stores[0]
+    store.value_grad.add(torch.tensor([3]), torch.full((1, 32), 1e4))  # one huge host row
+    norm = float(trainer._clip_grad_norm(model))
+    assert norm == pytest.approx(math.sqrt(router.numel() * 1e-6 + 32 * 1e8), rel=1e-6)
+    after = math.sqrt(float(router.grad.double().pow(2).sum()) + float(
+        store.value_grad.sq_norm()))
+    assert after == pytest.approx(1.0, rel=1e-4)  # clipped to max_grad_norm, host included
+    assert float(router.grad[0, 0]) < 1e-6  # the router's share shrank with the host's
+
+
+def test_base_model_and_meft_config_and_misuse(tmp_path: Path) -> None:
+    trainer = MeftTrainer(model=tiny("llama"), meft_config=meft_config(),
+                          args=hf_args(tmp_path, max_steps=1), train_dataset=rows(examples()),
+                          data_collator=MeftCollator(0))
+    assert isinstance(trainer.model, MeftModel)
+    trainer.train()
+    assert any(s.values.abs().sum() > 0 for s in trainer.model.stores)
+    with pytest.raises(TypeError, match="needs a MeftModel"):
+        MeftTrainer(model=tiny("llama"), args=hf_args(tmp_path))
+    with pytest.raises(TypeError, match="already wrapped"):
+        MeftTrainer(model=trainer.model, meft_config=meft_config(), args=hf_args(tmp_path))
+
+
+def test_encoder_matches_meft_train_encoding(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from meft.data import encode, parse_record
+
+    record = {"question": "Where was Ada born?", "answer": ["London"]}
+    got = encoder(tokenizer, 64)(record)
+    want = encode(parse_record(record, "x"), tokenizer, 64)
+    assert got == {"input_ids": want.input_ids, "labels": want.labels}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL not installed")
+def test_trl_sft_trainer_with_the_mixin(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from datasets import Dataset
+
+    from helpers import tiny_for
+    from meft.integrations import sft_trainer
+
+    model = get_meft_model(tiny_for(tokenizer), meft_config())
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Where is item {i}?"}],
+                               "completion": [{"role": "assistant",
+                                               "content": f"Teluvia{i}"}]}
+                              for i in range(8)])
+    from trl import SFTConfig
+
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                     learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="steps",
+                     save_steps=2, logging_steps=1, disable_tqdm=True)
+    trainer = sft_trainer(model=model, args=args, train_dataset=data,
+                          processing_class=tokenizer)
+    trainer.train()
+    assert type(trainer).__name__ == "MeftSFTTrainer"
+    assert any(s.values.abs().sum() > 0 for s in model.stores)
+    read_adapter(tmp_path / "checkpoint-2")
+
+
+@pytest.mark.slow
+def test_the_example_script_runs(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_trainer.py"),
+                           "--model", str(model_dir), "--data", str(data_file),
+                           "--eval-data", str(data_file), "--max-steps", "2",
+                           "--output", str(out), "--neurons", "64", "--top-k", "4",
+                           "--experts", "8", "--probe", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 <= result["exact_match"] <= 1 and result["n"] == 12
+    assert read_adapter(out / "adapter")[0].neurons == 64
