@@ -212,8 +212,12 @@ class MeftConfig:
     router_init: str = option("normal", "router initialisation: N(0, init_std) (normal) or "
                               "each expert's scaled mean key (key_mean)", choices=ROUTER_INITS)
     init_std: float = option(0.02, "std of the random keys and routers", check="positive")
-    storage_dtype: str = option("float32", "dtype of the host tables",
+    storage_dtype: str = option("float32", "dtype of the host tables (bfloat16: updated in "
+                                "fp32 and rounded stochastically)", flag="--host-dtype",
                                 choices=tuple(STORAGE_DTYPES))
+    optim_state: str = option("fp32", "AdamW moments of the host tables: fp32, rowwise (first "
+                              "moment bf16, second one number per row) or 8bit (log-scale "
+                              "codes, a scale per row)", choices=("fp32", "rowwise", "8bit"))
     seed: int = option(0, "seed of the adapter's initialisation", cli=False)
     base_model: str | None = option(None, "model the adapter was trained on", cli=False)
     hidden_size: int | None = option(None, "hidden size d of that model", cli=False)
@@ -244,9 +248,16 @@ class MeftConfig:
         return STORAGE_DTYPES[self.storage_dtype]
 
     def host_bytes_per_layer(self, hidden_size: int) -> int:
-        """Keys + values + two AdamW moments, in the storage dtype."""
+        """Keys + values in the storage dtype and their two AdamW moments as ``optim_state``
+        keeps them (per-row scales and step counts included)."""
         item = torch.empty((), dtype=self.dtype).element_size()
-        return 4 * self.neurons * hidden_size * item
+        n, d = self.neurons, hidden_size
+        table = n * d * item + 8 * n  # the table and its per-row step counts (int64)
+        if self.optim_state == "fp32" and self.dtype != torch.bfloat16:
+            return 2 * (table + 2 * n * d * item)
+        moments = {"fp32": 2 * n * d * 4, "rowwise": n * d * 2 + n * 4,
+                   "8bit": 2 * (n * d + n * 4)}[self.optim_state]
+        return 2 * (table + moments + 8)  # + the rounding-noise step count
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -72,7 +72,9 @@ class MeftOptimizer(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         self.set = OptimizerSet(routers=dict(model.named_routers()),
                                 host_tables=model.named_host_tables(), lr=lr,
-                                weight_decay=weight_decay, betas=betas, eps=eps)
+                                weight_decay=weight_decay, betas=betas, eps=eps,
+                                host_state=model.meft_config.optim_state,
+                                seed=model.meft_config.seed)
         super().__init__(list(self.set.named["router"].values()),
                          {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.traffic = Trainable.of_meft(model).traffic

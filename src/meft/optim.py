@@ -36,9 +36,11 @@ import torch
 from torch import Tensor
 
 from meft.errors import SerializationError
+from meft.quant import decode_signed, decode_unsigned, encode_signed, encode_unsigned, round_bf16
 from meft.store import HostTable, RowSparseGrad
 
 MODES = ("lazy", "dense")
+STATE_FORMATS = ("fp32", "rowwise", "8bit")
 
 
 class RowSparseAdamW(torch.optim.Optimizer):
@@ -53,6 +55,8 @@ class RowSparseAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         mode: str = "lazy",
+        state_format: str = "fp32",
+        seed: int = 0,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got lr={lr}")
@@ -64,19 +68,23 @@ class RowSparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if state_format not in STATE_FORMATS:
+            raise ValueError(f"state_format must be one of {STATE_FORMATS}, got "
+                             f"{state_format!r}")
         self.tables: list[HostTable] = list(tables)
         if not self.tables:
             raise ValueError("RowSparseAdamW needs at least one host table")
         self.mode = mode
+        self.state_format = state_format
+        self.seed = seed
+        compact = state_format != "fp32" or any(t.data.dtype == torch.bfloat16
+                                                for t in self.tables)
+        if compact and mode != "lazy":
+            raise ValueError("the dense mode is for checking, with fp32 state and tables only")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__([t.data for t in self.tables], defaults)
         for t in self.tables:
-            n = t.data.shape[0]
-            self.state[t.data] = {
-                "step": torch.zeros(n, dtype=torch.long) if mode == "lazy" else torch.zeros(()),
-                "exp_avg": torch.zeros_like(t.data),
-                "exp_avg_sq": torch.zeros_like(t.data),
-            }
+            self.state[t.data] = _initial_state(t.data, mode, state_format)
 
     @property
     def lr(self) -> float:
@@ -99,10 +107,15 @@ class RowSparseAdamW(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = closure() if closure is not None else None
         group = self.param_groups[0]
-        for t in self.tables:
+        for index, t in enumerate(self.tables):
             start = time.perf_counter()
             state = self.state[t.data]
-            if self.mode == "lazy":
+            if "sr_step" in state:  # compact: rounding noise seeded by table and step
+                seed = ((self.seed * 1_000_003 + index) * 1_000_033 + int(state["sr_step"]))
+                state["sr_step"] += 1
+                _compact_update(t, state, group, self.state_format,
+                                torch.Generator().manual_seed(seed % (1 << 63)))
+            elif self.mode == "lazy":
                 _lazy_update(t, state, group)
             else:
                 _dense_update(t, state, group)
@@ -142,6 +155,79 @@ def _lazy_update(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> 
             bc2_sqrt[lo:hi]).add_(eps)))  # addcdiv's order: (value * m) / denom
         state["exp_avg"].index_copy_(0, rows, m)
         state["exp_avg_sq"].index_copy_(0, rows, v)
+
+
+def _initial_state(data: Tensor, mode: str, state_format: str) -> dict[str, Tensor]:
+    """Zero moments in ``state_format`` (module doc of :mod:`meft.quant` for the codes)."""
+    n, d = data.shape
+    step = torch.zeros(n, dtype=torch.long) if mode == "lazy" else torch.zeros(())
+    if state_format == "fp32" and data.dtype != torch.bfloat16:
+        return {"step": step, "exp_avg": torch.zeros_like(data),
+                "exp_avg_sq": torch.zeros_like(data)}
+    state = {"step": step, "sr_step": torch.zeros((), dtype=torch.long)}
+    if state_format == "fp32":
+        state |= {"exp_avg": torch.zeros(n, d), "exp_avg_sq": torch.zeros(n, d)}
+    elif state_format == "rowwise":
+        state |= {"exp_avg": torch.zeros(n, d, dtype=torch.bfloat16),
+                  "exp_avg_sq": torch.zeros(n, 1)}
+    else:  # 8bit: per-row scale, one byte per element; zero scale decodes to zero
+        state |= {"exp_avg": torch.zeros(n, d, dtype=torch.int8),
+                  "exp_avg_scale": torch.zeros(n, 1),
+                  "exp_avg_sq": torch.zeros(n, d, dtype=torch.uint8),
+                  "exp_avg_sq_scale": torch.zeros(n, 1)}
+    return state
+
+
+def _compact_update(t: HostTable, state: dict[str, Any], group: dict[str, Any], fmt: str,
+                    gen: torch.Generator) -> None:
+    """The lazy update with bf16 tables and/or compact moments: each chunk of rows is decoded
+    to fp32, updated as in :func:`_lazy_update`, and encoded back (bf16 rounded
+    stochastically; ``rowwise``: the second moment is the row's mean of g^2)."""
+    ids, g = t.grad.ids, t.grad.rows.float()  # (R,), (R, d)
+    if ids.numel() == 0:
+        return
+    lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    step = state["step"].index_select(0, ids) + 1  # (R,)
+    state["step"].index_copy_(0, ids, step)
+    n = step.to(torch.float64).unsqueeze(1)  # (R, 1)
+    neg_step_size = (-lr / (1 - b1**n)).float()  # (R, 1)
+    bc2_sqrt = ((1 - b2**n) ** 0.5).float()  # (R, 1)
+    chunk = max(1, _CHUNK_ELEMS // t.data.shape[1])
+    for lo in range(0, ids.numel(), chunk):
+        hi = lo + chunk
+        rows, gc = ids[lo:hi], g[lo:hi]
+        p = t.data.index_select(0, rows).float()
+        if fmt == "8bit":
+            m = decode_signed(state["exp_avg"].index_select(0, rows),
+                              state["exp_avg_scale"].index_select(0, rows))
+            v = decode_unsigned(state["exp_avg_sq"].index_select(0, rows),
+                                state["exp_avg_sq_scale"].index_select(0, rows)).square_()
+        else:
+            m = state["exp_avg"].index_select(0, rows).float()
+            v = state["exp_avg_sq"].index_select(0, rows)
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        m.lerp_(gc, 1 - b1)
+        if fmt == "rowwise":
+            v.mul_(b2).add_(gc.square().mean(1, keepdim=True), alpha=1 - b2)
+        else:
+            v.mul_(b2).addcmul_(gc, gc, value=1 - b2)
+        p.add_(neg_step_size[lo:hi] * m / v.sqrt().div_(bc2_sqrt[lo:hi]).add_(eps))
+        if t.data.dtype == torch.bfloat16:
+            t.data.index_copy_(0, rows, round_bf16(p, gen))
+        else:
+            t.data.index_copy_(0, rows, p.to(t.data.dtype))
+        if fmt == "8bit":
+            for key, (code, scale) in (("exp_avg", encode_signed(m)),
+                                       ("exp_avg_sq", encode_unsigned(v.sqrt_()))):
+                state[key].index_copy_(0, rows, code)
+                state[f"{key}_scale"].index_copy_(0, rows, scale)
+        elif fmt == "rowwise":
+            state["exp_avg"].index_copy_(0, rows, round_bf16(m, gen))
+            state["exp_avg_sq"].index_copy_(0, rows, v)
+        else:
+            state["exp_avg"].index_copy_(0, rows, m)
+            state["exp_avg_sq"].index_copy_(0, rows, v)
 
 
 def _dense_update(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -209,7 +295,8 @@ class OptimizerSet:
                  host_tables: dict[str, HostTable] | None = None,
                  offload: dict[str, Tensor] | None = None, lr: float,
                  router_lr: float | None = None, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 host_state: str = "fp32", seed: int = 0) -> None:
         self.named: dict[str, dict[str, Any]] = {
             "device": dict(params or {}), "router": dict(routers or {}),
             "host": dict(host_tables or {}), "offload": dict(offload or {})}
@@ -221,7 +308,8 @@ class OptimizerSet:
         adam = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
         self.device: torch.optim.Optimizer | None = (
             torch.optim.AdamW(groups, **adam) if groups else None)  # type: ignore[arg-type]
-        self.host = (RowSparseAdamW(self.named["host"].values(), **adam)  # type: ignore[arg-type]
+        self.host = (RowSparseAdamW(self.named["host"].values(), state_format=host_state,
+                                    seed=seed, **adam)  # type: ignore[arg-type]
                      if self.named["host"] else None)
         offload_params = list(self.named["offload"].values())
         self.offload = (torch.optim.AdamW(offload_params, **adam)  # type: ignore[arg-type]

@@ -135,7 +135,8 @@ def train(job: TrainJob) -> dict[str, Any]:
         config.base_model = source.name
         meft_model = get_meft_model(model, config, device=device)
     counts = meft_model.parameter_counts()
-    host_gb = sum(s.nbytes for s in meft_model.stores) * 2 / 1e9  # tables + AdamW moments
+    host_gb = (config.host_bytes_per_layer(meft_model.stores[0].dim)  # tables + moments
+               * len(meft_model.stores) / 1e9)
     say(f"adapter: N={config.neurons} K={config.top_k} E={config.n_experts} P={config.n_probe} "
         f"on {len(meft_model.layer_ids)} layers: {counts['host'] / 1e6:.1f}M host parameters "
         f"({100 * counts['host'] / counts['base']:.0f}% of the base), {host_gb:.2f} GB host "

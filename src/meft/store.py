@@ -196,8 +196,10 @@ class HostStore:
         self.values = values.contiguous()
         n, d = keys.shape
         self.stats = TransferStats()
-        self.key_grad = RowSparseGrad(n, d, dtype=keys.dtype)
-        self.value_grad = RowSparseGrad(n, d, dtype=keys.dtype)
+        # gradients accumulate in fp32 (or fp64) even over bf16 tables: they are U x d, small
+        grad_dtype = torch.float32 if keys.dtype == torch.bfloat16 else keys.dtype
+        self.key_grad = RowSparseGrad(n, d, dtype=grad_dtype)
+        self.value_grad = RowSparseGrad(n, d, dtype=grad_dtype)
         self.tables = (
             HostTable("keys", self.keys, self.key_grad, self.stats),
             HostTable("values", self.values, self.value_grad, self.stats),

@@ -100,6 +100,7 @@ class Trainable:
     offload: dict[str, Tensor] = field(default_factory=dict)
     traffic: Callable[[], StepTraffic] = _no_traffic
     adapter: MeftModel | None = None
+    host_state: str = "fp32"  # the host tables' AdamW moments (MeftConfig.optim_state)
 
     @classmethod
     def of_meft(cls, model: MeftModel) -> Trainable:
@@ -119,7 +120,8 @@ class Trainable:
             return out
 
         return cls(model, routers=dict(model.named_routers()),
-                   host_tables=model.named_host_tables(), traffic=traffic, adapter=model)
+                   host_tables=model.named_host_tables(), traffic=traffic, adapter=model,
+                   host_state=model.meft_config.optim_state)
 
     def count(self) -> int:
         """Trainable parameters."""
@@ -179,7 +181,8 @@ class Trainer:
         self.optimizers = OptimizerSet(params=t.params, routers=routers,
                                        host_tables=t.host_tables, offload=t.offload,
                                        lr=config.lr, router_lr=config.device_lr,
-                                       weight_decay=config.weight_decay)
+                                       weight_decay=config.weight_decay,
+                                       host_state=t.host_state, seed=config.seed)
         self.step = 0
         self.epoch = 0  # data position: batch ``position`` of epoch ``epoch`` comes next
         self.position = 0

@@ -1,0 +1,71 @@
+"""Compact number formats for the host state: bf16 with stochastic rounding, 8-bit log codes.
+
+The host tables and their AdamW moments are most of meft's memory (fp32: 16 bytes per adapter
+parameter). These formats bring it to 4 (:mod:`meft.optim` uses them):
+
+* **bf16 with stochastic rounding** (:func:`round_bf16`). An fp32 number keeps its top 16 bits;
+  adding uniform random bits to the 16 it drops before truncating rounds up with probability
+  equal to the dropped fraction, so E[round(x)] = x and updates far below bf16's resolution
+  (2^-8 relative) still move a weight on average instead of vanishing. The noise comes from a
+  generator the caller seeds per table and step, so a run and its resume round identically.
+
+* **8-bit codes on a log scale, per row** (:func:`encode_signed` / :func:`encode_unsigned`).
+  A row (d,) keeps one fp32 scale (its largest magnitude) and one byte per element:
+  unsigned (for sqrt of Adam's second moment) code c in 0..254 means scale * 2^(-c/16), 255
+  means 0 (relative step 4.4%, range 2^-15.9); signed (for the first moment) 1 sign bit and a
+  7-bit code c in 0..126 meaning scale * 2^(-c/8), 127 meaning 0 (step 9%, range 2^-15.9).
+  Rounding is to the nearest code in the log domain. Linear 8-bit codes would flush the small
+  second moments of most elements to zero and blow their updates up; a log scale keeps the
+  relative error bounded, which is what a ratio m / sqrt(v) needs (as bitsandbytes' dynamic
+  quantization does, simpler).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+U_STEPS, U_ZERO = 16.0, 255  # unsigned: codes per octave, the code meaning 0
+S_STEPS, S_ZERO = 8.0, 127  # signed magnitude: codes per octave, the code meaning 0
+
+
+def round_bf16(x: Tensor, generator: torch.Generator) -> Tensor:
+    """fp32 x -> bf16, rounded stochastically (unbiased; module doc)."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _scale(x: Tensor) -> Tensor:
+    return x.abs().amax(dim=1, keepdim=True)  # (R, 1)
+
+
+def encode_unsigned(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x >= 0 (R, d) -> (codes uint8 (R, d), scales fp32 (R, 1))."""
+    scale = _scale(x).float()
+    ratio = x.float() / scale.clamp_min(torch.finfo(torch.float32).tiny)
+    code = (-U_STEPS * torch.log2(ratio)).round_()
+    code = torch.where(ratio > 0, code.clamp_(0, U_ZERO - 1), torch.full_like(code, U_ZERO))
+    return code.to(torch.uint8), scale
+
+
+def decode_unsigned(code: Tensor, scale: Tensor) -> Tensor:
+    c = code.float()
+    return torch.where(code == U_ZERO, 0.0, scale * torch.exp2(-c / U_STEPS))
+
+
+def encode_signed(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (R, d) -> (codes int8 (R, d): sign in the top bit, scales fp32 (R, 1))."""
+    scale = _scale(x).float()
+    ratio = x.float().abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)
+    mag = (-S_STEPS * torch.log2(ratio)).round_()
+    mag = torch.where(ratio > 0, mag.clamp_(0, S_ZERO - 1), torch.full_like(mag, S_ZERO))
+    code = torch.where(x < 0, -(mag + 1), mag)  # -1..-127 negative, 0..127 positive or zero
+    return code.to(torch.int8), scale
+
+
+def decode_signed(code: Tensor, scale: Tensor) -> Tensor:
+    c = code.to(torch.int16)
+    mag = torch.where(c < 0, -c - 1, c).float()
+    value = torch.where(mag == S_ZERO, 0.0, scale * torch.exp2(-mag / S_STEPS))
+    return torch.where(c < 0, -value, value)
