@@ -26,6 +26,7 @@ from meft.config import (
     GenerateConfig,
     InfoConfig,
     MeftConfig,
+    PlanConfig,
     RunConfig,
     Section,
     TrainJob,
@@ -48,6 +49,7 @@ EVAL_SECTIONS = (Section("run", RunConfig, only=("model", "max_new_tokens", "eva
 GENERATE_SECTIONS = (Section("run", RunConfig, only=("model", "device", "trust_remote_code")),
                      Section("generate", GenerateConfig))
 INFO_SECTIONS = (Section("info", InfoConfig),)
+PLAN_SECTIONS = (Section("adapter", MeftConfig), Section("plan", PlanConfig))
 
 
 def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -122,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
          "table and plots.", BenchJob.SECTIONS, True),
         ("info", "describe a saved adapter: sizes, host bytes, transfer",
          "Describe a saved adapter.", INFO_SECTIONS, False),
+        ("plan", "what a run needs (device, host, traffic, step time) before running it",
+         "Plan a meft run from the model's config and a hardware profile: device and host "
+         "memory, bytes moved and predicted step time; --fit finds the largest N that fits.",
+         PLAN_SECTIONS, False),
     ]
     for name, short, description, sections, yaml_config in commands:
         p = sub.add_parser(name, help=short, description=description)
@@ -199,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                                        GenerateConfig(**parts["generate"])))
         elif args.command == "info":
             print(recipes.info_cli(InfoConfig(**_split(args, INFO_SECTIONS)["info"])))
+        elif args.command == "plan":
+            parts = _split(args, PLAN_SECTIONS)
+            print(recipes.plan_cli(MeftConfig(**parts["adapter"]), PlanConfig(**parts["plan"])))
     except KeyboardInterrupt:
         print("meft: interrupted", file=sys.stderr)
         return 130

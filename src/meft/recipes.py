@@ -33,6 +33,8 @@ from meft.config import (
     EvalConfig,
     GenerateConfig,
     InfoConfig,
+    MeftConfig,
+    PlanConfig,
     RunConfig,
     TrainConfig,
     TrainJob,
@@ -346,25 +348,24 @@ def info_cli(info: InfoConfig) -> str:
     config, tensors = read_adapter(info.adapter)
     d = config.hidden_size or 0
     layers = config.layers or []
+    from meft.plan import traffic, union_rows
+
     item = torch.empty((), dtype=config.dtype).element_size()
     table_bytes = 2 * config.neurons * d * item * len(layers)
-    # expected union at T tokens: N (1 - (1 - K/N)^T) if choices were uniform
     n, k, tokens = config.neurons, config.top_k, info.tokens
-    union = n * (1 - (1 - k / n) ** tokens)
-    per_layer = {"hidden_d2h": tokens * d * 4, "rows_h2d": 2 * union * d * 4,
-                 "grads_d2h": 2 * union * d * 4}
+    union = union_rows(config, tokens)  # meft plan's assumption
+    moved = traffic(config, d, 1, tokens, union)
     out = {
         "adapter": str(info.adapter), "base_model": config.base_model,
         "neurons": n, "top_k": k, "experts": config.n_experts, "n_probe": config.n_probe,
         "gate": config.gate, "hidden_size": d, "layers": len(layers),
         "parameters": sum(t.numel() for t in tensors.values()),
         "host_table_bytes": table_bytes,
-        "host_bytes_with_adamw": table_bytes * 2,
+        "host_bytes_with_adamw": config.host_bytes_per_layer(d) * len(layers),
         "tokens_per_micro_batch": tokens,
-        "expected_union_if_uniform": round(union),
-        "expected_bytes_per_layer": {k2: round(v) for k2, v in per_layer.items()},
-        "expected_mb_per_step_all_layers": round(
-            sum(per_layer.values()) * len(layers) / 1e6, 1),
+        "expected_union": union,
+        "expected_bytes_per_layer": moved,
+        "expected_mb_per_step_all_layers": round(sum(moved.values()) * len(layers) / 1e6, 1),
         "dense_offload_mb_per_step_all_layers": round(4 * n * d * 4 * len(layers) / 1e6, 1),
     }
     if info.json:
@@ -377,3 +378,47 @@ def bench(job: BenchJob, command: str = "(called from Python)") -> dict[str, Any
     from meft.bench import compare
 
     return compare(job, command)
+
+
+def plan_cli(adapter: MeftConfig, options: PlanConfig) -> str:
+    """``meft plan``: the plan of one run (or of the largest N that fits, with --fit)."""
+    from meft.background import cache_dir
+    from meft.plan import (
+        DEFAULT_HOST,
+        PROFILES,
+        calibrate,
+        describe,
+        fit_neurons,
+        model_shape,
+        parse_bytes,
+        plan,
+    )
+
+    calibration = cache_dir() / "calibration.json"
+    if options.calibrate:
+        say(f"calibrating host rates -> {calibration}")
+        rates = calibrate(calibration)
+    elif calibration.is_file():
+        rates = json.loads(calibration.read_text())
+    else:
+        rates = dict(DEFAULT_HOST)
+    hardware = dict(PROFILES[options.profile])
+    if options.gpu_memory is not None:
+        hardware["gpu_memory"] = parse_bytes(options.gpu_memory)
+    for key in ("gpu_tflops", "pcie_gbps"):
+        if getattr(options, key) is not None:
+            hardware[key] = getattr(options, key)
+    hardware["host_memory"] = parse_bytes(options.host_memory)
+    shape = model_shape(options.model, trust_remote_code=options.trust_remote_code)
+    kw: dict[str, Any] = {"tokens": options.tokens, "hardware": hardware, "host_rates": rates,
+                          "dtype_bytes": 2 if options.dtype == "bf16" else 4,
+                          "union": options.union}
+    if options.fit:
+        n = fit_neurons(adapter, shape, **kw)
+        if not n:
+            raise ConfigError("no N fits: the base model alone exceeds the device memory")
+        adapter = MeftConfig(**{**adapter.to_dict(), "neurons": n, "experts": None})
+    result = plan(adapter, shape, **kw)
+    if options.json:
+        return json.dumps(result, indent=2)
+    return ("largest N that fits: " if options.fit else "") + describe(result)

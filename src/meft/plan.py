@@ -1,0 +1,239 @@
+"""``meft plan``: what a meft run needs and how long a step takes, before running it.
+
+Only shapes are needed: the model is built on the meta device from its config (a hub id, a
+local directory, a config.json or a GGUF; no weights are read). Notation: L adapter layers of
+a model with L_m decoder layers, hidden size d, N neurons, K per token, E experts, P probed,
+T tokens per micro-batch, U rows per layer per micro-batch (the union of the T*K choices).
+
+    device   base weights      n_base * bytes(--dtype)
+             activations       T * d * L_m * A * bytes, A = 34 (a decoder block's saved
+                               activations without recomputation, in units of T*d: an
+                               assumption, shown)
+             routers           E * d * L * 16 (fp32 weight, gradient, two AdamW moments)
+             staged rows       L * 2 * U * d * 4 + 2 * U * d * 4 (every layer's key and value
+                               rows, and one layer's row gradients at a time)
+    host     tables + moments  L * MeftConfig.host_bytes_per_layer(d) (exact: what the
+                               optimizer allocates), + pinned staging L * 2 * U * d * 4
+    moved    host -> device    L * (2 * U * d * 4 + index bytes)            per micro-batch
+             device -> host    L * (T * d * 4 + T * P * 12 + 2 * U * d * 4)  (hidden states,
+                               probe scores and ids, row gradients: TransferStats' terms)
+    time     compute           6 * n_base * T / (tflops * mfu)   (forward + backward)
+             host              routing T * P * (N/E) * d * 2 flops / host flops, plus
+                               gathering and updating U rows (bytes / host GB/s)
+             transfer          moved bytes / link GB/s
+             step              their sum: the current implementation does not overlap them
+
+U is not knowable from shapes: routing is skewed. Unless ``--union`` gives it, U =
+min(N, 0.044 * T * K), the ratio measured with the embedded model at N=16384 on the built-in
+facts (benchmarks/results/compare-tuned-synthetic, meft:16384: U 1,551 at T ~549, K 64).
+Hardware comes from a named profile (:data:`PROFILES`, stated numbers, not measurements) with
+any field overridden by a flag; host rates from ``meft plan --calibrate`` on this machine
+(cached) or conservative defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meft.config import MeftConfig
+from meft.errors import ConfigError, ModelLoadError
+
+ACTIVATION_FACTOR = 34
+UNION_RATIO = 0.044
+PROFILES: dict[str, dict[str, float]] = {  # vendor datasheet numbers (dense bf16 TFLOPS)
+    "a10-24g": {"gpu_memory": 24e9, "gpu_tflops": 125.0, "pcie_gbps": 25.0},
+    "l4-24g": {"gpu_memory": 24e9, "gpu_tflops": 121.0, "pcie_gbps": 25.0},
+    "rtx4090-24g": {"gpu_memory": 24e9, "gpu_tflops": 165.0, "pcie_gbps": 25.0},
+    "a100-40g": {"gpu_memory": 40e9, "gpu_tflops": 312.0, "pcie_gbps": 25.0},
+    "a100-80g": {"gpu_memory": 80e9, "gpu_tflops": 312.0, "pcie_gbps": 25.0},
+}
+DEFAULT_HOST = {"host_gflops": 200.0, "host_gbps": 10.0}  # a workstation CPU, conservative
+MFU = 0.4  # fraction of peak a small-batch fine-tuning step reaches (assumption)
+
+
+def parse_bytes(text: str) -> float:
+    """``24GB``, ``128 GiB``, ``512MB``, ``1e9`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMGT]?i?B?)?\s*", text)
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10,
+             "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    try:
+        assert m is not None
+        return float(m.group(1)) * units[(m.group(2) or "").upper()]
+    except (AssertionError, KeyError, ValueError):
+        raise ConfigError(f"expected a size like 24GB or 128GiB, got {text!r}") from None
+
+
+@dataclass
+class Shape:
+    """What the plan needs of a model."""
+
+    name: str
+    n_params: int
+    hidden_size: int
+    num_layers: int
+
+
+def model_shape(spec: str | None, *, trust_remote_code: bool = False) -> Shape:
+    """The parameter count and sizes of a model, built on the meta device from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from meft.loading import resolve_model
+
+    try:
+        if spec is not None and spec.endswith(".json"):
+            data = json.loads(Path(spec).read_text())
+            config = AutoConfig.for_model(data.pop("model_type"), **data)
+            name = spec
+        else:
+            source = resolve_model(spec)
+            kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+            if source.gguf:
+                kwargs["gguf_file"] = source.gguf
+            config = AutoConfig.from_pretrained(source.path, **kwargs)
+            name = source.name
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"model {spec!r}: {str(err).splitlines()[0]}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return Shape(name, sum(p.numel() for p in model.parameters()), text.hidden_size,
+                 text.num_hidden_layers)
+
+
+def union_rows(config: MeftConfig, tokens: int, union: int | None = None) -> int:
+    """U: given, or the measured ratio (module doc), at most N."""
+    if union is not None:
+        return min(union, config.neurons)
+    return min(config.neurons, round(UNION_RATIO * tokens * config.top_k))
+
+
+def traffic(config: MeftConfig, d: int, layers: int, tokens: int, union: int) -> dict[str, int]:
+    """Bytes each way per micro-batch, as :class:`~meft.store.TransferStats` counts them."""
+    rows = 2 * union * d * 4
+    h2d = layers * (rows + (union + tokens * config.top_k) * 8)
+    d2h = layers * (tokens * d * 4 + tokens * config.n_probe * 12 + rows)
+    return {"h2d": h2d, "d2h": d2h}
+
+
+def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, float],
+         host_rates: dict[str, Any], dtype_bytes: int = 2, union: int | None = None
+         ) -> dict[str, Any]:
+    """Every number ``meft plan`` prints (module doc), in bytes and seconds."""
+    d = shape.hidden_size
+    layers = len(config.layers) if config.layers else shape.num_layers
+    u = union_rows(config, tokens, union)
+    moved = traffic(config, d, layers, tokens, u)
+    staged = layers * 2 * u * d * 4 + 2 * u * d * 4
+    device = {"base_weights": shape.n_params * dtype_bytes,
+              "activations": tokens * d * shape.num_layers * ACTIVATION_FACTOR * dtype_bytes,
+              "routers": config.n_experts * d * layers * 16,
+              "staged_rows": staged}
+    host = {"tables_and_moments": layers * config.host_bytes_per_layer(d),
+            "staging_buffers": layers * 2 * u * d * 4}
+    b = config.neurons // config.n_experts
+    compute = 6 * shape.n_params * tokens / (hardware["gpu_tflops"] * 1e12 * MFU)
+    routing = tokens * config.n_probe * b * d * 2 * layers / (host_rates["host_gflops"] * 1e9)
+    rows_work = layers * u * 2 * d * (4 * 2 + 4 * 4) / (host_rates["host_gbps"] * 1e9)
+    transfer = (moved["h2d"] + moved["d2h"]) / (hardware["pcie_gbps"] * 1e9)
+    return {
+        "model": shape.name, "base_parameters": shape.n_params, "hidden_size": d,
+        "adapter_layers": layers, "neurons": config.neurons, "top_k": config.top_k,
+        "experts": config.n_experts, "probe": config.n_probe,
+        "adapter_parameters": 2 * config.neurons * d * layers,
+        "host_dtype": config.storage_dtype, "optim_state": config.optim_state,
+        "tokens": tokens, "union": u, "union_assumed": union is None,
+        "device_bytes": device, "device_total": sum(device.values()),
+        "host_bytes": host, "host_total": sum(host.values()),
+        "moved_bytes": moved,
+        "seconds": {"compute": compute, "host": routing + rows_work, "transfer": transfer,
+                    "step": compute + routing + rows_work + transfer},
+        "hardware": hardware, "host_rates": host_rates,
+        "fits": {"device": sum(device.values()) <= hardware["gpu_memory"],
+                 "host": sum(host.values()) <= hardware["host_memory"]},
+    }
+
+
+def fit_neurons(config: MeftConfig, shape: Shape, *, step: int = 1024, **kw: Any) -> int:
+    """The largest N (a multiple of ``step``) whose plan fits device and host; 0 if none."""
+    def fits(n: int) -> bool:
+        c = MeftConfig(**{**config.to_dict(), "neurons": n, "experts": None})
+        return all(plan(c, shape, **kw)["fits"].values())
+
+    lo, hi = 0, step
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1 << 26:
+            break
+    while hi - lo > step:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def calibrate(path: Path, *, d: int = 576, rows: int = 8192) -> dict[str, Any]:
+    """Measure this machine's host rates (matmul GFLOPS as routing uses it, row-touching
+    GB/s as gathering and the row-sparse optimizer use it) and cache them as JSON."""
+    from meft.optim import RowSparseAdamW
+    from meft.store import HostTable, RowSparseGrad
+
+    x, k = torch.randn(512, d), torch.randn(d, 256)
+    torch.mm(x, k)
+    start, reps = time.perf_counter(), 200
+    for _ in range(reps):
+        torch.mm(x, k)
+    gflops = 2 * 512 * d * 256 * reps / (time.perf_counter() - start) / 1e9
+    n = 8 * rows
+    table = HostTable("t", torch.randn(n, d), RowSparseGrad(n, d))
+    opt = RowSparseAdamW([table], lr=1e-3)
+    ids = torch.randperm(n)[:rows]
+    start = time.perf_counter()
+    for _ in range(5):
+        table.grad.add(ids, torch.randn(rows, d))
+        table.data.index_select(0, ids)
+        opt.step()
+        opt.zero_grad()
+    seconds = (time.perf_counter() - start) / 5
+    rates = {"host_gflops": round(gflops, 1),
+             "host_gbps": round(rows * d * (4 * 2 + 4 * 4) / seconds / 1e9, 2),
+             "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "threads": torch.get_num_threads()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rates, indent=2) + "\n")
+    return rates
+
+
+def describe(p: dict[str, Any]) -> str:
+    """The plan as text."""
+    gb = 1e9
+    hw, hr = p["hardware"], p["host_rates"]
+    lines = [
+        f"{p['model']}: {p['base_parameters'] / 1e6:.0f}M parameters, d={p['hidden_size']}; "
+        f"adapter N={p['neurons']} K={p['top_k']} E={p['experts']} P={p['probe']} on "
+        f"{p['adapter_layers']} layers: {p['adapter_parameters'] / 1e9:.2f}B parameters "
+        f"({p['host_dtype']} tables, {p['optim_state']} moments)",
+        f"per micro-batch of {p['tokens']} tokens: U = {p['union']} rows per layer"
+        + (" (assumed: 0.044 T K, measured on the embedded model; --union to set)"
+           if p["union_assumed"] else ""),
+        f"device  {p['device_total'] / gb:7.2f} GB of {hw['gpu_memory'] / gb:.0f} GB  "
+        + ", ".join(f"{k.replace('_', ' ')} {v / gb:.2f}" for k, v in p["device_bytes"].items())
+        + ("" if p["fits"]["device"] else "   DOES NOT FIT"),
+        f"host    {p['host_total'] / gb:7.2f} GB of {hw['host_memory'] / gb:.0f} GB  "
+        + ", ".join(f"{k.replace('_', ' ')} {v / gb:.2f}" for k, v in p["host_bytes"].items())
+        + ("" if p["fits"]["host"] else "   DOES NOT FIT"),
+        f"moved   {p['moved_bytes']['h2d'] / 1e6:.0f} MB host->device, "
+        f"{p['moved_bytes']['d2h'] / 1e6:.0f} MB device->host per micro-batch",
+        f"step    {p['seconds']['step']:.3f} s = compute {p['seconds']['compute']:.3f} + host "
+        f"{p['seconds']['host']:.3f} + transfer {p['seconds']['transfer']:.3f} (not overlapped)",
+        f"assumed {hw['gpu_tflops']:g} TFLOPS at {MFU:.0%} use, link {hw['pcie_gbps']:g} GB/s, "
+        f"host {hr['host_gflops']:g} GFLOPS and {hr['host_gbps']:g} GB/s"
+        + (" (calibrated)" if "measured" in hr else " (defaults; meft plan --calibrate)")
+        + f", activations {ACTIVATION_FACTOR} T d per layer",
+    ]
+    return "\n".join(lines)

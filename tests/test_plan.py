@@ -1,0 +1,86 @@
+"""meft plan: its memory and traffic counts against what training allocates and moves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import meft_config, tiny
+from meft.cli import main
+from meft.model import get_meft_model
+from meft.plan import PROFILES, Shape, calibrate, fit_neurons, parse_bytes, plan
+from meft.trainer import TrainConfig, Trainer
+from test_retain import examples
+
+HOST = {"host_gflops": 100.0, "host_gbps": 5.0}
+
+
+def _shape(model: torch.nn.Module) -> Shape:
+    return Shape("tiny", sum(p.numel() for p in model.parameters()), 32, 3)
+
+
+@pytest.mark.parametrize(("dtype", "state"), [("float32", "fp32"), ("bfloat16", "8bit"),
+                                               ("bfloat16", "rowwise")])
+def test_host_bytes_and_traffic_are_what_training_has(dtype: str, state: str,
+                                                      tmp_path: Path) -> None:
+    """Host bytes: exactly the tables and optimizer state a run allocates. Bytes moved: within
+    1% of what TransferStats counted in a step, given the step's U (one micro-batch)."""
+    config = meft_config(storage_dtype=dtype, optim_state=state)
+    model = get_meft_model(tiny("llama"), config)
+    trainer = Trainer(model, examples(4, pad=False), TrainConfig(steps=1, batch_size=4,
+                                                                 progress=False),
+                      tmp_path, pad_id=0)
+    host = sum(s.keys.nbytes + s.values.nbytes for s in model.stores) + sum(
+        t.nbytes for n, t in trainer.optimizers.state_tensors().items() if n.startswith("host."))
+    record = trainer.train().history[0]
+    tokens = 4 * 8
+    union = round(record["union_mean"])
+    p = plan(config, _shape(model.base_model), tokens=tokens, union=union,
+             hardware={**PROFILES["a10-24g"], "host_memory": 1e12}, host_rates=HOST)
+    assert p["host_bytes"]["tables_and_moments"] == host
+    assert p["moved_bytes"]["h2d"] == pytest.approx(record["mb_h2d"] * 1e6, rel=0.01)
+    assert p["moved_bytes"]["d2h"] == pytest.approx(record["mb_d2h"] * 1e6, rel=0.01)
+
+
+def test_fit_finds_the_largest_n_that_fits() -> None:
+    shape = Shape("llama-7b-like", 6_738_000_000, 4096, 32)
+    kw = {"tokens": 512, "hardware": {**PROFILES["a10-24g"], "host_memory": 128e9},
+          "host_rates": HOST}
+    config = meft_config(neurons=4096, experts=64, top_k=64, n_probe=8)
+    n = fit_neurons(config, shape, **kw)
+    assert n % 1024 == 0 and n > 0
+    fits = plan(meft_config(neurons=n, experts=None, top_k=64, n_probe=8), shape, **kw)
+    assert all(fits["fits"].values())
+    beyond = plan(meft_config(neurons=n + 1024, experts=None, top_k=64, n_probe=8), shape,
+                  **kw)
+    assert not all(beyond["fits"].values())
+    compact = fit_neurons(meft_config(neurons=4096, experts=64, top_k=64, n_probe=8,
+                                      storage_dtype="bfloat16", optim_state="8bit"), shape,
+                          **kw)
+    assert compact > 2.5 * n  # 4 bytes per parameter instead of 12
+
+
+def test_sizes_and_the_command(tmp_path: Path, model_dir: Path,
+                               capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_bytes("24GB") == 24e9 and parse_bytes("2 GiB") == 2 * 2**30
+    assert parse_bytes("1e9") == 1e9
+    monkeypatch.setenv("MEFT_CACHE", str(tmp_path))
+    assert main(["plan", "--model", str(model_dir), "--neurons", "64", "--top-k", "4",
+                 "--experts", "8", "--probe", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hidden_size"] == 32 and out["adapter_layers"] == 2
+    assert out["adapter_parameters"] == 2 * 64 * 32 * 2
+    config = tiny("llama").config.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", "--model", str(tmp_path / "config.json"), "--neurons", "64",
+                 "--top-k", "4", "--experts", "8", "--probe", "2", "--gpu-memory", "1GB"]) == 0
+    assert "device" in capsys.readouterr().out
+    assert main(["plan", "--model", str(model_dir), "--gpu-memory", "lots"]) == 2
+    assert "expected a size like 24GB" in capsys.readouterr().err
+    rates = calibrate(tmp_path / "calibration.json", d=16, rows=64)
+    assert rates["host_gflops"] > 0 and rates["host_gbps"] > 0
+    assert json.loads((tmp_path / "calibration.json").read_text())["threads"] >= 1
