@@ -130,16 +130,23 @@ class RowSparseAdamW(torch.optim.Optimizer):
 _CHUNK_ELEMS = 1 << 19
 
 
+def _count_step(state: dict[str, Any], ids: Tensor, group: dict[str, Any],
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Advance the touched rows' update counts n; return -lr / (1 - b1^n) and
+    sqrt(1 - b2^n), each (R, 1) in ``dtype`` (computed in float64)."""
+    lr, (b1, b2) = group["lr"], group["betas"]
+    step = state["step"].index_select(0, ids) + 1  # (R,)
+    state["step"].index_copy_(0, ids, step)
+    n = step.to(torch.float64).unsqueeze(1)  # (R, 1)
+    return (-lr / (1 - b1**n)).to(dtype), ((1 - b2**n) ** 0.5).to(dtype)
+
+
 def _lazy_update(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> None:
     ids, g = t.grad.ids, t.grad.rows  # (R,), (R, d)
     if ids.numel() == 0:
         return
     lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    step = state["step"].index_select(0, ids) + 1  # (R,)
-    state["step"].index_copy_(0, ids, step)
-    n = step.to(torch.float64).unsqueeze(1)  # (R, 1)
-    neg_step_size = (-lr / (1 - b1**n)).to(t.data.dtype)  # (R, 1)
-    bc2_sqrt = ((1 - b2**n) ** 0.5).to(t.data.dtype)  # (R, 1)
+    neg_step_size, bc2_sqrt = _count_step(state, ids, group, t.data.dtype)
     chunk = max(1, _CHUNK_ELEMS // t.data.shape[1])
     for lo in range(0, ids.numel(), chunk):
         hi = lo + chunk
@@ -187,11 +194,7 @@ def _compact_update(t: HostTable, state: dict[str, Any], group: dict[str, Any], 
     if ids.numel() == 0:
         return
     lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    step = state["step"].index_select(0, ids) + 1  # (R,)
-    state["step"].index_copy_(0, ids, step)
-    n = step.to(torch.float64).unsqueeze(1)  # (R, 1)
-    neg_step_size = (-lr / (1 - b1**n)).float()  # (R, 1)
-    bc2_sqrt = ((1 - b2**n) ** 0.5).float()  # (R, 1)
+    neg_step_size, bc2_sqrt = _count_step(state, ids, group, torch.float32)
     chunk = max(1, _CHUNK_ELEMS // t.data.shape[1])
     for lo in range(0, ids.numel(), chunk):
         hi = lo + chunk
