@@ -78,6 +78,44 @@ def test_losses_and_adapter_equal_meft_trains(tmp_path: Path) -> None:
         torch.testing.assert_close(theirs.adapter_state()[name], t, rtol=1e-5, atol=1e-6)
 
 
+def test_protection_in_the_trainer_equals_meft_trains(tmp_path: Path) -> None:
+    """The same protection (row selection, output penalty, values only, frozen routers)
+    through MeftTrainer and through meft's trainer: the same losses and tables."""
+    from meft.retain import Background, Retainer
+
+    data = examples()
+    background = examples(10, seed=5)
+    settings = {"rows": 6, "keys": False, "router": False, "penalty": 1.0,
+                "penalty_tokens": 16}
+
+    def protected(model: MeftModel) -> Retainer:
+        bg = Background.measure(model, background, pad_id=0, progress=False, keep_inputs=40)
+        return Retainer(model, bg, **settings)
+
+    ours = get_meft_model(tiny("llama"), meft_config())
+    retainer = protected(ours)
+    nonzero_values(ours)
+    history = Trainer(ours, data, TrainConfig(steps=3, batch_size=8, lr=1e-2,
+                                              schedule="constant", warmup_ratio=0.0,
+                                              progress=False),
+                      tmp_path / "meft", pad_id=0, retainer=retainer).train().history
+    theirs = get_meft_model(tiny("llama"), meft_config())
+    retainer = protected(theirs)
+    nonzero_values(theirs)
+    routers = [r.detach().clone() for r in theirs.router_parameters()]
+    trainer = MeftTrainer(model=theirs, args=hf_args(tmp_path / "hf", max_steps=3),
+                          train_dataset=rows(data), data_collator=MeftCollator(0),
+                          retainer=retainer)
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    for mine, hf in zip(history, logged, strict=True):
+        assert hf["loss"] == pytest.approx(mine["loss"], abs=1e-4)
+    for name, t in ours.adapter_state().items():
+        torch.testing.assert_close(theirs.adapter_state()[name], t, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(r, r0) for r, r0 in zip(theirs.router_parameters(), routers,
+                                                   strict=True))
+
+
 def test_resume_from_a_trainer_checkpoint_is_bitwise(tmp_path: Path) -> None:
     """5 steps in one go equal 4 steps (stopped, with checkpoints every 2 and only the newest
     kept) then a resume from checkpoint-4: linear schedule, gradient accumulation."""

@@ -17,6 +17,9 @@ save them. :class:`MeftTrainerMixin` changes exactly that and nothing else:
                  pickled; ``train(resume_from_checkpoint=True)`` continues bit for bit
     logs         ``meft_union`` (mean rows per layer per step) and ``meft_mb_moved`` (host <->
                  device MB per step), averaged since the last log
+    protection   ``retainer=`` (:class:`meft.retain.Retainer`): each micro-batch's accesses
+                 counted, the rows selected (and the output penalty added) before clipping,
+                 as ``meft train --retain on`` does
 
 Everything else (gradient accumulation, ``logging_steps``, ``eval_strategy``,
 ``save_total_limit``, callbacks) is the Trainer's own. Use it as the Trainer:
@@ -50,6 +53,7 @@ from meft.data import Encoded, collate, encode, parse_record
 from meft.errors import SerializationError
 from meft.model import MeftModel, get_meft_model, read_adapter
 from meft.optim import OptimizerSet
+from meft.retain import Retainer
 from meft.trainer import Trainable
 
 __all__ = ["MeftCollator", "MeftOptimizer", "MeftTrainer", "MeftTrainerMixin", "encoder",
@@ -69,20 +73,32 @@ class MeftOptimizer(torch.optim.Optimizer):
     the host gradients (the Trainer's ``model.zero_grad()`` clears the routers')."""
 
     def __init__(self, model: MeftModel, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        self.set = OptimizerSet(routers=dict(model.named_routers()),
+                 eps: float = 1e-8, weight_decay: float = 0.0,
+                 retainer: Retainer | None = None) -> None:
+        self.retainer = retainer
+        self.selected = False  # the protection's selection done for this step
+        routers: dict[str, Tensor] = dict(model.named_routers())
+        if retainer is not None and not retainer.router:  # frozen routers
+            for router in routers.values():
+                router.requires_grad_(False)
+            routers = {}
+        self.set = OptimizerSet(routers=routers,
                                 host_tables=model.named_host_tables(), lr=lr,
                                 weight_decay=weight_decay, betas=betas, eps=eps,
                                 host_state=model.meft_config.optim_state,
                                 seed=model.meft_config.seed)
-        super().__init__(list(self.set.named["router"].values()),
-                         {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        # the facade's param group: the routers, or a placeholder the scheduler can scale
+        params = list(routers.values()) or [nn.Parameter(torch.zeros(1), requires_grad=False)]
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay})
         self.traffic = Trainable.of_meft(model).traffic
         self.steps: list[dict[str, float]] = []  # per step: U and MB, until logged
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = closure() if closure is not None else None
+        self.select()
+        self.selected = False
         self.set.set_lr(self.param_groups[0]["lr"] / self.set.lr)
         self.set.step()
         if self.set.host is not None:
@@ -92,7 +108,18 @@ class MeftOptimizer(torch.optim.Optimizer):
                            "mb": (t.bytes_h2d + t.bytes_d2h) / 1e6})
         return loss
 
+    def select(self) -> None:
+        """The protection's row selection and output penalty, once per step, before any
+        clipping (as meft's own trainer orders them)."""
+        if self.retainer is not None and not self.selected:
+            self.retainer.select_()
+            self.retainer.penalty_backward(self.retainer_step)
+        self.selected = True
+
+    retainer_step = 0  # set by the Trainer before each step (the penalty's data position)
+
     def clip_(self, max_norm: float) -> Tensor:
+        self.select()
         return self.set.clip_(max_norm)
 
 
@@ -119,7 +146,9 @@ class MeftTrainerMixin:
     label_names: list[str]
 
     def __init__(self, model: nn.Module | None = None, *args: Any,
-                 meft_config: MeftConfig | None = None, **kwargs: Any) -> None:
+                 meft_config: MeftConfig | None = None, retainer: Retainer | None = None,
+                 **kwargs: Any) -> None:
+        self.retainer = retainer
         if not isinstance(model, MeftModel):
             if model is None or meft_config is None:
                 raise TypeError("MeftTrainer needs a MeftModel (meft.get_meft_model), or the "
@@ -150,7 +179,8 @@ class MeftTrainerMixin:
             a = self.args
             self.optimizer = MeftOptimizer(self.meft_model, lr=a.learning_rate,
                                            betas=(a.adam_beta1, a.adam_beta2),
-                                           eps=a.adam_epsilon, weight_decay=a.weight_decay)
+                                           eps=a.adam_epsilon, weight_decay=a.weight_decay,
+                                           retainer=self.retainer)
         return self.optimizer  # type: ignore[no-any-return]
 
     def _meft_optimizer(self) -> MeftOptimizer:
@@ -161,6 +191,15 @@ class MeftTrainerMixin:
 
     def _clip_grad_norm(self, model: nn.Module) -> Tensor:
         return self._meft_optimizer().clip_(self.args.max_grad_norm)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any,
+                      **kwargs: Any) -> Tensor:
+        """With protection, count the accesses of this micro-batch's real tokens."""
+        if self.retainer is None:
+            return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc,no-any-return]
+        self._meft_optimizer().retainer_step = self.state.global_step  # type: ignore[attr-defined]
+        with self.retainer.watch(inputs["attention_mask"]):
+            return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc,no-any-return]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self.optimizer is not None:
