@@ -1,0 +1,160 @@
+"""Host state on disk: memory-mapped arrays with an undo journal, for adapters bigger than RAM.
+
+``--store disk:DIR`` keeps every host table and its optimizer state in files of DIR, mapped
+into memory: the OS pages in the rows a step touches and writes them back, so RAM holds only
+the working set. Layout::
+
+    DIR/index.json          {"arrays": {name: {"shape", "dtype", "file"}}, "step": S}
+    DIR/<name>.bin          raw little-endian rows, C order (bf16 as its 16 bits)
+    DIR/journal/<name>.ids  int64 row ids          } pre-images of the rows changed since
+    DIR/journal/<name>.rows their bytes before      } step S, appended before each change
+
+Crash safety (a SIGKILL at any instant never leaves a store that loads wrong):
+
+* before a step changes rows of an array, :meth:`DiskArrays.before_write` appends the current
+  bytes of those rows not yet journaled since the last commit to the journal, and fsyncs it;
+* :meth:`DiskArrays.commit` (at each checkpoint) flushes every map, fsyncs, records ``step``
+  in index.json atomically, then empties the journal;
+* opening a store with a non-empty journal writes the pre-images back (the ids file is the
+  commit point of each record: rows whose bytes were not fully written are ignored, and such a
+  row was not yet changed), so the store is again exactly what it was at ``step``.
+
+A store therefore always opens at its last committed step; a run resumes from the checkpoint
+of that step. Memory maps are created sparse (``truncate``): untouched zero pages cost no disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from meft.errors import SerializationError
+
+INDEX = "index.json"
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64,
+          torch.int8: np.int8, torch.uint8: np.uint8, torch.bfloat16: np.int16}
+_NAMES = {str(t).removeprefix("torch."): t for t in _NUMPY}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DiskArrays:
+    """A directory of named memory-mapped arrays (module doc)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "journal").mkdir(exist_ok=True)
+        index = self.dir / INDEX
+        self.index: dict[str, Any] = (json.loads(index.read_text()) if index.is_file()
+                                      else {"arrays": {}, "step": 0})
+        self.arrays: dict[str, Tensor] = {}
+        self._maps: dict[str, np.memmap] = {}
+        self._journaled: dict[str, Tensor] = {}  # name -> (rows,) bool since the last commit
+        self.recovered = self._recover()
+
+    @property
+    def step(self) -> int:
+        return int(self.index["step"])
+
+    def _map(self, name: str) -> Tensor:
+        meta = self.index["arrays"][name]
+        dtype = _NAMES[meta["dtype"]]
+        mm = np.memmap(self.dir / meta["file"], dtype=_NUMPY[dtype], mode="r+",
+                       shape=tuple(meta["shape"]))
+        self._maps[name] = mm
+        tensor = torch.from_numpy(mm)
+        if dtype == torch.bfloat16:
+            tensor = tensor.view(torch.bfloat16)
+        self.arrays[name] = tensor
+        self._journaled[name] = torch.zeros(meta["shape"][0], dtype=torch.bool)
+        return tensor
+
+    def zeros(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """The array ``name``: mapped from its file if the store has it (shape and dtype must
+        match), else created as zeros (a sparse file)."""
+        if name in self.arrays:
+            return self.arrays[name]
+        meta = self.index["arrays"].get(name)
+        if meta is not None:
+            if tuple(meta["shape"]) != tuple(shape) or meta["dtype"] != str(dtype)[6:]:
+                raise SerializationError(
+                    f"{self.dir}: array {name} is {meta['dtype']} {tuple(meta['shape'])}, this "
+                    f"run needs {str(dtype)[6:]} {tuple(shape)} (another adapter's store?)")
+            return self._map(name)
+        file = f"{name}.bin"
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        with open(self.dir / file, "wb") as f:
+            f.truncate(nbytes)
+        self.index["arrays"][name] = {"shape": list(shape), "dtype": str(dtype)[6:],
+                                      "file": file}
+        _write_json(self.dir / INDEX, self.index)
+        return self._map(name)
+
+    def before_write(self, name: str, rows: Tensor) -> None:
+        """Journal the pre-images of ``rows`` (int64 (R,)) of array ``name`` not journaled
+        since the last commit, durably, before they change."""
+        seen = self._journaled[name]
+        fresh = rows[~seen[rows]].unique()
+        if fresh.numel() == 0:
+            return
+        data = self.arrays[name].index_select(0, fresh)
+        journal = self.dir / "journal"
+        with open(journal / f"{name}.rows", "ab") as f:  # bytes first, ids (the commit) last
+            f.write(data.contiguous().view(torch.uint8).numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        with open(journal / f"{name}.ids", "ab") as f:
+            f.write(fresh.to(torch.int64).numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        seen[fresh] = True
+
+    def commit(self, step: int) -> None:
+        """Make the arrays durable as the state of ``step`` and forget the journal."""
+        for mm in self._maps.values():
+            mm.flush()
+        self.index["step"] = step
+        _write_json(self.dir / INDEX, self.index)
+        for path in (self.dir / "journal").iterdir():
+            path.unlink()
+        for seen in self._journaled.values():
+            seen.zero_()
+
+    def _recover(self) -> bool:
+        """Write back every journaled pre-image (module doc); True if there were any."""
+        journal = self.dir / "journal"
+        done = False
+        for ids_file in sorted(journal.glob("*.ids")):
+            name = ids_file.name[: -len(".ids")]
+            meta = self.index["arrays"].get(name)
+            if meta is None:
+                continue
+            dtype = _NAMES[meta["dtype"]]
+            row_bytes = int(np.prod(meta["shape"][1:])) * torch.empty(
+                (), dtype=dtype).element_size()
+            ids = np.fromfile(ids_file, dtype=np.int64)
+            data = np.fromfile(journal / f"{name}.rows", dtype=np.uint8)
+            n = min(len(ids), len(data) // row_bytes)  # complete records only
+            if n:
+                mm = np.memmap(self.dir / meta["file"], dtype=np.uint8, mode="r+",
+                               shape=(meta["shape"][0], row_bytes))
+                mm[ids[:n]] = data[: n * row_bytes].reshape(n, row_bytes)
+                mm.flush()
+                done = True
+        for path in journal.iterdir():
+            path.unlink()
+        return done
