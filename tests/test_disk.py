@@ -60,7 +60,7 @@ def test_torn_journal_records_are_ignored(tmp_path: Path) -> None:
     store.before_write("w", torch.tensor([1, 2]))
     t[1:3] = 5.0
     store._maps["w"].flush()
-    ids = tmp_path / "journal" / "w.ids"
+    ids = tmp_path / "journal" / "1" / "w.ids"
     ids.write_bytes(ids.read_bytes()[:12])  # one whole id and half of the next
     del store, t
     w = DiskArrays(tmp_path).zeros("w", (10, 2), torch.float32)
@@ -87,15 +87,100 @@ while True:
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_the_last_committed_step(tmp_path: Path) -> None:
-    for trial in range(6):
+    for trial in range(12):
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)],
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         proc.stdout.readline()  # at least one commit
-        time.sleep(0.01 + 0.037 * trial)
+        time.sleep(0.005 + 0.023 * trial)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         store = DiskArrays(tmp_path)
         w = store.zeros("w", (400, 64), torch.float32)
         assert torch.all(w == float(store.step)), (trial, store.step, np.unique(w.numpy()))
         del store, w
+
+
+# ------------------------------------------------------------------ training on a disk store
+from helpers import TINY, meft_config, tiny  # noqa: E402
+from meft.cli import main  # noqa: E402
+from meft.model import MeftModel, get_meft_model  # noqa: E402
+from meft.trainer import TrainConfig, Trainer, TrainingInterrupted  # noqa: E402
+from test_retain import examples  # noqa: E402
+
+CFG = TrainConfig(steps=5, batch_size=4, lr=1e-2, progress=False)
+
+
+def _model(path: Path | None, **kw: object) -> MeftModel:
+    arrays = DiskArrays(path) if path is not None else None
+    return get_meft_model(tiny("llama"), meft_config(**kw), arrays=arrays)
+
+
+@pytest.mark.parametrize("kw", [{}, {"storage_dtype": "bfloat16", "optim_state": "8bit"}])
+def test_training_on_disk_equals_training_in_ram(kw: dict, tmp_path: Path) -> None:
+    ram = _model(None, **kw)
+    Trainer(ram, examples(), CFG, tmp_path / "ram", pad_id=0).train()
+    disk = _model(tmp_path / "store", **kw)
+    Trainer(disk, examples(), CFG, tmp_path / "disk", pad_id=0).train()
+    for name, t in ram.adapter_state().items():
+        assert torch.equal(disk.adapter_state()[name], t), name
+    arrays = disk.arrays
+    assert arrays is not None and arrays.step == 0  # nothing committed without a checkpoint
+    names = set(arrays.index["arrays"])
+    assert {"0.keys", "0.values", "0.keys.exp_avg", "2.values.step"} <= names
+
+
+def test_a_crash_after_a_checkpoint_resumes_bitwise(tmp_path: Path) -> None:
+    """Train to step 2 (checkpoint, store committed), run step 3 without a checkpoint, let
+    its pages reach the disk, drop everything (the crash); reopening undoes step 3 and the
+    resumed run ends where an uninterrupted one does."""
+    whole = _model(None)
+    Trainer(whole, examples(), CFG, tmp_path / "whole", pad_id=0).train()
+    first = _model(tmp_path / "store")
+    trainer = Trainer(first, examples(), CFG, tmp_path / "run", pad_id=0)
+    trainer.stop_after = 2
+    with pytest.raises(TrainingInterrupted):
+        trainer.train()
+    trainer.train_step(next(trainer._batches()))  # step 3, never checkpointed
+    assert first.arrays is not None
+    for mm in first.arrays._maps.values():
+        mm.flush()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert not (ckpt / "adapter" / "adapter_model.safetensors").stat().st_size > 100_000
+    del first, trainer
+    again = _model(tmp_path / "store")
+    assert again.arrays is not None and again.arrays.recovered and again.arrays.step == 2
+    resumed = Trainer(again, examples(), CFG, tmp_path / "run", pad_id=0)
+    resumed.restore(ckpt)
+    resumed.train()
+    resumed.save_checkpoint()  # step 5: the store commits
+    for name, t in whole.adapter_state().items():
+        assert torch.equal(again.adapter_state()[name], t), name
+    stale = Trainer(_model(tmp_path / "store"), examples(), CFG, tmp_path / "x", pad_id=0)
+    with pytest.raises(SerializationError, match=r"the disk store .* holds step 5"):
+        stale.restore(ckpt)
+
+
+def test_meft_train_with_a_disk_store(model_dir: Path, data_file: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--model", str(model_dir), "--data", str(data_file), "--steps", "4",
+             "--batch-size", "4", "--max-new-tokens", "2", "--no-progress", "--no-eval-before",
+             "--no-retention", "--no-plots", *TINY]
+    store = tmp_path / "store"
+    assert main(["train", *flags, "--output", str(tmp_path / "a"), "--store",
+                 f"disk:{store}", "--stop-after", "2"]) == 0
+    assert DiskArrays(store).step == 2
+    assert main(["train", "--resume", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert DiskArrays(store).step == 4
+    assert main(["train", *flags, "--output", str(tmp_path / "b")]) == 0  # in RAM
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["train", *flags, "--output", str(tmp_path / "c"), "--store",
+                 f"disk:{store}"]) == 2
+    assert "holds another run's store" in capsys.readouterr().err
+    assert main(["train", *flags, "--store", "tape"]) == 2
+    assert "store must be ram or disk:DIR, got 'tape'" in capsys.readouterr().err

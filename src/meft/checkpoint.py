@@ -32,6 +32,8 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 def save_checkpoint(directory: str | Path, model: MeftModel,
                     optimizer_state: dict[str, Tensor], trainer_state: dict[str, Any], *,
                     rng: Tensor | None = None) -> Path:
+    """(With a disk store the adapter part holds the routers only: the tables and their
+    moments are the store's, committed at this step by the caller.)"""
     """Write one complete checkpoint directory atomically: the adapter as save_pretrained
     writes it, the optimizer state (named by :class:`~meft.optim.OptimizerSet`), the trainer
     state and the RNG state."""
@@ -40,7 +42,7 @@ def save_checkpoint(directory: str | Path, model: MeftModel,
     if rng is not None:
         tensors["rng.torch"] = rng
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / "adapter", tables=model.arrays is None)
         save_tensors(tensors, tmp, "optimizer")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
     return directory

@@ -373,6 +373,9 @@ class RunConfig:
                                  "learned) and go on learning new data; with --retain on the "
                                  "rows it already wrote are never updated",
                                  default_text="a fresh adapter")
+    store: str = option("ram", "where the host tables and their AdamW moments live: ram, or "
+                        "disk:DIR (memory-mapped files with a crash journal, for adapters "
+                        "bigger than RAM)")
     background: str | None = option(None, "background text for --retain on (any format --data "
                                     "reads): what the model should keep doing as before",
                                     default_text="the base model's own answers to 320 "
@@ -403,6 +406,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.store != "ram" and not (self.store.startswith("disk:") and self.store[5:]):
+            raise ConfigError(f"store must be ram or disk:DIR, got {self.store!r}")
 
 
 @dataclass

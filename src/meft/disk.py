@@ -4,20 +4,22 @@
 into memory: the OS pages in the rows a step touches and writes them back, so RAM holds only
 the working set. Layout::
 
-    DIR/index.json          {"arrays": {name: {"shape", "dtype", "file"}}, "step": S}
-    DIR/<name>.bin          raw little-endian rows, C order (bf16 as its 16 bits)
-    DIR/journal/<name>.ids  int64 row ids          } pre-images of the rows changed since
-    DIR/journal/<name>.rows their bytes before      } step S, appended before each change
+    DIR/index.json            {"arrays": {name: {"shape", "dtype", "file"}}, "step": S}
+    DIR/<name>.bin            raw little-endian rows, C order (bf16 as its 16 bits)
+    DIR/journal/S/<name>.ids  int64 row ids          } pre-images of the rows changed since
+    DIR/journal/S/<name>.rows their bytes before      } step S, appended before each change
 
 Crash safety (a SIGKILL at any instant never leaves a store that loads wrong):
 
 * before a step changes rows of an array, :meth:`DiskArrays.before_write` appends the current
   bytes of those rows not yet journaled since the last commit to the journal, and fsyncs it;
-* :meth:`DiskArrays.commit` (at each checkpoint) flushes every map, fsyncs, records ``step``
-  in index.json atomically, then empties the journal;
-* opening a store with a non-empty journal writes the pre-images back (the ids file is the
-  commit point of each record: rows whose bytes were not fully written are ignored, and such a
-  row was not yet changed), so the store is again exactly what it was at ``step``.
+* :meth:`DiskArrays.commit` (at each checkpoint) flushes every map, fsyncs, records the new
+  ``step`` in index.json atomically (the commit point), then deletes the old journal, which is
+  relative to the previous step and from then on ignored;
+* opening a store writes back the pre-images journaled relative to its recorded step (the
+  ids file is the commit point of each record: rows whose bytes were not fully written are
+  ignored, and such a row was not yet changed), so the store is again exactly what it was at
+  ``step``.
 
 A store therefore always opens at its last committed step; a run resumes from the checkpoint
 of that step. Memory maps are created sparse (``truncate``): untouched zero pages cost no disk.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +60,6 @@ class DiskArrays:
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "journal").mkdir(exist_ok=True)
         index = self.dir / INDEX
         self.index: dict[str, Any] = (json.loads(index.read_text()) if index.is_file()
                                       else {"arrays": {}, "step": 0})
@@ -112,7 +114,8 @@ class DiskArrays:
         if fresh.numel() == 0:
             return
         data = self.arrays[name].index_select(0, fresh)
-        journal = self.dir / "journal"
+        journal = self.dir / "journal" / str(self.step)
+        journal.mkdir(parents=True, exist_ok=True)
         with open(journal / f"{name}.rows", "ab") as f:  # bytes first, ids (the commit) last
             f.write(data.contiguous().view(torch.uint8).numpy().tobytes())
             f.flush()
@@ -129,14 +132,13 @@ class DiskArrays:
             mm.flush()
         self.index["step"] = step
         _write_json(self.dir / INDEX, self.index)
-        for path in (self.dir / "journal").iterdir():
-            path.unlink()
+        shutil.rmtree(self.dir / "journal", ignore_errors=True)
         for seen in self._journaled.values():
             seen.zero_()
 
     def _recover(self) -> bool:
         """Write back every journaled pre-image (module doc); True if there were any."""
-        journal = self.dir / "journal"
+        journal = self.dir / "journal" / str(self.step)  # other steps' are stale
         done = False
         for ids_file in sorted(journal.glob("*.ids")):
             name = ids_file.name[: -len(".ids")]
@@ -155,6 +157,8 @@ class DiskArrays:
                 mm[ids[:n]] = data[: n * row_bytes].reshape(n, row_bytes)
                 mm.flush()
                 done = True
-        for path in journal.iterdir():
-            path.unlink()
+        if done:
+            for mm in self._maps.values():
+                mm.flush()
+        shutil.rmtree(self.dir / "journal", ignore_errors=True)
         return done

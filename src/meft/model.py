@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from meft.config import CONFIG_NAME, MeftConfig
+from meft.disk import DiskArrays
 from meft.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
 from meft.offload import OffloadedSparseAdapter
 from meft.routing import router_init
@@ -130,7 +131,8 @@ class MeftModel(nn.Module):
 
     def __init__(self, base_model: nn.Module, config: MeftConfig, *,
                  device: torch.device | str | None = None,
-                 tensors: dict[str, Tensor] | None = None) -> None:
+                 tensors: dict[str, Tensor] | None = None,
+                 arrays: DiskArrays | None = None) -> None:
         super().__init__()
         self.base_model = base_model
         blocks = find_decoder_layers(base_model)
@@ -141,7 +143,7 @@ class MeftModel(nn.Module):
             raise ConfigError(f"layers {bad} out of range: the model has {len(blocks)} "
                               "decoder layers")
         layer_ids = sorted({i % len(blocks) for i in layer_ids})
-        if tensors is None:
+        if tensors is None and arrays is None:
             _check_host_memory(config, d, len(layer_ids))
         config.hidden_size, config.num_layers = d, len(blocks)
         if config.base_model is None:
@@ -157,9 +159,21 @@ class MeftModel(nn.Module):
         self.adapters = nn.ModuleDict()
         self._enabled = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.arrays = arrays  # the disk store of the tables and their moments, if any
+        fresh = arrays is not None and not arrays.index.get("initialized")
         gen = torch.Generator().manual_seed(config.seed)
         for i in layer_ids:
-            if tensors is None:
+            if arrays is not None:  # tables on disk: initialised once, then as stored
+                shape = (config.neurons, d)
+                keys = arrays.zeros(f"{i}.keys", shape, config.dtype)  # as named_host_tables
+                values = arrays.zeros(f"{i}.values", shape, config.dtype)
+                if fresh:
+                    keys.normal_(0.0, config.init_std, generator=gen)
+                store = HostStore(keys, values)
+                router = router_init(keys.float(), config.n_experts,
+                                     scheme=config.router_init, std=config.init_std,
+                                     generator=gen)
+            elif tensors is None:
                 store = HostStore.initialize(config.neurons, d, std=config.init_std,
                                              dtype=config.dtype, generator=gen)
                 router = router_init(store.keys.float(), config.n_experts,
@@ -174,6 +188,9 @@ class MeftModel(nn.Module):
                 gate=config.gate, device=self.device_, dtype=torch.float32, router=router)
             self.adapters[str(i)] = adapter
             self._handles.append(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
+        if arrays is not None and fresh:
+            arrays.index["initialized"] = True
+            arrays.commit(0)
 
     # ----------------------------------------------------------------- plumbing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -249,32 +266,34 @@ class MeftModel(nn.Module):
               f"{100 * c['trainable'] / max(1, c['base']):.2f}")
 
     # ----------------------------------------------------------------- files
-    def adapter_state(self) -> dict[str, Tensor]:
-        """Every adapter tensor by its file name (live tensors, not copies)."""
+    def adapter_state(self, *, tables: bool = True) -> dict[str, Tensor]:
+        """Every adapter tensor by its file name (live tensors, not copies); ``tables=False``:
+        the routers only (the tables are in a disk store)."""
         out: dict[str, Tensor] = {}
         for i, adapter in zip(self.layer_ids, self.adapter_modules, strict=True):
-            out[tensor_name(i, "keys")] = adapter.store.keys
-            out[tensor_name(i, "values")] = adapter.store.values
+            if tables:
+                out[tensor_name(i, "keys")] = adapter.store.keys
+                out[tensor_name(i, "values")] = adapter.store.values
             out[tensor_name(i, "router")] = adapter.router.detach()
         return out
 
-    def load_adapter_state(self, tensors: dict[str, Tensor], *, source: str = "adapter"
-                           ) -> None:
+    def load_adapter_state(self, tensors: dict[str, Tensor], *, source: str = "adapter",
+                           tables: bool = True) -> None:
         """Copy ``tensors`` (as :meth:`adapter_state` names them) into this adapter in place."""
-        own = self.adapter_state()
+        own = self.adapter_state(tables=tables)
         check_adapter_tensors(tensors, {k: tuple(v.shape) for k, v in own.items()}, source)
         with torch.no_grad():
             for name, tensor in own.items():
                 tensor.copy_(tensors[name])
 
     def save_pretrained(self, directory: str | Path, *,
-                        max_shard_bytes: int = 2 * 1024**3) -> Path:
+                        max_shard_bytes: int = 2 * 1024**3, tables: bool = True) -> Path:
         """Write adapter_config.json and adapter_model*.safetensors into ``directory``."""
         directory = Path(directory)
         config = MeftConfig.from_dict({**self.meft_config.to_dict(), "layers": self.layer_ids})
         with replaced_files(directory, owned=lambda name: name.startswith(WEIGHTS_STEM),
                             last=CONFIG_NAME) as tmp:
-            save_tensors(self.adapter_state(), tmp, WEIGHTS_STEM,
+            save_tensors(self.adapter_state(tables=tables), tmp, WEIGHTS_STEM,
                          max_shard_bytes=max_shard_bytes, metadata={"format": "meft"})
             config.save(tmp)
         return directory
@@ -329,6 +348,9 @@ def _check_host_memory(config: MeftConfig, hidden_size: int, n_layers: int) -> N
 
 
 def get_meft_model(model: nn.Module, config: MeftConfig | None = None, *,
-                   device: torch.device | str | None = None) -> MeftModel:
-    """Wrap ``model`` (any transformers causal LM) with MEFT adapters; base weights frozen."""
-    return MeftModel(model, config if config is not None else MeftConfig(), device=device)
+                   device: torch.device | str | None = None,
+                   arrays: DiskArrays | None = None) -> MeftModel:
+    """Wrap ``model`` (any transformers causal LM) with MEFT adapters; base weights frozen.
+    ``arrays``: keep the tables (and the optimizer's moments) in this disk store."""
+    return MeftModel(model, config if config is not None else MeftConfig(), device=device,
+                     arrays=arrays)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from meft.disk import DiskArrays
 from meft.errors import SerializationError
 from meft.quant import decode_signed, decode_unsigned, encode_signed, encode_unsigned, round_bf16
 from meft.store import HostTable, RowSparseGrad
@@ -57,6 +58,8 @@ class RowSparseAdamW(torch.optim.Optimizer):
         mode: str = "lazy",
         state_format: str = "fp32",
         seed: int = 0,
+        alloc: Callable[[int, str, tuple[int, ...], torch.dtype], Tensor] | None = None,
+        before_write: Callable[[int, list[str], Tensor], None] | None = None,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got lr={lr}")
@@ -83,8 +86,13 @@ class RowSparseAdamW(torch.optim.Optimizer):
             raise ValueError("the dense mode is for checking, with fp32 state and tables only")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__([t.data for t in self.tables], defaults)
-        for t in self.tables:
-            self.state[t.data] = _initial_state(t.data, mode, state_format)
+        self.before_write = before_write  # (table index, state keys, ids): a disk journal
+        for i, t in enumerate(self.tables):
+            state = _initial_state(t.data, mode, state_format)
+            if alloc is not None:  # per-row state where the caller keeps it (a disk store)
+                state = {k: alloc(i, k, tuple(v.shape), v.dtype) if v.dim() else v
+                         for k, v in state.items()}
+            self.state[t.data] = state
 
     @property
     def lr(self) -> float:
@@ -110,6 +118,8 @@ class RowSparseAdamW(torch.optim.Optimizer):
         for index, t in enumerate(self.tables):
             start = time.perf_counter()
             state = self.state[t.data]
+            if self.before_write is not None and len(t.grad):
+                self.before_write(index, [k for k, v in state.items() if v.dim()], t.grad.ids)
             if "sr_step" in state:  # compact: rounding noise seeded by table and step
                 seed = ((self.seed * 1_000_003 + index) * 1_000_033 + int(state["sr_step"]))
                 state["sr_step"] += 1
@@ -299,7 +309,8 @@ class OptimizerSet:
                  offload: dict[str, Tensor] | None = None, lr: float,
                  router_lr: float | None = None, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 host_state: str = "fp32", seed: int = 0) -> None:
+                 host_state: str = "fp32", seed: int = 0,
+                 arrays: DiskArrays | None = None) -> None:
         self.named: dict[str, dict[str, Any]] = {
             "device": dict(params or {}), "router": dict(routers or {}),
             "host": dict(host_tables or {}), "offload": dict(offload or {})}
@@ -311,8 +322,20 @@ class OptimizerSet:
         adam = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
         self.device: torch.optim.Optimizer | None = (
             torch.optim.AdamW(groups, **adam) if groups else None)  # type: ignore[arg-type]
+        names = list(self.named["host"])
+        self.arrays = arrays
+        disk: dict[str, Any] = {}
+        if arrays is not None:  # the moments beside the tables, journaled with them
+            def alloc(i: int, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+                return arrays.zeros(f"{names[i]}.{key}", shape, dtype)
+
+            def before_write(i: int, keys: list[str], ids: Tensor) -> None:
+                for name in (names[i], *(f"{names[i]}.{k}" for k in keys)):
+                    arrays.before_write(name, ids)
+
+            disk = {"alloc": alloc, "before_write": before_write}
         self.host = (RowSparseAdamW(self.named["host"].values(), state_format=host_state,
-                                    seed=seed, **adam)  # type: ignore[arg-type]
+                                    seed=seed, **adam, **disk)  # type: ignore[arg-type]
                      if self.named["host"] else None)
         offload_params = list(self.named["offload"].values())
         self.offload = (torch.optim.AdamW(offload_params, **adam)  # type: ignore[arg-type]
@@ -360,13 +383,17 @@ class OptimizerSet:
         found: dict[str, Any] = opt.state[tensor]
         return found
 
+    def _on_disk(self, kind: str, value: Any) -> bool:
+        return self.arrays is not None and kind == "host" and value.dim() > 0
+
     def state_tensors(self) -> dict[str, Tensor]:
-        """Every optimizer's state, named ``<kind>.<name>.<key>``."""
+        """Every optimizer's state, named ``<kind>.<name>.<key>`` (with a disk store, not the
+        per-row host state: it is in the store)."""
         out: dict[str, Tensor] = {}
         for kind, group in self.named.items():
             for name, tensor in group.items():
                 for key, value in self._state_of(kind, tensor).items():
-                    if isinstance(value, Tensor):
+                    if isinstance(value, Tensor) and not self._on_disk(kind, value):
                         out[f"{kind}.{name}.{key}"] = value
         return out
 
@@ -379,6 +406,8 @@ class OptimizerSet:
                 if kind == "host":
                     state = self._state_of(kind, tensor)
                     for key in state:
+                        if self._on_disk(kind, state[key]):
+                            continue
                         if key not in found:
                             raise SerializationError(f"optimizer state {prefix}{key} missing "
                                                  "(a checkpoint of another run?)")

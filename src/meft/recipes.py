@@ -42,6 +42,8 @@ from meft.config import (
 from meft.console import say
 from meft.data import encode_all, load_samples
 from meft.datasets import drop_known, load_splits
+from meft.disk import INDEX as DISK_INDEX
+from meft.disk import DiskArrays
 from meft.errors import DataError, RunDirectoryError, TrainingDiverged
 from meft.evaluate import answered, evaluate
 from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model
@@ -135,7 +137,12 @@ def train(job: TrainJob) -> dict[str, Any]:
         say(f"starting from the adapter in {run.adapter}")
     else:
         config.base_model = source.name
-        meft_model = get_meft_model(model, config, device=device)
+        meft_model = get_meft_model(model, config, device=device,
+                                    arrays=_disk_store(run, resumed=checkpoint is not None))
+        if checkpoint is not None and meft_model.arrays is not None:
+            # the store is at its last committed step: continue from that step's checkpoint
+            match = output / "checkpoints" / f"step-{meft_model.arrays.step:08d}"
+            checkpoint = match if match.is_dir() else checkpoint
     counts = meft_model.parameter_counts()
     host_gb = (config.host_bytes_per_layer(meft_model.stores[0].dim)  # tables + moments
                * len(meft_model.stores) / 1e9)
@@ -222,6 +229,22 @@ def _retention_probe(model: MeftModel, tokenizer: Any, run: RunConfig, output: P
     probe.save(path)
     say(f"retention probe: {probe.summary()}")
     return probe
+
+
+def _disk_store(run: RunConfig, *, resumed: bool) -> DiskArrays | None:
+    """The run's disk store (``--store disk:DIR``): new, or on resume the run's own, opened
+    at its last committed step (an interrupted step is undone)."""
+    if run.store == "ram":
+        return None
+    path = Path(run.store[5:])
+    if not resumed and (path / DISK_INDEX).is_file():
+        raise RunDirectoryError(f"--store {run.store}: the directory holds another run's "
+                                "store; resume that run or choose an empty directory")
+    arrays = DiskArrays(path)
+    if arrays.recovered:
+        say(f"store {path}: the step in progress when the run stopped was undone; the store "
+            f"is at step {arrays.step}")
+    return arrays
 
 
 def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunConfig, *,

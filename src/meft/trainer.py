@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from meft.checkpoint import prune_checkpoints, read_checkpoint, save_checkpoint
 from meft.config import TrainConfig
 from meft.data import Encoded, collate, iterate_batches
-from meft.errors import DataError, TrainingDiverged
+from meft.disk import DiskArrays
+from meft.errors import DataError, SerializationError, TrainingDiverged
 from meft.evaluate import answer_loss, token_loss_sum
 from meft.model import MeftModel, read_adapter
 from meft.optim import OptimizerSet
@@ -101,6 +102,7 @@ class Trainable:
     traffic: Callable[[], StepTraffic] = _no_traffic
     adapter: MeftModel | None = None
     host_state: str = "fp32"  # the host tables' AdamW moments (MeftConfig.optim_state)
+    arrays: DiskArrays | None = None  # the disk store of the tables and moments, if any
 
     @classmethod
     def of_meft(cls, model: MeftModel) -> Trainable:
@@ -121,7 +123,7 @@ class Trainable:
 
         return cls(model, routers=dict(model.named_routers()),
                    host_tables=model.named_host_tables(), traffic=traffic, adapter=model,
-                   host_state=model.meft_config.optim_state)
+                   host_state=model.meft_config.optim_state, arrays=model.arrays)
 
     def count(self) -> int:
         """Trainable parameters."""
@@ -182,7 +184,8 @@ class Trainer:
                                        host_tables=t.host_tables, offload=t.offload,
                                        lr=config.lr, router_lr=config.device_lr,
                                        weight_decay=config.weight_decay,
-                                       host_state=t.host_state, seed=config.seed)
+                                       host_state=t.host_state, seed=config.seed,
+                                       arrays=t.arrays)
         self.step = 0
         self.epoch = 0  # data position: batch ``position`` of epoch ``epoch`` comes next
         self.position = 0
@@ -327,6 +330,9 @@ class Trainer:
                 tensors.update(self.retainer.background.tensors())
             save_checkpoint(path, self._adapter(), tensors, self.state(),
                             rng=torch.get_rng_state())
+        arrays = self.trainable.arrays
+        if arrays is not None and arrays.step != self.step:  # the store: this step's state
+            arrays.commit(self.step)
         prune_checkpoints(root, self.config.keep_checkpoints)
         return path
 
@@ -334,8 +340,14 @@ class Trainer:
         """Continue exactly from a checkpoint written by :meth:`save_checkpoint`."""
         directory = Path(directory)
         tensors, state = read_checkpoint(directory)
+        arrays = self.trainable.arrays
+        if arrays is not None and arrays.step != state["step"]:
+            raise SerializationError(
+                f"{directory}: checkpoint of step {state['step']}, but the disk store "
+                f"{arrays.dir} holds step {arrays.step}; resume from its checkpoint")
         _, adapter = read_adapter(directory / "adapter")
-        self._adapter().load_adapter_state(adapter, source=str(directory / "adapter"))
+        self._adapter().load_adapter_state(adapter, source=str(directory / "adapter"),
+                                           tables=arrays is None)
         self.optimizers.load_state_tensors(tensors)
         if self.retainer is not None:  # the statistics training started with, not new ones
             self.retainer.background = Background.from_tensors(
