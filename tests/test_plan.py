@@ -57,6 +57,10 @@ def test_fit_finds_the_largest_n_that_fits() -> None:
     beyond = plan(meft_config(neurons=n + 1024, experts=None, top_k=64, n_probe=8), shape,
                   **kw)
     assert not all(beyond["fits"].values())
+    on_disk = plan(meft_config(neurons=n, experts=None, top_k=64, n_probe=8), shape,
+                   store="disk", **kw)
+    assert on_disk["disk_bytes"] == fits["host_bytes"]["tables_and_moments"]
+    assert on_disk["host_total"] < 0.1 * fits["host_total"]  # RAM: the rows a step touches
     compact = fit_neurons(meft_config(neurons=4096, experts=64, top_k=64, n_probe=8,
                                       storage_dtype="bfloat16", optim_state="8bit"), shape,
                           **kw)

@@ -514,6 +514,8 @@ class PlanConfig:
                         choices=("bf16", "fp32"))
     union: int | None = option(None, "rows per layer per micro-batch U", check="positive",
                                default_text="0.044 T K, measured on the embedded model")
+    store: str = option("ram", "where the tables and moments live (as meft train --store)",
+                        choices=("ram", "disk"))
     fit: bool = option(False, "find the largest N that fits device and host memory")
     calibrate: bool = option(False, "measure this machine's host rates first and keep them")
     json: bool = option(False, "print JSON instead of text")

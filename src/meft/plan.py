@@ -13,7 +13,9 @@ T tokens per micro-batch, U rows per layer per micro-batch (the union of the T*K
              staged rows       L * 2 * U * d * 4 + 2 * U * d * 4 (every layer's key and value
                                rows, and one layer's row gradients at a time)
     host     tables + moments  L * MeftConfig.host_bytes_per_layer(d) (exact: what the
-                               optimizer allocates), + pinned staging L * 2 * U * d * 4
+                               optimizer allocates), + pinned staging L * 2 * U * d * 4;
+                               with --store disk they are on disk and RAM holds the U rows
+                               a step touches (the page cache's working set)
     moved    host -> device    L * (2 * U * d * 4 + index bytes)            per micro-batch
              device -> host    L * (T * d * 4 + T * P * 12 + 2 * U * d * 4)  (hidden states,
                                probe scores and ids, row gradients: TransferStats' terms)
@@ -123,8 +125,8 @@ def traffic(config: MeftConfig, d: int, layers: int, tokens: int, union: int) ->
 
 
 def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, float],
-         host_rates: dict[str, Any], dtype_bytes: int = 2, union: int | None = None
-         ) -> dict[str, Any]:
+         host_rates: dict[str, Any], dtype_bytes: int = 2, union: int | None = None,
+         store: str = "ram") -> dict[str, Any]:
     """Every number ``meft plan`` prints (module doc), in bytes and seconds."""
     d = shape.hidden_size
     layers = len(config.layers) if config.layers else shape.num_layers
@@ -135,8 +137,12 @@ def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, f
               "activations": tokens * d * shape.num_layers * ACTIVATION_FACTOR * dtype_bytes,
               "routers": config.n_experts * d * layers * 16,
               "staged_rows": staged}
-    host = {"tables_and_moments": layers * config.host_bytes_per_layer(d),
-            "staging_buffers": layers * 2 * u * d * 4}
+    state = layers * config.host_bytes_per_layer(d)
+    if store == "ram":
+        host = {"tables_and_moments": state, "staging_buffers": layers * 2 * u * d * 4}
+    else:  # on disk: RAM holds the pages a step touches (U rows of every array) and staging
+        touched = state * u // config.neurons
+        host = {"touched_rows": touched, "staging_buffers": layers * 2 * u * d * 4}
     b = config.neurons // config.n_experts
     compute = 6 * shape.n_params * tokens / (hardware["gpu_tflops"] * 1e12 * MFU)
     routing = tokens * config.n_probe * b * d * 2 * layers / (host_rates["host_gflops"] * 1e9)
@@ -151,6 +157,7 @@ def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, f
         "tokens": tokens, "union": u, "union_assumed": union is None,
         "device_bytes": device, "device_total": sum(device.values()),
         "host_bytes": host, "host_total": sum(host.values()),
+        "store": store, "disk_bytes": 0 if store == "ram" else state,
         "moved_bytes": moved,
         "seconds": {"compute": compute, "host": routing + rows_work, "transfer": transfer,
                     "step": compute + routing + rows_work + transfer},
@@ -227,6 +234,8 @@ def describe(p: dict[str, Any]) -> str:
         f"host    {p['host_total'] / gb:7.2f} GB of {hw['host_memory'] / gb:.0f} GB  "
         + ", ".join(f"{k.replace('_', ' ')} {v / gb:.2f}" for k, v in p["host_bytes"].items())
         + ("" if p["fits"]["host"] else "   DOES NOT FIT"),
+        *([f"disk    {p['disk_bytes'] / gb:7.2f} GB  tables and moments (--store disk)"]
+          if p["disk_bytes"] else []),
         f"moved   {p['moved_bytes']['h2d'] / 1e6:.0f} MB host->device, "
         f"{p['moved_bytes']['d2h'] / 1e6:.0f} MB device->host per micro-batch",
         f"step    {p['seconds']['step']:.3f} s = compute {p['seconds']['compute']:.3f} + host "

@@ -435,7 +435,7 @@ def plan_cli(adapter: MeftConfig, options: PlanConfig) -> str:
     shape = model_shape(options.model, trust_remote_code=options.trust_remote_code)
     kw: dict[str, Any] = {"tokens": options.tokens, "hardware": hardware, "host_rates": rates,
                           "dtype_bytes": 2 if options.dtype == "bf16" else 4,
-                          "union": options.union}
+                          "union": options.union, "store": options.store}
     if options.fit:
         n = fit_neurons(adapter, shape, **kw)
         if not n:
