@@ -177,6 +177,10 @@ def test_base_model_and_meft_config_and_misuse(tmp_path: Path) -> None:
     assert isinstance(trainer.model, MeftModel)
     trainer.train()
     assert any(s.values.abs().sum() > 0 for s in trainer.model.stores)
+    quantized = tiny("llama")
+    quantized.is_quantized = True  # as a GGUF-loaded model is marked
+    MeftTrainer(model=quantized, meft_config=meft_config(), args=hf_args(tmp_path),
+                train_dataset=rows(examples()), data_collator=MeftCollator(0))
     with pytest.raises(TypeError, match="needs a MeftModel"):
         MeftTrainer(model=tiny("llama"), args=hf_args(tmp_path))
     with pytest.raises(TypeError, match="already wrapped"):

@@ -156,6 +156,9 @@ class MeftTrainerMixin:
             model = get_meft_model(model, meft_config)
         elif meft_config is not None:
             raise TypeError("meft_config= is for a base model; this model is already wrapped")
+        # a trainable adapter is attached: what transformers asks of a quantized base (a
+        # GGUF-loaded one is marked quantized) before it lets a Trainer fine-tune it, as PEFT
+        model.__dict__["_hf_peft_config_loaded"] = True
         super().__init__(model, *args, **kwargs)  # type: ignore[call-arg]
         self.add_callback(_ResetTraffic(model))  # type: ignore[attr-defined]
         if not self.args.label_names:  # MeftModel.forward(*args, **kwargs) names no labels
