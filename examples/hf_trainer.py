@@ -28,11 +28,12 @@ ap.add_argument("--neurons", type=int, default=default.neurons)
 ap.add_argument("--top-k", type=int, default=default.top_k)
 ap.add_argument("--experts", type=int)
 ap.add_argument("--probe", type=int, default=default.n_probe)
+ap.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order")
 a = ap.parse_args()
 
 base, tokenizer, _ = load_model_and_tokenizer(a.model)
 model = get_meft_model(base, MeftConfig(neurons=a.neurons, top_k=a.top_k, experts=a.experts,
-                                        n_probe=a.probe))
+                                        n_probe=a.probe, seed=a.seed))
 if a.data:
     train = load_dataset("json", data_files=a.data, split="train")
 else:
@@ -43,7 +44,7 @@ held_out = load_samples(a.eval_data) if a.eval_data else load_splits(None, None)
 args = TrainingArguments(output_dir=a.output, max_steps=a.max_steps, learning_rate=3e-3,
                          per_device_train_batch_size=12, warmup_steps=0.02, weight_decay=0.0,
                          max_grad_norm=1.0, logging_steps=10, save_strategy="no", report_to=[],
-                         seed=0)
+                         seed=a.seed)
 MeftTrainer(model=model, args=args, train_dataset=train,
             data_collator=MeftCollator(tokenizer.pad_token_id)).train()
 scores = evaluate(model, tokenizer, held_out, max_new_tokens=16, batch_size=32, progress=False)
