@@ -170,6 +170,21 @@ def test_clipping_covers_the_host_rows(tmp_path: Path) -> None:
     assert float(router.grad[0, 0]) < 1e-6  # the router's share shrank with the host's
 
 
+def test_evaluation_during_training(tmp_path: Path) -> None:
+    model = get_meft_model(tiny("llama"), meft_config())
+    trainer = MeftTrainer(model=model, args=hf_args(tmp_path, eval_strategy="steps",
+                                                    eval_steps=2, max_steps=4,
+                                                    per_device_eval_batch_size=4),
+                          train_dataset=rows(examples()), eval_dataset=rows(examples(4, 1)),
+                          data_collator=MeftCollator(0))
+    trainer.train()
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(math.isfinite(r["eval_loss"]) for r in evals)
+    train_logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert all(r["meft_union"] > 0 for r in train_logs)  # evaluation is not a step's traffic
+
+
 def test_base_model_and_meft_config_and_misuse(tmp_path: Path) -> None:
     trainer = MeftTrainer(model=tiny("llama"), meft_config=meft_config(),
                           args=hf_args(tmp_path, max_steps=1), train_dataset=rows(examples()),
