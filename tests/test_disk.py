@@ -42,8 +42,10 @@ def test_an_uncommitted_step_is_undone_on_open(tmp_path: Path) -> None:
     committed = t.clone()
     rows = torch.tensor([3, 7, 3, 20])
     store.before_write("w", rows)
+    store.sync()
     t[rows] = 99.0
     store.before_write("w", torch.tensor([7, 40]))  # 7 again: journaled once
+    store.sync()
     t[40] = -1.0
     store._maps["w"].flush()  # the changed pages reached the disk before the "crash"
     del store, t
@@ -57,11 +59,13 @@ def test_torn_journal_records_are_ignored(tmp_path: Path) -> None:
     t = store.zeros("w", (10, 2), torch.float32)
     t.fill_(1.0)
     store.commit(1)
-    store.before_write("w", torch.tensor([1, 2]))
+    store.before_write("w", torch.tensor([1]))
+    store.before_write("w", torch.tensor([2]))
+    store.sync()
     t[1:3] = 5.0
     store._maps["w"].flush()
-    ids = tmp_path / "journal" / "1" / "w.ids"
-    ids.write_bytes(ids.read_bytes()[:12])  # one whole id and half of the next
+    log = tmp_path / "journal" / "1.log"
+    log.write_bytes(log.read_bytes()[:-3])  # the second record cut short
     del store, t
     w = DiskArrays(tmp_path).zeros("w", (10, 2), torch.float32)
     assert w[1].tolist() == [1.0, 1.0]  # restored from the complete record
@@ -79,6 +83,7 @@ while True:
     for lo in range(0, 400, 50):   # a step changes the rows chunk by chunk
         rows = torch.arange(lo, lo + 50)
         store.before_write("w", rows)
+        store.sync()
         w[lo:lo + 50] = float(s)
     store.commit(s)
     print(s, flush=True)

@@ -4,22 +4,23 @@
 into memory: the OS pages in the rows a step touches and writes them back, so RAM holds only
 the working set. Layout::
 
-    DIR/index.json            {"arrays": {name: {"shape", "dtype", "file"}}, "step": S}
-    DIR/<name>.bin            raw little-endian rows, C order (bf16 as its 16 bits)
-    DIR/journal/S/<name>.ids  int64 row ids          } pre-images of the rows changed since
-    DIR/journal/S/<name>.rows their bytes before      } step S, appended before each change
+    DIR/index.json          {"arrays": {name: {"shape", "dtype", "file"}}, "step": S}
+    DIR/<name>.bin          raw little-endian rows, C order (bf16 as its 16 bits)
+    DIR/journal/S.log       pre-images of the rows changed since step S: records of
+                            b"MJ", name length (u16), rows n (u64), row bytes (u64), the name,
+                            n int64 ids, their n rows as they were
 
 Crash safety (a SIGKILL at any instant never leaves a store that loads wrong):
 
-* before a step changes rows of an array, :meth:`DiskArrays.before_write` appends the current
-  bytes of those rows not yet journaled since the last commit to the journal, and fsyncs it;
+* before a step changes rows, :meth:`DiskArrays.before_write` appends to the journal the
+  current bytes of those rows not yet journaled since the last commit, for every array the
+  step will change, and :meth:`DiskArrays.sync` makes the journal durable once per step;
 * :meth:`DiskArrays.commit` (at each checkpoint) flushes every map, fsyncs, records the new
   ``step`` in index.json atomically (the commit point), then deletes the old journal, which is
   relative to the previous step and from then on ignored;
-* opening a store writes back the pre-images journaled relative to its recorded step (the
-  ids file is the commit point of each record: rows whose bytes were not fully written are
-  ignored, and such a row was not yet changed), so the store is again exactly what it was at
-  ``step``.
+* opening a store writes back the pre-images journaled relative to its recorded step (a
+  record cut short by the crash is ignored: its rows had not been changed yet), so the store
+  is again exactly what it was at ``step``.
 
 A store therefore always opens at its last committed step; a run resumes from the checkpoint
 of that step. Memory maps are created sparse (``truncate``): untouched zero pages cost no disk.
@@ -66,6 +67,7 @@ class DiskArrays:
         self.arrays: dict[str, Tensor] = {}
         self._maps: dict[str, np.memmap] = {}
         self._journaled: dict[str, Tensor] = {}  # name -> (rows,) bool since the last commit
+        self._journal: Any = None  # the open journal file of the current step
         self.recovered = self._recover()
 
     @property
@@ -108,23 +110,30 @@ class DiskArrays:
 
     def before_write(self, name: str, rows: Tensor) -> None:
         """Journal the pre-images of ``rows`` (int64 (R,)) of array ``name`` not journaled
-        since the last commit, durably, before they change."""
+        since the last commit (durable after :meth:`sync`; change them only after it)."""
         seen = self._journaled[name]
         fresh = rows[~seen[rows]].unique()
         if fresh.numel() == 0:
             return
-        data = self.arrays[name].index_select(0, fresh)
-        journal = self.dir / "journal" / str(self.step)
-        journal.mkdir(parents=True, exist_ok=True)
-        with open(journal / f"{name}.rows", "ab") as f:  # bytes first, ids (the commit) last
-            f.write(data.contiguous().view(torch.uint8).numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        with open(journal / f"{name}.ids", "ab") as f:
-            f.write(fresh.to(torch.int64).numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        n = fresh.numel()
+        data = self.arrays[name].index_select(0, fresh).reshape(n, -1).contiguous()
+        data = data.view(torch.uint8)  # (n, bytes per row), 1-D arrays included
+        if self._journal is None:
+            (self.dir / "journal").mkdir(exist_ok=True)
+            self._journal = open(self.dir / "journal" / f"{self.step}.log", "ab")  # noqa: SIM115
+        key = name.encode()
+        row_bytes = data.shape[1]
+        self._journal.write(b"MJ" + np.array([len(key)], "<u2").tobytes()
+                            + np.array([n, row_bytes], "<u8").tobytes() + key
+                            + fresh.to(torch.int64).numpy().tobytes()
+                            + data.numpy().tobytes())
         seen[fresh] = True
+
+    def sync(self) -> None:
+        """Make what :meth:`before_write` journaled durable (once per step)."""
+        if self._journal is not None:
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
 
     def commit(self, step: int) -> None:
         """Make the arrays durable as the state of ``step`` and forget the journal."""
@@ -132,33 +141,36 @@ class DiskArrays:
             mm.flush()
         self.index["step"] = step
         _write_json(self.dir / INDEX, self.index)
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         shutil.rmtree(self.dir / "journal", ignore_errors=True)
         for seen in self._journaled.values():
             seen.zero_()
 
     def _recover(self) -> bool:
         """Write back every journaled pre-image (module doc); True if there were any."""
-        journal = self.dir / "journal" / str(self.step)  # other steps' are stale
+        path = self.dir / "journal" / f"{self.step}.log"  # other steps' journals are stale
         done = False
-        for ids_file in sorted(journal.glob("*.ids")):
-            name = ids_file.name[: -len(".ids")]
+        raw = path.read_bytes() if path.is_file() else b""
+        at = 0
+        while at + 20 <= len(raw) and raw[at:at + 2] == b"MJ":
+            key_len = int(np.frombuffer(raw, "<u2", 1, at + 2)[0])
+            n, row_bytes = (int(v) for v in np.frombuffer(raw, "<u8", 2, at + 4))
+            start = at + 20 + key_len
+            end = start + n * 8 + n * row_bytes
+            if end > len(raw):
+                break  # cut short by the crash: its rows were not changed yet
+            name = raw[at + 20:start].decode()
             meta = self.index["arrays"].get(name)
-            if meta is None:
-                continue
-            dtype = _NAMES[meta["dtype"]]
-            row_bytes = int(np.prod(meta["shape"][1:])) * torch.empty(
-                (), dtype=dtype).element_size()
-            ids = np.fromfile(ids_file, dtype=np.int64)
-            data = np.fromfile(journal / f"{name}.rows", dtype=np.uint8)
-            n = min(len(ids), len(data) // row_bytes)  # complete records only
-            if n:
+            if meta is not None and n:
+                ids = np.frombuffer(raw, "<i8", n, start)
+                rows = np.frombuffer(raw, np.uint8, n * row_bytes, start + n * 8)
                 mm = np.memmap(self.dir / meta["file"], dtype=np.uint8, mode="r+",
                                shape=(meta["shape"][0], row_bytes))
-                mm[ids[:n]] = data[: n * row_bytes].reshape(n, row_bytes)
+                mm[ids] = rows.reshape(n, row_bytes)
                 mm.flush()
                 done = True
-        if done:
-            for mm in self._maps.values():
-                mm.flush()
+            at = end
         shutil.rmtree(self.dir / "journal", ignore_errors=True)
         return done

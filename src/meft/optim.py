@@ -60,6 +60,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
         seed: int = 0,
         alloc: Callable[[int, str, tuple[int, ...], torch.dtype], Tensor] | None = None,
         before_write: Callable[[int, list[str], Tensor], None] | None = None,
+        journal_sync: Callable[[], None] | None = None,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got lr={lr}")
@@ -87,6 +88,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__([t.data for t in self.tables], defaults)
         self.before_write = before_write  # (table index, state keys, ids): a disk journal
+        self.journal_sync = journal_sync  # once per step, after journaling, before updating
         for i, t in enumerate(self.tables):
             state = _initial_state(t.data, mode, state_format)
             if alloc is not None:  # per-row state where the caller keeps it (a disk store)
@@ -115,11 +117,16 @@ class RowSparseAdamW(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = closure() if closure is not None else None
         group = self.param_groups[0]
+        if self.before_write is not None:  # journal every table's rows, then one sync
+            for index, t in enumerate(self.tables):
+                if len(t.grad):
+                    keys = [k for k, v in self.state[t.data].items() if v.dim()]
+                    self.before_write(index, keys, t.grad.ids)
+            if self.journal_sync is not None:
+                self.journal_sync()
         for index, t in enumerate(self.tables):
             start = time.perf_counter()
             state = self.state[t.data]
-            if self.before_write is not None and len(t.grad):
-                self.before_write(index, [k for k, v in state.items() if v.dim()], t.grad.ids)
             if "sr_step" in state:  # compact: rounding noise seeded by table and step
                 seed = ((self.seed * 1_000_003 + index) * 1_000_033 + int(state["sr_step"]))
                 state["sr_step"] += 1
@@ -333,7 +340,8 @@ class OptimizerSet:
                 for name in (names[i], *(f"{names[i]}.{k}" for k in keys)):
                     arrays.before_write(name, ids)
 
-            disk = {"alloc": alloc, "before_write": before_write}
+            disk = {"alloc": alloc, "before_write": before_write,
+                    "journal_sync": arrays.sync}
         self.host = (RowSparseAdamW(self.named["host"].values(), state_format=host_state,
                                     seed=seed, **adam, **disk)  # type: ignore[arg-type]
                      if self.named["host"] else None)
