@@ -37,9 +37,10 @@ model = get_meft_model(base, MeftConfig(neurons=a.neurons, top_k=a.top_k, expert
 if a.data:
     train = load_dataset("json", data_files=a.data, split="train")
 else:
-    train = Dataset.from_list([to_record(s) for s in load_splits(None, None).train])
+    train = Dataset.from_list([to_record(s) for s in load_splits(None, None, seed=a.seed).train])
 train = train.map(encoder(tokenizer), remove_columns=train.column_names)
-held_out = load_samples(a.eval_data) if a.eval_data else load_splits(None, None).test
+held_out = (load_samples(a.eval_data) if a.eval_data
+            else load_splits(None, None, seed=a.seed).test)
 
 args = TrainingArguments(output_dir=a.output, max_steps=a.max_steps, learning_rate=3e-3,
                          per_device_train_batch_size=12, warmup_steps=0.02, weight_decay=0.0,
