@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "meft"
-TOP = {"meft.cli", "meft.recipes"}  # the only modules allowed to import the recipes / CLI
+TOP = {"meft.cli", "meft.recipes", "meft.__main__"}  # the entry points: the only modules allowed
+# to import the recipes / CLI
 
 
 def _module(path: Path) -> str:
