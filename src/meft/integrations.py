@@ -77,21 +77,16 @@ class MeftOptimizer(torch.optim.Optimizer):
                  retainer: Retainer | None = None) -> None:
         self.retainer = retainer
         self.selected = False  # the protection's selection done for this step
-        routers: dict[str, Tensor] = dict(model.named_routers())
-        if retainer is not None and not retainer.router:  # frozen routers
-            for router in routers.values():
-                router.requires_grad_(False)
-            routers = {}
-        self.set = OptimizerSet(routers=routers,
-                                host_tables=model.named_host_tables(), lr=lr,
+        t = Trainable.of_meft(model)
+        routers = retainer.trained_routers(t.routers) if retainer is not None else t.routers
+        self.set = OptimizerSet(routers=routers, host_tables=t.host_tables, lr=lr,
                                 weight_decay=weight_decay, betas=betas, eps=eps,
-                                host_state=model.meft_config.optim_state,
-                                seed=model.meft_config.seed)
+                                host_state=t.host_state, seed=model.meft_config.seed)
         # the facade's param group: the routers, or a placeholder the scheduler can scale
         params = list(routers.values()) or [nn.Parameter(torch.zeros(1), requires_grad=False)]
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay})
-        self.traffic = Trainable.of_meft(model).traffic
+        self.traffic = t.traffic
         self.steps: list[dict[str, float]] = []  # per step: U and MB, until logged
 
     @torch.no_grad()
@@ -112,8 +107,7 @@ class MeftOptimizer(torch.optim.Optimizer):
         """The protection's row selection and output penalty, once per step, before any
         clipping (as meft's own trainer orders them)."""
         if self.retainer is not None and not self.selected:
-            self.retainer.select_()
-            self.retainer.penalty_backward(self.retainer_step)
+            self.retainer.before_clip(self.retainer_step)
         self.selected = True
 
     retainer_step = 0  # set by the Trainer before each step (the penalty's data position)

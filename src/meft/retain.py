@@ -265,6 +265,21 @@ class Retainer:
             counter.reset()
         return kept
 
+    def before_clip(self, step: int) -> tuple[list[int], float]:
+        """A step's protection, after its backward passes and before clipping: the row
+        selection (:meth:`select_`), then the output penalty's gradient
+        (:meth:`penalty_backward`). Returns the rows kept per layer and the penalty."""
+        return self.select_(), self.penalty_backward(step)
+
+    def trained_routers(self, routers: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The routers an optimizer should train: all, or none with frozen routers (their
+        gradients then switched off)."""
+        if self.router:
+            return routers
+        for router in routers.values():
+            router.requires_grad_(False)
+        return {}
+
     def penalty_backward(self, step: int) -> float:
         """Add the gradient of ``penalty * mean_t |adapter(x_t)|^2`` over ``penalty_tokens``
         cached background inputs per layer (the next ones in order, from ``step``): the
@@ -302,9 +317,6 @@ class Retainer:
                    keys=config.retain_update == "keys+values",
                    router=config.retain_router == "trained", penalty=config.retain_penalty)
 
-    def close(self) -> None:
-        _detach(self.model)
-
     def summary(self) -> str:
         bg = self.background
         docs = f"{bg.documents} background documents" if bg is not None else "no background"
@@ -329,11 +341,6 @@ def _attach(model: MeftModel) -> dict[str, AccessCounter]:
     for layer, adapter in _layers(model):
         counters[layer] = adapter.counter = AccessCounter(adapter.n_neurons)
     return counters
-
-
-def _detach(model: MeftModel) -> None:
-    for _, adapter in _layers(model):
-        adapter.counter = None
 
 
 @contextlib.contextmanager

@@ -101,8 +101,6 @@ class Trainable:
     offload: dict[str, Tensor] = field(default_factory=dict)
     traffic: Callable[[], StepTraffic] = _no_traffic
     adapter: MeftModel | None = None
-    host_state: str = "fp32"  # the host tables' AdamW moments (MeftConfig.optim_state)
-    arrays: DiskArrays | None = None  # the disk store of the tables and moments, if any
 
     @classmethod
     def of_meft(cls, model: MeftModel) -> Trainable:
@@ -122,8 +120,17 @@ class Trainable:
             return out
 
         return cls(model, routers=dict(model.named_routers()),
-                   host_tables=model.named_host_tables(), traffic=traffic, adapter=model,
-                   host_state=model.meft_config.optim_state, arrays=model.arrays)
+                   host_tables=model.named_host_tables(), traffic=traffic, adapter=model)
+
+    @property
+    def host_state(self) -> str:
+        """The host tables' AdamW moments (MeftConfig.optim_state)."""
+        return self.adapter.meft_config.optim_state if self.adapter is not None else "fp32"
+
+    @property
+    def arrays(self) -> DiskArrays | None:
+        """The disk store of the tables and moments, if any."""
+        return self.adapter.arrays if self.adapter is not None else None
 
     def count(self) -> int:
         """Trainable parameters."""
@@ -175,11 +182,7 @@ class Trainer:
         self.warmup = max(1, round(config.warmup_ratio * self.total))
         t = self.trainable
         self.retainer = retainer
-        routers = t.routers
-        if retainer is not None and not retainer.router:  # frozen: no gradient, no optimizer
-            for router in routers.values():
-                router.requires_grad_(False)
-            routers = {}
+        routers = retainer.trained_routers(t.routers) if retainer is not None else t.routers
         self.optimizers = OptimizerSet(params=t.params, routers=routers,
                                        host_tables=t.host_tables, offload=t.offload,
                                        lr=config.lr, router_lr=config.device_lr,
@@ -226,10 +229,8 @@ class Trainer:
                 loss_sum, _ = token_loss_sum(self.model, batch)
             (loss_sum / max(1, labelled)).backward()
             loss_total += float(loss_sum.detach())
-        kept, penalty = [], 0.0
-        if self.retainer is not None:
-            kept = self.retainer.select_()
-            penalty = self.retainer.penalty_backward(self.step)
+        kept, penalty = (self.retainer.before_clip(self.step) if self.retainer is not None
+                         else ([], 0.0))
         norm = self.optimizers.clip_(self.config.max_grad_norm)
         loss = loss_total / max(1, labelled)
         if not (math.isfinite(loss) and torch.isfinite(norm)):
