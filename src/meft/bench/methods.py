@@ -43,6 +43,7 @@ from meft.config import (
     BenchJob,
     MeftConfig,
     TrainConfig,
+    parse_floats,
 )
 from meft.errors import ConfigError
 from meft.model import get_meft_model
@@ -77,18 +78,10 @@ class Method:
         """The TrainConfig fields this method's ``+retain:...`` settings set."""
         out: dict[str, Any] = {}
         for token in self.retain_settings:
-            if token in ("tfidf", "kl"):
-                out["retain_score"] = token
-            elif token in ("values", "keys"):
-                out["retain_update"] = "values" if token == "values" else "keys+values"
-            elif token in ("frozen", "trained"):
-                out["retain_router"] = token
-            elif token == "all":
-                out["retain_rows"] = 0
-            elif token.startswith("pen"):
-                out["retain_penalty"] = float(token[3:])
-            else:
-                out["retain_rows"] = int(token)
+            setting = _retain_setting(token)
+            if setting is None:  # parse_method refuses these; a hand-built Method may not
+                raise ValueError(f"unknown protection setting {token!r}")
+            out[setting[0]] = setting[1]
         return out
 
     @property
@@ -98,23 +91,31 @@ class Method:
         return FULL_LR if self.kind == "full" else TrainConfig.lr
 
 
-RETAIN_TOKENS = ("tfidf", "kl", "values", "keys", "frozen", "trained", "all")
+RETAIN_WORDS: dict[str, tuple[str, Any]] = {
+    "tfidf": ("retain_score", "tfidf"), "kl": ("retain_score", "kl"),
+    "values": ("retain_update", "values"), "keys": ("retain_update", "keys+values"),
+    "frozen": ("retain_router", "frozen"), "trained": ("retain_router", "trained"),
+    "all": ("retain_rows", 0)}
 
 
-def _retain_token(token: str) -> bool:
-    if token in RETAIN_TOKENS or (token.isdigit() and int(token) > 0):
-        return True
+def _retain_setting(token: str) -> tuple[str, Any] | None:
+    """One ``+retain:`` setting as (TrainConfig field, value); None if it is not one."""
+    if token in RETAIN_WORDS:
+        return RETAIN_WORDS[token]
+    if token.isdigit() and int(token) > 0:
+        return "retain_rows", int(token)
     try:
-        return token.startswith("pen") and float(token[3:]) >= 0
+        penalty = float(token[3:]) if token.startswith("pen") else -1.0
     except ValueError:
-        return False
+        return None
+    return ("retain_penalty", penalty) if penalty >= 0 else None
 
 
 def parse_method(text: str) -> Method:
     base, plus, settings = text.partition("+retain")
     if plus and base.startswith("meft:") and (not settings or settings.startswith(":")):
         tokens = tuple(settings.split(":")[1:])
-        bad = [t for t in tokens if not _retain_token(t)]
+        bad = [t for t in tokens if _retain_setting(t) is None]
         if bad:
             raise ConfigError(f"method {text!r}: unknown protection setting {bad[0]!r} "
                               f"(expected tfidf, kl, rows as a positive integer or all, "
@@ -145,8 +146,8 @@ def parse_entry(text: str) -> tuple[Method, list[float] | None]:
     if not at:
         return method, None
     try:
-        values = [float(p) for p in rates.split(",") if p.strip()]
-    except ValueError:
+        values = parse_floats(rates)
+    except ConfigError:
         values = []
     if not values or not all(0 < v < math.inf for v in values):
         raise ConfigError(f"method {text!r}: expected positive rates after @, like "
