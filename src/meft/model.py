@@ -163,32 +163,31 @@ class MeftModel(nn.Module):
         fresh = arrays is not None and not arrays.index.get("initialized")
         gen = torch.Generator().manual_seed(config.seed)
         for i in layer_ids:
-            if arrays is not None:  # tables on disk: initialised once, then as stored
-                shape = (config.neurons, d)
-                keys = arrays.zeros(f"{i}.keys", shape, config.dtype)  # as named_host_tables
-                values = arrays.zeros(f"{i}.values", shape, config.dtype)
-                if fresh:
-                    keys.normal_(0.0, config.init_std, generator=gen)
-                store = HostStore(keys, values)
-                router = router_init(keys.float(), config.n_experts,
-                                     scheme=config.router_init, std=config.init_std,
-                                     generator=gen)
-            elif tensors is None:
-                store = HostStore.initialize(config.neurons, d, std=config.init_std,
-                                             dtype=config.dtype, generator=gen)
-                router = router_init(store.keys.float(), config.n_experts,
-                                     scheme=config.router_init, std=config.init_std,
-                                     generator=gen)
-            else:
+            if tensors is not None:
                 store = HostStore(tensors[tensor_name(i, "keys")].to(config.dtype),
                                   tensors[tensor_name(i, "values")].to(config.dtype))
                 router = tensors[tensor_name(i, "router")].float()
+            else:
+                if arrays is not None:  # tables on disk: initialised once, then as stored
+                    shape = (config.neurons, d)
+                    keys = arrays.zeros(f"{i}.keys", shape, config.dtype)  # named_host_tables
+                    values = arrays.zeros(f"{i}.values", shape, config.dtype)
+                    if fresh:  # as HostStore.initialize draws them
+                        keys.normal_(0.0, config.init_std, generator=gen)
+                    store = HostStore(keys, values)
+                else:
+                    store = HostStore.initialize(config.neurons, d, std=config.init_std,
+                                                 dtype=config.dtype, generator=gen)
+                router = router_init(store.keys.float(), config.n_experts,
+                                     scheme=config.router_init, std=config.init_std,
+                                     generator=gen)
             adapter = OffloadedSparseAdapter(
                 store, n_experts=config.n_experts, top_k=config.top_k, n_probe=config.n_probe,
                 gate=config.gate, device=self.device_, dtype=torch.float32, router=router)
             self.adapters[str(i)] = adapter
             self._handles.append(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
-        if arrays is not None and fresh:
+        if fresh:
+            assert arrays is not None
             arrays.index["initialized"] = True
             arrays.commit(0)
 
