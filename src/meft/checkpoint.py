@@ -10,6 +10,11 @@ Layout of ``OUTPUT/checkpoints/step-00000050/``::
 Each checkpoint is written into a temporary directory and renamed into place
 (:func:`meft.serialization.atomic_directory`), so a crash leaves the previous complete
 checkpoint; only the newest ``keep`` are kept. Nothing is pickled.
+
+In a distributed run the adapter and the optimizer state are row-sharded (one file per rank
+plus an index, :mod:`meft.serialization`): every rank writes its files into rank 0's temporary
+directory, then rank 0 writes the indexes and the trainer state and renames it into place.
+``read_checkpoint(rows=...)`` reads one rank's rows, whatever the number of ranks that wrote it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ from torch import Tensor
 
 from meft.errors import SerializationError
 from meft.model import MeftModel
-from meft.serialization import atomic_directory, load_tensors, save_tensors
+from meft.serialization import (
+    RowSelector,
+    atomic_directory,
+    commit_directory,
+    load_tensors,
+    recover_directory,
+    save_rank_shard,
+    save_shard_index,
+    save_tensors,
+)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -41,10 +55,41 @@ def save_checkpoint(directory: str | Path, model: MeftModel,
     tensors = dict(optimizer_state)
     if rng is not None:
         tensors["rng.torch"] = rng
+    if model.parallel is not None:
+        return _save_sharded(directory, model, tensors, trainer_state)
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp / "adapter", tables=model.arrays is None)
         save_tensors(tensors, tmp, "optimizer")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+    return directory
+
+
+def _save_sharded(directory: Path, model: MeftModel, tensors: dict[str, Tensor],
+                  trainer_state: dict[str, Any]) -> Path:
+    par, plan = model.parallel, model.shard_plan
+    assert par is not None and plan is not None
+    tmp = directory.parent / f".{directory.name}.tmp-ranks"
+    if par.is_main:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        recover_directory(directory)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    par.barrier()
+    try:
+        model.save_pretrained(tmp / "adapter")  # a collective: every rank's rows, then index
+        sharded = {k for k, v in tensors.items() if plan.is_row_tensor(k, v.shape)}
+        save_rank_shard(tensors, tmp, "optimizer", rank=par.rank, ranges=plan.ranges,
+                        sharded=sharded)
+        par.barrier()
+        if par.is_main:
+            save_shard_index(tensors, tmp, "optimizer", ranges=plan.ranges, sharded=sharded)
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+            commit_directory(tmp, directory)
+    except BaseException:
+        if par.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    par.barrier()
     return directory
 
 
@@ -67,8 +112,10 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def read_checkpoint(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(optimizer and RNG tensors, trainer state) of one checkpoint directory."""
+def read_checkpoint(directory: str | Path, *, rows: RowSelector | None = None
+                    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(optimizer and RNG tensors, trainer state) of one checkpoint directory; ``rows``: read
+    only a row range of the per-row optimizer state (a distributed rank's)."""
     directory = Path(directory)
     try:
         state = json.loads((directory / "trainer_state.json").read_text())
@@ -80,4 +127,4 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, Tensor], dict[str,
     if missing:
         raise SerializationError(f"{directory / 'trainer_state.json'}: missing "
                                  f"{', '.join(missing)}")
-    return load_tensors(directory, "optimizer"), state
+    return load_tensors(directory, "optimizer", rows=rows), state

@@ -393,6 +393,9 @@ class RunConfig:
                                 default_text="cuda if available, else cpu")
     trust_remote_code: bool = option(False, "let transformers run model code from the "
                                      "model's repository")
+    dist_timeout: float = option(300.0, "under torchrun: seconds a process waits for the "
+                                 "others before it stops the run", check="positive",
+                                 record=False)
     plots: bool = option(True, "write PNG plots", flag="--no-plots")
     overwrite: bool = option(False, "allow writing into an existing non-empty --output",
                              record=False)

@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import sys
 
+_quiet = False
+
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if not _quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def quiet() -> None:
+    """Say nothing from now on (the other processes of a distributed run: rank 0 speaks)."""
+    global _quiet
+    _quiet = True

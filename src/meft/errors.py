@@ -44,3 +44,8 @@ class RunDirectoryError(UserError):
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss or gradient norm became NaN or infinite (usually: the learning rate)."""
+
+
+class PeerLost(UserError, RuntimeError):
+    """Another process of a distributed run stopped or stopped answering: not a bug here, one
+    line saying so, and how to continue (--resume)."""

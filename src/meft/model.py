@@ -18,6 +18,11 @@ objects, never in ``nn.Module`` parameters, so ``model.to(device)`` moves only t
 ``save_pretrained`` writes ``adapter_config.json`` plus ``adapter_model.safetensors`` (sharded
 with an index when large), atomically; ``MeftModel.from_pretrained`` checks that the adapter
 fits the base model before loading it.
+
+In a distributed run (``parallel``, :mod:`meft.distributed`) each process's stores hold only
+its rows of every layer and its adapters are :class:`~meft.distributed.ShardedSparseAdapter`;
+``save_pretrained`` then writes one file per rank plus an index, which loads whole (``meft
+eval``) or into any other number of processes.
 """
 
 from __future__ import annotations
@@ -33,10 +38,19 @@ from torch import Tensor, nn
 
 from meft.config import CONFIG_NAME, MeftConfig
 from meft.disk import DiskArrays
+from meft.distributed import DataParallel, ShardedSparseAdapter
 from meft.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
 from meft.offload import OffloadedSparseAdapter
 from meft.routing import router_init
-from meft.serialization import load_tensors, replaced_files, save_tensors
+from meft.serialization import (
+    RowSelector,
+    load_tensors,
+    rank_file,
+    replaced_files,
+    save_rank_shard,
+    save_shard_index,
+    save_tensors,
+)
 from meft.store import HostStore, HostTable, TransferStats
 from meft.sysinfo import available_host_bytes
 
@@ -53,12 +67,14 @@ def tensor_name(layer: int, part: str) -> str:
     return f"layers.{layer}.{part}"
 
 
-def read_adapter(directory: str | Path) -> tuple[MeftConfig, dict[str, Tensor]]:
-    """The config and tensors of a saved adapter directory (not yet checked against a model)."""
+def read_adapter(directory: str | Path, *, rows: RowSelector | None = None
+                 ) -> tuple[MeftConfig, dict[str, Tensor]]:
+    """The config and tensors of a saved adapter directory (not yet checked against a model);
+    ``rows`` reads only a row range of the tables (a distributed rank's)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterMismatchError(f"{directory}: no such adapter directory")
-    return MeftConfig.load(directory), load_tensors(directory, WEIGHTS_STEM)
+    return MeftConfig.load(directory), load_tensors(directory, WEIGHTS_STEM, rows=rows)
 
 
 def find_mlp(block: nn.Module) -> nn.Module | None:
@@ -132,8 +148,11 @@ class MeftModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: MeftConfig, *,
                  device: torch.device | str | None = None,
                  tensors: dict[str, Tensor] | None = None,
-                 arrays: DiskArrays | None = None) -> None:
+                 arrays: DiskArrays | None = None,
+                 parallel: DataParallel | None = None) -> None:
         super().__init__()
+        if parallel is not None and arrays is not None:
+            raise ConfigError("--store disk: is not supported in a distributed run yet")
         self.base_model = base_model
         blocks = find_decoder_layers(base_model)
         d = hidden_size_of(base_model)
@@ -144,7 +163,8 @@ class MeftModel(nn.Module):
                               "decoder layers")
         layer_ids = sorted({i % len(blocks) for i in layer_ids})
         if tensors is None and arrays is None:
-            _check_host_memory(config, d, len(layer_ids))
+            share = parallel.local_world / parallel.world if parallel is not None else 1.0
+            _check_host_memory(config, d, len(layer_ids), share=share)
         config.hidden_size, config.num_layers = d, len(blocks)
         if config.base_model is None:
             config.base_model = model_name_of(base_model)
@@ -160,6 +180,9 @@ class MeftModel(nn.Module):
         self._enabled = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.arrays = arrays  # the disk store of the tables and their moments, if any
+        self.parallel = parallel
+        plan = parallel.plan(config.neurons, config.n_experts) if parallel is not None else None
+        self.shard_plan = plan
         fresh = arrays is not None and not arrays.index.get("initialized")
         gen = torch.Generator().manual_seed(config.seed)
         for i in layer_ids:
@@ -181,9 +204,18 @@ class MeftModel(nn.Module):
                 router = router_init(store.keys.float(), config.n_experts,
                                      scheme=config.router_init, std=config.init_std,
                                      generator=gen)
-            adapter = OffloadedSparseAdapter(
-                store, n_experts=config.n_experts, top_k=config.top_k, n_probe=config.n_probe,
-                gate=config.gate, device=self.device_, dtype=torch.float32, router=router)
+                if plan is not None:  # this rank's rows of the layer one process would draw
+                    lo, hi = plan.rows
+                    store = HostStore(store.keys[lo:hi].clone(), store.values[lo:hi].clone())
+            kwargs: dict[str, Any] = dict(top_k=config.top_k, n_probe=config.n_probe,
+                                          gate=config.gate, device=self.device_,
+                                          dtype=torch.float32, router=router)
+            adapter: OffloadedSparseAdapter
+            if plan is not None:
+                assert parallel is not None
+                adapter = ShardedSparseAdapter(store, plan=plan, comm=parallel.comm, **kwargs)
+            else:
+                adapter = OffloadedSparseAdapter(store, n_experts=config.n_experts, **kwargs)
             self.adapters[str(i)] = adapter
             self._handles.append(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
         if fresh:
@@ -253,7 +285,8 @@ class MeftModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters: host tables, device routers; and the frozen base."""
-        host = sum(s.keys.numel() + s.values.numel() for s in self.stores)
+        host = sum(2 * a.n_neurons * a.store.dim for a in self.adapter_modules)  # all ranks'
+
         device = sum(p.numel() for p in self.router_parameters())
         base = sum(p.numel() for p in self.base_model.parameters())
         return {"host": host, "device": device, "trainable": host + device, "base": base}
@@ -290,6 +323,8 @@ class MeftModel(nn.Module):
         """Write adapter_config.json and adapter_model*.safetensors into ``directory``."""
         directory = Path(directory)
         config = MeftConfig.from_dict({**self.meft_config.to_dict(), "layers": self.layer_ids})
+        if self.parallel is not None:
+            return self._save_sharded(directory, config, tables=tables)
         with replaced_files(directory, owned=lambda name: name.startswith(WEIGHTS_STEM),
                             last=CONFIG_NAME) as tmp:
             save_tensors(self.adapter_state(tables=tables), tmp, WEIGHTS_STEM,
@@ -297,11 +332,42 @@ class MeftModel(nn.Module):
             config.save(tmp)
         return directory
 
+    def _save_sharded(self, directory: Path, config: MeftConfig, *, tables: bool) -> Path:
+        """Every rank writes its file; then rank 0 the index and config (a collective)."""
+        par, plan = self.parallel, self.shard_plan
+        assert par is not None and plan is not None
+        tensors = self.adapter_state(tables=tables)
+        sharded = {k for k, v in tensors.items() if plan.is_row_tensor(k, v.shape)}
+        mine = rank_file(WEIGHTS_STEM, par.rank, par.world)
+        if par.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+        par.barrier()
+        with replaced_files(directory, owned=lambda name: name == mine) as tmp:
+            save_rank_shard(tensors, tmp, WEIGHTS_STEM, rank=par.rank, ranges=plan.ranges,
+                            sharded=sharded, metadata={"format": "meft"})
+        par.barrier()
+        if par.is_main:  # the index and config last, once every rank's file is in place
+            files = {rank_file(WEIGHTS_STEM, r, par.world) for r in range(par.world)}
+            with replaced_files(directory, owned=lambda name: (name.startswith(WEIGHTS_STEM)
+                                                               and name not in files),
+                                last=CONFIG_NAME) as tmp:
+                save_shard_index(tensors, tmp, WEIGHTS_STEM, ranges=plan.ranges,
+                                 sharded=sharded)
+                config.save(tmp)
+        par.barrier()
+        return directory
+
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path, *,
-                        device: torch.device | str | None = None) -> MeftModel:
-        """Attach the adapter saved in ``directory`` to ``base_model``."""
-        config, tensors = read_adapter(directory)
+                        device: torch.device | str | None = None,
+                        parallel: DataParallel | None = None) -> MeftModel:
+        """Attach the adapter saved in ``directory`` to ``base_model`` (in a distributed run,
+        each process reads only its rows)."""
+        config = MeftConfig.load(directory) if Path(directory).is_dir() else None
+        plan = (parallel.plan(config.neurons, config.n_experts)
+                if parallel is not None and config is not None else None)
+        config, tensors = read_adapter(directory,
+                                       rows=plan.select_rows if plan is not None else None)
         blocks = find_decoder_layers(base_model)
         d = hidden_size_of(base_model)
         if config.hidden_size is not None and config.hidden_size != d:
@@ -313,12 +379,12 @@ class MeftModel(nn.Module):
                 f"{directory}: adapter made for {config.num_layers} decoder layers, "
                 f"but this model has {len(blocks)}")
         layers = config.layers or list(range(len(blocks)))
+        rows = config.neurons if plan is None else plan.rows[1] - plan.rows[0]
         shapes = {tensor_name(i, part): shape for i in layers
-                  for part, shape in (("keys", (config.neurons, d)),
-                                      ("values", (config.neurons, d)),
+                  for part, shape in (("keys", (rows, d)), ("values", (rows, d)),
                                       ("router", (config.n_experts, d)))}
         check_adapter_tensors(tensors, shapes, str(directory))
-        return cls(base_model, config, device=device, tensors=tensors)
+        return cls(base_model, config, device=device, tensors=tensors, parallel=parallel)
 
 
 def check_adapter_tensors(tensors: dict[str, Tensor], shapes: Mapping[str, tuple[int, ...]],
@@ -332,9 +398,11 @@ def check_adapter_tensors(tensors: dict[str, Tensor], shapes: Mapping[str, tuple
                                        f"{tuple(tensors[name].shape)}, expected {shape}")
 
 
-def _check_host_memory(config: MeftConfig, hidden_size: int, n_layers: int) -> None:
-    """Refuse, before allocating, host tables (with AdamW moments) that cannot fit."""
-    need = config.host_bytes_per_layer(hidden_size) * n_layers
+def _check_host_memory(config: MeftConfig, hidden_size: int, n_layers: int, *,
+                       share: float = 1.0) -> None:
+    """Refuse, before allocating, host tables (with AdamW moments) that cannot fit; ``share``:
+    the part of all of them this machine holds (its processes' shards)."""
+    need = int(config.host_bytes_per_layer(hidden_size) * n_layers * share)
     available = available_host_bytes()
     if os.environ.get("MEFT_SKIP_MEMORY_CHECK") or available is None:
         return
@@ -348,8 +416,10 @@ def _check_host_memory(config: MeftConfig, hidden_size: int, n_layers: int) -> N
 
 def get_meft_model(model: nn.Module, config: MeftConfig | None = None, *,
                    device: torch.device | str | None = None,
-                   arrays: DiskArrays | None = None) -> MeftModel:
+                   arrays: DiskArrays | None = None,
+                   parallel: DataParallel | None = None) -> MeftModel:
     """Wrap ``model`` (any transformers causal LM) with MEFT adapters; base weights frozen.
-    ``arrays``: keep the tables (and the optimizer's moments) in this disk store."""
+    ``arrays``: keep the tables (and the optimizer's moments) in this disk store;
+    ``parallel``: this process's share of a distributed run (its rows of every table)."""
     return MeftModel(model, config if config is not None else MeftConfig(), device=device,
-                     arrays=arrays)
+                     arrays=arrays, parallel=parallel)

@@ -115,9 +115,11 @@ class OffloadedSparseAdapter(nn.Module):
         router: Tensor | None = None,
         router_scheme: str = "normal",
         generator: torch.Generator | None = None,
+        n_neurons: int | None = None,
     ) -> None:
         super().__init__()
-        check_routing_sizes(store.n_neurons, n_experts, top_k=top_k, n_probe=n_probe, gate=gate)
+        self._n_neurons = n_neurons if n_neurons is not None else store.n_neurons
+        check_routing_sizes(self._n_neurons, n_experts, top_k=top_k, n_probe=n_probe, gate=gate)
         self.store = store
         self.n_experts = n_experts
         self.top_k = top_k
@@ -136,7 +138,8 @@ class OffloadedSparseAdapter(nn.Module):
 
     @property
     def n_neurons(self) -> int:
-        return self.store.n_neurons
+        """N of the whole layer (a sharded adapter's store holds only some rows)."""
+        return self._n_neurons
 
     def extra_repr(self) -> str:
         return (f"neurons={self.n_neurons}, dim={self.store.dim}, experts={self.n_experts}, "
@@ -169,17 +172,14 @@ class OffloadedSparseAdapter(nn.Module):
 
         start = time.perf_counter()
         x_host = x2.detach().to(_HOST, self.store.keys.dtype)
-        ids = select(
-            x_host, self.store.keys, probe_scores.to(_HOST, self.store.keys.dtype),
-            probe_ids.to(_HOST), self.n_experts, top_k=self.top_k, gate=self.gate,
-        )  # (T, K) on host
+        ids = self._route(x_host, probe_scores.to(_HOST, self.store.keys.dtype),
+                          probe_ids.to(_HOST))  # (T, K) on host
         if self.counter is not None:
             self.counter.add(ids, x_host)
         uniq, local = torch.unique(ids, return_inverse=True)  # (U,), (T, K)
         routed = time.perf_counter()
 
-        ku = self._stage("keys", self.store.keys, uniq, x.dtype)  # (U, d)
-        vu = self._stage("values", self.store.values, uniq, x.dtype)  # (U, d)
+        ku, vu = self._fetch(uniq, x.dtype)  # (U, d) each, on the compute device
         uniq_dev = uniq.to(self.device)
         local_dev = local.to(self.device)
         stats.stage_s += time.perf_counter() - routed
@@ -197,15 +197,31 @@ class OffloadedSparseAdapter(nn.Module):
         stats.index_bytes_h2d += (uniq.numel() + local.numel()) * uniq.element_size()
 
         if torch.is_grad_enabled():
+            key_acc, value_acc = self._accumulators()
             ku.requires_grad_(True)
             vu.requires_grad_(True)
-            ku.register_post_accumulate_grad_hook(self._grad_sink(self.store.key_grad, uniq))
-            vu.register_post_accumulate_grad_hook(self._grad_sink(self.store.value_grad, uniq))
+            ku.register_post_accumulate_grad_hook(self._grad_sink(key_acc, uniq))
+            vu.register_post_accumulate_grad_hook(self._grad_sink(value_acc, uniq))
 
         b = self.n_neurons // self.n_experts
         gsel = g.gather(1, uniq_dev[local_dev] // b) if self.gate == "product" else None
         y = sparse_rows(x2, gsel, ku, vu, local_dev)
         return y.reshape(x.shape)
+
+    # The three steps a sharded adapter (meft.distributed) does across ranks instead.
+    def _route(self, x: Tensor, probe_scores: Tensor, probe_ids: Tensor) -> Tensor:
+        """Each token's K neuron ids (T, K), global, from its probes (method steps 2-3)."""
+        return select(x, self.store.keys, probe_scores, probe_ids, self.n_experts,
+                      top_k=self.top_k, gate=self.gate)
+
+    def _fetch(self, uniq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Key and value rows of ``uniq`` (U,) as ``dtype`` on the compute device."""
+        return (self._stage("keys", self.store.keys, uniq, dtype),
+                self._stage("values", self.store.values, uniq, dtype))
+
+    def _accumulators(self) -> tuple[RowSparseGrad, RowSparseGrad]:
+        """Where the key and value gradient rows of global ids go."""
+        return self.store.key_grad, self.store.value_grad
 
     def _grad_sink(self, acc: RowSparseGrad, uniq: Tensor) -> Callable[[Tensor], None]:
         stats = self.store.stats

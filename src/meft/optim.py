@@ -269,18 +269,24 @@ def clip_grad_norm_(
     device_params: Iterable[Tensor],
     host_grads: Sequence[RowSparseGrad],
     max_norm: float,
+    host_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Clip the global L2 norm of device ``.grad``s and host row gradients; return the norm.
 
     The norm is computed in float64 on the host. A non-finite norm is returned unclipped so the
-    caller can stop (clipping by NaN would silently poison every table).
+    caller can stop (clipping by NaN would silently poison every table). ``host_sum`` sums the
+    host rows' squared norm over the ranks of a distributed run, whose host gradients are
+    sharded (the device ones are already summed and equal on every rank).
     """
     grads = [p.grad for p in device_params if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float64)
     for g in grads:
         sq += g.detach().double().pow(2).sum().cpu()
+    host_sq = sq if host_sum is None else torch.zeros((), dtype=torch.float64)
     for hg in host_grads:
-        sq += hg.sq_norm().cpu()
+        host_sq += hg.sq_norm().cpu()
+    if host_sum is not None:
+        sq = sq + host_sum(host_sq)
     total = sq.sqrt()
     if not torch.isfinite(total):
         return total
@@ -367,10 +373,12 @@ class OptimizerSet:
     def dense_params(self) -> list[Tensor]:
         return [p for kind in ("device", "router", "offload") for p in self.named[kind].values()]
 
-    def clip_(self, max_norm: float) -> Tensor:
-        """Clip the global gradient norm; return it (non-finite: returned, nothing clipped)."""
+    def clip_(self, max_norm: float,
+              host_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Clip the global gradient norm; return it (non-finite: returned, nothing clipped).
+        ``host_sum``: see :func:`clip_grad_norm_`."""
         host = self.host.host_grads if self.host is not None else []
-        return clip_grad_norm_(self.dense_params(), host, max_norm)
+        return clip_grad_norm_(self.dense_params(), host, max_norm, host_sum)
 
     def step(self) -> None:
         for opt in self.optimizers:

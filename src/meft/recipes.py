@@ -39,11 +39,12 @@ from meft.config import (
     TrainConfig,
     TrainJob,
 )
-from meft.console import say
+from meft.console import quiet, say
 from meft.data import encode_all, load_samples
 from meft.datasets import drop_known, load_splits
 from meft.disk import INDEX as DISK_INDEX
 from meft.disk import DiskArrays
+from meft.distributed import DataParallel, world_size
 from meft.errors import DataError, RunDirectoryError, TrainingDiverged
 from meft.evaluate import answered, evaluate
 from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model
@@ -100,8 +101,13 @@ def train(job: TrainJob) -> dict[str, Any]:
     config, tconfig, run = job.adapter, job.train, job.run
     started = time.perf_counter()
     torch.manual_seed(tconfig.seed)
-    output, checkpoint = _open_run(job)
     device = pick_device(run.device)
+    parallel = _join(run, tconfig, device)
+    if parallel is not None and device.type == "cuda":
+        device = torch.device("cuda", parallel.local_rank)
+        torch.cuda.set_device(device)
+    main = parallel is None or parallel.is_main
+    output, checkpoint = _open_run(job, parallel)
 
     source = resolve_model(run.model)  # fail fast on a bad --model, before any work
     splits = load_splits(run.data, run.eval_data, seed=tconfig.seed, people=run.people,
@@ -130,15 +136,17 @@ def train(job: TrainJob) -> dict[str, Any]:
     eval_enc = encode_all(eval_samples, tokenizer, tconfig.max_length, "evaluation")
 
     if run.adapter is not None:  # go on from a saved adapter: its shape, its rows
-        meft_model = MeftModel.from_pretrained(model, run.adapter, device=device)
+        meft_model = MeftModel.from_pretrained(model, run.adapter, device=device,
+                                               parallel=parallel)
         config = job.adapter = meft_model.meft_config
-        if checkpoint is None:  # record the shape the run really has
+        if checkpoint is None and main:  # record the shape the run really has
             (output / RUN_CONFIG).write_text(json.dumps(job.to_dict(), indent=2) + "\n")
         say(f"starting from the adapter in {run.adapter}")
     else:
         config.base_model = source.name
         meft_model = get_meft_model(model, config, device=device,
-                                    arrays=_disk_store(run, resumed=checkpoint is not None))
+                                    arrays=_disk_store(run, resumed=checkpoint is not None),
+                                    parallel=parallel)
         if checkpoint is not None and meft_model.arrays is not None:
             # the store is at its last committed step: continue from that step's checkpoint
             match = output / "checkpoints" / f"step-{meft_model.arrays.step:08d}"
@@ -150,6 +158,10 @@ def train(job: TrainJob) -> dict[str, Any]:
         f"on {len(meft_model.layer_ids)} layers: {counts['host'] / 1e6:.1f}M host parameters "
         f"({100 * counts['host'] / counts['base']:.0f}% of the base), {host_gb:.2f} GB host "
         f"memory with optimizer state; routers {counts['device'] / 1e6:.2f}M on {device}")
+    if parallel is not None:
+        say(f"distributed: {parallel.world} processes, each holding 1/{parallel.world} of the "
+            f"host tables ({host_gb / parallel.world:.2f} GB); global batch "
+            f"{tconfig.batch_size}")
 
     results: dict[str, Any] = {}
     before_path = output / "eval_before.json"
@@ -158,7 +170,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     elif run.eval_before and eval_qa:
         results["before"] = evaluate(meft_model, tokenizer, eval_qa, desc="eval before",
                                      **gen_kw)
-        before_path.write_text(json.dumps(results["before"]) + "\n")
+        if main:
+            before_path.write_text(json.dumps(results["before"]) + "\n")
         say(f"before training: {_fmt(results['before'])}")
 
     probe = _retention_probe(meft_model, tokenizer, run, output, resumed=checkpoint is not None,
@@ -186,6 +199,10 @@ def train(job: TrainJob) -> dict[str, Any]:
                                                   desc="eval seen", **gen_kw)
     if probe is not None:
         results["retention"] = probe.measure(meft_model, tokenizer, **gen_kw)
+    if not main:  # rank 0 writes the results
+        assert parallel is not None
+        parallel.close()
+        return {}
     (output / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     plots = []
     if run.plots:
@@ -212,9 +229,12 @@ def train(job: TrainJob) -> dict[str, Any]:
                       if "retention" in results else None),
         "plots": plots,
         "environment": environment(device),
+        "world_size": parallel.world if parallel is not None else 1,
     }
     (output / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(results, result.seconds, total_s, output)
+    if parallel is not None:
+        parallel.close()
     return summary
 
 
@@ -224,9 +244,10 @@ def _retention_probe(model: MeftModel, tokenizer: Any, run: RunConfig, output: P
     path = output / PROBE_FILE
     if resumed and path.is_file():
         return RetentionProbe.load(path)
-    with model.disable_adapter():
+    with model.disable_adapter():  # every process builds it (the same): no collectives
         probe = RetentionProbe.build(model, tokenizer, **gen_kw)
-    probe.save(path)
+    if model.parallel is None or model.parallel.is_main:
+        probe.save(path)
     say(f"retention probe: {probe.summary()}")
     return probe
 
@@ -265,9 +286,38 @@ def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunCo
     return retainer
 
 
-def _open_run(job: TrainJob) -> tuple[Path, Path | None]:
+def _join(run: RunConfig, tconfig: TrainConfig, device: torch.device) -> DataParallel | None:
+    """This process's place in a torchrun run (None alone); the others than rank 0 go quiet."""
+    if world_size() == 1:
+        return None
+    if run.store != "ram":
+        raise ConfigError(f"--store {run.store}: a distributed run keeps its tables in RAM "
+                          "(disk stores are for one process)")
+    if tconfig.retain == "on":
+        raise ConfigError("--retain on is not supported in a distributed run yet")
+    parallel = DataParallel.from_env(device, timeout_s=run.dist_timeout)
+    if parallel is not None and not parallel.is_main:
+        quiet()
+        tconfig.progress = False
+    return parallel
+
+
+def _open_run(job: TrainJob, parallel: DataParallel | None = None
+              ) -> tuple[Path, Path | None]:
     """(run directory, checkpoint to resume from): a new directory recording the resolved
-    job, or the resumed run's with its newest complete checkpoint."""
+    job, or the resumed run's with its newest complete checkpoint. In a distributed run
+    rank 0 makes the directory and tells the others (or its error)."""
+    if job.run.resume is None and parallel is not None:
+        text = ""
+        if parallel.is_main:
+            try:
+                text = "ok:" + str(_open_run(job)[0])
+            except RunDirectoryError as err:
+                text = f"error:{err}"
+        text = parallel.broadcast_text(text)
+        if text.startswith("error:"):
+            raise RunDirectoryError(text[6:])
+        return Path(text[3:]), None
     if job.run.resume is None:
         output = prepare_output(job.run.output, overwrite=job.run.overwrite)
         (output / RUN_CONFIG).write_text(json.dumps(job.to_dict(), indent=2) + "\n")

@@ -130,14 +130,20 @@ def candidate_scores(x: Tensor, key_blocks: Tensor, probe_ids: Tensor) -> Tensor
     """Key scores k_i . x_t of every candidate: x (T, d), key_blocks (E, B, d),
     probe_ids (T, P) -> (T, P, B)."""
     t, p = probe_ids.shape
-    e = key_blocks.shape[0]
-    flat = probe_ids.reshape(-1)  # (T*P,)
-    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
-    counts = torch.bincount(flat, minlength=e)  # (E,)
-    xs = x.index_select(0, order // p)  # (T*P, d)
-    scores_sorted = _grouped_scores(xs, key_blocks, counts)  # (T*P, B)
-    scores = torch.empty_like(scores_sorted).index_copy_(0, order, scores_sorted)
+    tokens = torch.arange(t, device=x.device).repeat_interleave(p)  # (T*P,)
+    scores = pair_scores(x, key_blocks, tokens, probe_ids.reshape(-1))  # (T*P, B)
     return scores.view(t, p, key_blocks.shape[1])
+
+
+def pair_scores(x: Tensor, key_blocks: Tensor, tokens: Tensor, experts: Tensor) -> Tensor:
+    """Scores of (token, expert) pairs: x (T, d), key_blocks (E, B, d), tokens and experts
+    (R,) -> (R, B), row r = key_blocks[experts[r]] @ x[tokens[r]]. The pairs are grouped by
+    expert (stable sort) for one grouped matmul and put back in their order."""
+    order = torch.argsort(experts, stable=True)  # pairs grouped by expert
+    counts = torch.bincount(experts, minlength=key_blocks.shape[0])  # (E,)
+    xs = x.index_select(0, tokens.index_select(0, order))  # (R, d)
+    scores_sorted = _grouped_scores(xs, key_blocks, counts)  # (R, B)
+    return torch.empty_like(scores_sorted).index_copy_(0, order, scores_sorted)
 
 
 @torch.no_grad()

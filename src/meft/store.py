@@ -13,7 +13,8 @@ several micro-batches is one ``index_add_`` each and the touched set is known at
 :class:`TransferStats` counts, per layer and optimizer step, what the method document's cost
 model counts: U, hidden states device->host (T*d), rows host->device (2*U*d), gradients
 device->host (2*U*d), plus the index tensors exchanged (kept separate so the main terms equal
-the document's formula exactly), and the time spent routing, staging and updating.
+the document's formula exactly), the bytes sent to other ranks in a distributed run, and the
+time spent routing, staging and updating.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class TransferStats:
     grad_bytes_d2h: int = 0  # 2*U*d*s_g
     index_bytes_d2h: int = 0  # probe ids and gate values
     index_bytes_h2d: int = 0  # union ids and per-token positions
+    comm_bytes: int = 0  # sent to other ranks (meft.distributed): routing, rows, gradients
     route_s: float = 0.0
     stage_s: float = 0.0
     update_s: float = 0.0

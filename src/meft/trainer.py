@@ -23,6 +23,12 @@ per layer, MB moved each way, staged bytes, routing/staging/update seconds); the
 shows loss, tokens/s, mean U and MB per step. Every ``eval_every`` steps the held-out answer loss
 is logged; every ``save_every`` steps a checkpoint is written (atomic, newest ``keep`` kept).
 Ctrl-C finishes the step, writes a checkpoint and raises :class:`TrainingInterrupted`.
+
+Distributed (``Trainable.parallel``, :mod:`meft.distributed`): each rank takes its share of
+every global batch in micro-batches, idling (a forward without gradients that serves the
+others) where its share runs out; before clipping, host gradient rows go to the ranks that own
+them and device gradients are summed. The loss, the stop request and the traffic counters are
+summed over ranks; rank 0 alone writes metrics.jsonl and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -47,7 +54,8 @@ from meft.checkpoint import prune_checkpoints, read_checkpoint, save_checkpoint
 from meft.config import TrainConfig
 from meft.data import Encoded, collate, iterate_batches
 from meft.disk import DiskArrays
-from meft.errors import DataError, SerializationError, TrainingDiverged
+from meft.distributed import DataParallel
+from meft.errors import ConfigError, DataError, SerializationError, TrainingDiverged
 from meft.evaluate import answer_loss, token_loss_sum
 from meft.model import MeftModel, read_adapter
 from meft.optim import OptimizerSet
@@ -71,6 +79,7 @@ class StepTraffic:
 
     bytes_h2d: int = 0
     bytes_d2h: int = 0
+    comm_bytes: int = 0  # sent to other ranks (a distributed run)
     staged_bytes: int = 0  # peak device bytes of staged rows (and one layer's row grads)
     union_per_layer: list[float] = field(default_factory=list)
     touched_rows_per_layer: list[int] = field(default_factory=list)
@@ -101,6 +110,7 @@ class Trainable:
     offload: dict[str, Tensor] = field(default_factory=dict)
     traffic: Callable[[], StepTraffic] = _no_traffic
     adapter: MeftModel | None = None
+    parallel: DataParallel | None = None
 
     @classmethod
     def of_meft(cls, model: MeftModel) -> Trainable:
@@ -110,6 +120,7 @@ class Trainable:
             out = StepTraffic(
                 bytes_h2d=sum(s.bytes_h2d for s in stats),
                 bytes_d2h=sum(s.bytes_d2h for s in stats),
+                comm_bytes=sum(s.comm_bytes for s in stats),
                 staged_bytes=sum(rows) + max(rows, default=0),  # all layers' rows + 1 grad
                 union_per_layer=[s.mean_union for s in stats],
                 touched_rows_per_layer=[s.touched_rows for s in stats],
@@ -120,7 +131,8 @@ class Trainable:
             return out
 
         return cls(model, routers=dict(model.named_routers()),
-                   host_tables=model.named_host_tables(), traffic=traffic, adapter=model)
+                   host_tables=model.named_host_tables(), traffic=traffic, adapter=model,
+                   parallel=model.parallel)
 
     @property
     def host_state(self) -> str:
@@ -181,6 +193,10 @@ class Trainer:
         self.total = config.total_steps(len(self.train_set))
         self.warmup = max(1, round(config.warmup_ratio * self.total))
         t = self.trainable
+        self.parallel = t.parallel
+        self.is_main = t.parallel is None or t.parallel.is_main
+        if t.parallel is not None and retainer is not None:
+            raise ConfigError("--retain on is not supported in a distributed run yet")
         self.retainer = retainer
         routers = retainer.trained_routers(t.routers) if retainer is not None else t.routers
         self.optimizers = OptimizerSet(params=t.params, routers=routers,
@@ -220,18 +236,32 @@ class Trainer:
         labelled = sum(e.target_tokens for e in examples)
         tokens = sum(len(e.input_ids) for e in examples)
         micro = self.config.micro_batch_size or self.config.batch_size
+        par = self.parallel
+        chunks = ([examples[lo:lo + micro] for lo in range(0, len(examples), micro)]
+                  if par is None else par.micro_batches(examples, micro))
         loss_total = 0.0
         self.model.train()
-        for lo in range(0, len(examples), micro):
-            batch = collate(examples[lo:lo + micro], self.pad_id)
+        for chunk in chunks:
+            if not chunk:  # this rank's share ran out: serve the others' row requests
+                assert par is not None
+                par.idle_forward(self.model, self._device())
+                continue
+            batch = collate(chunk, self.pad_id)
             with (self.retainer.watch(batch["attention_mask"]) if self.retainer is not None
                   else contextlib.nullcontext()):
                 loss_sum, _ = token_loss_sum(self.model, batch)
             (loss_sum / max(1, labelled)).backward()
             loss_total += float(loss_sum.detach())
+        host_sum = None
+        if par is not None:
+            par.sync_grads(self.trainable.adapter.adapter_modules
+                           if self.trainable.adapter is not None else [],
+                           self.trainable.device_tensors())
+            (loss_total,) = par.sum([loss_total])
+            host_sum = par.sum_tensor
         kept, penalty = (self.retainer.before_clip(self.step) if self.retainer is not None
                          else ([], 0.0))
-        norm = self.optimizers.clip_(self.config.max_grad_norm)
+        norm = self.optimizers.clip_(self.config.max_grad_norm, host_sum)
         loss = loss_total / max(1, labelled)
         if not (math.isfinite(loss) and torch.isfinite(norm)):
             raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {float(norm)}; "
@@ -240,6 +270,9 @@ class Trainer:
         self.optimizers.zero_grad()
         self.step += 1
         traffic = self.trainable.traffic()
+        if par is not None:  # every rank's bytes; and stop where any rank was asked to
+            comm, stop = par.sum([traffic.comm_bytes, float(self._stop_requested)])
+            traffic.comm_bytes, self._stop_requested = int(comm), stop > 0
         step_time = time.perf_counter() - start
         unions = traffic.union_per_layer
         return {
@@ -258,6 +291,7 @@ class Trainer:
             "retain_penalty": penalty,
             "mb_h2d": traffic.bytes_h2d / 1e6,
             "mb_d2h": traffic.bytes_d2h / 1e6,
+            **({"mb_comm": traffic.comm_bytes / 1e6} if par is not None else {}),
             "staged_mb": traffic.staged_bytes / 1e6,
             "route_s": traffic.route_s,
             "stage_s": traffic.stage_s,
@@ -274,8 +308,9 @@ class Trainer:
         total_tokens = 0
         batches = self._batches()
         bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step",
-                   disable=not self.config.progress, dynamic_ncols=True)
-        with _graceful_sigint(self), open(self.metrics_path, "a") as metrics:
+                   disable=not (self.config.progress and self.is_main), dynamic_ncols=True)
+        with _graceful_sigint(self), (open(self.metrics_path, "a") if self.is_main
+                                      else open(os.devnull, "w")) as metrics:
             while self.step < self.total:
                 epoch = self.epoch
                 record = self.train_step(next(batches))
@@ -306,6 +341,10 @@ class Trainer:
         return TrainResult(self.step, final, time.perf_counter() - start, total_tokens,
                            self.history)
 
+    def _device(self) -> torch.device:
+        first = next(self.model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
     def eval_loss(self) -> float:
         if not self.eval_encoded:
             return math.nan
@@ -334,19 +373,22 @@ class Trainer:
         arrays = self.trainable.arrays
         if arrays is not None and arrays.step != self.step:  # the store: this step's state
             arrays.commit(self.step)
-        prune_checkpoints(root, self.config.keep_checkpoints)
+        if self.is_main:
+            prune_checkpoints(root, self.config.keep_checkpoints)
         return path
 
     def restore(self, directory: str | Path) -> None:
         """Continue exactly from a checkpoint written by :meth:`save_checkpoint`."""
         directory = Path(directory)
-        tensors, state = read_checkpoint(directory)
+        plan = self._adapter().shard_plan
+        rows = plan.select_rows if plan is not None else None  # this rank's rows
+        tensors, state = read_checkpoint(directory, rows=rows)
         arrays = self.trainable.arrays
         if arrays is not None and arrays.step != state["step"]:
             raise SerializationError(
                 f"{directory}: checkpoint of step {state['step']}, but the disk store "
                 f"{arrays.dir} holds step {arrays.step}; resume from its checkpoint")
-        _, adapter = read_adapter(directory / "adapter")
+        _, adapter = read_adapter(directory / "adapter", rows=rows)
         self._adapter().load_adapter_state(adapter, source=str(directory / "adapter"),
                                            tables=arrays is None)
         self.optimizers.load_state_tensors(tensors)
@@ -356,7 +398,7 @@ class Trainer:
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        if self.metrics_path.is_file():  # drop lines logged after the checkpoint
+        if self.is_main and self.metrics_path.is_file():  # drop lines logged after it
             kept = [line for line in self.metrics_path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.step]
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
