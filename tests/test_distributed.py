@@ -226,3 +226,7 @@ def test_meft_train_under_torchrun_and_eval_reads_the_sharded_adapter(
     scores = json.loads(proc.stdout)
     assert scores["exact_match"] == pytest.approx(
         json.loads((out / "eval.json").read_text())["after"]["exact_match"])
+    proc = subprocess.run([sys.executable, "-m", "meft", "info", "--adapter",
+                           str(out / "adapter")], env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "64" in proc.stdout, proc.stderr[-2000:]

@@ -107,3 +107,17 @@ def test_non_finite_loss_stops_before_touching_the_tables(tmp_path: Path) -> Non
 def test_train_config_validation(kw: dict, msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
         TrainConfig(**kw)
+
+
+def test_first_step_counts_only_its_own_traffic(tmp_path: Path) -> None:
+    """Forwards before training (evaluation) do not land in step 1's bytes."""
+    moved = []
+    for warm in (False, True):
+        model = get_meft_model(tiny("llama"), config())
+        trainer = Trainer(model, examples(), TrainConfig(steps=1, batch_size=4, progress=False),
+                          tmp_path / f"run{warm}", pad_id=0)
+        if warm:
+            with torch.no_grad():
+                model(input_ids=torch.randint(2, 97, (8, 20)))
+        moved.append(trainer.train().history[0]["mb_h2d"])
+    assert moved[0] > 0 and moved[1] == moved[0]

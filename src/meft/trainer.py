@@ -303,6 +303,7 @@ class Trainer:
         """Train up to ``total`` steps. Ctrl-C (SIGINT) finishes the current step, writes a
         checkpoint and raises :class:`TrainingInterrupted`; a second Ctrl-C stops at once."""
         self.output.mkdir(parents=True, exist_ok=True)
+        self.trainable.traffic()  # forget what evaluation before training moved
         start = time.perf_counter()
         first_step = self.step
         total_tokens = 0
