@@ -83,7 +83,9 @@ def main() -> None:
         f"{env['git_commit']}, {env['date_utc']}. Threads: one process {env['threads']}; "
         f"each of the {args.nproc} processes "
         f"{rows[1]['environment']['threads']}.", "",
-        "Commands:", "", *[f"    {r['command']}" for r in rows], "",
+        "Produced by:", "",
+        f"    python benchmarks/distributed_embedded.py {shlex.join(sys.argv[1:])}", "",
+        "which ran:", "", *[f"    {r['command']}" for r in rows], "",
         "| run | held-out EM | seen EM | retention | general loss Δ | final loss | step s "
         "(median, steps 4..) | MB host→device /step | MB device→host /step | MB between "
         "processes /step |",

@@ -229,4 +229,14 @@ def test_meft_train_under_torchrun_and_eval_reads_the_sharded_adapter(
     proc = subprocess.run([sys.executable, "-m", "meft", "info", "--adapter",
                            str(out / "adapter")], env=_env(), capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 0 and "64" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 0 and "neurons: 64" in proc.stdout, proc.stderr[-2000:]
+    # --resume under torchrun, then in one process: the run goes on from its checkpoints
+    torchrun("train", "--resume", str(out), "--steps", "5", "--no-progress", module=True)
+    proc = subprocess.run([sys.executable, "-m", "meft", "train", "--resume", str(out),
+                           "--steps", "6", "--no-progress"], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()  # one process's format
+    assert not (out / "adapter" / "adapter_model.shards.json").exists()
