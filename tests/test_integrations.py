@@ -249,3 +249,13 @@ def test_the_example_script_runs(model_dir: Path, data_file: Path, tmp_path: Pat
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0 <= result["exact_match"] <= 1 and result["n"] == 12
     assert read_adapter(out / "adapter")[0].neurons == 64
+
+
+def test_refused_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' DDP would train unsharded copies of the tables that drift apart."""
+    from meft.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="torchrun -m meft train"):
+        MeftTrainer(tiny("llama"), meft_config=meft_config(),
+                    args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))

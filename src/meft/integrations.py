@@ -50,7 +50,8 @@ from transformers import Trainer, TrainerCallback
 
 from meft.config import MeftConfig
 from meft.data import Encoded, collate, encode, parse_record
-from meft.errors import SerializationError
+from meft.distributed import world_size
+from meft.errors import ConfigError, SerializationError
 from meft.model import MeftModel, get_meft_model, read_adapter
 from meft.optim import OptimizerSet
 from meft.retain import Retainer
@@ -143,6 +144,10 @@ class MeftTrainerMixin:
                  meft_config: MeftConfig | None = None, retainer: Retainer | None = None,
                  **kwargs: Any) -> None:
         self.retainer = retainer
+        if world_size() > 1:  # transformers' DDP would train W unsharded copies that drift
+            raise ConfigError("MeftTrainer under torchrun is not supported yet (each process "
+                              "would train its own copy of the tables); use torchrun -m meft "
+                              "train, which shards them")
         if not isinstance(model, MeftModel):
             if model is None or meft_config is None:
                 raise TypeError("MeftTrainer needs a MeftModel (meft.get_meft_model), or the "
