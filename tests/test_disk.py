@@ -180,10 +180,29 @@ def test_meft_train_with_a_disk_store(model_dir: Path, data_file: Path, tmp_path
     assert main(["train", *flags, "--output", str(tmp_path / "b")]) == 0  # in RAM
     from safetensors.torch import load_file
 
-    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    from helpers import tiny_for
+    from meft.model import MeftModel
+    from tokenizers_for_tests import make_tokenizer
+
+    # the final adapter of a disk-store run holds the routers and names the store
+    files = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    assert all(k.endswith(".router") for k in files)
+    a = MeftModel.from_pretrained(tiny_for(make_tokenizer()), tmp_path / "a" / "adapter")
+    assert a.arrays is not None and a.arrays.step == 4
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = a.adapter_state()
+    assert state.keys() == b.keys() and all(torch.equal(state[k], b[k]) for k in b)
     capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(tmp_path / "a" / "adapter"),
+                 "--data", str(data_file), "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--adapter", str(tmp_path / "a" / "adapter")]) == 0
+    assert f"tables: in the disk store {store.resolve()} (step 4)" in capsys.readouterr().out
+    store.rename(tmp_path / "moved")
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(tmp_path / "a" / "adapter"),
+                 "--data", str(data_file), "--max-new-tokens", "2"]) == 2
+    assert "tables are in the disk store" in capsys.readouterr().err
+    (tmp_path / "moved").rename(store)
     assert main(["train", *flags, "--output", str(tmp_path / "c"), "--store",
                  f"disk:{store}"]) == 2
     assert "holds another run's store" in capsys.readouterr().err

@@ -259,3 +259,12 @@ def test_refused_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ConfigError, match="torchrun -m meft train"):
         MeftTrainer(tiny("llama"), meft_config=meft_config(),
                     args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+
+
+def test_refuses_a_disk_store(tmp_path: Path) -> None:
+    from meft.disk import DiskArrays
+    from meft.errors import ConfigError
+
+    model = get_meft_model(tiny("llama"), meft_config(), arrays=DiskArrays(tmp_path / "store"))
+    with pytest.raises(ConfigError, match="meft train --store disk:DIR"):
+        MeftTrainer(model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))

@@ -223,6 +223,10 @@ class MeftConfig:
     hidden_size: int | None = option(None, "hidden size d of that model", cli=False)
     num_layers: int | None = option(None, "decoder layers of that model", cli=False)
     meft_version: str = option("", "meft version that wrote the adapter", cli=False)
+    tables_store: str | None = option(None, "disk store holding the tables when the adapter "
+                                      "files hold only the routers (--store disk:)", cli=False)
+    tables_step: int | None = option(None, "the step of that store the adapter was saved at",
+                                     cli=False)
 
     def __post_init__(self) -> None:
         check_fields(self)

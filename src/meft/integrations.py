@@ -155,6 +155,9 @@ class MeftTrainerMixin:
             model = get_meft_model(model, meft_config)
         elif meft_config is not None:
             raise TypeError("meft_config= is for a base model; this model is already wrapped")
+        if model.arrays is not None:  # its checkpoints would not commit the store
+            raise ConfigError("MeftTrainer does not support adapters whose tables are in a disk "
+                              "store yet; train those with meft train --store disk:DIR")
         # a trainable adapter is attached: what transformers asks of a quantized base (a
         # GGUF-loaded one is marked quantized) before it lets a Trainer fine-tune it, as PEFT
         model.__dict__["_hf_peft_config_loaded"] = True

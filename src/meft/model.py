@@ -322,7 +322,15 @@ class MeftModel(nn.Module):
                         max_shard_bytes: int = 2 * 1024**3, tables: bool = True) -> Path:
         """Write adapter_config.json and adapter_model*.safetensors into ``directory``."""
         directory = Path(directory)
-        config = MeftConfig.from_dict({**self.meft_config.to_dict(), "layers": self.layer_ids})
+        where: dict[str, Any] = {}
+        if not tables:  # the files hold the routers; the tables stay in the disk store
+            if self.arrays is None:
+                raise ValueError("tables=False is for an adapter whose tables are in a disk "
+                                 "store")
+            where = {"tables_store": str(self.arrays.dir.resolve()),
+                     "tables_step": self.arrays.step}
+        config = MeftConfig.from_dict({**self.meft_config.to_dict(), "layers": self.layer_ids,
+                                       "tables_store": None, "tables_step": None, **where})
         if self.parallel is not None:
             return self._save_sharded(directory, config, tables=tables)
         with replaced_files(directory, owned=lambda name: name.startswith(WEIGHTS_STEM),
@@ -383,8 +391,32 @@ class MeftModel(nn.Module):
         shapes = {tensor_name(i, part): shape for i in layers
                   for part, shape in (("keys", (rows, d)), ("values", (rows, d)),
                                       ("router", (config.n_experts, d)))}
+        if config.tables_store is not None and tensor_name(layers[0], "keys") not in tensors:
+            if parallel is not None:
+                raise ConfigError(f"{directory}: its tables are in the disk store "
+                                  f"{config.tables_store}, which a distributed run cannot use")
+            shapes = {k: v for k, v in shapes.items() if k.endswith(".router")}
+            check_adapter_tensors(tensors, shapes, str(directory))
+            model = cls(base_model, config, device=device, arrays=_open_tables(config))
+            model.load_adapter_state(tensors, source=str(directory), tables=False)
+            return model
         check_adapter_tensors(tensors, shapes, str(directory))
         return cls(base_model, config, device=device, tensors=tensors, parallel=parallel)
+
+
+def _open_tables(config: MeftConfig) -> DiskArrays:
+    """The disk store an adapter's config points to, at the step the adapter was saved."""
+    path = Path(str(config.tables_store))
+    if not (path / "index.json").is_file():
+        raise AdapterMismatchError(f"the adapter's tables are in the disk store {path}, which "
+                                   "is gone or not a store (move the store with the adapter, "
+                                   "or save the adapter with its tables)")
+    arrays = DiskArrays(path)
+    if arrays.step != config.tables_step:
+        raise AdapterMismatchError(
+            f"the adapter was saved at step {config.tables_step} of the disk store {path}, "
+            f"which is now at step {arrays.step} (another run moved it on)")
+    return arrays
 
 
 def check_adapter_tensors(tensors: dict[str, Tensor], shapes: Mapping[str, tuple[int, ...]],

@@ -189,7 +189,9 @@ def train(job: TrainJob) -> dict[str, Any]:
         f" epochs), lr {tconfig.lr:g} -> {output}")
     result = _train_or_explain(trainer)
     trainer.save_checkpoint()
-    meft_model.save_pretrained(output / "adapter")
+    # with a disk store the adapter files hold the routers and name the store (committed at
+    # this step by the checkpoint): an adapter bigger than RAM is not copied a second time
+    meft_model.save_pretrained(output / "adapter", tables=meft_model.arrays is None)
 
     if eval_qa:
         results["after"] = evaluate(meft_model, tokenizer, eval_qa, desc="eval after",
@@ -432,7 +434,10 @@ def info_cli(info: InfoConfig) -> str:
         "adapter": str(info.adapter), "base_model": config.base_model,
         "neurons": n, "top_k": k, "experts": config.n_experts, "n_probe": config.n_probe,
         "gate": config.gate, "hidden_size": d, "layers": len(layers),
-        "parameters": sum(t.numel() for t in tensors.values()),
+        "parameters": (2 * n + config.n_experts) * d * len(layers),
+        "tables": (f"in the disk store {config.tables_store} (step {config.tables_step})"
+                   if config.tables_store is not None and not any(
+                       k.endswith(".keys") for k in tensors) else "in the adapter files"),
         "host_table_bytes": table_bytes,
         "host_bytes_with_adamw": config.host_bytes_per_layer(d) * len(layers),
         "tokens_per_micro_batch": tokens,
