@@ -34,11 +34,17 @@ def test_parse_method() -> None:
                                         "retain_update": "values", "retain_router": "frozen"}
     with pytest.raises(ConfigError, match="unknown protection setting 'lots'"):
         parse_method("meft:64+retain:lots")
+    compact = parse_method("meft:64:bf16:8bit+retain:kl")
+    assert compact.state == ("bf16", "8bit") and compact.retain
+    assert compact.name == "meft:64:bf16:8bit+retain:kl"
+    assert compact.state_overrides() == {"storage_dtype": "bfloat16", "optim_state": "8bit"}
+    assert parse_method("meft:64:rowwise").state_overrides() == {"optim_state": "rowwise"}
     # default rates as the tuned comparison chose them
     assert parse_method("lora:all:16").default_lr == 3e-3
     assert parse_method("lora:all:64").default_lr == 1e-3
     for bad in ("lora:16", "dense", "meft:big", "sparse:10", "lora:xy:4", "meft:0", "full:8",
-                "dense:8+retain", "meft:+retain"):
+                "dense:8+retain", "meft:+retain", "meft:64:fp16", "meft:64:8bit:rowwise",
+                "meft:64:bf16:bf16", "dense:64:bf16"):
         with pytest.raises(ConfigError, match="expected lora:qv:R"):
             parse_method(bad)
 
@@ -220,6 +226,25 @@ def test_bench_retain_method_equals_meft_train_with_protection(
                  "--no-retention", *common]) == 0
     trained = json.loads((run / "run.json").read_text())
     assert trained["losses"] == bench["losses"]  # the same protection, bit for bit
+
+
+def test_bench_compact_method_equals_meft_train_with_compact_state(
+        model_dir: Path, tmp_path: Path) -> None:
+    common = ["--model", str(model_dir), "--steps", "3", "--batch-size", "4", "--top-k", "4",
+              "--experts", "8", "--probe", "2", "--no-progress"]
+    out = tmp_path / "bench"
+    assert main(["bench", "--methods", "meft:64", "meft:64:bf16:8bit", "--no-eval", "--output",
+                 str(out), *common]) == 0
+    bench = json.loads((out / "meft_64_bf16_8bit@0.003.json").read_text())
+    fp32 = json.loads((out / "meft_64@0.003.json").read_text())
+    assert bench["method"] == "meft:64:bf16:8bit" and bench["losses"] != fp32["losses"]
+    assert bench["host_state_bytes"] < fp32["host_state_bytes"] / 2.5  # 12 -> ~4 B/param
+    run = tmp_path / "train"
+    assert main(["train", "--neurons", "64", "--host-dtype", "bfloat16", "--optim-state", "8bit",
+                 "--output", str(run), "--no-eval-before", "--max-eval", "2",
+                 "--max-new-tokens", "2", "--no-plots", "--no-retention", *common]) == 0
+    trained = json.loads((run / "run.json").read_text())
+    assert trained["losses"] == bench["losses"]  # the same compact state, bit for bit
 
 
 @pytest.mark.slow

@@ -6,6 +6,9 @@
     offload:N                the same, stored on the host, moved whole each step, dense
                              AdamW on the host (DeepSpeed-style offload)
     meft:N                   meft with the adapter flags given (E, P, K, gate ...)
+    meft:N:bf16:8bit         the same with compact host state, overriding --host-dtype and
+                             --optim-state for this method: bf16 tables, 8bit or rowwise
+                             moments (:mod:`meft.quant`), so one comparison holds all stores
     meft-noexperts:N         meft with a single expert: every key scored (no Key-Experts)
     meft:N+retain            meft with forgetting protection (:mod:`meft.retain`), set by the
                              --retain-* flags, against --background (default: the base
@@ -64,6 +67,7 @@ class Method:
     targets: str = ""
     retain: bool = False
     retain_settings: tuple[str, ...] = ()  # as written after +retain, e.g. ("kl", "256")
+    state: tuple[str, ...] = ()  # compact host state after meft:N, e.g. ("bf16", "8bit")
 
     @property
     def name(self) -> str:
@@ -72,7 +76,12 @@ class Method:
         if self.kind == "full":
             return "full"
         protection = ":".join(("+retain", *self.retain_settings)) if self.retain else ""
-        return f"{self.kind}:{self.neurons}{protection}"
+        state = "".join(f":{token}" for token in self.state)
+        return f"{self.kind}:{self.neurons}{state}{protection}"
+
+    def state_overrides(self) -> dict[str, Any]:
+        """The MeftConfig fields this method's ``:bf16``, ``:8bit``, ``:rowwise`` set."""
+        return dict(STATE_SETTINGS[token] for token in self.state)
 
     def retain_overrides(self) -> dict[str, Any]:
         """The TrainConfig fields this method's ``+retain:...`` settings set."""
@@ -96,6 +105,10 @@ RETAIN_WORDS: dict[str, tuple[str, Any]] = {
     "values": ("retain_update", "values"), "keys": ("retain_update", "keys+values"),
     "frozen": ("retain_router", "frozen"), "trained": ("retain_router", "trained"),
     "all": ("retain_rows", 0)}
+
+
+STATE_SETTINGS = {"bf16": ("storage_dtype", "bfloat16"), "8bit": ("optim_state", "8bit"),
+                  "rowwise": ("optim_state", "rowwise")}
 
 
 def _retain_setting(token: str) -> tuple[str, Any] | None:
@@ -131,11 +144,16 @@ def parse_method(text: str) -> Method:
                 return method
         if parts[0] in KINDS[1:5] and len(parts) == 2 and int(parts[1]) > 0:
             return Method(parts[0], neurons=int(parts[1]))
+        state = tuple(parts[2:])
+        if (parts[0] == "meft" and len(parts) > 2 and int(parts[1]) > 0
+                and all(t in STATE_SETTINGS for t in state)
+                and len({STATE_SETTINGS[t][0] for t in state}) == len(state)):
+            return Method("meft", neurons=int(parts[1]), state=state)
     except ValueError:
         pass
     raise ConfigError(f"method {text!r}: expected lora:qv:R, lora:all:R, dense:N, offload:N, "
-                      "meft:N, meft:N+retain, meft-noexperts:N (R, N positive integers) or "
-                      "full")
+                      "meft:N, meft:N:bf16:8bit (bf16, 8bit or rowwise, each at most once), "
+                      "meft:N+retain, meft-noexperts:N (R, N positive integers) or full")
 
 
 def parse_entry(text: str) -> tuple[Method, list[float] | None]:
@@ -164,7 +182,7 @@ def check_method(method: Method, job: BenchJob) -> None:
 def meft_config(method: Method, job: BenchJob) -> MeftConfig:
     if method.kind == "meft-noexperts":
         return job.adapter_config(method.neurons, experts=1, n_probe=1, gate="none")
-    return job.adapter_config(method.neurons)
+    return job.adapter_config(method.neurons, **method.state_overrides())
 
 
 def build(method: Method, model: nn.Module, job: BenchJob, device: torch.device

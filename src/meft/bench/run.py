@@ -117,6 +117,10 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         "retained_rows_mean": (statistics.mean(statistics.mean(r["retained_rows_per_layer"])
                                                for r in history) if retainer else None),
         "trainable_params": trainable.count(),
+        # tables + their AdamW state as configured (--host-dtype, --optim-state), exact
+        "host_state_bytes": (trainable.adapter.meft_config.host_bytes_per_layer(
+            trainable.adapter.stores[0].dim) * len(trainable.adapter.stores)
+            if trainable.adapter is not None else None),
     }
     if device.type == "cuda":  # measured, not accounted
         result["device_bytes"] = result["cuda_max_memory_allocated"]
