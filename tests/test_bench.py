@@ -34,6 +34,11 @@ def test_parse_method() -> None:
                                         "retain_update": "values", "retain_router": "frozen"}
     with pytest.raises(ConfigError, match="unknown protection setting 'lots'"):
         parse_method("meft:64+retain:lots")
+    assert parse_method("meft:64+retain:hub0.5:pen2").retain_overrides() == {
+        "retain_hubs": 0.5, "retain_penalty": 2.0}
+    for bad in ("hub0", "hubx", "pen-1"):
+        with pytest.raises(ConfigError, match="unknown protection setting"):
+            parse_method(f"meft:64+retain:{bad}")
     compact = parse_method("meft:64:bf16:8bit+retain:kl")
     assert compact.state == ("bf16", "8bit") and compact.retain
     assert compact.name == "meft:64:bf16:8bit+retain:kl"

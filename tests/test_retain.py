@@ -12,7 +12,14 @@ import torch
 from helpers import meft_config, tiny
 from meft.data import Encoded
 from meft.model import MeftModel, get_meft_model, tensor_name
-from meft.retain import AccessCounter, Background, Retainer, row_scores, top_rows
+from meft.retain import (
+    AccessCounter,
+    Background,
+    Retainer,
+    hub_rows,
+    row_scores,
+    top_rows,
+)
 from meft.trainer import TrainConfig, Trainer
 
 
@@ -258,3 +265,29 @@ def test_the_penalty_is_the_mean_squared_adapter_output(tmp_path: Path) -> None:
             want += float(2.0 * adapter(bg.inputs[layer][idx]).pow(2).sum(-1).mean())
     assert got == pytest.approx(want, rel=1e-6)
     assert all(len(s.value_grad) > 0 for s in model.stores)  # it sends gradients to rows
+
+
+def test_hub_rows_are_never_selected(tmp_path: Path) -> None:
+    """A row most background documents read is not trained even when the step's accesses would
+    select it; the others train as before."""
+    df = torch.tensor([0, 4, 5, 10])
+    assert hub_rows(df, 10, 0.5).tolist() == [False, False, True, True]
+    assert not hub_rows(df, 10, 1.01).any()
+    model = get_meft_model(tiny("llama"), meft_config())
+    background = background_of(model)
+    retainer = Retainer(model, background, rows=64, hubs=0.9)  # every row but for hubs
+    for s in model.stores:
+        s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    retainer.protected = {k: torch.zeros_like(v) for k, v in retainer.protected.items()}
+    layer = next(iter(model.adapters))
+    # make every row a hub of this layer but for the first half
+    n = background.df[layer].shape[0]
+    background.df[layer][n // 2:] = background.documents
+    trainer = Trainer(model, examples(), TrainConfig(steps=1, batch_size=8, lr=1e-2,
+                                                     progress=False),
+                      tmp_path / "run", pad_id=0, retainer=retainer)
+    store = model.adapters[layer].store
+    before = store.values.clone()
+    trainer.train()
+    moved = (store.values != before).any(1)
+    assert moved[: n // 2].any() and not moved[n // 2:].any()

@@ -340,6 +340,9 @@ class TrainConfig:
                                 "protection", choices=("values", "keys+values"))
     retain_router: str = option("trained", "meft's routers under protection",
                                 choices=("trained", "frozen"))
+    retain_hubs: float = option(1.0, "protection never trains rows read by at least this "
+                                "share of the background documents (hubs; 1: no exclusion)",
+                                check="positive")
     progress: bool = option(True, "progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:

@@ -42,6 +42,12 @@ keeps the penalty adapter-sized work, no base-model pass).
 Continual learning: rows whose values are already non-zero when the protection starts (an
 adapter trained before, ``meft train --adapter DIR``) are never selected, so what the adapter
 learned before keeps its rows.
+
+Hubs (``hubs`` < 1): rows that at least that share of the background documents read
+(df(i) >= hubs D) are never selected either. TF-IDF already scores them near zero and KL low,
+but with few accessed rows in a step such a row can still make the top t, and writing a fact
+into a row most general inputs read is the surest way to change the model on them. Off by
+default until the sweep says it helps.
 """
 
 from __future__ import annotations
@@ -201,6 +207,12 @@ def row_scores(counts: Tensor, bg_counts: Tensor, df: Tensor, documents: int,
     return out.masked_fill(counts == 0, -math.inf)
 
 
+def hub_rows(df: Tensor, documents: int, share: float) -> Tensor:
+    """(N,) bool: the rows at least ``share`` of the background documents read (none for a
+    share above 1)."""
+    return df.double() >= share * max(1, documents)
+
+
 def top_rows(scores: Tensor, rows: int) -> Tensor:
     """Ids of the ``rows`` best finite scores, ties to the lower id (deterministic)."""
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -215,7 +227,7 @@ class Retainer:
     def __init__(self, model: MeftModel, background: Background | None, *,
                  score: str = "tfidf", rows: int = 512, keys: bool = True,
                  router: bool = True, penalty: float = 0.0,
-                 penalty_tokens: int = PENALTY_TOKENS) -> None:
+                 penalty_tokens: int = PENALTY_TOKENS, hubs: float = 1.0) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if rows < 0 or penalty < 0 or penalty_tokens < 1:
@@ -225,6 +237,7 @@ class Retainer:
         self.background = background
         self.score, self.rows, self.keys, self.router = score, rows, keys, router
         self.penalty, self.penalty_tokens = penalty, penalty_tokens
+        self.hubs = hubs
         self.counters = _attach(model)
         # rows an earlier run wrote (values start at zero): never selected, so what the
         # adapter already learned stays as it was (continual learning)
@@ -253,6 +266,8 @@ class Retainer:
                 continue
             scores = row_scores(counter.counts, bg.counts[layer], bg.df[layer], bg.documents,
                                 self.score).masked_fill_(self.protected[layer], -math.inf)
+            if self.hubs < 1:
+                scores.masked_fill_(hub_rows(bg.df[layer], bg.documents, self.hubs), -math.inf)
             chosen = torch.zeros(counter.n, dtype=torch.bool)
             chosen[top_rows(scores, self.rows)] = True
             store = adapter.store
@@ -315,7 +330,8 @@ class Retainer:
                                        else 0)
         return cls(model, stats, score=config.retain_score, rows=config.retain_rows,
                    keys=config.retain_update == "keys+values",
-                   router=config.retain_router == "trained", penalty=config.retain_penalty)
+                   router=config.retain_router == "trained", penalty=config.retain_penalty,
+                   hubs=config.retain_hubs)
 
     def summary(self) -> str:
         bg = self.background
@@ -328,6 +344,8 @@ class Retainer:
                      if self.rows else f"every row trains, {docs}")
         penalty = (f", output penalty {self.penalty:g} on {self.penalty_tokens} background "
                    "tokens per layer and step" if self.penalty else "")
+        if self.hubs < 1:
+            penalty += f", rows {self.hubs:g} of the background reads never trained"
         return (f"forgetting protection: {selection}, {parts}, {router}{penalty}{kept}")
 
 

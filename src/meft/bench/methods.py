@@ -14,9 +14,9 @@
                              --retain-* flags, against --background (default: the base
                              model's own answers to the shipped prompts); settings may follow,
                              overriding the flags for this method: ``+retain:kl:256:values:
-                             frozen:pen0.5`` (score tfidf|kl, rows t or all, update
-                             values|keys, router frozen|trained, output penalty), so one
-                             comparison can sweep them
+                             frozen:pen0.5:hub0.5`` (score tfidf|kl, rows t or all, update
+                             values|keys, router frozen|trained, output penalty, hub share),
+                             so one comparison can sweep them
     full                     full fine-tuning: every base weight trained (the upper anchor for
                              learning and for forgetting)
 
@@ -117,11 +117,15 @@ def _retain_setting(token: str) -> tuple[str, Any] | None:
         return RETAIN_WORDS[token]
     if token.isdigit() and int(token) > 0:
         return "retain_rows", int(token)
-    try:
-        penalty = float(token[3:]) if token.startswith("pen") else -1.0
-    except ValueError:
-        return None
-    return ("retain_penalty", penalty) if penalty >= 0 else None
+    for prefix, field, ok in (("pen", "retain_penalty", lambda v: v >= 0),
+                              ("hub", "retain_hubs", lambda v: v > 0)):
+        if token.startswith(prefix):
+            try:
+                value = float(token[len(prefix):])
+            except ValueError:
+                return None
+            return (field, value) if ok(value) else None
+    return None
 
 
 def parse_method(text: str) -> Method:
@@ -132,7 +136,8 @@ def parse_method(text: str) -> Method:
         if bad:
             raise ConfigError(f"method {text!r}: unknown protection setting {bad[0]!r} "
                               f"(expected tfidf, kl, rows as a positive integer or all, "
-                              f"values, keys, frozen, trained, or penW for a penalty W)")
+                              f"values, keys, frozen, trained, penW for a penalty W, or hubS "
+                              f"to never train rows a share S of the background reads)")
         return dataclasses.replace(parse_method(base), retain=True, retain_settings=tokens)
     parts = text.split(":")
     if text == "full":
