@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -49,7 +50,10 @@ def test_run_stopped_by_0_1_0_resumes_to_what_0_1_0_would_have_trained(
     """tests/data/run-0.1.0: `meft train ... --steps 4 --stop-after 2` by meft 0.1.0 (flat
     run_config.json, its checkpoint format); run-0.1.0-final: the adapter and metrics 0.1.0
     wrote training the same 4 steps without a stop. The tiny model and data are the
-    fixtures' (the same builders made them)."""
+    fixtures' (the same builders made them). The comparison has a tolerance: the files were
+    written on another CPU, whose BLAS kernels round differently (seen: 2e-8 on an AMD EPYC
+    against files from an earlier machine); bit-for-bit resume on one machine is tested in
+    test_resume."""
     import shutil
 
     run = tmp_path / "run"
@@ -61,8 +65,10 @@ def test_run_stopped_by_0_1_0_resumes_to_what_0_1_0_would_have_trained(
     assert main(["train", "--resume", str(run), "--steps", "4", "--no-progress"]) == 0
     got = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     want = load_file(str(DATA / "run-0.1.0-final" / "adapter_model.safetensors"))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
     losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     old = [json.loads(x)["loss"] for x in
            (DATA / "run-0.1.0-final" / "metrics.jsonl").read_text().splitlines()]
-    assert losses == old
+    assert losses == pytest.approx(old, rel=1e-6)
