@@ -22,10 +22,12 @@ def _module(dtype: torch.dtype, gate: str = "product", seed: int = 0,
                                   n_probe=CASE.n_probe, gate=gate, router=router, device=device)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("gate", ["product", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_module_equals_functional(gate: str, dtype: torch.dtype) -> None:
+def test_module_equals_functional(gate: str, dtype: torch.dtype, in_place: bool) -> None:
     mod = _module(dtype, gate)
+    mod.read_in_place = in_place  # rows read in the tables, or staged (the reference)
     x, _, _, _, dy = make_inputs(CASE, dtype, 1, lead=(2,))
     x1 = x.clone().requires_grad_(True)
     y = mod(x1)
@@ -182,10 +184,12 @@ def test_cuda_module_equals_cpu_module() -> None:
     torch.testing.assert_close(gpu.router.grad.cpu(), cpu.router.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_two_live_graphs_do_not_share_staging_buffers() -> None:
+@pytest.mark.parametrize("in_place", [True, False])
+def test_two_live_graphs_do_not_share_staging_buffers(in_place: bool) -> None:
     """Two forwards before one backward (weight sharing, contrastive losses): each keeps its
     own staged rows, so the gradients equal the functional op's."""
     mod = _module(torch.float64)
+    mod.read_in_place = in_place
     x1, _, _, _, dy1 = make_inputs(CASE, torch.float64, 30)
     x2, _, _, _, dy2 = make_inputs(CASE, torch.float64, 31)
     ((mod(x1) * dy1).sum() + (mod(x2) * dy2).sum()).backward()
@@ -202,6 +206,7 @@ def test_two_live_graphs_do_not_share_staging_buffers() -> None:
 
 def test_staging_buffers_are_reused_once_the_graph_is_gone() -> None:
     mod = _module(torch.float32)
+    mod.read_in_place = False
     x = torch.randn(CASE.tokens, CASE.dim)
     y = mod(x)
     first = mod._staging._entries["keys"][0][0].data_ptr()
@@ -209,3 +214,32 @@ def test_staging_buffers_are_reused_once_the_graph_is_gone() -> None:
     del y
     mod(x).sum().backward()
     assert [e[0].data_ptr() for e in mod._staging._entries["keys"]] == [first]
+
+
+@pytest.mark.parametrize("gate", ["product", "none"])
+def test_rows_read_in_place_train_like_staged_rows_bit_for_bit(gate: str) -> None:
+    """Reading rows in the host tables (CPU, tables in the compute dtype) is the staged path
+    without the copy: three optimizer steps of fresh random micro-batches give the same
+    outputs, tables and optimizer state, bit for bit, and nothing is staged."""
+    runs = []
+    for in_place in (True, False):
+        mod = _module(torch.float32, gate, seed=5)
+        mod.read_in_place = in_place
+        opt = RowSparseAdamW(mod.store.tables, lr=1e-2, weight_decay=0.01)
+        outs = []
+        for step in range(3):
+            for micro in range(2):
+                x, _, _, _, dy = make_inputs(CASE, torch.float32, 40 + 2 * step + micro)
+                x = x.requires_grad_(True)
+                y = mod(x)
+                y.backward(dy)
+                outs += [y.detach(), x.grad]
+            opt.step()
+            opt.zero_grad()
+        assert ("keys" in mod._staging._entries) is not in_place
+        runs.append((outs, mod.store.keys.clone(), mod.store.values.clone(),
+                     [v.clone() for t in mod.store.tables for v in opt.state[t.data].values()]))
+    (a, ka, va, sa), (b, kb, vb, sb) = runs
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
+    assert len(sa) == len(sb) and all(torch.equal(p, q) for p, q in zip(sa, sb, strict=True))

@@ -297,6 +297,9 @@ class ShardedSparseAdapter(OffloadedSparseAdapter):
         ids = probe_ids.gather(1, top.indices // b) * b + top.indices % b
         return top.values, ids
 
+    def _tables_in_place(self, dtype: torch.dtype) -> None:
+        return None  # this rank holds only its own rows: the others' come from their owners
+
     def _fetch(self, uniq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         lo, _ = self.plan.rows
         counts = torch.bincount(self.plan.owner_of_rows(uniq), minlength=self.plan.world)

@@ -11,10 +11,13 @@ Fast path (``sparse_adapter``):
     g = x W_g^T                         (T, E)   differentiable, on x's device
     ids = route(x, keys, g)             (T, K)   no autograd; scores only probed experts' keys
     U, local = unique(ids)              (U,), (T, K)
-    ku, vu = keys[U], values[U]         (U, d)   ``F.embedding``: with ``sparse_grad=True`` the
-                                                 table gradients are sparse COO (U rows)
+    ku, vu = keys[U], values[U]         (U, d)   only as the carriers of the row gradients:
+                                                 the kernels read keys[ids] and values[ids] in
+                                                 the tables (no gather of U rows); with
+                                                 ``sparse_grad=True`` the table gradients are
+                                                 sparse COO (U rows), as ``F.embedding``'s
     gsel = g[t, e(ids)]                 (T, K)   product gate only
-    y = sparse_rows(x, gsel, ku, vu, local)
+    y = sparse_rows(x, gsel, ku, vu, local, tables=(keys, values), ids=ids)
 
 Reference (``sparse_adapter_reference``), the specification: score every key, mask the
 experts not probed with -inf, take the top-K of the masked scores as a dense (T, N) mask, and
@@ -24,9 +27,11 @@ key and value rows, and to the router rows of the experts used.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from meft.kernels import sparse_rows
 from meft.routing import check_adapter_args, route
@@ -55,11 +60,35 @@ def sparse_adapter(
     g = x2 @ router.T  # (T, E)
     ids = route(x2.detach(), keys.detach(), g.detach(), top_k=top_k, n_probe=n_probe, gate=gate)
     uniq, local = torch.unique(ids, return_inverse=True)  # (U,), (T, K)
-    ku = F.embedding(uniq, keys, sparse=sparse_grad)  # (U, d)
-    vu = F.embedding(uniq, values, sparse=sparse_grad)  # (U, d)
+    ku = _RowGrads.apply(keys, uniq, sparse_grad)  # (U, d), never read
+    vu = _RowGrads.apply(values, uniq, sparse_grad)  # (U, d), never read
     gsel = g.gather(1, ids // n_per_expert) if gate == "product" else None  # (T, K)
-    y = sparse_rows(x2, gsel, ku, vu, local)
+    y = sparse_rows(x2, gsel, ku, vu, local, tables=(keys.detach(), values.detach()), ids=ids)
     return y.reshape(x.shape)
+
+
+class _RowGrads(torch.autograd.Function):
+    """table[uniq] for the gradient only: forward returns a (U, d) placeholder of zeros (the
+    kernels read the rows in the table), backward gives the table the (U, d) row gradient,
+    sparse COO or dense, as ``F.embedding(uniq, table, sparse=...)`` would (uniq is unique,
+    so each row receives exactly its own gradient row)."""
+
+    @staticmethod
+    def forward(ctx: Any, table: Tensor, uniq: Tensor,  # type: ignore[override]
+                sparse: bool) -> Tensor:
+        ctx.save_for_backward(uniq)
+        ctx.shape, ctx.sparse = table.shape, sparse
+        return table.new_zeros(1, table.shape[1]).expand(uniq.shape[0], table.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (uniq,) = ctx.saved_tensors
+        if ctx.sparse:
+            return (torch.sparse_coo_tensor(uniq.unsqueeze(0), grad, ctx.shape,
+                                            check_invariants=False, is_coalesced=True),
+                    None, None)
+        return grad.new_zeros(ctx.shape).index_copy_(0, uniq, grad), None, None
 
 
 def sparse_adapter_reference(

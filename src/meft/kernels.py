@@ -24,6 +24,14 @@ T=512, K=64, d=576 in float32): the "bag sums" are ``F.embedding_bag`` with per-
 ``torch.sparse.sampled_addmm`` on a CSR pattern where the platform has it (CPU, float32/64),
 a chunked gather-and-bmm elsewhere. The gradients for ku and vu are (U, d): row-sparse
 gradients of the full tables, never N x d.
+
+Rows read in place. Where the tables already sit on the compute device in its dtype (a CPU
+run with fp32 tables), gathering ku and vu is a copy of 2*U*d numbers that only feeds the
+kernels above, and each of them indexes rows anyway: ``sparse_rows(..., tables=(keys, values),
+ids=ids)`` reads keys[ids] and values[ids] directly, ids (T, K) being the global rows, and ku,
+vu serve only as the (U, d) leaves that receive the gradients (any (U, d) tensor, e.g. a
+zero-stride expand; their values are never read). The same rows enter the same products in
+the same order, so outputs and gradients are bitwise those of the staged path (tested).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 
 _SDDMM_DTYPES = (torch.float32, torch.float64)
 _GATHER_CHUNK_ELEMS = 1 << 22  # elements of the (chunk, K, d) gather in the fallback path
@@ -106,39 +114,54 @@ def bag_sum_transposed(pattern: RowPattern, src: Tensor, weights: Tensor) -> Ten
 class _SparseRows(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: FunctionCtx, x: Tensor, gsel: Tensor | None, ku: Tensor, vu: Tensor, local: Tensor
+        ctx: Any, x: Tensor, gsel: Tensor | None, ku: Tensor, vu: Tensor, local: Tensor,
+        keys: Tensor, values: Tensor, rows: Tensor,
     ) -> Tensor:
-        a = pair_dots(x, ku, local)  # (T, K)
+        # keys, values, rows: what is read (ku, vu, local, or the whole tables and global ids)
+        a = pair_dots(x, keys, rows)  # (T, K)
         s = a * gsel if gsel is not None else a
         w = torch.relu(s)
-        ctx.save_for_backward(x, gsel, ku, vu, local, a, s)  # type: ignore[arg-type]
-        return bag_sum(local, vu, w)
+        ctx.n_rows = ku.shape[0]
+        ctx.save_for_backward(x, gsel, keys, values, rows, local, a, s)  # type: ignore[arg-type]
+        return bag_sum(rows, values, w)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, gsel, ku, vu, local, a, s = ctx.saved_tensors
+        x, gsel, keys, values, rows, local, a, s = ctx.saved_tensors
         dy = dy.contiguous()
-        need_x, need_g, need_k, need_v, _ = ctx.needs_input_grad
+        need_x, need_g, need_k, need_v = ctx.needs_input_grad[:4]
         dx = dgsel = dku = dvu = None
         w = torch.relu(s)
-        pattern = row_pattern(local, ku.shape[0])
+        pattern = row_pattern(local, ctx.n_rows)
         if need_v:
             dvu = bag_sum_transposed(pattern, dy, w)
         if need_x or need_g or need_k:
-            ds = pair_dots(dy, vu, local) * (s > 0)  # (T, K)
+            ds = pair_dots(dy, values, rows) * (s > 0)  # (T, K)
             da = ds * gsel if gsel is not None else ds
             if need_g:
                 dgsel = ds * a
             if need_x:
-                dx = bag_sum(local, ku, da)
+                dx = bag_sum(rows, keys, da)
             if need_k:
                 dku = bag_sum_transposed(pattern, x, da)
-        return dx, dgsel, dku, dvu, None
+        return dx, dgsel, dku, dvu, None, None, None, None
 
 
-def sparse_rows(x: Tensor, gsel: Tensor | None, ku: Tensor, vu: Tensor, local: Tensor) -> Tensor:
+def sparse_rows(x: Tensor, gsel: Tensor | None, ku: Tensor, vu: Tensor, local: Tensor, *,
+                tables: tuple[Tensor, Tensor] | None = None, ids: Tensor | None = None
+                ) -> Tensor:
     """y (T, d) from x (T, d), gate values gsel (T, K) or None, staged rows ku, vu (U, d) and
-    positions local (T, K) into them; differentiable in x, gsel, ku and vu."""
-    out: Tensor = _SparseRows.apply(x, gsel, ku, vu, local)
+    positions local (T, K) into them; differentiable in x, gsel, ku and vu.
+
+    With ``tables`` (keys, values), each (N, d), and ``ids`` (T, K), the global rows with
+    keys[ids] == ku[local], rows are read from the tables in place and ku, vu only receive
+    the gradients (module docstring)."""
+    if tables is None:
+        keys, values, rows = ku, vu, local
+    else:
+        if ids is None or ids.shape != local.shape:
+            raise ValueError("sparse_rows: tables need ids of the shape of local")
+        (keys, values), rows = tables, ids
+    out: Tensor = _SparseRows.apply(x, gsel, ku, vu, local, keys, values, rows)
     return out

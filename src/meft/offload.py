@@ -15,9 +15,11 @@ module parameters or buffers, so ``model.to(device)`` and ``state_dict()`` leave
 trainer builds the :class:`~meft.store.HostStore` objects and the optimizer and passes them in.
 
 Staged rows are gathered straight into reused host buffers (:class:`_StagingPool`). On CUDA
-those are pinned and copied with ``non_blocking=True``; on CPU (device == host) the buffer is
-the staged tensor itself. Results are identical either way, and every byte the real system
-moves is counted in ``store.stats`` even where the "copy" is free.
+those are pinned and copied with ``non_blocking=True``. On CPU (device == host) with tables in
+the compute dtype nothing is staged: the kernels read the rows of U in the tables in place
+(:func:`meft.kernels.sparse_rows` with ``tables``), bitwise the same result; with compact
+tables (bf16) the rows are converted into the reused buffer. Every byte the real system moves
+is counted in ``store.stats`` even where the "copy" is free.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class OffloadedSparseAdapter(nn.Module):
         self.router = nn.Parameter(router.to(self.device, dtype))
         self._staging = _StagingPool(pinned=self.device.type == "cuda")
         self.counter: Counter | None = None  # set while protection counts accesses
+        # on CPU, kernels read rows in the tables (False: always stage, the reference path)
+        self.read_in_place = True
 
     @property
     def n_neurons(self) -> int:
@@ -179,7 +183,11 @@ class OffloadedSparseAdapter(nn.Module):
         uniq, local = torch.unique(ids, return_inverse=True)  # (U,), (T, K)
         routed = time.perf_counter()
 
-        ku, vu = self._fetch(uniq, x.dtype)  # (U, d) each, on the compute device
+        tables = self._tables_in_place(x.dtype)
+        if tables is None:
+            ku, vu = self._fetch(uniq, x.dtype)  # (U, d) each, on the compute device
+        else:  # read in place by the kernels; ku, vu only receive the (U, d) gradients
+            ku, vu = (x.new_zeros(1, d).expand(uniq.shape[0], d) for _ in range(2))
         uniq_dev = uniq.to(self.device)
         local_dev = local.to(self.device)
         stats.stage_s += time.perf_counter() - routed
@@ -205,7 +213,8 @@ class OffloadedSparseAdapter(nn.Module):
 
         b = self.n_neurons // self.n_experts
         gsel = g.gather(1, uniq_dev[local_dev] // b) if self.gate == "product" else None
-        y = sparse_rows(x2, gsel, ku, vu, local_dev)
+        y = sparse_rows(x2, gsel, ku, vu, local_dev, tables=tables,
+                        ids=None if tables is None else ids)
         return y.reshape(x.shape)
 
     # The three steps a sharded adapter (meft.distributed) does across ranks instead.
@@ -213,6 +222,15 @@ class OffloadedSparseAdapter(nn.Module):
         """Each token's K neuron ids (T, K), global, from its probes (method steps 2-3)."""
         return select(x, self.store.keys, probe_scores, probe_ids, self.n_experts,
                       top_k=self.top_k, gate=self.gate)
+
+    def _tables_in_place(self, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """The store's tables when the kernels can read their rows where they are (the compute
+        device is the host and the tables are in ``dtype``), else None: rows are staged."""
+        keys, values = self.store.keys, self.store.values
+        if (not self.read_in_place or self.device.type != "cpu" or keys.dtype != dtype
+                or values.dtype != dtype):
+            return None
+        return keys, values
 
     def _fetch(self, uniq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Key and value rows of ``uniq`` (U,) as ``dtype`` on the compute device."""
