@@ -210,6 +210,25 @@ def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Pat
     table = (out / "table.md").read_text()  # both invocations that made its runs
     assert "command: meft bench --methods meft:64 dense:32" in table
     assert "command: meft bench --methods meft-noexperts:64" in table
+    assert "Runs made on:" in table and "meft-noexperts:64@0.003" in table
+
+    # --report-only rebuilds the summary and table from the run files alone, training nothing
+    summary = (out / "summary.json").read_text()
+    runs = {p.name: p.stat().st_mtime_ns for p in out.glob("*@*.json")}
+    (out / "summary.json").unlink()
+    (out / "table.md").unlink()
+    assert main(["bench", "--report-only", "--output", str(out)]) == 0
+    assert (out / "summary.json").read_text() == summary
+    rebuilt = (out / "table.md").read_text()
+    assert rebuilt.split("Each method")[1] == table.split("Each method")[1]
+    assert "command: meft bench --report-only" in rebuilt
+    assert sorted(runs) == sorted(p.name for p in out.glob("*@*.json"))
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["bench", "--report-only", "--output", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--report-only needs --output DIR holding run files" in err[0]
 
 
 @pytest.mark.slow

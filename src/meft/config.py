@@ -454,6 +454,9 @@ class BenchConfig:
     output: str | None = option(None, "directory for one JSON per run, table.md and plots; "
                                 "runs already there stay in the table",
                                 default_text="a new runs/bench-<timestamp>")
+    report_only: bool = option(False, "train nothing: rebuild summary.json, table.md and the "
+                               "plots from the run files already in --output (a comparison "
+                               "run a few methods at a time, or stopped half-way)")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -25,29 +25,17 @@ from typing import Any
 
 from meft.background import load_background
 from meft.bench.methods import DEFAULT_METHODS, QUICK_METHODS, check_method, parse_entry
-from meft.bench.report import (
-    edge_warnings,
-    evaluate_targets,
-    grid_table,
-    markdown_table,
-    pct,
-    plot_results,
-    read_results,
-    run_name,
-    select,
-    summary,
-    write_result,
-)
+from meft.bench.report import pct, read_results, run_name, write_report, write_result
 from meft.config import BenchJob
 from meft.console import say
 from meft.data import write_jsonl
 from meft.datasets import drop_known, load_splits
-from meft.errors import DataError
+from meft.errors import DataError, RunDirectoryError
 from meft.evaluate import answered
 from meft.loading import load_model, load_tokenizer, resolve_model, save_plain_copy
 from meft.retention import RetentionProbe
 from meft.serialization import prepare_output
-from meft.sysinfo import environment, pick_device
+from meft.sysinfo import pick_device
 
 __all__ = ["compare"]
 
@@ -58,6 +46,12 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
     run in the output directory); return them."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     bench, run = job.bench, job.run
+    if bench.report_only:  # nothing trains: the tables and plots of the runs already there
+        if bench.output is None or not read_results(Path(bench.output)):
+            raise RunDirectoryError(f"--report-only needs --output DIR holding run files "
+                                    f"(<method>@<lr>.json); {bench.output or 'no --output'} "
+                                    "has none")
+        return {"fresh": [], **write_report(Path(bench.output), command)}
     names = bench.methods or (QUICK_METHODS if bench.quick else DEFAULT_METHODS)
     entries = [parse_entry(m) for m in names]
     for method, _ in entries:
@@ -131,30 +125,6 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
                     f"tok/s, validation EM {pct(result['validation_em'], '%')}, test EM "
                     f"{pct(result['test_em'], '%')}, retention {pct(result['retention'], '%')} -> "
                     f"{path}")
-    results = read_results(output)
-    chosen = select(results)
-    for r in results:  # record the selection in every run file
-        path = output / f"{run_name(r['method'], r['lr'])}.json"
-        path.write_text(json.dumps(r, indent=2) + "\n")
-    rows = summary(chosen)
-    (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    targets = evaluate_targets(chosen)
-    lines = [f"{'PASS' if t['passed'] else 'SKIP' if t['passed'] is None else 'FAIL'} "
-             f"{t['target']}: {t['detail']}" for t in targets]
-    env = environment(device)
-    header = (f"{source.name}, {splits.description}; {bench.steps} steps x "
-              f"{bench.batch_size} examples, seed {job.seed}; {env['cpu']}, {env['threads']} "
-              f"threads, torch {env['torch']}, commit {str(env['git_commit'])[:10]}\n\n"
-              + "".join(f"command: {c}\n" for c in dict.fromkeys(
-                  [*(r["command"] for r in results if r.get("command")), command])).rstrip())
-    warnings = edge_warnings(chosen)
-    text = (f"{header}\n\nEach method at its chosen rate (best validation exact match):\n\n"
-            f"{markdown_table(chosen)}\n\n" + "".join(w + "\n" for w in warnings)
-            + f"\nEvery run (validation EM / test EM, %; bold: chosen):\n\n"
-            f"{grid_table(results)}\n\n" + "\n".join(lines) + "\n")
-    (output / "table.md").write_text(text)
-    plots = plot_results(results, output)
-    print(text)
-    return {"output": str(output), "fresh": fresh, "results": results, "summary": rows,
-            "targets": targets, "plots": [str(p) for p in plots]}
+    report = write_report(output, command)
+    return {"fresh": fresh, **report}
 

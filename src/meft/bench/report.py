@@ -8,7 +8,9 @@ run with the best validation exact match (ties: validation F1, then the lower fi
 loss) as ``selected`` and says whether its rate sits at an end of the grid; test scores take no
 part. ``summary.json`` has one row per method at its selected rate with the fields of
 :data:`SUMMARY_FIELDS`. The tables and plots cover every run file in the directory, so methods
-can be added a few at a time.
+can be added a few at a time (:func:`write_report`, also ``meft bench --report-only``); the
+header names the machine and commit of every run, and warns when step times come from more
+than one kind of CPU (speed compares only within one machine).
 
 ``device_bytes``: on CUDA the peak ``torch.cuda.max_memory_allocated``; elsewhere the bytes a GPU
 would have to hold: frozen base weights, trainable device tensors with their gradients and two
@@ -271,3 +273,54 @@ def evaluate_targets(results: Sequence[dict[str, Any]], neurons: int = 16384
     else:
         add("meft EM >= LoRA (nearest device bytes) + 10 points", None, "needs evaluated runs")
     return out
+
+
+def machines(results: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per (CPU, commit, torch) the runs were made on, with the runs' names."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for r in results:
+        env = r.get("environment") or {}
+        key = (str(env.get("cpu")), str(env.get("threads")), str(env.get("git_commit"))[:7],
+               str(env.get("torch")))
+        groups.setdefault(key, []).append(f"{r['method']}@{r['lr']:g}")
+    return [f"{cpu}, {threads} threads, commit {commit}, torch {torch_}: {', '.join(runs)}"
+            for (cpu, threads, commit, torch_), runs in groups.items()]
+
+
+def write_report(output: Path, command: str | None = None) -> dict[str, Any]:
+    """From every run file in ``output``: mark the selection in each, write summary.json,
+    table.md and the plots; return them. ``command`` joins the runs' own commands in the
+    header (the invocation that wrote the report)."""
+    results = read_results(output)
+    chosen = select(results)
+    for r in results:  # record the selection in every run file
+        path = output / f"{run_name(r['method'], r['lr'])}.json"
+        path.write_text(json.dumps(r, indent=2) + "\n")
+    rows = summary(chosen)
+    (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    targets = evaluate_targets(chosen)
+    lines = [f"{'PASS' if t['passed'] else 'SKIP' if t['passed'] is None else 'FAIL'} "
+             f"{t['target']}: {t['detail']}" for t in targets]
+    first = results[0]
+    tc = first.get("train_config") or {}
+    where = machines(results)
+    cpus = {line.split(",")[0] for line in where}
+    header = (f"{first.get('model')}, {first.get('data')}; {first.get('steps')} steps x "
+              f"{tc.get('batch_size')} examples, seed {tc.get('seed')}\n\n"
+              + "".join(f"command: {c}\n" for c in dict.fromkeys(
+                  [*(r["command"] for r in results if r.get("command")),
+                   *([command] if command else [])]))
+              + "\nRuns made on:\n\n" + "".join(f"- {w}\n" for w in where)).rstrip()
+    if len(cpus) > 1:
+        header += ("\n\nWARNING: these runs come from different CPUs; step times and tokens/s "
+                   "compare only between runs of one CPU")
+    warnings = edge_warnings(chosen)
+    text = (f"{header}\n\nEach method at its chosen rate (best validation exact match):\n\n"
+            f"{markdown_table(chosen)}\n\n" + "".join(w + "\n" for w in warnings)
+            + f"\nEvery run (validation EM / test EM, %; bold: chosen):\n\n"
+            f"{grid_table(results)}\n\n" + "\n".join(lines) + "\n")
+    (output / "table.md").write_text(text)
+    plots = plot_results(results, output)
+    print(text)
+    return {"output": str(output), "results": results, "summary": rows, "targets": targets,
+            "plots": [str(p) for p in plots]}
