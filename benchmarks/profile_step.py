@@ -18,6 +18,7 @@ Run (from the repository root; writes a fresh file, refusing an existing one)::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -42,8 +43,6 @@ TOP = 20
 
 def profile_method(name: str, base: torch.nn.Module, tokenizer: Any, train: list[Any],
                    job: BenchJob, steps: int, profiled: int) -> dict[str, Any]:
-    import copy
-
     method = parse_method(name)
     tconfig = job.train_config(method.default_lr)
     torch.manual_seed(tconfig.seed)

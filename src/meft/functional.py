@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from meft.kernels import sparse_rows
+from meft.kernels import gradient_carrier, sparse_rows
 from meft.routing import check_adapter_args, route
 
 
@@ -78,7 +78,7 @@ class _RowGrads(torch.autograd.Function):
                 sparse: bool) -> Tensor:
         ctx.save_for_backward(uniq)
         ctx.shape, ctx.sparse = table.shape, sparse
-        return table.new_zeros(1, table.shape[1]).expand(uniq.shape[0], table.shape[1])
+        return gradient_carrier(table, uniq.shape[0])
 
     @staticmethod
     @once_differentiable

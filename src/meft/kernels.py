@@ -29,8 +29,8 @@ Rows read in place. Where the tables already sit on the compute device in its dt
 run with fp32 tables), gathering ku and vu is a copy of 2*U*d numbers that only feeds the
 kernels above, and each of them indexes rows anyway: ``sparse_rows(..., tables=(keys, values),
 ids=ids)`` reads keys[ids] and values[ids] directly, ids (T, K) being the global rows, and ku,
-vu serve only as the (U, d) leaves that receive the gradients (any (U, d) tensor, e.g. a
-zero-stride expand; their values are never read). The same rows enter the same products in
+vu serve only as the (U, d) leaves that receive the gradients (:func:`gradient_carrier`:
+zeros of stride 0, never read). The same rows enter the same products in
 the same order, so outputs and gradients are bitwise those of the staged path (tested).
 """
 
@@ -146,6 +146,12 @@ class _SparseRows(torch.autograd.Function):
             if need_k:
                 dku = bag_sum_transposed(pattern, x, da)
         return dx, dgsel, dku, dvu, None, None, None, None
+
+
+def gradient_carrier(like: Tensor, n_rows: int) -> Tensor:
+    """An (n_rows, d) stand-in for staged rows read in place: zeros of ``like``'s dtype and
+    device with stride 0 (no memory), only there to receive the rows' (U, d) gradient."""
+    return like.new_zeros(1, like.shape[-1]).expand(n_rows, like.shape[-1])
 
 
 def sparse_rows(x: Tensor, gsel: Tensor | None, ku: Tensor, vu: Tensor, local: Tensor, *,

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from meft.kernels import sparse_rows
+from meft.kernels import gradient_carrier, sparse_rows
 from meft.routing import check_routing_sizes, probe, router_init, select
 from meft.store import HostStore, RowSparseGrad
 
@@ -187,7 +187,7 @@ class OffloadedSparseAdapter(nn.Module):
         if tables is None:
             ku, vu = self._fetch(uniq, x.dtype)  # (U, d) each, on the compute device
         else:  # read in place by the kernels; ku, vu only receive the (U, d) gradients
-            ku, vu = (x.new_zeros(1, d).expand(uniq.shape[0], d) for _ in range(2))
+            ku, vu = gradient_carrier(x2, uniq.shape[0]), gradient_carrier(x2, uniq.shape[0])
         uniq_dev = uniq.to(self.device)
         local_dev = local.to(self.device)
         stats.stage_s += time.perf_counter() - routed

@@ -276,7 +276,7 @@ def evaluate_targets(results: Sequence[dict[str, Any]], neurons: int = 16384
 
 
 def machines(results: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per (CPU, commit, torch) the runs were made on, with the runs' names."""
+    """One line per (CPU, threads, commit, torch) the runs were made on, with their names."""
     groups: dict[tuple[str, ...], list[str]] = {}
     for r in results:
         env = r.get("environment") or {}
@@ -301,10 +301,10 @@ def write_report(output: Path, command: str | None = None) -> dict[str, Any]:
     targets = evaluate_targets(chosen)
     lines = [f"{'PASS' if t['passed'] else 'SKIP' if t['passed'] is None else 'FAIL'} "
              f"{t['target']}: {t['detail']}" for t in targets]
-    first = results[0]
+    first = results[0] if results else {}  # none: every method failed, nothing before
     tc = first.get("train_config") or {}
     where = machines(results)
-    cpus = {line.split(",")[0] for line in where}
+    cpus = {(r.get("environment") or {}).get("cpu") for r in results}
     header = (f"{first.get('model')}, {first.get('data')}; {first.get('steps')} steps x "
               f"{tc.get('batch_size')} examples, seed {tc.get('seed')}\n\n"
               + "".join(f"command: {c}\n" for c in dict.fromkeys(
