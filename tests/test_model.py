@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -134,6 +135,52 @@ def test_subset_of_layers_and_generate() -> None:
     assert out.shape == (1, 9)
     with pytest.raises(ConfigError, match="out of range"):
         get_meft_model(tiny("qwen2", layers=2), config(layers=[5]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padding_is_not_routed(arch: str) -> None:
+    """A padded batch gives each sequence the logits it gets alone, routes only its real
+    tokens (the byte counters see no padding) and the adapter adds nothing at padded
+    positions; the mask may also come positionally."""
+    model = get_meft_model(tiny(arch), config())
+    perturb(model)
+    lengths = [12, 7]
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    hidden: list[torch.Tensor] = []
+    handle = model.adapters["1"].register_forward_hook(lambda m, a, out: hidden.append(out))
+    with torch.no_grad():
+        batched = model(input_ids=IDS, attention_mask=mask).logits
+        assert sum(s.stats.tokens for s in model.stores) == 3 * sum(lengths)
+        assert torch.equal(hidden[0][1, 7:], torch.zeros_like(hidden[0][1, 7:]))
+        assert hidden[0][1, :7].abs().sum() > 0
+        names = list(inspect.signature(model.base_model.forward).parameters)
+        before = [None] * (names.index("attention_mask") - 1)
+        positional = model.base_model(IDS, *before, mask).logits
+        for b, n in enumerate(lengths):
+            alone = model(input_ids=IDS[b:b + 1, :n]).logits[0]
+            torch.testing.assert_close(batched[b, :n], alone, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    torch.testing.assert_close(positional, batched, rtol=0, atol=0)
+    assert model.tokens.mask is None  # only while a call is in progress
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone() -> None:
+    """Generation with a KV cache: each step's new tokens are the mask's last columns."""
+    model = get_meft_model(tiny("llama"), config())
+    perturb(model)
+    prompts = [IDS[0, :8], IDS[1, :5]]
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, 8 - len(p):], mask[b, 8 - len(p):] = p, 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         pad_token_id=0)
+    for b, p in enumerate(prompts):
+        alone = model.generate(input_ids=p[None], max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)
+        assert torch.equal(out[b, 8:], alone[0, len(p):])
 
 
 def test_adapter_for_another_model_is_refused(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ eval``) or into any other number of processes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -40,7 +41,7 @@ from meft.config import CONFIG_NAME, MeftConfig
 from meft.disk import DiskArrays
 from meft.distributed import DataParallel, ShardedSparseAdapter
 from meft.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
-from meft.offload import OffloadedSparseAdapter
+from meft.offload import OffloadedSparseAdapter, TokenMask
 from meft.routing import router_init
 from meft.serialization import (
     RowSelector,
@@ -123,6 +124,29 @@ def attach_beside_mlp(block: nn.Module, adapter: nn.Module,
     return mlp.register_forward_hook(hook, with_kwargs=True)
 
 
+def watch_attention_mask(model: nn.Module, tokens: TokenMask
+                         ) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that hand each call's ``attention_mask`` (keyword or positional) to ``tokens``
+    for the call's duration, so the adapters route real tokens only."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    position = names.index("attention_mask") if "attention_mask" in names else None
+
+    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and position is not None and len(args) > position:
+            mask = args[position]
+        tokens.set(mask)
+
+    def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        tokens.set(None)
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, always_call=True)]
+
+
 def hidden_size_of(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     size = getattr(config, "hidden_size", None)
@@ -177,6 +201,7 @@ class MeftModel(nn.Module):
             p.requires_grad_(False)
 
         self.adapters = nn.ModuleDict()
+        self.tokens = TokenMask()  # the padding of the call in progress: never routed
         self._enabled = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.arrays = arrays  # the disk store of the tables and their moments, if any
@@ -216,8 +241,10 @@ class MeftModel(nn.Module):
                 adapter = ShardedSparseAdapter(store, plan=plan, comm=parallel.comm, **kwargs)
             else:
                 adapter = OffloadedSparseAdapter(store, n_experts=config.n_experts, **kwargs)
+            adapter.tokens = self.tokens
             self.adapters[str(i)] = adapter
             self._handles.append(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
+        self._handles.extend(watch_attention_mask(base_model, self.tokens))
         if fresh:
             assert arrays is not None
             arrays.index["initialized"] = True

@@ -20,6 +20,14 @@ the compute dtype nothing is staged: the kernels read the rows of U in the table
 (:func:`meft.kernels.sparse_rows` with ``tables``), bitwise the same result; with compact
 tables (bf16) the rows are converted into the reused buffer. Every byte the real system moves
 is counted in ``store.stats`` even where the "copy" is free.
+
+Padding is never routed. :class:`TokenMask` holds the attention mask of the model call in
+progress (set by :class:`~meft.model.MeftModel` from the ``attention_mask`` argument); the
+adapter routes only the real tokens of x and returns 0 at padded positions. Padding tokens
+therefore choose no rows, move no bytes and leave no (zero) gradient rows behind, so the lazy
+AdamW never gives a row a momentum-only step because a pad chose it, and training is the same
+however examples are padded into micro-batches. Without a mask (a direct call, packed inputs)
+every token is routed.
 """
 
 from __future__ import annotations
@@ -41,9 +49,32 @@ class Counter(Protocol):
     """Receives each forward's chosen ids (T, K) and host inputs (T, d)
     (:class:`meft.retain.AccessCounter`)."""
 
-    def add(self, ids: Tensor, x: Tensor) -> None: ...
+    def add(self, ids: Tensor, x: Tensor, keep: Tensor | None) -> None: ...
 
 _HOST = torch.device("cpu")
+
+
+class TokenMask:
+    """The attention mask (B, L) of the model call in progress, shared by a model's adapters.
+
+    :meth:`rows` maps it onto one adapter input (B, S, d): the last S columns (with a KV cache
+    the new tokens come last), flattened to (T,) = (B*S,) bool; None (route every token)
+    when no mask is set, it does not match the input's shape, or no token is padding."""
+
+    def __init__(self) -> None:
+        self.mask: Tensor | None = None  # (B, L) bool
+
+    def set(self, mask: object) -> None:
+        self.mask = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+    def rows(self, shape: torch.Size) -> Tensor | None:
+        """(T,) bool over the tokens of an input of leading shape (B, S), or None: all real."""
+        mask = self.mask
+        if mask is None or len(shape) != 2 or mask.shape[0] != shape[0] \
+                or mask.shape[1] < shape[1]:
+            return None
+        keep = mask[:, mask.shape[1] - shape[1]:].reshape(-1)  # (T,)
+        return None if bool(keep.all()) else keep
 
 
 class _StagingPool:
@@ -137,6 +168,7 @@ class OffloadedSparseAdapter(nn.Module):
         self.router = nn.Parameter(router.to(self.device, dtype))
         self._staging = _StagingPool(pinned=self.device.type == "cuda")
         self.counter: Counter | None = None  # set while protection counts accesses
+        self.tokens: TokenMask | None = None  # the model call's padding, set by MeftModel
         # on CPU, kernels read rows in the tables (False: always stage, the reference path)
         self.read_in_place = True
 
@@ -168,10 +200,21 @@ class OffloadedSparseAdapter(nn.Module):
         d = self.store.dim
         if x.shape[-1] != d:
             raise ValueError(f"adapter input must have last dimension {d}, got {tuple(x.shape)}")
-        stats = self.store.stats
+        keep = self.tokens.rows(x.shape[:-1]) if self.tokens is not None else None
+        if keep is None:
+            return self._adapt(x.reshape(-1, d), None).reshape(x.shape)
         x2 = x.reshape(-1, d)  # (T, d)
+        real = keep.to(x.device).nonzero().squeeze(1)  # (T',) positions of real tokens
+        y = self._adapt(x2.index_select(0, real), keep)  # (T', d)
+        return x2.new_zeros(x2.shape).index_copy(0, real, y.to(x2.dtype)).reshape(x.shape)
+
+    def _adapt(self, x2: Tensor, keep: Tensor | None) -> Tensor:
+        """y (T, d) for the tokens x2 (T, d) to route; ``keep`` (T_all,) which of the call's
+        tokens they are (None: all), for the access counter."""
+        d = self.store.dim
+        stats = self.store.stats
         t = x2.shape[0]
-        g = x2 @ self.router.to(x.dtype).T  # (T, E)
+        g = x2 @ self.router.to(x2.dtype).T  # (T, E)
         probe_scores, probe_ids = probe(g.detach(), self.n_probe)  # (T, P) each
 
         start = time.perf_counter()
@@ -179,13 +222,13 @@ class OffloadedSparseAdapter(nn.Module):
         ids = self._route(x_host, probe_scores.to(_HOST, self.store.keys.dtype),
                           probe_ids.to(_HOST))  # (T, K) on host
         if self.counter is not None:
-            self.counter.add(ids, x_host)
+            self.counter.add(ids, x_host, keep)
         uniq, local = torch.unique(ids, return_inverse=True)  # (U,), (T, K)
         routed = time.perf_counter()
 
-        tables = self._tables_in_place(x.dtype)
+        tables = self._tables_in_place(x2.dtype)
         if tables is None:
-            ku, vu = self._fetch(uniq, x.dtype)  # (U, d) each, on the compute device
+            ku, vu = self._fetch(uniq, x2.dtype)  # (U, d) each, on the compute device
         else:  # read in place by the kernels; ku, vu only receive the (U, d) gradients
             ku, vu = gradient_carrier(x2, uniq.shape[0]), gradient_carrier(x2, uniq.shape[0])
         uniq_dev = uniq.to(self.device)
@@ -194,7 +237,7 @@ class OffloadedSparseAdapter(nn.Module):
         stats.route_s += routed - start
 
         u = uniq.shape[0]
-        item = x.element_size()
+        item = x2.element_size()
         stats.forwards += 1
         stats.tokens += t
         stats.union_rows += u
@@ -213,9 +256,8 @@ class OffloadedSparseAdapter(nn.Module):
 
         b = self.n_neurons // self.n_experts
         gsel = g.gather(1, uniq_dev[local_dev] // b) if self.gate == "product" else None
-        y = sparse_rows(x2, gsel, ku, vu, local_dev, tables=tables,
-                        ids=None if tables is None else ids)
-        return y.reshape(x.shape)
+        return sparse_rows(x2, gsel, ku, vu, local_dev, tables=tables,
+                           ids=None if tables is None else ids)
 
     # The three steps a sharded adapter (meft.distributed) does across ranks instead.
     def _route(self, x: Tensor, probe_scores: Tensor, probe_ids: Tensor) -> Tensor:

@@ -92,20 +92,27 @@ class AccessCounter:
         self.capture: Tensor | None = None  # (T,) bool: keep these tokens' inputs
         self.captured: list[Tensor] = []  # kept inputs, (T_i, d) each
 
-    def add(self, ids: Tensor, x: Tensor) -> None:
-        """One forward's chosen ids (T, K) and its inputs x (T, d) on the host."""
+    def add(self, ids: Tensor, x: Tensor, keep: Tensor | None = None) -> None:
+        """One forward's chosen ids (T', K) and inputs x (T', d) on the host, for the tokens
+        ``keep`` (T,) bool of the call (the adapter routes real tokens only; None: all T)."""
         if self.docs is None:
             return
-        if self.docs.shape[0] != ids.shape[0]:
+        docs, capture = self.docs, self.capture
+        if keep is not None:
+            keep = keep.cpu()
+            if keep.shape[0] == docs.shape[0]:
+                docs = docs[keep]
+                capture = capture[keep] if capture is not None else None
+        if docs.shape[0] != ids.shape[0]:
             raise ValueError(f"access counter: {ids.shape[0]} tokens routed, "
-                             f"{self.docs.shape[0]} in the mask")
-        if self.capture is not None:
-            self.captured.append(x[self.capture].float().clone())
-        valid = self.docs >= 0  # (T,)
-        chosen = ids[valid]  # (T', K)
+                             f"{docs.shape[0]} in the mask")
+        if capture is not None:
+            self.captured.append(x[capture].float().clone())
+        valid = docs >= 0  # (T',)
+        chosen = ids[valid]  # (T'', K)
         self.counts += torch.bincount(chosen.reshape(-1), minlength=self.n)
         if self.track_docs:
-            pairs = self.docs[valid].unsqueeze(1) * self.n + chosen  # (T', K)
+            pairs = docs[valid].unsqueeze(1) * self.n + chosen  # (T'', K)
             self.df += torch.bincount(torch.unique(pairs) % self.n, minlength=self.n)
 
     def reset(self) -> None:
