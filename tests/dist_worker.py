@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from helpers import meft_config, tiny
 from meft.config import TrainConfig
@@ -92,6 +93,8 @@ def main() -> int:
     except UserError as err:
         print(f"meft: error: {err}", file=sys.stderr)
         return 2
+    if dist.is_initialized():  # as meft train does: gloo's threads exiting live can abort
+        dist.destroy_process_group()
     return 0
 
 

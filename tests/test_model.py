@@ -166,6 +166,29 @@ def test_padding_is_not_routed(arch: str) -> None:
     assert model.tokens.mask is None  # only while a call is in progress
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_padding_under_gradient_checkpointing(reentrant: bool) -> None:
+    """Blocks recomputed in backward route the tokens their forward routed: gradients (host
+    rows and routers) equal those without checkpointing."""
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    grads = []
+    for checkpointing in (False, True):
+        base = tiny("llama")
+        if checkpointing:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        base.train()
+        model = get_meft_model(base, config())
+        perturb(model)
+        out = model(input_ids=IDS, attention_mask=mask).logits
+        (out[:, :-1].logsumexp(-1) * mask[:, :-1]).sum().backward()
+        grads.append([t.grad.to_dense() for s in model.stores for t in s.tables]
+                     + [r.grad for r in model.router_parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_left_padded_batch_generates_what_each_prompt_generates_alone() -> None:
     """Generation with a KV cache: each step's new tokens are the mask's last columns."""
     model = get_meft_model(tiny("llama"), config())

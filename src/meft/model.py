@@ -147,6 +147,18 @@ def watch_attention_mask(model: nn.Module, tokens: TokenMask
             model.register_forward_hook(after, always_call=True)]
 
 
+def pass_real_tokens(block: nn.Module, index: int, adapter: OffloadedSparseAdapter,
+                     tokens: TokenMask) -> torch.utils.hooks.RemovableHandle:
+    """Before each call of ``block``, tell ``adapter`` which of its tokens are real."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        adapter.keep = (tokens.for_block(index, hidden)
+                        if isinstance(hidden, Tensor) and hidden.dim() == 3 else None)
+
+    return block.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def hidden_size_of(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     size = getattr(config, "hidden_size", None)
@@ -241,9 +253,9 @@ class MeftModel(nn.Module):
                 adapter = ShardedSparseAdapter(store, plan=plan, comm=parallel.comm, **kwargs)
             else:
                 adapter = OffloadedSparseAdapter(store, n_experts=config.n_experts, **kwargs)
-            adapter.tokens = self.tokens
             self.adapters[str(i)] = adapter
             self._handles.append(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
+            self._handles.append(pass_real_tokens(blocks[i], i, adapter, self.tokens))
         self._handles.extend(watch_attention_mask(base_model, self.tokens))
         if fresh:
             assert arrays is not None

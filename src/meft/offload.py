@@ -22,18 +22,20 @@ tables (bf16) the rows are converted into the reused buffer. Every byte the real
 is counted in ``store.stats`` even where the "copy" is free.
 
 Padding is never routed. :class:`TokenMask` holds the attention mask of the model call in
-progress (set by :class:`~meft.model.MeftModel` from the ``attention_mask`` argument); the
-adapter routes only the real tokens of x and returns 0 at padded positions. Padding tokens
-therefore choose no rows, move no bytes and leave no (zero) gradient rows behind, so the lazy
-AdamW never gives a row a momentum-only step because a pad chose it, and training is the same
-however examples are padded into micro-batches. Without a mask (a direct call, packed inputs)
-every token is routed.
+progress (set by :class:`~meft.model.MeftModel` from the ``attention_mask`` argument), and a
+pre-hook on each decoder block hands the adapter its real tokens as ``keep`` (also when
+gradient checkpointing recomputes the block in backward). The adapter routes only those and
+returns 0 at padded positions. Padding therefore chooses no rows, moves no bytes and leaves no
+(zero) gradient rows behind, so the lazy AdamW never gives a row a momentum-only step because
+a pad chose it, and training is the same however examples are padded into micro-batches.
+Without a mask (a direct call, packed inputs) every token is routed.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -57,12 +59,18 @@ _HOST = torch.device("cpu")
 class TokenMask:
     """The attention mask (B, L) of the model call in progress, shared by a model's adapters.
 
-    :meth:`rows` maps it onto one adapter input (B, S, d): the last S columns (with a KV cache
-    the new tokens come last), flattened to (T,) = (B*S,) bool; None (route every token)
-    when no mask is set, it does not match the input's shape, or no token is padding."""
+    :meth:`for_block` maps it onto one decoder block's input (B, S, d): the last S columns
+    (with a KV cache the new tokens come last), flattened to (T,) = (B*S,) bool; None (route
+    every token) when no mask is set, it does not match the input's shape, or no token is
+    padding. Gradient checkpointing recomputes a block during backward, after the call has
+    ended: the block's input is then the same tensor (or a detached view of its storage), so
+    the decision made in the forward is remembered by input storage and shape, and reused."""
+
+    REMEMBERED = 16  # decisions kept per block (one per forward whose graph may be alive)
 
     def __init__(self) -> None:
         self.mask: Tensor | None = None  # (B, L) bool
+        self._seen: dict[int, OrderedDict[tuple[int, tuple[int, ...]], Tensor | None]] = {}
 
     def set(self, mask: object) -> None:
         self.mask = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
@@ -75,6 +83,20 @@ class TokenMask:
             return None
         keep = mask[:, mask.shape[1] - shape[1]:].reshape(-1)  # (T,)
         return None if bool(keep.all()) else keep
+
+    def for_block(self, block: int, hidden: Tensor) -> Tensor | None:
+        """The real tokens of a call of decoder block ``block`` on ``hidden`` (B, S, d)."""
+        seen = self._seen.setdefault(block, OrderedDict())
+        key = (hidden.untyped_storage().data_ptr()
+               + int(hidden.storage_offset()) * hidden.element_size(), tuple(hidden.shape))
+        if self.mask is None:  # a recomputation in backward, or a call without a mask
+            return seen.get(key)
+        keep = self.rows(hidden.shape[:-1])
+        seen[key] = keep
+        seen.move_to_end(key)
+        while len(seen) > self.REMEMBERED:
+            seen.popitem(last=False)
+        return keep
 
 
 class _StagingPool:
@@ -168,7 +190,7 @@ class OffloadedSparseAdapter(nn.Module):
         self.router = nn.Parameter(router.to(self.device, dtype))
         self._staging = _StagingPool(pinned=self.device.type == "cuda")
         self.counter: Counter | None = None  # set while protection counts accesses
-        self.tokens: TokenMask | None = None  # the model call's padding, set by MeftModel
+        self.keep: Tensor | None = None  # (T,) real tokens of the block call, set by MeftModel
         # on CPU, kernels read rows in the tables (False: always stage, the reference path)
         self.read_in_place = True
 
@@ -200,10 +222,10 @@ class OffloadedSparseAdapter(nn.Module):
         d = self.store.dim
         if x.shape[-1] != d:
             raise ValueError(f"adapter input must have last dimension {d}, got {tuple(x.shape)}")
-        keep = self.tokens.rows(x.shape[:-1]) if self.tokens is not None else None
-        if keep is None:
-            return self._adapt(x.reshape(-1, d), None).reshape(x.shape)
         x2 = x.reshape(-1, d)  # (T, d)
+        keep = self.keep
+        if keep is None or keep.shape[0] != x2.shape[0]:
+            return self._adapt(x2, None).reshape(x.shape)
         real = keep.to(x.device).nonzero().squeeze(1)  # (T',) positions of real tokens
         y = self._adapt(x2.index_select(0, real), keep)  # (T', d)
         return x2.new_zeros(x2.shape).index_copy(0, real, y.to(x2.dtype)).reshape(x.shape)
