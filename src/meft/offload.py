@@ -66,7 +66,7 @@ class TokenMask:
     ended: the block's input is then the same tensor (or a detached view of its storage), so
     the decision made in the forward is remembered by input storage and shape, and reused."""
 
-    REMEMBERED = 16  # decisions kept per block (one per forward whose graph may be alive)
+    REMEMBERED = 256  # decisions kept per block: forwards whose graphs may still be alive
 
     def __init__(self) -> None:
         self.mask: Tensor | None = None  # (B, L) bool
