@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers import meft_config as config
@@ -29,11 +28,7 @@ def batch(seed: int = 0) -> dict[str, Tensor]:
 
 def reference(model: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, int]:
     """Every position's logits, then the labelled ones: the specification."""
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    labels = b["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                           labels.reshape(-1), ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+    return token_loss_sum(model, b, every_position=True)
 
 
 class Positions4x(nn.Module):

@@ -20,6 +20,7 @@ from meft.model import (
     find_decoder_layers,
     get_meft_model,
 )
+from meft.offload import TokenMask
 from meft.optim import RowSparseAdamW
 from meft.serialization import SerializationError
 
@@ -164,6 +165,42 @@ def test_padding_is_not_routed(arch: str) -> None:
     handle.remove()
     torch.testing.assert_close(positional, batched, rtol=0, atol=0)
     assert model.tokens.mask is None  # only while a call is in progress
+
+
+def test_a_call_without_mask_after_a_padded_call_routes_every_token() -> None:
+    """Block inputs reuse freed memory: a later call without a mask must not take an earlier
+    padded call's decision for an input that happens to sit at the same address."""
+    model = get_meft_model(tiny("llama"), config())
+    perturb(model)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+        for _ in range(4):
+            model(input_ids=IDS, attention_mask=mask)
+            for s in model.stores:
+                s.stats.reset()
+            assert torch.equal(model(input_ids=IDS).logits, want)
+            assert sum(s.stats.tokens for s in model.stores) == 3 * IDS.numel()
+
+
+def test_token_mask_serves_a_recomputed_block_its_forward_decision() -> None:
+    """Where checkpointing reruns a block's hooks in backward (transformers 4.x checkpoints
+    ``__call__``), the block's input is the forward's tensor or a detached view of it."""
+    tokens = TokenMask()
+    hidden = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    tokens.begin(mask)
+    keep = tokens.for_block(0, hidden)
+    assert keep is not None and keep.tolist() == mask.reshape(-1).bool().tolist()
+    assert tokens.for_block(1, torch.randn(2, 5, 4)) is not None
+    tokens.end()
+    assert tokens.for_block(0, hidden.detach()) is keep  # the recomputation
+    assert tokens.for_block(0, torch.randn(2, 5, 4)) is None  # another input
+    assert tokens.for_block(2, hidden) is None  # another block
+    tokens.begin(None)  # a later call without a mask, perhaps at the same address
+    assert tokens.for_block(0, hidden) is None
+    tokens.end()
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

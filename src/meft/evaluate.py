@@ -73,20 +73,22 @@ def answer_loss(model: Any, encoded: Sequence[Encoded], pad_id: int, *,
     return total / count if count else math.nan
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], *,
+                   every_position: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and their number.
 
     Logits are computed only where the next token is labelled (the answer, ~10% of the
     positions of a question-answer batch), through transformers' ``logits_to_keep``: the
     vocabulary projection, its log-softmax and their backward were ~20% of a LoRA step at
     every position. The loss and gradients are the full computation's (unlabelled positions
-    had zero gradient); models without the argument compute every position."""
+    had zero gradient); models without the argument compute every position, as
+    ``every_position=True`` does for any model (the specification the tests compare to)."""
     device = _input_device(model)
     inputs = {"input_ids": batch["input_ids"].to(device),
               "attention_mask": batch["attention_mask"].to(device)}
     target = batch["labels"].to(device)[:, 1:]  # (B, L-1): position p predicts token p+1
     need = target != -100  # (B, L-1)
-    how = _logits_to_keep(model)
+    how = None if every_position else _logits_to_keep(model)
     if how == "mask":  # exactly the labelled positions, flattened: (M, V)
         logits = model(**inputs, logits_to_keep=F.pad(need, (0, 1))).logits
         labels = target[need]

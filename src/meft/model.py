@@ -138,10 +138,10 @@ def watch_attention_mask(model: nn.Module, tokens: TokenMask
         mask = kwargs.get("attention_mask")
         if mask is None and position is not None and len(args) > position:
             mask = args[position]
-        tokens.set(mask)
+        tokens.begin(mask)
 
     def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        tokens.set(None)
+        tokens.end()
 
     return [model.register_forward_pre_hook(before, with_kwargs=True),
             model.register_forward_hook(after, always_call=True)]
@@ -149,7 +149,9 @@ def watch_attention_mask(model: nn.Module, tokens: TokenMask
 
 def pass_real_tokens(block: nn.Module, index: int, adapter: OffloadedSparseAdapter,
                      tokens: TokenMask) -> torch.utils.hooks.RemovableHandle:
-    """Before each call of ``block``, tell ``adapter`` which of its tokens are real."""
+    """Before each call of ``block``, tell ``adapter`` which of its tokens are real. The
+    decision stays until the block's next call: transformers 5 checkpoints a layer's
+    ``forward`` without its hooks, and the recomputation in backward must see it."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")

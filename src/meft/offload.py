@@ -63,17 +63,25 @@ class TokenMask:
     (with a KV cache the new tokens come last), flattened to (T,) = (B*S,) bool; None (route
     every token) when no mask is set, it does not match the input's shape, or no token is
     padding. Gradient checkpointing recomputes a block during backward, after the call has
-    ended: the block's input is then the same tensor (or a detached view of its storage), so
-    the decision made in the forward is remembered by input storage and shape, and reused."""
+    ended. Where the recomputation runs the block's hooks (checkpointing ``__call__``), the
+    block's input is the same tensor (or a detached view of its storage), so the decision
+    made in the forward is remembered by input storage and shape, and reused; where it does
+    not (transformers 5 checkpoints ``forward``), the adapter keeps its last decision."""
 
     REMEMBERED = 256  # decisions kept per block: forwards whose graphs may still be alive
 
     def __init__(self) -> None:
         self.mask: Tensor | None = None  # (B, L) bool
+        self.calling = False  # a model call is in progress (with or without a mask)
         self._seen: dict[int, OrderedDict[tuple[int, tuple[int, ...]], Tensor | None]] = {}
 
-    def set(self, mask: object) -> None:
+    def begin(self, mask: object) -> None:
+        """A model call starts, with ``mask`` (None or not (B, L): every token is real)."""
         self.mask = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        self.calling = True
+
+    def end(self) -> None:
+        self.mask, self.calling = None, False
 
     def rows(self, shape: torch.Size) -> Tensor | None:
         """(T,) bool over the tokens of an input of leading shape (B, S), or None: all real."""
@@ -89,7 +97,7 @@ class TokenMask:
         seen = self._seen.setdefault(block, OrderedDict())
         key = (hidden.untyped_storage().data_ptr()
                + int(hidden.storage_offset()) * hidden.element_size(), tuple(hidden.shape))
-        if self.mask is None:  # a recomputation in backward, or a call without a mask
+        if not self.calling:  # a recomputation in backward (or a direct call of the block)
             return seen.get(key)
         keep = self.rows(hidden.shape[:-1])
         seen[key] = keep
