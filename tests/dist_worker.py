@@ -70,6 +70,8 @@ def run(out: Path, *, steps: int = 4, batch: int = 6, micro: int | None = 2,
         "rows": list(model.shard_plan.rows) if model.shard_plan is not None else None,
         "routers": [r.detach().sum().item() for r in model.router_parameters()],
     }))
+    if parallel is not None:  # as meft train does: barrier, then the group goes
+        parallel.close()
     return trainer
 
 
@@ -93,7 +95,7 @@ def main() -> int:
     except UserError as err:
         print(f"meft: error: {err}", file=sys.stderr)
         return 2
-    if dist.is_initialized():  # as meft train does: gloo's threads exiting live can abort
+    if dist.is_initialized():  # a run that stopped early; gloo's threads exiting live can abort
         dist.destroy_process_group()
     return 0
 

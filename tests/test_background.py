@@ -9,21 +9,40 @@ import pytest
 import torch
 
 from helpers import TINY, tiny_for
-from meft.background import background_prompts, fingerprint, load_background, model_background
+from meft.background import (
+    background_prompts,
+    fingerprint,
+    general_prompts,
+    load_background,
+    model_background,
+)
 from meft.cli import main
 from meft.general import GENERAL_TEXT, general_questions
+from meft.retain import REPLAY_TOKENS
 
 
 def test_prompts_are_many_and_share_nothing_with_the_probe() -> None:
+    from meft import general
+    from meft.background import COUNTRIES, MORE_ELEMENTS, MORE_WORDS, SPOKEN_IN
+
     prompts = background_prompts()
-    assert len(prompts) == len(set(prompts)) == 320
+    questions = general_prompts()
+    assert len(prompts) == len(set(prompts)) == 480 + len(questions)
+    assert len(questions) == 192 and prompts[480:] == questions
     probe = {s.messages[0]["content"] for s in general_questions()}
     assert not probe & set(prompts)
-    words = {w.strip(".,?").lower() for p in prompts for w in p.split()}
+    # the topic prompts share no word with the probe's domains or its general text
+    words = {w.strip(".,?").lower() for p in prompts[:480] for w in p.split()}
     for held_out in ("capital", "symbol", "plus", "times", "opposite", "photosynthesis",
-                     "printing", "heart", "planet"):
+                     "printing", "heart", "planet", "bees", "river"):
         assert held_out not in words
         assert held_out in " ".join([*probe, GENERAL_TEXT]).lower()
+    # the general questions ask about no country, element or word the probe asks about
+    asked = {c for c, _ in general.CAPITALS} | {c for c, _ in general.LANGUAGES}
+    assert not asked & (set(COUNTRIES) | set(SPOKEN_IN))
+    assert not {e for e, _ in general.ELEMENTS} & set(MORE_ELEMENTS)
+    opposites = {w for a, b in general.OPPOSITES for w in (a, *b.split("|"))}
+    assert not opposites & set(MORE_WORDS)
 
 
 def test_the_model_background_is_generated_once_and_cached(
@@ -33,7 +52,7 @@ def test_the_model_background_is_generated_once_and_cached(
     first = model_background(model, tokenizer, progress=False)
     cached = list(tmp_path.glob("background-*.jsonl"))
     assert len(cached) == 1 and fingerprint(model, tokenizer) in cached[0].name
-    assert len(first) == 320 and all(s.kind == "prompt" and s.answers[0] for s in first)
+    assert len(first) == 672 and all(s.kind == "prompt" and s.answers[0] for s in first)
     assert [s.messages[0]["content"] for s in first] == background_prompts()
     import meft.background as bg
 
@@ -57,14 +76,17 @@ def test_train_with_protection_records_it_and_resumes_bitwise(
     flags = ["--model", str(model_dir), "--data", str(data_file), "--steps", "4",
              "--batch-size", "4", "--lr", "1e-2", "--max-new-tokens", "3", "--no-progress",
              "--no-eval-before", "--no-retention", "--no-plots", "--retain", "on",
-             "--retain-rows", "3", "--retain-score", "kl", *TINY]
+             "--retain-rows", "3", "--retain-score", "kl", "--retain-replay", "2", *TINY]
     assert main(["train", *flags, "--output", str(tmp_path / "whole")]) == 0
     err = capsys.readouterr().err
-    assert "background: the base model's answers to 320 shipped prompts" in err
-    assert "forgetting protection: kl over 320 background documents, top 3 rows" in err
+    assert "background: the base model's answers to 672 shipped prompts" in err
+    assert "forgetting protection: kl over 672 background documents, top 3 rows" in err
     metrics = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text()
                .splitlines()]
     assert all(r["retained_rows_per_layer"] == [3, 3] for r in metrics)
+    # distilled replay: nothing to hold before the first update, then the model has moved
+    assert abs(metrics[0]["retain_replay_loss"]) < 1e-5
+    assert all(r["retain_replay_loss"] > 0 for r in metrics[1:])  # resumed alike
     assert main(["train", *flags, "--output", str(tmp_path / "half"), "--stop-after",
                  "2"]) == 0
     assert main(["train", "--resume", str(tmp_path / "half"), "--no-progress"]) == 0
@@ -73,9 +95,17 @@ def test_train_with_protection_records_it_and_resumes_bitwise(
     a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "half" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the replayed examples ride in the checkpoint, each cut after its first answer tokens
+    saved = [load_file(f) for f in (tmp_path / "half").rglob("*.safetensors")]
+    replay = [t for t in saved if "retain.replay.labels" in t]
+    assert replay
+    labels = replay[0]["retain.replay.labels"].split(replay[0]["retain.replay.lengths"].tolist())
+    targets = [int((x[1:] != -100).sum()) for x in labels]
+    assert len(targets) == 672 and 0 < max(targets) <= REPLAY_TOKENS
     run = json.loads((tmp_path / "whole" / "run.json").read_text())
     assert run["config"]["train"]["retain"] == "on"
     assert run["config"]["train"]["retain_rows"] == 3
+    assert run["config"]["train"]["retain_replay"] == 2
 
 
 def test_train_from_a_saved_adapter_keeps_its_rows_under_protection(

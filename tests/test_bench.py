@@ -36,7 +36,10 @@ def test_parse_method() -> None:
         parse_method("meft:64+retain:lots")
     assert parse_method("meft:64+retain:hub0.5:pen2").retain_overrides() == {
         "retain_hubs": 0.5, "retain_penalty": 2.0}
-    for bad in ("hub0", "hubx", "pen-1"):
+    assert parse_method("meft:64+retain:all:frozen:rep4:answers").retain_overrides() == {
+        "retain_rows": 0, "retain_router": "frozen", "retain_replay": 4,
+        "retain_replay_target": "answers"}
+    for bad in ("hub0", "hubx", "pen-1", "rep1.5", "rep-2", "repx"):
         with pytest.raises(ConfigError, match="unknown protection setting"):
             parse_method(f"meft:64+retain:{bad}")
     compact = parse_method("meft:64:bf16:8bit+retain:kl")
@@ -171,18 +174,19 @@ def test_eval_every_records_the_validation_curve_without_changing_training(token
 @pytest.mark.slow
 def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """Two methods, JSON per run, summary and table; meft:64's losses are meft train's."""
+    """Three methods, JSON per run, summary and table; meft:64's losses are those of meft
+    train --retain off, meft:64+retain's those of meft train's default protection."""
     common = ["--model", str(model_dir), "--steps", "3", "--batch-size", "4", "--top-k", "4",
               "--experts", "8", "--probe", "2", "--no-progress"]
     out = tmp_path / "bench"
-    assert main(["bench", "--methods", "meft:64", "dense:32", "--no-eval", "--output",
-                 str(out), *common]) == 0
+    assert main(["bench", "--methods", "meft:64", "dense:32", "meft:64+retain", "--no-eval",
+                 "--output", str(out), *common]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "dense_32@0.003.json", "meft_64@0.003.json", "step_time_vs_n.png", "summary.json",
-        "table.md"]
+        "dense_32@0.003.json", "meft_64+retain@0.003.json", "meft_64@0.003.json",
+        "step_time_vs_n.png", "summary.json", "table.md"]
     table = (out / "table.md").read_text()
     assert "| meft:64 | 0.003 |" in table and "| dense:32 | 0.003 |" in table
-    assert "command: meft bench --methods meft:64 dense:32 --no-eval" in table
+    assert "command: meft bench --methods meft:64 dense:32 meft:64+retain --no-eval" in table
     bench = json.loads((out / "meft_64@0.003.json").read_text())
     assert bench["config"]["bench"]["steps"] == 3 and bench["environment"]["torch"]
     assert bench["adapter_config"]["experts"] == 8 and len(bench["losses"]) == 3
@@ -191,9 +195,17 @@ def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Pat
     run = tmp_path / "train"
     assert main(["train", "--neurons", "64", "--output", str(run), "--no-eval-before",
                  "--max-eval", "2", "--max-new-tokens", "2", "--no-plots", "--no-retention",
-                 *common]) == 0
+                 "--retain", "off", *common]) == 0
     trained = json.loads((run / "run.json").read_text())
     assert trained["losses"] == bench["losses"]  # the same loop, bit for bit
+    assert bench["train_config"]["retain"] == "off"
+    protected = json.loads((out / "meft_64+retain@0.003.json").read_text())
+    assert main(["train", "--neurons", "64", "--output", str(tmp_path / "default"),
+                 "--no-eval-before", "--max-eval", "2", "--max-new-tokens", "2", "--no-plots",
+                 "--no-retention", *common]) == 0
+    default = json.loads((tmp_path / "default" / "run.json").read_text())
+    assert default["config"]["train"]["retain"] == "on"
+    assert default["losses"] == protected["losses"] != bench["losses"]
     assert trained["config"]["adapter"] == {**bench["adapter_config"],
                                             "base_model": trained["config"]["adapter"][
                                                 "base_model"]}
@@ -223,6 +235,16 @@ def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Pat
     assert rebuilt.split("Each method")[1] == table.split("Each method")[1]
     assert "command: meft bench --report-only" in rebuilt
     assert sorted(runs) == sorted(p.name for p in out.glob("*@*.json"))
+    assert "WARNING: these runs come from different CPUs" not in rebuilt
+    # one run made with another thread count: its step time is not comparable, and it says so
+    one = out / "dense_32@0.003.json"
+    moved = json.loads(one.read_text())
+    moved["environment"]["threads"] = 1 if moved["environment"]["threads"] != 1 else 2
+    one.write_text(json.dumps(moved))
+    assert main(["bench", "--report-only", "--output", str(out)]) == 0
+    warned = (out / "table.md").read_text()
+    assert "WARNING: these runs come from different CPUs or thread counts" in warned
+    assert f"{moved['environment']['threads']} thread" in warned
     capsys.readouterr()
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -266,7 +288,8 @@ def test_bench_compact_method_equals_meft_train_with_compact_state(
     run = tmp_path / "train"
     assert main(["train", "--neurons", "64", "--host-dtype", "bfloat16", "--optim-state", "8bit",
                  "--output", str(run), "--no-eval-before", "--max-eval", "2",
-                 "--max-new-tokens", "2", "--no-plots", "--no-retention", *common]) == 0
+                 "--max-new-tokens", "2", "--no-plots", "--no-retention", "--retain", "off",
+                 *common]) == 0
     trained = json.loads((run / "run.json").read_text())
     assert trained["losses"] == bench["losses"]  # the same compact state, bit for bit
 

@@ -372,3 +372,15 @@ def test_iterate_batches_covers_each_index_once_deterministically() -> None:
     assert list(iterate_batches([], 4, seed=0, epoch=0)) == []
     with pytest.raises(ValueError):
         next(iterate_batches(data, 0, seed=0, epoch=0))
+
+
+def test_first_targets_cuts_after_the_nth_target_token() -> None:
+    """Position j predicts token j+1: the cut keeps the first n labelled positions and
+    everything before them, and nothing after."""
+    enc = Encoded([5, 6, 7, 8, 9, 10, 11], [IGNORE_INDEX] * 3 + [8, 9, 10, 11], False)
+    assert enc.target_tokens == 4
+    cut = enc.first_targets(2)
+    assert cut.input_ids == [5, 6, 7, 8, 9] and cut.labels == enc.labels[:5]
+    assert cut.target_tokens == 2 and cut.truncated
+    assert enc.first_targets(4) == enc and not enc.first_targets(4).truncated
+    assert enc.first_targets(9) is enc

@@ -79,17 +79,19 @@ def test_losses_and_adapter_equal_meft_trains(tmp_path: Path) -> None:
 
 
 def test_protection_in_the_trainer_equals_meft_trains(tmp_path: Path) -> None:
-    """The same protection (row selection, output penalty, values only, frozen routers)
-    through MeftTrainer and through meft's trainer: the same losses and tables."""
+    """The same protection (row selection, output penalty, replay, values only, frozen
+    routers) through MeftTrainer and through meft's trainer: the same losses and tables."""
     from meft.retain import Background, Retainer
 
     data = examples()
     background = examples(10, seed=5)
     settings = {"rows": 6, "keys": False, "router": False, "penalty": 1.0,
-                "penalty_tokens": 16}
+                "penalty_tokens": 16, "replay": 2}
 
     def protected(model: MeftModel) -> Retainer:
         bg = Background.measure(model, background, pad_id=0, progress=False, keep_inputs=40)
+        bg.examples = background
+        bg.keep_distributions(model, pad_id=0)
         return Retainer(model, bg, **settings)
 
     ours = get_meft_model(tiny("llama"), meft_config())

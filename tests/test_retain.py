@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from helpers import meft_config, tiny
-from meft.data import Encoded
+from meft.data import Encoded, collate
+from meft.evaluate import answer_loss, token_loss_sum
 from meft.model import MeftModel, get_meft_model, tensor_name
 from meft.retain import (
     AccessCounter,
     Background,
     Retainer,
+    distill_loss,
     hub_rows,
     row_scores,
     top_rows,
@@ -171,13 +173,18 @@ def test_background_statistics_ride_in_checkpoints_and_resume_is_bitwise(tmp_pat
         background = (Background.measure(model, examples(12, seed=5), pad_id=0, batch_size=5,
                                          progress=False, keep_inputs=30)
                       if resume is None else None)
+        if background is not None:  # replayed too: the examples and kept targets ride along
+            background.examples = examples(12, seed=5)
+            background.keep_distributions(model, pad_id=0)
         retainer = Retainer(model, background, rows=6, score="kl", penalty=1.0,
-                            penalty_tokens=8)
+                            penalty_tokens=8, replay=3)
         trainer = Trainer(model, examples(), cfg, tmp_path / name, pad_id=0,
                           retainer=retainer)
         if resume is not None:
             trainer.restore(resume)
             assert retainer.background is not None
+            assert retainer.background.examples == examples(12, seed=5)
+            assert retainer.background.top_p is not None
         trainer.stop_after = stop_after
         try:
             trainer.train()
@@ -291,3 +298,227 @@ def test_hub_rows_are_never_selected(tmp_path: Path) -> None:
     trainer.train()
     moved = (store.values != before).any(1)
     assert moved[: n // 2].any() and not moved[n // 2:].any()
+
+
+def test_without_selection_rows_written_before_and_keys_still_hold(tmp_path: Path) -> None:
+    """rows=0 turns the selection off, not the rest: rows the adapter had written before
+    (continual learning) stay bit for bit, through the penalty too, and values-only still
+    leaves every key as it was."""
+    model = get_meft_model(tiny("llama"), meft_config())
+    for s in model.stores:  # an adapter trained before: its first 16 rows hold values
+        s.values[:16].normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    bg = Background.measure(model, examples(12, seed=5), pad_id=0, batch_size=5,
+                            progress=False, keep_inputs=40)
+    retainer = Retainer(model, bg, rows=0, keys=False, penalty=1.0, penalty_tokens=16)
+    assert all(int(p.sum()) == 16 for p in retainer.protected.values())
+    keys = [s.keys.clone() for s in model.stores]
+    written = [s.values[:16].clone() for s in model.stores]
+    trainer = Trainer(model, examples(), TrainConfig(steps=3, batch_size=4, lr=1e-2,
+                                                     progress=False),
+                      tmp_path / "run", pad_id=0, retainer=retainer)
+    trainer.train()
+    assert all(torch.equal(s.keys, k) for s, k in zip(model.stores, keys, strict=True))
+    assert all(torch.equal(s.values[:16], w) for s, w in zip(model.stores, written,
+                                                             strict=True))
+    assert any(s.values[16:].abs().sum() > 0 for s in model.stores)  # the others learned
+    state = trainer.optimizers.state_tensors()
+    checked = 0
+    for layer in model.adapters:  # no moment of a written row moved off zero either
+        for key, value in state.items():
+            if key.startswith(f"host.{layer}.") and value.dim() > 1:
+                assert not value[:16].any(), key
+                checked += 1
+    assert checked >= 2 * len(model.adapters)
+
+
+def test_replay_adds_the_answer_loss_of_the_next_examples_of_a_fixed_shuffle() -> None:
+    """Step s replays examples s*R .. s*R+R-1 of one fixed shuffle of the background; its
+    loss is their answer loss, and its gradient skips rows written before."""
+    model = get_meft_model(tiny("llama"), meft_config())
+    for s in model.stores:  # an adapter trained before: its first 8 rows hold values
+        s.values[:8].normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    bg = background_of(model)
+    bg.examples = examples(10, seed=6)  # lengths differ: padded batches
+    retainer = Retainer(model, bg, rows=0, replay=3, replay_target="answers", pad_id=0)
+    order = retainer.replay_order()
+    assert sorted(order.tolist()) == list(range(10))
+    assert torch.equal(order, Retainer(model, bg, replay=1).replay_order())  # fixed
+    for s in model.stores:
+        s.values[8:].normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+    got = retainer.replay_backward(step=3)  # examples 9, 10, 11 of the shuffle: 9, 0, 1
+    chosen = [bg.examples[int(i)] for i in order[torch.tensor([9, 0, 1])]]
+    assert got == pytest.approx(answer_loss(model, chosen, pad_id=0), rel=1e-5)
+    for s in model.stores:
+        ids = s.value_grad.ids
+        assert len(ids) > 0 and not (ids < 8).any()
+    assert Retainer(model, bg, replay=0).replay_backward(step=0) == 0.0
+    with pytest.raises(ValueError, match="replay=-1"):
+        Retainer(model, bg, replay=-1)
+    with pytest.raises(ValueError, match="replay_target"):
+        Retainer(model, bg, replay_target="echo")
+
+
+def test_distill_loss_is_kl_over_the_kept_tokens_and_the_rest() -> None:
+    gen = torch.Generator().manual_seed(0)
+    m, v, r = 5, 40, 6
+    source = torch.randn(m, v, generator=gen, dtype=torch.float64)
+    logits = (source + 0.5 * torch.randn(m, v, generator=gen, dtype=torch.float64))
+    logits.requires_grad_(True)
+    top_p, top_ids = torch.softmax(source, -1).topk(r, -1)
+    got = distill_loss(logits, top_ids, top_p)
+    want = 0.0
+    p = torch.softmax(logits.detach(), -1)
+    for i in range(m):  # the specification: KL over r + 1 buckets, position by position
+        q_i = [*top_p[i].tolist(), 1 - float(top_p[i].sum())]
+        p_i = [*p[i, top_ids[i]].tolist(), 1 - float(p[i, top_ids[i]].sum())]
+        want += sum(a * math.log(a / b) for a, b in zip(q_i, p_i, strict=True)) / m
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    got.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    same = source.clone().requires_grad_(True)  # the distribution q came from: 0, no pull
+    at_source = distill_loss(same, top_ids, top_p)
+    at_source.backward()
+    assert abs(float(at_source)) < 1e-6
+    assert same.grad is not None and same.grad.abs().max() < 1e-6
+
+
+def test_distilling_replay_starts_at_zero_and_follows_the_examples() -> None:
+    model = get_meft_model(tiny("llama"), meft_config())
+    bg = background_of(model)
+    bg.examples = examples(10, seed=6)
+    bg.keep_distributions(model, pad_id=0, batch_size=3)
+    assert bg.top_ids is not None and bg.top_p is not None
+    assert bg.top_ids.shape[0] == sum(e.target_tokens for e in bg.examples)
+    retainer = Retainer(model, bg, rows=0, replay=4, pad_id=0)
+    assert abs(retainer.replay_backward(step=1)) < 1e-5  # the model has not moved yet
+    for s in model.stores:
+        s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+    got = retainer.replay_backward(step=1)
+    order = retainer.replay_order()
+    chosen = [bg.examples[int(i)] for i in order[4:8]]
+    fresh = Background(bg.counts, bg.df, bg.documents, examples=chosen)
+    fresh.keep_distributions(get_meft_model(tiny("llama"), meft_config()), pad_id=0)
+    from meft.data import collate
+    from meft.evaluate import labelled_logits
+
+    with torch.no_grad():
+        logits, _ = labelled_logits(model, collate(chosen, 0))
+    assert fresh.top_ids is not None and fresh.top_p is not None
+    assert got == pytest.approx(float(distill_loss(logits, fresh.top_ids, fresh.top_p)),
+                                rel=1e-4)
+
+
+def _greedy_continuations(model: torch.nn.Module, n: int, seed: int) -> list[Encoded]:
+    """Prompts of 5 tokens from the upper half of the vocabulary, each followed by the
+    model's own 5 greedy next tokens (labelled): what the model already answers."""
+    prompts = torch.randint(50, 97, (n, 5), generator=torch.Generator().manual_seed(seed))
+    ids = prompts
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+    return [Encoded(row.tolist(), [-100] * 5 + row[5:].tolist(), False) for row in ids]
+
+
+def _peaked(model: torch.nn.Module) -> torch.nn.Module:
+    """A tiny model whose next-token distributions are peaked as a trained model's are (a
+    random one's are nearly flat, max p ~0.01): the final norm scaled up 30x (max p ~0.4)."""
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30.0)
+    return model
+
+
+def test_replay_keeps_the_answers_the_model_gave(tmp_path: Path) -> None:
+    """Train on facts from the lower half of the vocabulary with routers frozen; replaying
+    the base model's own continuations, by distillation or on its answers, keeps more of its
+    greedy answers on held-out prompts of the same kind (the retention probe's measure, in
+    miniature) than no replay does, and distillation keeps its distributions closest."""
+    base = _peaked(tiny("llama", layers=2))
+    held_out = _greedy_continuations(base, 8, seed=21)
+    probe = torch.tensor([e.input_ids for e in held_out])  # (8, 10)
+    with torch.no_grad():
+        ref = torch.log_softmax(base(input_ids=probe).logits[:, 4:9].float(), -1)
+    assert torch.equal(ref.argmax(-1), probe[:, 5:])
+    train = examples(16, seed=1, lo=2, hi=50)
+    kept, moved = {}, {}
+    for name, replay, target in (("frozen", 0, "distill"), ("answers", 8, "answers"),
+                                 ("distill", 8, "distill")):
+        model = get_meft_model(_peaked(tiny("llama", layers=2)), meft_config(top_k=4))
+        background = _greedy_continuations(model.base_model, 48, seed=22)
+        bg = Background.measure(model, background, pad_id=0, progress=False)
+        bg.examples = background
+        bg.keep_distributions(model, pad_id=0)
+        retainer = Retainer(model, bg, rows=0, router=False, replay=replay,
+                            replay_target=target, pad_id=0)
+        history = Trainer(model, train, TrainConfig(steps=8, batch_size=8, lr=3e-2,
+                                                    progress=False),
+                          tmp_path / name, pad_id=0, retainer=retainer).train().history
+        assert history[-1]["loss"] < 0.5 * history[0]["loss"]  # it still learns
+        assert (history[-1]["retain_replay_loss"] > 0) == (replay > 0)
+        with torch.no_grad():  # greedy answer tokens still the base model's; KL(base || now)
+            out = torch.log_softmax(model(input_ids=probe).logits[:, 4:9].float(), -1)
+        kept[name] = float((out.argmax(-1) == probe[:, 5:]).float().mean())
+        moved[name] = float((ref.exp() * (ref - out)).sum(-1).mean())
+    assert kept["answers"] > 2 * kept["frozen"], kept
+    assert kept["distill"] > 2 * kept["frozen"], kept
+    assert moved["distill"] < 0.5 * moved["frozen"] and moved["distill"] < moved["answers"], moved
+
+
+def test_replay_in_the_steps_forward_equals_a_pass_of_its_own(tmp_path: Path) -> None:
+    """meft's trainer adds the replayed examples to the step's forward (one routing, one
+    staging, one backward); the specification is the replay in a pass of its own after the
+    selection: the same losses, tables and moments, with a selection, rows written before
+    and values only."""
+
+    class SeparatePass(Trainer):
+        def _forward_with_replay(self, chunk, labelled):  # type: ignore[no-untyped-def]
+            batch = collate(chunk, self.pad_id)
+            with self.retainer.watch(batch["attention_mask"]):
+                loss_sum, _ = token_loss_sum(self.model, batch)
+            (loss_sum / labelled).backward()
+            return float(loss_sum.detach()), None  # None: before_clip replays on its own
+
+    runs = []
+    for cls in (Trainer, SeparatePass):
+        model = get_meft_model(tiny("llama"), meft_config())
+        for s in model.stores:  # an adapter trained before: its first 8 rows hold values
+            s.values[:8].normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        written = [s.values[:8].clone() for s in model.stores]
+        bg = background_of(model)
+        bg.examples = examples(10, seed=6)
+        bg.keep_distributions(model, pad_id=0)
+        retainer = Retainer(model, bg, rows=6, keys=False, replay=3, pad_id=0)
+        history = cls(model, examples(16), TrainConfig(
+            steps=3, batch_size=8, lr=1e-2, warmup_ratio=0.0, progress=False),
+            tmp_path / cls.__name__, pad_id=0, retainer=retainer).train().history
+        runs.append((model, history))
+    (ours, mine), (spec, theirs) = runs
+    for a, b in zip(mine, theirs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["retain_replay_loss"] == pytest.approx(b["retain_replay_loss"], rel=1e-4,
+                                                        abs=1e-7)
+        assert a["retained_rows_per_layer"] == b["retained_rows_per_layer"]
+    assert mine[-1]["retain_replay_loss"] > 0
+    for name, t in ours.adapter_state().items():
+        torch.testing.assert_close(spec.adapter_state()[name], t, rtol=1e-5, atol=1e-6)
+    for s, before in zip(ours.stores, written, strict=True):  # rows written before: still
+        assert torch.equal(s.values[:8], before)
+
+
+def test_a_resumed_run_does_not_protect_the_rows_it_wrote_itself(tmp_path: Path) -> None:
+    """The rows written before protection started ride in the checkpoint: a store that
+    reopens with this run's own values (a disk store does) must not freeze them on resume."""
+    model = get_meft_model(tiny("llama"), meft_config())
+    retainer = Retainer(model, background_of(model), rows=0, pad_id=0)
+    config = TrainConfig(steps=2, batch_size=8, lr=1e-2, warmup_ratio=0.0, progress=False)
+    trainer = Trainer(model, examples(16), config, tmp_path / "a", pad_id=0, retainer=retainer)
+    trainer.train()
+    assert not any(m.any() for m in retainer.protected.values())
+    reopened = get_meft_model(tiny("llama"), meft_config())
+    for s, t in zip(reopened.stores, model.stores, strict=True):  # the tables as trained
+        s.values.copy_(t.values)
+    again = Retainer(reopened, None, rows=0, pad_id=0)
+    assert any(m.any() for m in again.protected.values())  # found written at start
+    Trainer(reopened, examples(16), config, tmp_path / "b", pad_id=0,
+            retainer=again).restore(trainer.save_checkpoint())
+    assert not any(m.any() for m in again.protected.values())
+    assert again.background is not None and again.background.documents == 12

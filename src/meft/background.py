@@ -1,13 +1,17 @@
 """Background text for forgetting protection: what the model should keep doing as it did.
 
-:mod:`meft.retain` scores each step's rows against how often background text uses them. The
-background must be text the user does not train on, in the form the model is used in. By
-default it is the base model's own greedy answers to :func:`background_prompts` (320 prompts:
-80 everyday topics x 4 instructions, written for meft), generated once per base model and cached
-as JSONL under ``$MEFT_CACHE`` (default ``~/.cache/meft``); ``--background FILE`` gives the
-user's own (any format ``meft train`` reads). The prompts share no topic with the retention
-probe's questions or its general text (:mod:`meft.general`), so the probe stays a held-out
-measurement of what was kept.
+:mod:`meft.retain` scores each step's rows against how often background text uses them, and
+may replay it. The background must be text the user does not train on, in the form the model
+is used in. By default it is the base model's own greedy answers to
+:func:`background_prompts`, generated once per base model and cached as JSONL under
+``$MEFT_CACHE`` (default ``~/.cache/meft``): 480 prompts on everyday topics (80 topics x 6
+instructions, written for meft; two ask for a one-line answer) and 192 short general-knowledge
+questions of the kinds the retention probe asks (capitals, chemical symbols, languages,
+opposites, sums, the calendar, the world: :func:`general_prompts`), none of the probe's own
+questions and none about its countries, elements or words, so the probe stays a held-out
+measurement of what was kept. The answers are whatever the base model said, right or wrong:
+replay keeps behaviour, not truth. ``--background FILE`` gives the user's own (any format
+``meft train`` reads).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +29,14 @@ from meft.data import Sample, load_samples, write_jsonl
 from meft.evaluate import generate_answers
 
 TOPICS = [
-    "bicycles", "bread", "the moon", "rivers", "pianos", "chess", "coffee", "rain",
-    "volcanoes", "libraries", "bees", "football", "trains", "gardens", "cheese", "kites",
+    "bicycles", "bread", "the moon", "ponds", "pianos", "chess", "coffee", "rain",
+    "volcanoes", "libraries", "lanterns", "football", "trains", "gardens", "cheese", "kites",
     "glaciers", "umbrellas", "lighthouses", "dolphins", "marathons", "candles", "bridges",
     "deserts", "owls", "tea", "windmills", "sailing", "mushrooms", "thunderstorms",
     "recycling", "dinosaurs", "telescopes", "yoga", "camping", "penguins", "chocolate",
     "earthquakes", "guitars", "museums", "forests", "rice", "birthdays", "clocks", "tigers",
     "skiing", "maps", "soap", "elephants", "snow", "origami", "cars", "the internet",
-    "batteries", "dreams", "friendship", "honeybees in winter", "the alphabet", "newspapers",
+    "batteries", "dreams", "friendship", "bookbinding", "the alphabet", "newspapers",
     "hospitals", "pizza", "rainbows", "submarines", "the violin", "coral reefs", "wolves",
     "post offices", "solar panels", "cooking pasta", "learning a language", "swimming",
     "fireworks", "farms", "robots", "airplanes", "tides", "the Olympic Games", "knitting",
@@ -42,13 +47,79 @@ INSTRUCTIONS = [
     "What is interesting about {t}? Answer briefly.",
     "Give one useful tip about {t}.",
     "How would you explain {t} to a child?",
+    "Describe {t} in one short sentence.",
+    "Answer in a few words: where would you find {t}?",
 ]
+# Short general-knowledge questions of the probe's kinds (meft.general), none of its
+# questions: other countries, elements, words and sums; the calendar asked backwards.
+COUNTRIES = [
+    "Nigeria", "Ghana", "Morocco", "Algeria", "Tunisia", "Ethiopia", "Colombia", "Venezuela",
+    "Ecuador", "Bolivia", "Uruguay", "Paraguay", "New Zealand", "the Philippines", "Malaysia",
+    "Pakistan", "Bangladesh", "Nepal", "Saudi Arabia", "Syria", "Jordan", "Lebanon",
+    "Ukraine", "Romania", "Bulgaria", "Serbia", "Croatia", "Slovakia", "Estonia", "Latvia",
+    "Lithuania", "Iceland", "Mongolia", "Afghanistan", "Cambodia", "Uganda", "Senegal",
+    "Qatar", "Jamaica", "Panama",
+]
+MORE_ELEMENTS = [
+    "boron", "beryllium", "manganese", "cobalt", "titanium", "bromine", "barium", "strontium",
+    "arsenic", "selenium", "krypton", "xenon", "radon", "tungsten", "bismuth", "cesium",
+    "gallium", "germanium", "vanadium", "cadmium", "palladium", "iridium", "plutonium",
+    "radium", "iodine",
+]
+SPOKEN_IN = [
+    "Colombia", "Venezuela", "Ecuador", "Bolivia", "Uruguay", "Morocco", "Algeria", "Ukraine",
+    "Romania", "Bulgaria", "Serbia", "Croatia", "Slovakia", "Estonia", "Latvia", "Lithuania",
+    "Iceland", "Saudi Arabia", "Ethiopia", "Pakistan",
+]
+MORE_WORDS = [
+    "near", "clean", "quiet", "sweet", "cheap", "brave", "wide", "deep", "sharp", "smooth",
+    "awake", "friend", "begin", "buy", "give", "laugh", "above", "arrive", "accept",
+    "ancient", "polite", "tight", "dark", "remember", "male",
+]
+MORE_WORLD = [
+    "How many legs does a dog have?", "What color is grass?",
+    "What is the largest desert in the world?", "Which animal has a trunk?",
+    "What do cows drink?", "What is the hardest natural substance?",
+    "How many wheels does a bicycle have?", "Which planet do we live on?",
+    "What is the main ingredient of guacamole?", "Which bird is a symbol of peace?",
+    "How many strings does a standard guitar have?", "What is the fastest land animal?",
+    "Which instrument has 88 keys?", "What do caterpillars turn into?",
+    "How many players are on a football team on the field?",
+    "How many hearts does an octopus have?", "Which ocean lies between Europe and America?",
+    "What is the capital city of the state of New York?", "Who wrote Don Quixote?",
+    "Who discovered penicillin?", "Which metal is liquid at room temperature?",
+    "What is the largest bone in the human body?",
+    "How many teeth does an adult human usually have?",
+    "Which country is home to the kangaroo?", "What shape has four equal sides?",
+]
+DAY_NAMES = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTH_NAMES = ["January", "February", "March", "April", "May", "June", "July", "August",
+               "September", "October", "November", "December"]
 MAX_NEW_TOKENS = 48
 
 
+def general_prompts() -> list[str]:
+    """192 short questions of the probe's kinds, none of its own (module doc)."""
+    out = [f"What is the capital of {c}?" for c in COUNTRIES]
+    out += [f"What is the chemical symbol for {e}?" for e in MORE_ELEMENTS]
+    out += [f"What language is mainly spoken in {c}?" for c in SPOKEN_IN]
+    out += [f"What is the opposite of {w}?" for w in MORE_WORDS]
+    out += list(MORE_WORLD)
+    rng = random.Random(1)  # the probe draws its sums from Random(0) in 2..40
+    sums = {(rng.randint(41, 90), rng.randint(2, 40)) for _ in range(20)}
+    out += [f"What is {a} plus {b}?" for a, b in sorted(sums)]
+    out += [f"What is {a} minus {b}?" for a, b in sorted(sums)[:10]]
+    out += [f"What is {a} times {b}?" for a, b in ((11, 3), (12, 4), (10, 7), (11, 5),
+                                                   (12, 6), (10, 9), (11, 8), (12, 2))]
+    out += [f"Which day of the week comes before {d}?" for d in DAY_NAMES]
+    out += [f"Which month comes before {m}?" for m in MONTH_NAMES]
+    return out
+
+
 def background_prompts() -> list[str]:
-    """The 320 shipped prompts, in a fixed order."""
-    return [i.format(t=t) for t in TOPICS for i in INSTRUCTIONS]
+    """The shipped prompts, in a fixed order: 480 on everyday topics, then the short
+    general questions."""
+    return [i.format(t=t) for t in TOPICS for i in INSTRUCTIONS] + general_prompts()
 
 
 def cache_dir() -> Path:

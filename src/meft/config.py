@@ -64,6 +64,7 @@ BENCH_STEPS, QUICK_STEPS, QUICK_MAX_EVAL = 60, 20, 24
 # (benchmarks/results/compare-tuned-synthetic: r=16 best at 3e-3, r=64 at 1e-3)
 LORA_LR, LORA_LR_HIGH_RANK, LORA_HIGH_RANK = 3e-3, 1e-3, 32
 FULL_LR = 3e-4  # full fine-tuning's default rate: best of 1e-4,3e-4,1e-3 in the tuned comparison
+REPLAY = 2  # background examples replayed per step by default (benchmarks/results/retain-*)
 
 _CHECKS = {
     "positive": (lambda v: v > 0, "positive"),
@@ -326,13 +327,15 @@ class TrainConfig:
     save_every: int = option(0, "checkpoint every N steps (0: at the end only)",
                              check="nonneg")
     keep_checkpoints: int = option(2, "checkpoints kept", check="positive")
-    retain: str = option("off", "forgetting protection: each step trains only the adapter "
-                         "rows most specific to its tokens, measured against background text",
+    retain: str = option("on", "forgetting protection: each step also replays a few "
+                         "background examples, distilled towards what the model did on them as "
+                         "training started (--retain-replay), and may train only the adapter "
+                         "rows most specific to its tokens (--retain-rows)",
                          choices=("on", "off"))
     retain_score: str = option("tfidf", "protection's ranking of a step's rows: TF-IDF over "
                                "background documents, or KL to background accesses",
                                choices=("tfidf", "kl"))
-    retain_rows: int = option(512, "rows per layer and step that protection lets train (t; "
+    retain_rows: int = option(0, "rows per layer and step that protection lets train (t; "
                               "0: every row, no selection)", check="nonneg")
     retain_penalty: float = option(0.0, "weight of protection's penalty on the adapter's "
                                    "output for background tokens (0: none)", check="nonneg")
@@ -343,6 +346,12 @@ class TrainConfig:
     retain_hubs: float = option(1.0, "protection never trains rows read by at least this "
                                 "share of the background documents (hubs; 1: no exclusion)",
                                 check="positive")
+    retain_replay: int = option(REPLAY, "background examples protection replays per step, "
+                                "beside the new data (0: none)", check="nonneg")
+    retain_replay_target: str = option("distill", "what replay trains towards: the model's "
+                                       "own next-token distributions as training starts "
+                                       "(distill), or the background's answers (answers)",
+                                       choices=("distill", "answers"))
     progress: bool = option(True, "progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:
@@ -385,7 +394,7 @@ class RunConfig:
                         "bigger than RAM)")
     background: str | None = option(None, "background text for --retain on (any format --data "
                                     "reads): what the model should keep doing as before",
-                                    default_text="the base model's own answers to 320 "
+                                    default_text="the base model's own answers to 672 "
                                     "prompts shipped with meft (generated once, cached)")
     output: str | None = option(None, "run directory", default_text="runs/<timestamp>")
     max_new_tokens: int = option(16, "generation length at evaluation", check="positive")
@@ -618,6 +627,11 @@ class TrainJob:
                if f.metadata["record"]}
         return {"adapter": self.adapter.to_dict(), "train": asdict(self.train), "run": run}
 
+    # defaults that changed: a record written before has no such key (every record written
+    # since holds them all) and ran with the value it had then
+    FORMER_DEFAULTS: ClassVar[dict[str, Any]] = {"retain": "off", "retain_rows": 512,
+                                                 "retain_replay": 0}
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str) -> TrainJob:
         """Read :meth:`to_dict`'s output, or the flat option dict meft 0.1 wrote."""
@@ -625,8 +639,9 @@ class TrainJob:
             adapter = MeftConfig.from_dict(data["adapter"], source=source)
             flat = {k: v for k, v in adapter.to_dict().items()
                     if k in {f.name for f in cli_fields(MeftConfig)}}
-            return cls.from_options({**flat, **data["train"], **data["run"]}, source=source)
-        return cls.from_options(data, source=source)
+            return cls.from_options({**cls.FORMER_DEFAULTS, **flat, **data["train"],
+                                     **data["run"]}, source=source)
+        return cls.from_options({**cls.FORMER_DEFAULTS, **data}, source=source)
 
     def resume(self, explicit: Mapping[str, Any], *, source: str) -> TrainJob:
         """This (recorded) job with the explicitly given options a resume may change;

@@ -89,6 +89,19 @@ class Encoded:
         """Positions that carry loss after the one-token shift of next-token prediction."""
         return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
 
+    def first_targets(self, n: int) -> Encoded:
+        """This sequence cut just after its first ``n`` target tokens (itself if it has no
+        more): the positions before a cut see what they saw, so their predictions are
+        unchanged."""
+        seen = 0
+        for j, y in enumerate(self.labels[1:], start=1):
+            if y != IGNORE_INDEX:
+                seen += 1
+                if seen == n:
+                    return Encoded(self.input_ids[:j + 1], self.labels[:j + 1],
+                                   self.truncated or j + 1 < len(self.input_ids))
+        return self
+
 
 # ---------------------------------------------------------------------------------------------
 # parsing

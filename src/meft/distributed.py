@@ -439,5 +439,9 @@ class DataParallel:
         return bytes(data[data != 0].tolist()).decode()
 
     def close(self) -> None:
+        """Leave the run: every rank waits here for the others, then the process group goes.
+        (A rank that destroyed its group while another still wrote its results was seen to
+        die in gloo's teardown: "terminate called without an active exception", SIGABRT.)"""
         if dist.is_initialized():
+            self.barrier()
             dist.destroy_process_group()

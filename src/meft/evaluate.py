@@ -73,16 +73,17 @@ def answer_loss(model: Any, encoded: Sequence[Encoded], pad_id: int, *,
     return total / count if count else math.nan
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], *,
-                   every_position: bool = False) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled positions, and their number.
+def labelled_logits(model: Any, batch: dict[str, torch.Tensor], *,
+                    every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (M, V) at the M positions whose next token is labelled, in row-major order, and
+    those next tokens (M,).
 
     Logits are computed only where the next token is labelled (the answer, ~10% of the
     positions of a question-answer batch), through transformers' ``logits_to_keep``: the
     vocabulary projection, its log-softmax and their backward were ~20% of a LoRA step at
-    every position. The loss and gradients are the full computation's (unlabelled positions
-    had zero gradient); models without the argument compute every position, as
-    ``every_position=True`` does for any model (the specification the tests compare to)."""
+    every position. The logits are the full computation's at those positions; models without
+    the argument compute every position, as ``every_position=True`` does for any model (the
+    specification the tests compare to)."""
     device = _input_device(model)
     inputs = {"input_ids": batch["input_ids"].to(device),
               "attention_mask": batch["attention_mask"].to(device)}
@@ -90,18 +91,22 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], *,
     need = target != -100  # (B, L-1)
     how = None if every_position else _logits_to_keep(model)
     if how == "mask":  # exactly the labelled positions, flattened: (M, V)
-        logits = model(**inputs, logits_to_keep=F.pad(need, (0, 1))).logits
-        labels = target[need]
-    elif how == "positions":  # positions labelled in any row: (B, P, V)
+        return model(**inputs, logits_to_keep=F.pad(need, (0, 1))).logits, target[need]
+    if how == "positions":  # positions labelled in any row: (B, P, V)
         keep = need.any(0).nonzero().squeeze(1)  # (P,)
         logits = model(**inputs, logits_to_keep=keep).logits
-        labels = target[:, keep]
-    else:
-        logits = model(**inputs).logits[:, :-1]
-        labels = target
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    return loss, int(need.sum())
+        return logits[need[:, keep]], target[need]
+    return model(**inputs).logits[:, :-1][need], target[need]
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], *,
+                   every_position: bool = False) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions (:func:`labelled_logits`),
+    and their number. The loss and gradients are the full computation's (unlabelled
+    positions had zero gradient)."""
+    logits, labels = labelled_logits(model, batch, every_position=every_position)
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+    return loss, int(labels.numel())
 
 
 def _logits_to_keep(model: Any) -> str | None:

@@ -18,8 +18,8 @@ save them. :class:`MeftTrainerMixin` changes exactly that and nothing else:
     logs         ``meft_union`` (mean rows per layer per step) and ``meft_mb_moved`` (host <->
                  device MB per step), averaged since the last log
     protection   ``retainer=`` (:class:`meft.retain.Retainer`): each micro-batch's accesses
-                 counted, the rows selected (and the output penalty added) before clipping,
-                 as ``meft train --retain on`` does
+                 counted, the rows selected (and the replay and output penalty added) before
+                 clipping, as ``meft train --retain on`` does
 
 Everything else (gradient accumulation, ``logging_steps``, ``eval_strategy``,
 ``save_total_limit``, callbacks) is the Trainer's own. Use it as the Trainer:

@@ -295,12 +295,14 @@ def _join(run: RunConfig, tconfig: TrainConfig, device: torch.device) -> DataPar
     if run.store != "ram":
         raise ConfigError(f"--store {run.store}: a distributed run keeps its tables in RAM "
                           "(disk stores are for one process)")
-    if tconfig.retain == "on":
-        raise ConfigError("--retain on is not supported in a distributed run yet")
     parallel = DataParallel.from_env(device, timeout_s=run.dist_timeout)
     if parallel is not None and not parallel.is_main:
         quiet()
         tconfig.progress = False
+    if tconfig.retain == "on":
+        say("forgetting protection is not supported across processes yet: this run trains "
+            "without it (--retain off)")
+        tconfig.retain = "off"
     return parallel
 
 

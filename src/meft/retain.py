@@ -39,15 +39,40 @@ pulls back only rows that background tokens read. The inputs are those of the mo
 training starts (later layers' inputs drift as earlier adapters learn: an approximation that
 keeps the penalty adapter-sized work, no base-model pass).
 
+Replay (``replay`` > 0): each step also trains on ``replay`` background examples, the next
+ones of a fixed shuffle, each cut after its first ``REPLAY_TOKENS`` answer tokens (the ones a
+short answer is decided by; the background's answers average ~36 tokens, and replaying them
+whole made a step 1.8x slower at R=4), adding at weight 1 the mean over their answer
+positions of
+
+    distill:  KL(q || p) over the top-R tokens of q and the rest as one bucket,
+              q = the model's next-token distribution as training starts (kept, R = 32)
+    answers:  -log p(answer token)  (cross-entropy on the background's own answers)
+
+``distill`` keeps what the model did, zero and without gradient until the model moves (the
+shipped background is the base model's own greedy answers, so cross-entropy on them would
+also sharpen the model towards them, raising its loss on other text). Replay acts at the
+answer positions of questions, where the other mechanisms do not look. meft's trainer adds
+the replayed examples to the step's first forward (:meth:`Retainer.replay_examples`,
+:meth:`Retainer.replay_loss`): one routing, one staging of the union of rows, one backward;
+a separate pass staged nearly as many rows again. They are not counted in the step's
+accesses, and their gradient, like the step's own, reaches only the rows the step may train
+(never rows written before or hubs; with a selection, only the selected).
+:meth:`Retainer.replay_backward` gives the same gradient in a pass of its own after the
+selection (MeftTrainer uses it). The encoded examples and the kept distributions are saved
+with the background statistics, so a resumed run replays the same.
+
 Continual learning: rows whose values are already non-zero when the protection starts (an
-adapter trained before, ``meft train --adapter DIR``) are never selected, so what the adapter
-learned before keeps its rows.
+adapter trained before, ``meft train --adapter DIR``) are never trained, neither selected nor
+pulled by the penalty (with the selection off too), so what the adapter learned before keeps
+its rows.
 
 Hubs (``hubs`` < 1): rows that at least that share of the background documents read
 (df(i) >= hubs D) are never selected either. TF-IDF already scores them near zero and KL low,
 but with few accessed rows in a step such a row can still make the top t, and writing a fact
 into a row most general inputs read is the surest way to change the model on them. Off by
-default until the sweep says it helps.
+default until the sweep says it helps. With the selection off they are still never trained
+by the step's own gradient; the output penalty may pull them back towards silence.
 """
 
 from __future__ import annotations
@@ -59,12 +84,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from meft.config import TrainConfig
 from meft.data import Encoded, Sample, collate, encode_all
 from meft.errors import SerializationError
+from meft.evaluate import labelled_logits
 
 if TYPE_CHECKING:
     from meft.model import MeftModel
@@ -73,6 +100,10 @@ if TYPE_CHECKING:
 SCORES = ("tfidf", "kl")
 PENALTY_INPUTS = 4096  # background tokens whose adapter inputs are kept, per layer (M)
 PENALTY_TOKENS = 256  # of them, used per step and layer by the output penalty (m)
+REPLAY_SEED = 0  # the fixed shuffle replay goes through
+REPLAY_TOP = 32  # tokens of the kept next-token distribution per answer position (R)
+REPLAY_TOKENS = 8  # answer tokens kept of each replayed example (the first ones)
+REPLAY_TARGETS = ("distill", "answers")
 PREFIX = "retain."  # tensor names in checkpoints: retain.<layer>.counts, retain.<layer>.df
 
 
@@ -123,12 +154,18 @@ class AccessCounter:
 @dataclass
 class Background:
     """Per layer (by adapter layer id): accesses C_bg (N,), document frequency df (N,) and,
-    for the output penalty, the adapter inputs of up to M background tokens (M, d)."""
+    for the output penalty, the adapter inputs of up to M background tokens (M, d); for
+    replay, the encoded background examples and, per answer position (M in all), the ids
+    (M, R) and probabilities (M, R) of the model's R likeliest next tokens as training
+    started."""
 
     counts: dict[str, Tensor]
     df: dict[str, Tensor]
     documents: int
     inputs: dict[str, Tensor] = field(default_factory=dict)
+    examples: list[Encoded] = field(default_factory=list)
+    top_ids: Tensor | None = None  # (M, R) int64
+    top_p: Tensor | None = None  # (M, R) fp32
 
     @classmethod
     @torch.no_grad()
@@ -176,6 +213,24 @@ class Background:
         return cls({k: c.counts.clone() for k, c in counters.items()},
                    {k: c.df.clone() for k, c in counters.items()}, len(encoded), inputs)
 
+    @torch.no_grad()
+    def keep_distributions(self, model: Any, pad_id: int, *, batch_size: int = 16) -> None:
+        """Keep ``model``'s R likeliest next tokens and their probabilities at every answer
+        position of :attr:`examples` (the targets of distilling replay)."""
+        ids, ps = [], []
+        was_training = model.training
+        model.eval()
+        try:
+            for lo in range(0, len(self.examples), batch_size):
+                logits, _ = labelled_logits(model, collate(self.examples[lo:lo + batch_size],
+                                                           pad_id))  # (M_b, V)
+                p, i = torch.softmax(logits.float(), -1).topk(REPLAY_TOP, -1)
+                ids.append(i.cpu())
+                ps.append(p.cpu())
+        finally:
+            model.train(was_training)
+        self.top_ids, self.top_p = torch.cat(ids), torch.cat(ps)
+
     def tensors(self) -> dict[str, Tensor]:
         out = {f"{PREFIX}documents": torch.tensor([self.documents])}
         for layer in self.counts:
@@ -183,16 +238,34 @@ class Background:
             out[f"{PREFIX}{layer}.df"] = self.df[layer]
             if layer in self.inputs:
                 out[f"{PREFIX}{layer}.inputs"] = self.inputs[layer]
+        if self.examples:  # flat ids and labels, and each example's length
+            out[f"{PREFIX}replay.lengths"] = torch.tensor([len(e.input_ids)
+                                                           for e in self.examples])
+            out[f"{PREFIX}replay.input_ids"] = torch.tensor(
+                [i for e in self.examples for i in e.input_ids], dtype=torch.long)
+            out[f"{PREFIX}replay.labels"] = torch.tensor(
+                [y for e in self.examples for y in e.labels], dtype=torch.long)
+        if self.top_ids is not None and self.top_p is not None:
+            out[f"{PREFIX}replay.top_ids"] = self.top_ids
+            out[f"{PREFIX}replay.top_p"] = self.top_p
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], layers: Sequence[str]) -> Background:
         try:
+            examples = []
+            if f"{PREFIX}replay.lengths" in tensors:
+                lengths = tensors[f"{PREFIX}replay.lengths"].tolist()
+                ids = tensors[f"{PREFIX}replay.input_ids"].split(lengths)
+                labels = tensors[f"{PREFIX}replay.labels"].split(lengths)
+                examples = [Encoded(i.tolist(), y.tolist(), False)
+                            for i, y in zip(ids, labels, strict=True)]
             return cls({k: tensors[f"{PREFIX}{k}.counts"].long() for k in layers},
                        {k: tensors[f"{PREFIX}{k}.df"].long() for k in layers},
                        int(tensors[f"{PREFIX}documents"].item()),
                        {k: tensors[f"{PREFIX}{k}.inputs"] for k in layers
-                        if f"{PREFIX}{k}.inputs" in tensors})
+                        if f"{PREFIX}{k}.inputs" in tensors}, examples,
+                       tensors.get(f"{PREFIX}replay.top_ids"), tensors.get(f"{PREFIX}replay.top_p"))
         except KeyError as e:
             raise SerializationError(f"background statistics {e.args[0]} missing (a checkpoint "
                                      "trained without --retain?)") from None
@@ -220,6 +293,28 @@ def hub_rows(df: Tensor, documents: int, share: float) -> Tensor:
     return df.double() >= share * max(1, documents)
 
 
+def _keep(grad: Any, allowed: Tensor) -> None:
+    """Drop the gradient rows of ``grad`` (a RowSparseGrad) whose id ``allowed`` (N,) bool
+    marks false; nothing is copied when every touched row is allowed."""
+    keep = allowed[grad.ids]
+    if not bool(keep.all()):
+        grad.keep_(keep)
+
+
+def distill_loss(logits: Tensor, top_ids: Tensor, top_p: Tensor) -> Tensor:
+    """Mean over M positions of KL(q || p) on R + 1 buckets: the R tokens ``top_ids`` (M, R)
+    with q = ``top_p`` (M, R), and everything else as one (q = 1 - sum top_p); p = softmax of
+    ``logits`` (M, V). Zero, with zero gradient, where p equals the distribution q came
+    from."""
+    logp = torch.log_softmax(logits.float(), -1).gather(1, top_ids)  # (M, R)
+    q = top_p.float()
+    q_rest = (1 - q.sum(1)).clamp_min(0)  # (M,)
+    p_rest = (1 - logp.exp().sum(1)).clamp_min(1e-12)  # (M,)
+    kl = (torch.xlogy(q, q) - q * logp).sum(1) + torch.xlogy(q_rest, q_rest) \
+        - q_rest * p_rest.log()
+    return kl.mean()
+
+
 def top_rows(scores: Tensor, rows: int) -> Tensor:
     """Ids of the ``rows`` best finite scores, ties to the lower id (deterministic)."""
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -234,21 +329,45 @@ class Retainer:
     def __init__(self, model: MeftModel, background: Background | None, *,
                  score: str = "tfidf", rows: int = 512, keys: bool = True,
                  router: bool = True, penalty: float = 0.0,
-                 penalty_tokens: int = PENALTY_TOKENS, hubs: float = 1.0) -> None:
+                 penalty_tokens: int = PENALTY_TOKENS, hubs: float = 1.0, replay: int = 0,
+                 replay_target: str = "distill", pad_id: int = 0) -> None:
+        if replay_target not in REPLAY_TARGETS:
+            raise ValueError(f"replay_target must be one of {REPLAY_TARGETS}, got "
+                             f"{replay_target!r}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if rows < 0 or penalty < 0 or penalty_tokens < 1:
-            raise ValueError(f"rows and penalty must be >= 0, penalty_tokens >= 1, got rows="
-                             f"{rows}, penalty={penalty}, penalty_tokens={penalty_tokens}")
+        if rows < 0 or penalty < 0 or penalty_tokens < 1 or replay < 0:
+            raise ValueError(f"rows, penalty and replay must be >= 0, penalty_tokens >= 1, got "
+                             f"rows={rows}, penalty={penalty}, replay={replay}, "
+                             f"penalty_tokens={penalty_tokens}")
         self.model = model
         self.background = background
         self.score, self.rows, self.keys, self.router = score, rows, keys, router
         self.penalty, self.penalty_tokens = penalty, penalty_tokens
         self.hubs = hubs
+        self.replay, self.replay_target, self.pad_id = replay, replay_target, pad_id
         self.counters = _attach(model)
         # rows an earlier run wrote (values start at zero): never selected, so what the
         # adapter already learned stays as it was (continual learning)
         self.protected = {layer: a.store.values.abs().amax(1) > 0 for layer, a in _layers(model)}
+        self.allowed: dict[str, Tensor] = {}  # per layer (N,): the rows this step may train
+
+    def tensors(self) -> dict[str, Tensor]:
+        """What a checkpoint keeps of the protection: the background statistics and, per
+        layer, the rows written before it started (``retain.<layer>.protected``, (N,) uint8:
+        a resumed run must not count the rows it wrote itself as an earlier adapter's)."""
+        out = self.background.tensors() if self.background is not None else {}
+        out.update({f"{PREFIX}{layer}.protected": mask.to(torch.uint8)
+                    for layer, mask in self.protected.items()})
+        return out
+
+    def restore(self, tensors: dict[str, Tensor]) -> None:
+        """Continue from :meth:`tensors` (a checkpoint written before the protected rows were
+        saved keeps the ones found at start)."""
+        self.background = Background.from_tensors(tensors, list(self.protected))
+        for layer in self.protected:
+            if f"{PREFIX}{layer}.protected" in tensors:
+                self.protected[layer] = tensors[f"{PREFIX}{layer}.protected"].bool()
 
     @contextlib.contextmanager
     def watch(self, attention_mask: Tensor) -> Iterator[None]:
@@ -259,39 +378,106 @@ class Retainer:
 
     @torch.no_grad()
     def select_(self) -> list[int]:
-        """Drop the gradient rows outside each layer's selection (``rows`` 0: keep all);
-        reset the counts; return the rows kept per layer."""
+        """Drop the gradient rows outside each layer's selection (``rows`` 0: no selection, but
+        rows written before and hubs are still dropped, and ``keys=False`` still drops every key
+        gradient); reset the counts; return the rows kept per layer."""
         if self.background is None:
             raise RuntimeError("Retainer.select_ before the background statistics exist")
         bg = self.background
         kept = []
         for layer, adapter in _layers(self.model):
             counter = self.counters[layer]
-            if not self.rows:
-                kept.append(len(adapter.store.value_grad))
-                counter.reset()
-                continue
-            scores = row_scores(counter.counts, bg.counts[layer], bg.df[layer], bg.documents,
-                                self.score).masked_fill_(self.protected[layer], -math.inf)
+            allowed = ~self.protected[layer]  # (N,) rows this step may train
             if self.hubs < 1:
-                scores.masked_fill_(hub_rows(bg.df[layer], bg.documents, self.hubs), -math.inf)
-            chosen = torch.zeros(counter.n, dtype=torch.bool)
-            chosen[top_rows(scores, self.rows)] = True
-            store = adapter.store
-            store.value_grad.keep_(chosen[store.value_grad.ids])
-            if self.keys:
-                store.key_grad.keep_(chosen[store.key_grad.ids])
-            else:
-                store.key_grad.zero_()
-            kept.append(len(store.value_grad))
+                allowed &= ~hub_rows(bg.df[layer], bg.documents, self.hubs)
+            if self.rows:
+                scores = row_scores(counter.counts, bg.counts[layer], bg.df[layer],
+                                    bg.documents, self.score).masked_fill_(~allowed, -math.inf)
+                chosen = torch.zeros(counter.n, dtype=torch.bool)
+                chosen[top_rows(scores, self.rows)] = True
+            else:  # no selection: every accessed row but the protected ones and the hubs
+                chosen = allowed
+            self._train_only(adapter, chosen)
+            self.allowed[layer] = chosen
+            kept.append(len(adapter.store.value_grad))
             counter.reset()
         return kept
 
-    def before_clip(self, step: int) -> tuple[list[int], float]:
+    def before_clip(self, step: int, replay_loss: float | None = None) -> dict[str, Any]:
         """A step's protection, after its backward passes and before clipping: the row
-        selection (:meth:`select_`), then the output penalty's gradient
-        (:meth:`penalty_backward`). Returns the rows kept per layer and the penalty."""
-        return self.select_(), self.penalty_backward(step)
+        selection (:meth:`select_`), then the replay's (unless the step's forward carried it:
+        ``replay_loss`` is then its loss) and the output penalty's gradients
+        (:meth:`replay_backward`, :meth:`penalty_backward`). Returns what the step's metrics
+        record: the rows kept per layer, the penalty and the replay loss."""
+        kept = self.select_()
+        replay = self.replay_backward(step) if replay_loss is None else replay_loss
+        return {"retained_rows_per_layer": kept, "retain_penalty": self.penalty_backward(step),
+                "retain_replay_loss": replay}
+
+    def _train_only(self, adapter: OffloadedSparseAdapter, allowed: Tensor) -> None:
+        """Drop ``adapter``'s gradient rows outside ``allowed`` (N,) bool, and every key
+        gradient when only values train."""
+        _keep(adapter.store.value_grad, allowed)
+        if self.keys:
+            _keep(adapter.store.key_grad, allowed)
+        else:
+            adapter.store.key_grad.zero_()
+
+    def _hold_written(self, adapter: OffloadedSparseAdapter, layer: str) -> None:
+        """After a protection term's backward: drop its gradient on rows written before."""
+        self._train_only(adapter, ~self.protected[layer])
+
+    def replay_order(self) -> Tensor:
+        """The fixed shuffle (D,) replay goes through."""
+        n = len(self.background.examples) if self.background is not None else 0
+        return torch.randperm(n, generator=torch.Generator().manual_seed(REPLAY_SEED))
+
+    def replay_examples(self, step: int) -> tuple[list[Encoded], Tensor]:
+        """The ``replay`` background examples of step ``step`` (the next ones of
+        :meth:`replay_order`) and their indices (R,), for :meth:`replay_loss`."""
+        bg = self.background
+        examples = bg.examples if bg is not None else []
+        if not examples:
+            raise RuntimeError("replay needs the encoded background examples")
+        chosen = self.replay_order()[(torch.arange(self.replay) + step * self.replay)
+                                     % len(examples)]
+        return [examples[int(i)] for i in chosen], chosen
+
+    def replay_loss(self, logits: Tensor, labels: Tensor, chosen: Tensor) -> Tensor:
+        """The replay loss (module doc) from the logits (M_r, V) at the answer positions of
+        the examples ``chosen`` (:meth:`replay_examples`), in their order, and their answer
+        tokens (M_r,): mean over the positions."""
+        if self.replay_target == "answers":
+            return F.cross_entropy(logits.float(), labels, reduction="sum") / max(
+                1, labels.numel())
+        bg = self.background
+        if bg is None or bg.top_ids is None or bg.top_p is None:
+            raise RuntimeError("distilling replay needs the kept distributions "
+                               "(Background.keep_distributions)")
+        starts = self._replay_starts()
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in chosen.tolist()])
+        return distill_loss(logits, bg.top_ids[rows].to(logits.device),
+                            bg.top_p[rows].to(logits.device))
+
+    def replay_backward(self, step: int) -> float:
+        """Add the gradient of the replay loss of step ``step``'s examples in a pass of their
+        own (the step's forward did not carry them), after :meth:`select_`: only the rows it
+        let train get it, as in one backward with the step's. Returns the loss."""
+        if not self.replay:
+            return 0.0
+        examples, chosen = self.replay_examples(step)
+        logits, labels = labelled_logits(self.model, collate(examples, self.pad_id))
+        loss = self.replay_loss(logits, labels, chosen)
+        loss.backward()
+        for layer, adapter in _layers(self.model):  # as if the step's forward carried them
+            self._train_only(adapter, self.allowed.get(layer, ~self.protected[layer]))
+        return float(loss.detach())
+
+    def _replay_starts(self) -> list[int]:
+        """Each example's first row in the kept distributions, and the total (D + 1,)."""
+        assert self.background is not None
+        counts = [e.target_tokens for e in self.background.examples]
+        return [0, *torch.tensor(counts).cumsum(0).tolist()]
 
     def trained_routers(self, routers: dict[str, Tensor]) -> dict[str, Tensor]:
         """The routers an optimizer should train: all, or none with frozen routers (their
@@ -317,8 +503,7 @@ class Retainer:
             y = adapter(xs[idx].to(adapter.device))  # (m, d)
             loss = self.penalty * y.pow(2).sum(-1).mean()
             loss.backward()
-            if not self.keys:  # values only, here too
-                adapter.store.key_grad.zero_()
+            self._hold_written(adapter, layer)
             total += float(loss.detach())
         return total
 
@@ -335,10 +520,16 @@ class Retainer:
                                        progress=progress, seed=config.seed,
                                        keep_inputs=PENALTY_INPUTS if config.retain_penalty
                                        else 0)
+            if config.retain_replay:
+                stats.examples = [e.first_targets(REPLAY_TOKENS) for e in encoded]
+                if config.retain_replay_target == "distill":
+                    stats.keep_distributions(model, tokenizer.pad_token_id or 0)
         return cls(model, stats, score=config.retain_score, rows=config.retain_rows,
                    keys=config.retain_update == "keys+values",
                    router=config.retain_router == "trained", penalty=config.retain_penalty,
-                   hubs=config.retain_hubs)
+                   hubs=config.retain_hubs, replay=config.retain_replay,
+                   replay_target=config.retain_replay_target,
+                   pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     def summary(self) -> str:
         bg = self.background
@@ -353,6 +544,10 @@ class Retainer:
                    "tokens per layer and step" if self.penalty else "")
         if self.hubs < 1:
             penalty += f", rows {self.hubs:g} of the background reads never trained"
+        if self.replay:
+            how = ("distilled: their next-token distributions kept" if self.replay_target ==
+                   "distill" else "trained on their answers")
+            penalty += f", {self.replay} background examples replayed per step ({how})"
         return (f"forgetting protection: {selection}, {parts}, {router}{penalty}{kept}")
 
 

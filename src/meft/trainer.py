@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -56,10 +57,10 @@ from meft.data import Encoded, collate, iterate_batches
 from meft.disk import DiskArrays
 from meft.distributed import DataParallel
 from meft.errors import ConfigError, DataError, SerializationError, TrainingDiverged
-from meft.evaluate import answer_loss, token_loss_sum
+from meft.evaluate import answer_loss, labelled_logits, token_loss_sum
 from meft.model import MeftModel, read_adapter
 from meft.optim import OptimizerSet
-from meft.retain import Background, Retainer
+from meft.retain import Retainer
 from meft.store import HostTable
 
 __all__ = [
@@ -240,11 +241,18 @@ class Trainer:
         chunks = ([examples[lo:lo + micro] for lo in range(0, len(examples), micro)]
                   if par is None else par.micro_batches(examples, micro))
         loss_total = 0.0
+        replay_loss: float | None = None
+        carry = self.retainer is not None and self.retainer.replay > 0  # the first forward
         self.model.train()
         for chunk in chunks:
             if not chunk:  # this rank's share ran out: serve the others' row requests
                 assert par is not None
                 par.idle_forward(self.model, self._device())
+                continue
+            if carry:  # this micro-batch carries the step's replay (meft.retain)
+                chunk_sum, replay_loss = self._forward_with_replay(chunk, labelled)
+                loss_total += chunk_sum
+                carry = False
                 continue
             batch = collate(chunk, self.pad_id)
             with (self.retainer.watch(batch["attention_mask"]) if self.retainer is not None
@@ -259,8 +267,9 @@ class Trainer:
                            self.trainable.device_tensors())
             (loss_total,) = par.sum([loss_total])
             host_sum = par.sum_tensor
-        kept, penalty = (self.retainer.before_clip(self.step) if self.retainer is not None
-                         else ([], 0.0))
+        protection = (self.retainer.before_clip(self.step, replay_loss)
+                      if self.retainer is not None
+                      else {"retained_rows_per_layer": [], "retain_penalty": 0.0})
         norm = self.optimizers.clip_(self.config.max_grad_norm, host_sum)
         loss = loss_total / max(1, labelled)
         if not (math.isfinite(loss) and torch.isfinite(norm)):
@@ -287,8 +296,7 @@ class Trainer:
             "union_per_layer": unions,
             "union_mean": sum(unions) / max(1, len(unions)),
             "touched_rows_per_layer": traffic.touched_rows_per_layer,
-            "retained_rows_per_layer": kept,
-            "retain_penalty": penalty,
+            **protection,
             "mb_h2d": traffic.bytes_h2d / 1e6,
             "mb_d2h": traffic.bytes_d2h / 1e6,
             **({"mb_comm": traffic.comm_bytes / 1e6} if par is not None else {}),
@@ -297,6 +305,24 @@ class Trainer:
             "stage_s": traffic.stage_s,
             "update_s": traffic.update_s,
         }
+
+    def _forward_with_replay(self, chunk: list[Encoded], labelled: int) -> tuple[float, float]:
+        """One micro-batch forward and backward carrying the step's replayed background
+        examples (:mod:`meft.retain`) after ``chunk``'s: loss = the chunk's answer-token
+        cross-entropy sum / ``labelled`` + the replay loss. Their accesses are not counted.
+        Returns the chunk's loss sum and the replay loss."""
+        assert self.retainer is not None
+        replayed, chosen = self.retainer.replay_examples(self.step)
+        batch = collate([*chunk, *replayed], self.pad_id)
+        counted = batch["attention_mask"].clone()
+        counted[len(chunk):] = 0  # (B, L): the replayed rows are not the step's accesses
+        with self.retainer.watch(counted):
+            logits, labels = labelled_logits(self.model, batch)  # (M, V), (M,): rows in order
+        m = sum(e.target_tokens for e in chunk)
+        loss_sum = F.cross_entropy(logits[:m].float(), labels[:m], reduction="sum")
+        replay = self.retainer.replay_loss(logits[m:], labels[m:], chosen)
+        (loss_sum / max(1, labelled) + replay).backward()
+        return float(loss_sum.detach()), float(replay.detach())
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
@@ -367,8 +393,8 @@ class Trainer:
         path = root / f"step-{self.step:08d}"
         if not (path / "trainer_state.json").is_file():  # already saved at this step
             tensors = self.optimizers.state_tensors()
-            if self.retainer is not None and self.retainer.background is not None:
-                tensors.update(self.retainer.background.tensors())
+            if self.retainer is not None:
+                tensors.update(self.retainer.tensors())
             save_checkpoint(path, self._adapter(), tensors, self.state(),
                             rng=torch.get_rng_state())
         arrays = self.trainable.arrays
@@ -394,8 +420,7 @@ class Trainer:
                                            tables=arrays is None)
         self.optimizers.load_state_tensors(tensors)
         if self.retainer is not None:  # the statistics training started with, not new ones
-            self.retainer.background = Background.from_tensors(
-                tensors, list(self._adapter().adapters))
+            self.retainer.restore(tensors)
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]

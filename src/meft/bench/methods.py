@@ -14,9 +14,11 @@
                              --retain-* flags, against --background (default: the base
                              model's own answers to the shipped prompts); settings may follow,
                              overriding the flags for this method: ``+retain:kl:256:values:
-                             frozen:pen0.5:hub0.5`` (score tfidf|kl, rows t or all, update
-                             values|keys, router frozen|trained, output penalty, hub share),
-                             so one comparison can sweep them
+                             frozen:pen0.5:hub0.5:rep4`` (score tfidf|kl, rows t or all,
+                             update values|keys, router frozen|trained, output penalty, hub
+                             share, examples replayed per step, replay towards the kept
+                             distributions or the answers: distill|answers), so one
+                             comparison can sweep them
     full                     full fine-tuning: every base weight trained (the upper anchor for
                              learning and for forgetting)
 
@@ -104,7 +106,8 @@ RETAIN_WORDS: dict[str, tuple[str, Any]] = {
     "tfidf": ("retain_score", "tfidf"), "kl": ("retain_score", "kl"),
     "values": ("retain_update", "values"), "keys": ("retain_update", "keys+values"),
     "frozen": ("retain_router", "frozen"), "trained": ("retain_router", "trained"),
-    "all": ("retain_rows", 0)}
+    "all": ("retain_rows", 0), "distill": ("retain_replay_target", "distill"),
+    "answers": ("retain_replay_target", "answers")}
 
 
 STATE_SETTINGS = {"bf16": ("storage_dtype", "bfloat16"), "8bit": ("optim_state", "8bit"),
@@ -118,12 +121,15 @@ def _retain_setting(token: str) -> tuple[str, Any] | None:
     if token.isdigit() and int(token) > 0:
         return "retain_rows", int(token)
     for prefix, field, ok in (("pen", "retain_penalty", lambda v: v >= 0),
-                              ("hub", "retain_hubs", lambda v: v > 0)):
+                              ("hub", "retain_hubs", lambda v: v > 0),
+                              ("rep", "retain_replay", lambda v: v >= 0 and v == int(v))):
         if token.startswith(prefix):
             try:
                 value = float(token[len(prefix):])
             except ValueError:
                 return None
+            if field == "retain_replay" and ok(value):
+                return field, int(value)
             return (field, value) if ok(value) else None
     return None
 
@@ -136,8 +142,10 @@ def parse_method(text: str) -> Method:
         if bad:
             raise ConfigError(f"method {text!r}: unknown protection setting {bad[0]!r} "
                               f"(expected tfidf, kl, rows as a positive integer or all, "
-                              f"values, keys, frozen, trained, penW for a penalty W, or hubS "
-                              f"to never train rows a share S of the background reads)")
+                              f"values, keys, frozen, trained, distill, answers, penW for "
+                              f"a penalty W, hubS to never train rows a share S of the "
+                              f"background reads, or repR to replay R background examples "
+                              f"per step)")
         return dataclasses.replace(parse_method(base), retain=True, retain_settings=tokens)
     parts = text.split(":")
     if text == "full":

@@ -283,7 +283,8 @@ def machines(results: Sequence[dict[str, Any]]) -> list[str]:
         key = (str(env.get("cpu")), str(env.get("threads")), str(env.get("git_commit"))[:7],
                str(env.get("torch")))
         groups.setdefault(key, []).append(f"{r['method']}@{r['lr']:g}")
-    return [f"{cpu}, {threads} threads, commit {commit}, torch {torch_}: {', '.join(runs)}"
+    return [f"{cpu}, {threads} thread{'' if threads == '1' else 's'}, commit {commit}, "
+            f"torch {torch_}: {', '.join(runs)}"
             for (cpu, threads, commit, torch_), runs in groups.items()]
 
 
@@ -304,16 +305,17 @@ def write_report(output: Path, command: str | None = None) -> dict[str, Any]:
     first = results[0] if results else {}  # none: every method failed, nothing before
     tc = first.get("train_config") or {}
     where = machines(results)
-    cpus = {(r.get("environment") or {}).get("cpu") for r in results}
+    setups = {(env.get("cpu"), env.get("threads"))
+              for env in ((r.get("environment") or {}) for r in results)}
     header = (f"{first.get('model')}, {first.get('data')}; {first.get('steps')} steps x "
               f"{tc.get('batch_size')} examples, seed {tc.get('seed')}\n\n"
               + "".join(f"command: {c}\n" for c in dict.fromkeys(
                   [*(r["command"] for r in results if r.get("command")),
                    *([command] if command else [])]))
               + "\nRuns made on:\n\n" + "".join(f"- {w}\n" for w in where)).rstrip()
-    if len(cpus) > 1:
-        header += ("\n\nWARNING: these runs come from different CPUs; step times and tokens/s "
-                   "compare only between runs of one CPU")
+    if len(setups) > 1:
+        header += ("\n\nWARNING: these runs come from different CPUs or thread counts; step "
+                   "times and tokens/s compare only between runs of one CPU and thread count")
     warnings = edge_warnings(chosen)
     text = (f"{header}\n\nEach method at its chosen rate (best validation exact match):\n\n"
             f"{markdown_table(chosen)}\n\n" + "".join(w + "\n" for w in warnings)

@@ -66,7 +66,9 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     base_bytes = _bytes(base_params)
     trainable = build(method, model, job, device)
     retainer = None
-    if method.retain:
+    if not method.retain:  # meft:N is meft without protection; meft:N+retain adds it
+        tconfig = dataclasses.replace(tconfig, retain="off")
+    else:
         if background is None or trainable.adapter is None:
             raise ValueError(f"{method.name} needs background samples")
         tconfig = dataclasses.replace(tconfig, retain="on", **method.retain_overrides())
