@@ -14,6 +14,15 @@ import pytest
 from helpers import save_tiny_llama
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _meft_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never write to the user's ~/.cache/meft: generated background text (meft train
+    protects by default) is cached once per session in a temporary directory."""
+    import os
+
+    os.environ["MEFT_CACHE"] = str(tmp_path_factory.mktemp("meft-cache"))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes seconds to minutes; deselect with "
                                        "-m 'not slow'")

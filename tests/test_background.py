@@ -64,6 +64,18 @@ def test_the_model_background_is_generated_once_and_cached(
     assert fingerprint(other, tokenizer) != fingerprint(model, tokenizer)
 
 
+def test_an_unwritable_cache_costs_the_cache_not_the_run(
+        tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MEFT_CACHE", str(blocker / "cache"))  # a directory under a file
+    model = tiny_for(tokenizer)
+    samples = model_background(model, tokenizer, progress=False)
+    assert len(samples) == 672 and list(tmp_path.iterdir()) == [blocker]
+    assert "background text not cached" in capsys.readouterr().err
+
+
 def test_the_users_background_file(tokenizer, data_file: Path) -> None:  # type: ignore[no-untyped-def]
     samples, desc = load_background(data_file, None, tokenizer)
     assert len(samples) == 12 and desc == f"12 records of {data_file}"

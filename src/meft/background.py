@@ -16,6 +16,7 @@ replay keeps behaviour, not truth. ``--background FILE`` gives the user's own (a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from meft.console import say
 from meft.data import Sample, load_samples, write_jsonl
 from meft.evaluate import generate_answers
 
@@ -155,10 +157,16 @@ def model_background(model: Any, tokenizer: Any, *, batch_size: int = 32,
                                  {"role": "assistant", "content": a or "..."}), "",
                       (a or "...",), s.source)
                for s, a in zip(prompts, answers, strict=True)]
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    write_jsonl(samples, tmp)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(samples, tmp)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except OSError as err:  # an unwritable cache costs the next run the generation, no more
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        say(f"background text not cached ({err.strerror or err}: {path.parent}); set "
+            "MEFT_CACHE to a writable directory to keep it for the next run")
     return samples
 
 
