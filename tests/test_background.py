@@ -160,3 +160,35 @@ def test_train_from_a_saved_adapter_keeps_its_rows_under_protection(
                                b[name.replace("values", "keys")][written])
             changed |= not torch.equal(a[name], b[name])
     assert changed  # the second run learned in other rows
+
+
+def test_protection_for_a_loop_of_your_own_is_meft_trains_default(
+        tokenizer, data_file: Path) -> None:  # type: ignore[no-untyped-def]
+    """meft.retain.protection (what MeftTrainer users pass as retainer=) builds what meft
+    train builds by default: its settings and the statistics measured on the same text."""
+    from helpers import meft_config
+    from meft.config import TrainConfig
+    from meft.data import load_samples
+    from meft.model import get_meft_model
+    from meft.retain import Retainer, protection
+
+    def wrapped():  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        return get_meft_model(tiny_for(tokenizer), meft_config())
+
+    got = protection(wrapped(), tokenizer, data_file, progress=False)
+    want = Retainer.from_config(wrapped(), TrainConfig(), load_samples(data_file), tokenizer,
+                                progress=False)
+    defaults = TrainConfig()
+    assert (got.rows, got.replay, got.replay_target, got.score, got.router, got.keys) == (
+        defaults.retain_rows, defaults.retain_replay, defaults.retain_replay_target,
+        defaults.retain_score, defaults.retain_router == "trained",
+        defaults.retain_update == "keys+values")
+    assert got.background is not None and got.background.documents == 12
+    assert got.tensors().keys() == want.tensors().keys()
+    for name, t in want.tensors().items():
+        assert torch.equal(got.tensors()[name], t), name
+    assert got.background.examples == want.background.examples  # type: ignore[union-attr]
+    # without a file: the base model's own answers to the shipped prompts
+    own = protection(wrapped(), tokenizer, progress=False)
+    assert own.background is not None and own.background.documents == 672

@@ -17,9 +17,11 @@ save them. :class:`MeftTrainerMixin` changes exactly that and nothing else:
                  pickled; ``train(resume_from_checkpoint=True)`` continues bit for bit
     logs         ``meft_union`` (mean rows per layer per step) and ``meft_mb_moved`` (host <->
                  device MB per step), averaged since the last log
-    protection   ``retainer=`` (:class:`meft.retain.Retainer`): each micro-batch's accesses
-                 counted, the rows selected (and the replay and output penalty added) before
-                 clipping, as ``meft train --retain on`` does
+    protection   ``retainer=`` (:class:`meft.retain.Retainer`;
+                 ``meft.retain.protection(model, tokenizer)`` builds meft train's default): each
+                 micro-batch's accesses counted, the rows selected (and the replay, in a pass of
+                 its own, and the output penalty added) before clipping, as ``meft train
+                 --retain on`` does. Off unless given: a Trainer has no background text
 
 Everything else (gradient accumulation, ``logging_steps``, ``eval_strategy``,
 ``save_total_limit``, callbacks) is the Trainer's own. Use it as the Trainer:

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from meft._version import __version__
-from meft.background import load_background
 from meft.checkpoint import list_checkpoints
 from meft.config import (
     BenchJob,
@@ -49,7 +48,7 @@ from meft.errors import DataError, RunDirectoryError, TrainingDiverged
 from meft.evaluate import answered, evaluate
 from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model
 from meft.model import MeftModel, get_meft_model, read_adapter
-from meft.retain import Retainer
+from meft.retain import Retainer, protection
 from meft.retention import PROBE_FILE, RetentionProbe
 from meft.retention import describe as describe_retention
 from meft.serialization import prepare_output
@@ -276,14 +275,9 @@ def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunCo
     read from the checkpoint (the ones the run started with)."""
     if tconfig.retain != "on":
         return None
-    samples = None
-    if not resumed:
-        with model.disable_adapter():
-            samples, desc = load_background(run.background, model.base_model, tokenizer,
-                                            progress=tconfig.progress)
-        say(f"background: {desc}")
-    retainer = Retainer.from_config(model, tconfig, samples, tokenizer,
-                                    progress=tconfig.progress)
+    retainer = (Retainer.from_config(model, tconfig, None, tokenizer) if resumed
+                else protection(model, tokenizer, run.background, config=tconfig,
+                                progress=tconfig.progress))
     say(retainer.summary())
     return retainer
 

@@ -81,6 +81,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -89,6 +90,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from meft.config import TrainConfig
+from meft.console import say
 from meft.data import Encoded, Sample, collate, encode_all
 from meft.errors import SerializationError
 from meft.evaluate import labelled_logits
@@ -549,6 +551,26 @@ class Retainer:
                    "distill" else "trained on their answers")
             penalty += f", {self.replay} background examples replayed per step ({how})"
         return (f"forgetting protection: {selection}, {parts}, {router}{penalty}{kept}")
+
+
+def protection(model: MeftModel, tokenizer: Any,
+               background: str | Path | Sequence[Sample] | None = None, *,
+               config: TrainConfig | None = None, progress: bool = True) -> Retainer:
+    """``meft train``'s default forgetting protection for a training loop of your own (pass it
+    to ``MeftTrainer(retainer=...)``): ``config``'s ``retain_*`` settings (default: meft train's
+    defaults), measured on ``background`` (a file ``--data`` reads, samples, or None: the base
+    model's own answers to the shipped prompts, generated once and cached; meft.background)
+    with the adapter as it is now. Call it before training."""
+    from meft.background import load_background
+
+    config = config if config is not None else TrainConfig()
+    if background is None or isinstance(background, (str, Path)):
+        with model.disable_adapter():
+            background, desc = load_background(background, model.base_model, tokenizer,
+                                               progress=progress)
+        say(f"background: {desc}")
+    return Retainer.from_config(model, config, list(background), tokenizer,
+                                progress=progress)
 
 
 def _layers(model: MeftModel) -> list[tuple[str, OffloadedSparseAdapter]]:
