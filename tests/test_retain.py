@@ -331,6 +331,22 @@ def test_without_selection_rows_written_before_and_keys_still_hold(tmp_path: Pat
     assert checked >= 2 * len(model.adapters)
 
 
+def test_written_rows_train_when_asked(tmp_path: Path) -> None:
+    """written=False (--retain-written train): rows an earlier adapter wrote train like the
+    others (the default, written=True, keeps them: the test above)."""
+    model = get_meft_model(tiny("llama"), meft_config())
+    for s in model.stores:
+        s.values[:16].normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    before = [s.values[:16].clone() for s in model.stores]
+    bg = Background.measure(model, examples(12, seed=5), pad_id=0, progress=False)
+    retainer = Retainer(model, bg, rows=0, written=False)
+    assert not any(p.any() for p in retainer.protected.values())
+    Trainer(model, examples(), TrainConfig(steps=3, batch_size=4, lr=1e-2, progress=False),
+            tmp_path / "run", pad_id=0, retainer=retainer).train()
+    assert any(not torch.equal(s.values[:16], b) for s, b in zip(model.stores, before,
+                                                                 strict=True))
+
+
 def test_replay_adds_the_answer_loss_of_the_next_examples_of_a_fixed_shuffle() -> None:
     """Step s replays examples s*R .. s*R+R-1 of one fixed shuffle of the background; its
     loss is their answer loss, and its gradient skips rows written before."""

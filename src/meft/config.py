@@ -352,6 +352,9 @@ class TrainConfig:
                                        "own next-token distributions as training starts "
                                        "(distill), or the background's answers (answers)",
                                        choices=("distill", "answers"))
+    retain_written: str = option("keep", "rows an earlier adapter wrote (training from "
+                                 "--adapter): kept as they are, or trained like the others",
+                                 choices=("keep", "train"))
     progress: bool = option(True, "progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:

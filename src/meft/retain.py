@@ -332,7 +332,8 @@ class Retainer:
                  score: str = "tfidf", rows: int = 512, keys: bool = True,
                  router: bool = True, penalty: float = 0.0,
                  penalty_tokens: int = PENALTY_TOKENS, hubs: float = 1.0, replay: int = 0,
-                 replay_target: str = "distill", pad_id: int = 0) -> None:
+                 replay_target: str = "distill", written: bool = True,
+                 pad_id: int = 0) -> None:
         if replay_target not in REPLAY_TARGETS:
             raise ValueError(f"replay_target must be one of {REPLAY_TARGETS}, got "
                              f"{replay_target!r}")
@@ -350,8 +351,10 @@ class Retainer:
         self.replay, self.replay_target, self.pad_id = replay, replay_target, pad_id
         self.counters = _attach(model)
         # rows an earlier run wrote (values start at zero): never selected, so what the
-        # adapter already learned stays as it was (continual learning)
-        self.protected = {layer: a.store.values.abs().amax(1) > 0 for layer, a in _layers(model)}
+        # adapter already learned stays as it was (continual learning); written=False trains
+        # them like the others
+        self.protected = {layer: (a.store.values.abs().amax(1) > 0) & written
+                          for layer, a in _layers(model)}
         self.allowed: dict[str, Tensor] = {}  # per layer (N,): the rows this step may train
 
     def tensors(self) -> dict[str, Tensor]:
@@ -531,6 +534,7 @@ class Retainer:
                    router=config.retain_router == "trained", penalty=config.retain_penalty,
                    hubs=config.retain_hubs, replay=config.retain_replay,
                    replay_target=config.retain_replay_target,
+                   written=config.retain_written == "keep",
                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     def summary(self) -> str:
