@@ -353,7 +353,8 @@ class Retainer:
         # rows an earlier run wrote (values start at zero): never selected, so what the
         # adapter already learned stays as it was (continual learning); written=False trains
         # them like the others
-        self.protected = {layer: (a.store.values.abs().amax(1) > 0) & written
+        self.protected = {layer: a.store.values.abs().amax(1) > 0 if written
+                          else torch.zeros(a.store.n_neurons, dtype=torch.bool)
                           for layer, a in _layers(model)}
         self.allowed: dict[str, Tensor] = {}  # per layer (N,): the rows this step may train
 

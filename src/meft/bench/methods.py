@@ -120,17 +120,16 @@ def _retain_setting(token: str) -> tuple[str, Any] | None:
         return RETAIN_WORDS[token]
     if token.isdigit() and int(token) > 0:
         return "retain_rows", int(token)
-    for prefix, field, ok in (("pen", "retain_penalty", lambda v: v >= 0),
-                              ("hub", "retain_hubs", lambda v: v > 0),
-                              ("rep", "retain_replay", lambda v: v >= 0 and v == int(v))):
+    for prefix, field, ok, kind in (
+            ("pen", "retain_penalty", lambda v: v >= 0, float),
+            ("hub", "retain_hubs", lambda v: v > 0, float),
+            ("rep", "retain_replay", lambda v: v >= 0 and v == int(v), int)):
         if token.startswith(prefix):
             try:
                 value = float(token[len(prefix):])
             except ValueError:
                 return None
-            if field == "retain_replay" and ok(value):
-                return field, int(value)
-            return (field, value) if ok(value) else None
+            return (field, kind(value)) if ok(value) else None
     return None
 
 
