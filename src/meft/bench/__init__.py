@@ -66,6 +66,7 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
     output = prepare_output(bench.output, overwrite=bench.overwrite, prefix="bench-",
                             hint=" to add runs to it,")
     config = job.to_dict()
+    progress = job.train.get("progress", True)
     fresh = []
     with tempfile.TemporaryDirectory(prefix="meft-bench-") as tmp:
         # every run loads this copy of the base model, saved once as safetensors (fast to
@@ -77,7 +78,8 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         if run.data is None and run.dataset == "airports":  # only what the model lacks
             splits = drop_known(splits, answered(
                 base, tokenizer, splits.test, max_new_tokens=run.max_new_tokens,
-                batch_size=run.eval_batch_size, desc="known facts"))
+                batch_size=run.eval_batch_size, desc="known facts",
+                progress=progress))
             say(f"bench: {splits.description}")
         tokenizer.save_pretrained(tmp)
         save_plain_copy(base, tmp)
@@ -88,13 +90,13 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         if run.retention and bench.evaluate:
             probe = RetentionProbe.build(base, tokenizer, max_new_tokens=run.max_new_tokens,
                                          batch_size=run.eval_batch_size,
-                                         progress=job.train.get("progress", True))
+                                         progress=progress)
             probe.save(Path(tmp) / "probe.json")
             worker_args = ["--probe", str(Path(tmp) / "probe.json")]
             say(f"bench: retention probe: {probe.summary()}")
         if any(method.retain for method, _ in entries):
             samples, desc = load_background(run.background, base, tokenizer,
-                                            progress=job.train.get("progress", True))
+                                            progress=progress)
             write_jsonl(samples, Path(tmp) / "background.jsonl")
             worker_args += ["--background", str(Path(tmp) / "background.jsonl")]
             say(f"bench: background for +retain: {desc}")
