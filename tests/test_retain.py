@@ -11,7 +11,7 @@ import torch
 
 from helpers import meft_config, tiny
 from meft.data import Encoded, collate
-from meft.evaluate import answer_loss, token_loss_sum
+from meft.evaluate import answer_loss, labelled_logits, token_loss_sum
 from meft.model import MeftModel, get_meft_model, tensor_name
 from meft.retain import (
     AccessCounter,
@@ -538,3 +538,84 @@ def test_a_resumed_run_does_not_protect_the_rows_it_wrote_itself(tmp_path: Path)
             retainer=again).restore(trainer.save_checkpoint())
     assert not any(m.any() for m in again.protected.values())
     assert again.background is not None and again.background.documents == 12
+
+
+def test_rehearsal_is_a_replay_stream_of_its_own() -> None:
+    """Earlier examples (the last ``rehearsal`` of the background's examples) are replayed
+    ``rehearse`` per step from their own fixed shuffle, after the background's, which stay
+    the ones a background without them replays; the loss is each stream's distillation mean,
+    summed; the count rides in the saved statistics."""
+    model = get_meft_model(tiny("llama"), meft_config())
+    background, earlier = examples(10, seed=6), examples(5, seed=7)
+    plain = background_of(model)
+    plain.examples = list(background)
+    bg = background_of(model)
+    bg.examples, bg.rehearsal = [*background, *earlier], 5
+    bg.keep_distributions(model, pad_id=0, batch_size=4)
+    retainer = Retainer(model, bg, rows=0, replay=2, rehearse=3, pad_id=0)
+    assert retainer.replayed == 5
+    seen = []
+    for step in range(5):
+        replayed, chosen = retainer.replay_examples(step)
+        assert len(replayed) == 5 and (chosen[:2] < 10).all() and (chosen[2:] >= 10).all()
+        assert torch.equal(chosen[:2], Retainer(model, plain, replay=2).replay_examples(step)[1])
+        seen += chosen[2:].tolist()
+    assert sorted(seen) == sorted(list(range(10, 15)) * 3)  # every earlier one, in turn
+    for s in model.stores:
+        s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+    got = retainer.replay_backward(step=1)
+    _, chosen = retainer.replay_examples(1)
+    start = get_meft_model(tiny("llama"), meft_config())  # the model as it was
+    want = 0.0
+    for part in (chosen[:2], chosen[2:]):
+        picked = [bg.examples[int(i)] for i in part]
+        fresh = Background(bg.counts, bg.df, bg.documents, examples=picked)
+        fresh.keep_distributions(start, pad_id=0)
+        with torch.no_grad():
+            logits, _ = labelled_logits(model, collate(picked, 0))
+        assert fresh.top_ids is not None and fresh.top_p is not None
+        want += float(distill_loss(logits, fresh.top_ids, fresh.top_p))
+    assert got == pytest.approx(want, rel=1e-4)
+    layers = list(bg.counts)
+    assert Background.from_tensors(bg.tensors(), layers).rehearsal == 5
+    assert Background.from_tensors(plain.tensors(), layers).rehearsal == 0
+    no_rehearsal = Retainer(model, plain, replay=2, rehearse=3)  # nothing to rehearse
+    assert no_rehearsal.replayed == 2
+
+
+def test_rehearsal_keeps_what_an_earlier_adapter_learned(tmp_path: Path) -> None:
+    """Continual learning in miniature: an adapter learns set A, then trains on set B with
+    every row trainable; rehearsing A's examples keeps A's answer loss far lower than no
+    rehearsal, and B is still learned."""
+    set_a, set_b = examples(16, seed=1, lo=2, hi=50), examples(16, seed=2, lo=50, hi=97)
+    config = TrainConfig(steps=12, batch_size=8, lr=3e-2, progress=False)
+    first = get_meft_model(_peaked(tiny("llama", layers=2)), meft_config(top_k=4))
+    Trainer(first, set_a, config, tmp_path / "a", pad_id=0).train()
+    learned = answer_loss(first, set_a, pad_id=0)
+    state = first.adapter_state()
+    after = {}
+    for name, rehearse in (("none", 0), ("rehearse", 8)):
+        model = get_meft_model(_peaked(tiny("llama", layers=2)), meft_config(top_k=4))
+        model.load_adapter_state(state)
+        bg = Background.measure(model, examples(12, seed=5), pad_id=0, progress=False)
+        bg.examples, bg.rehearsal = list(set_a), len(set_a)
+        bg.keep_distributions(model, pad_id=0)
+        retainer = Retainer(model, bg, rows=0, written=False, rehearse=rehearse, pad_id=0)
+        history = Trainer(model, set_b, config, tmp_path / name, pad_id=0,
+                          retainer=retainer).train().history
+        assert history[-1]["loss"] < 0.5 * history[0]["loss"]  # B is learned
+        after[name] = answer_loss(model, set_a, pad_id=0)
+    assert learned < 0.3 * after["none"], (learned, after)  # A was learned, then forgotten
+    assert after["rehearse"] < 0.5 * after["none"], (learned, after)
+
+
+def test_rehearse_needs_an_adapter_and_protection() -> None:
+    from meft.config import TrainJob
+    from meft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--rehearse"):
+        TrainJob.from_options({"rehearse": "a.jsonl"})
+    with pytest.raises(ConfigError, match="--rehearse"):
+        TrainJob.from_options({"rehearse": "a.jsonl", "adapter": "x", "retain": "off"})
+    job = TrainJob.from_options({"rehearse": "a.jsonl", "adapter": "x"})
+    assert job.run.rehearse == "a.jsonl" and job.train.retain_rehearse == 4

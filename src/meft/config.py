@@ -65,6 +65,7 @@ BENCH_STEPS, QUICK_STEPS, QUICK_MAX_EVAL = 60, 20, 24
 LORA_LR, LORA_LR_HIGH_RANK, LORA_HIGH_RANK = 3e-3, 1e-3, 32
 FULL_LR = 3e-4  # full fine-tuning's default rate: best of 1e-4,3e-4,1e-3 in the tuned comparison
 REPLAY = 2  # background examples replayed per step by default (benchmarks/results/retain-*)
+REHEARSE = 4  # earlier examples rehearsed per step (--rehearse; benchmarks/results/continual-*)
 
 _CHECKS = {
     "positive": (lambda v: v > 0, "positive"),
@@ -355,6 +356,8 @@ class TrainConfig:
     retain_written: str = option("keep", "rows an earlier adapter wrote (training from "
                                  "--adapter): kept as they are, or trained like the others",
                                  choices=("keep", "train"))
+    retain_rehearse: int = option(REHEARSE, "examples of --rehearse (the earlier data) "
+                                  "protection replays per step", check="nonneg")
     progress: bool = option(True, "progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:
@@ -395,6 +398,10 @@ class RunConfig:
     store: str = option("ram", "where the host tables and their AdamW moments live: ram, or "
                         "disk:DIR (memory-mapped files with a crash journal, for adapters "
                         "bigger than RAM)")
+    rehearse: str | None = option(None, "with --adapter and --retain on: the data that adapter "
+                                  "learned (any format --data reads), rehearsed each step so "
+                                  "it keeps it (--retain-rehearse)",
+                                  default_text="none")
     background: str | None = option(None, "background text for --retain on (any format --data "
                                     "reads): what the model should keep doing as before",
                                     default_text="the base model's own answers to 672 "
@@ -612,8 +619,11 @@ class TrainJob:
         parts = split_options(cls.SECTIONS, options, source=source)
         train = TrainConfig(**parts["train"])
         # one seed: the adapter's initialisation follows the training seed
-        return cls(MeftConfig(**parts["adapter"], seed=train.seed), train,
-                   RunConfig(**parts["run"]))
+        run = RunConfig(**parts["run"])
+        if run.rehearse is not None and (run.adapter is None or train.retain != "on"):
+            raise ConfigError("--rehearse keeps what an earlier adapter learned: it needs "
+                              "--adapter and --retain on")
+        return cls(MeftConfig(**parts["adapter"], seed=train.seed), train, run)
 
     def options(self) -> dict[str, Any]:
         """The flat option mapping that rebuilds this job (recorded fields only)."""

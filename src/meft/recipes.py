@@ -277,7 +277,7 @@ def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunCo
         return None
     retainer = (Retainer.from_config(model, tconfig, None, tokenizer) if resumed
                 else protection(model, tokenizer, run.background, config=tconfig,
-                                progress=tconfig.progress))
+                                progress=tconfig.progress, rehearse=run.rehearse))
     say(retainer.summary())
     return retainer
 

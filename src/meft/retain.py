@@ -65,7 +65,15 @@ with the background statistics, so a resumed run replays the same.
 Continual learning: rows whose values are already non-zero when the protection starts (an
 adapter trained before, ``meft train --adapter DIR``) are never trained, neither selected nor
 pulled by the penalty (with the selection off too), so what the adapter learned before keeps
-its rows.
+its rows (``written=False`` trains them like the others).
+
+Rehearsal (``rehearse`` > 0 and earlier training examples, ``meft train --rehearse FILE``):
+the earlier data join the replay as a stream of their own, ``rehearse`` examples per step
+(the next ones of their own fixed shuffle), distilled like the background's towards what the
+model, with the adapter it starts from, did on them. Their loss is the mean over their own
+answer positions, added at weight 1 beside the background's: what the earlier adapter
+answered stays its answer while new facts go into any row. They are not background: the
+access statistics do not count them.
 
 Hubs (``hubs`` < 1): rows that at least that share of the background documents read
 (df(i) >= hubs D) are never selected either. TF-IDF already scores them near zero and KL low,
@@ -168,6 +176,7 @@ class Background:
     examples: list[Encoded] = field(default_factory=list)
     top_ids: Tensor | None = None  # (M, R) int64
     top_p: Tensor | None = None  # (M, R) fp32
+    rehearsal: int = 0  # the last ones of examples are earlier training data (rehearsal)
 
     @classmethod
     @torch.no_grad()
@@ -247,6 +256,8 @@ class Background:
                 [i for e in self.examples for i in e.input_ids], dtype=torch.long)
             out[f"{PREFIX}replay.labels"] = torch.tensor(
                 [y for e in self.examples for y in e.labels], dtype=torch.long)
+            if self.rehearsal:
+                out[f"{PREFIX}replay.rehearsal"] = torch.tensor([self.rehearsal])
         if self.top_ids is not None and self.top_p is not None:
             out[f"{PREFIX}replay.top_ids"] = self.top_ids
             out[f"{PREFIX}replay.top_p"] = self.top_p
@@ -267,7 +278,8 @@ class Background:
                        int(tensors[f"{PREFIX}documents"].item()),
                        {k: tensors[f"{PREFIX}{k}.inputs"] for k in layers
                         if f"{PREFIX}{k}.inputs" in tensors}, examples,
-                       tensors.get(f"{PREFIX}replay.top_ids"), tensors.get(f"{PREFIX}replay.top_p"))
+                       tensors.get(f"{PREFIX}replay.top_ids"), tensors.get(f"{PREFIX}replay.top_p"),
+                       int(tensors.get(f"{PREFIX}replay.rehearsal", torch.zeros(1)).item()))
         except KeyError as e:
             raise SerializationError(f"background statistics {e.args[0]} missing (a checkpoint "
                                      "trained without --retain?)") from None
@@ -332,23 +344,24 @@ class Retainer:
                  score: str = "tfidf", rows: int = 512, keys: bool = True,
                  router: bool = True, penalty: float = 0.0,
                  penalty_tokens: int = PENALTY_TOKENS, hubs: float = 1.0, replay: int = 0,
-                 replay_target: str = "distill", written: bool = True,
+                 replay_target: str = "distill", written: bool = True, rehearse: int = 0,
                  pad_id: int = 0) -> None:
         if replay_target not in REPLAY_TARGETS:
             raise ValueError(f"replay_target must be one of {REPLAY_TARGETS}, got "
                              f"{replay_target!r}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if rows < 0 or penalty < 0 or penalty_tokens < 1 or replay < 0:
-            raise ValueError(f"rows, penalty and replay must be >= 0, penalty_tokens >= 1, got "
-                             f"rows={rows}, penalty={penalty}, replay={replay}, "
-                             f"penalty_tokens={penalty_tokens}")
+        if rows < 0 or penalty < 0 or penalty_tokens < 1 or replay < 0 or rehearse < 0:
+            raise ValueError(f"rows, penalty, replay and rehearse must be >= 0, penalty_tokens "
+                             f">= 1, got rows={rows}, penalty={penalty}, replay={replay}, "
+                             f"rehearse={rehearse}, penalty_tokens={penalty_tokens}")
         self.model = model
         self.background = background
         self.score, self.rows, self.keys, self.router = score, rows, keys, router
         self.penalty, self.penalty_tokens = penalty, penalty_tokens
         self.hubs = hubs
         self.replay, self.replay_target, self.pad_id = replay, replay_target, pad_id
+        self.rehearse = rehearse
         self.counters = _attach(model)
         # rows an earlier run wrote (values start at zero): never selected, so what the
         # adapter already learned stays as it was (continual learning); written=False trains
@@ -433,26 +446,69 @@ class Retainer:
         """After a protection term's backward: drop its gradient on rows written before."""
         self._train_only(adapter, ~self.protected[layer])
 
+    @property
+    def replayed(self) -> int:
+        """Examples replayed per step: the background's and the earlier data's."""
+        return self._counts()[0] + self._counts()[1]
+
+    def _counts(self) -> tuple[int, int]:
+        """(background, rehearsal) examples replayed per step: each stream only if it has
+        examples (a background with none and no replay asked is no error)."""
+        bg = self.background
+        if bg is None:
+            return self.replay, 0
+        return self.replay, (self.rehearse if bg.rehearsal else 0)
+
     def replay_order(self) -> Tensor:
-        """The fixed shuffle (D,) replay goes through."""
-        n = len(self.background.examples) if self.background is not None else 0
+        """The fixed shuffle (D,) background replay goes through."""
+        bg = self.background
+        n = len(bg.examples) - bg.rehearsal if bg is not None else 0
         return torch.randperm(n, generator=torch.Generator().manual_seed(REPLAY_SEED))
 
     def replay_examples(self, step: int) -> tuple[list[Encoded], Tensor]:
-        """The ``replay`` background examples of step ``step`` (the next ones of
-        :meth:`replay_order`) and their indices (R,), for :meth:`replay_loss`."""
+        """The examples replayed at step ``step``: ``replay`` background examples (the next
+        ones of :meth:`replay_order`), then ``rehearse`` earlier ones (the next ones of their
+        own shuffle); and their indices in the background's examples (R,), for
+        :meth:`replay_loss`."""
         bg = self.background
         examples = bg.examples if bg is not None else []
         if not examples:
             raise RuntimeError("replay needs the encoded background examples")
-        chosen = self.replay_order()[(torch.arange(self.replay) + step * self.replay)
-                                     % len(examples)]
+        assert bg is not None
+        n_bg = len(examples) - bg.rehearsal
+        n_bg_step, n_re_step = self._counts()
+        parts = []
+        if n_bg_step:
+            if not n_bg:
+                raise RuntimeError("background replay needs background examples")
+            parts.append(self.replay_order()[(torch.arange(n_bg_step) + step * n_bg_step)
+                                             % n_bg])
+        if n_re_step:
+            order = torch.randperm(bg.rehearsal,
+                                   generator=torch.Generator().manual_seed(REPLAY_SEED + 1))
+            parts.append(n_bg + order[(torch.arange(n_re_step) + step * n_re_step)
+                                      % bg.rehearsal])
+        chosen = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
         return [examples[int(i)] for i in chosen], chosen
 
     def replay_loss(self, logits: Tensor, labels: Tensor, chosen: Tensor) -> Tensor:
         """The replay loss (module doc) from the logits (M_r, V) at the answer positions of
         the examples ``chosen`` (:meth:`replay_examples`), in their order, and their answer
-        tokens (M_r,): mean over the positions."""
+        tokens (M_r,): per stream (background, rehearsal) the mean over its positions, summed."""
+        bg = self.background
+        assert bg is not None
+        n_bg = len(bg.examples) - bg.rehearsal
+        sizes = [bg.examples[int(i)].target_tokens for i in chosen]
+        split = sum(size for i, size in zip(chosen.tolist(), sizes, strict=True) if i < n_bg)
+        total = logits.new_zeros((), dtype=torch.float32)
+        for lo, hi, sel in ((0, split, chosen[chosen < n_bg]),
+                            (split, sum(sizes), chosen[chosen >= n_bg])):
+            if sel.numel():
+                total = total + self._stream_loss(logits[lo:hi], labels[lo:hi], sel)
+        return total
+
+    def _stream_loss(self, logits: Tensor, labels: Tensor, chosen: Tensor) -> Tensor:
+        """One stream's replay loss: mean over its answer positions."""
         if self.replay_target == "answers":
             return F.cross_entropy(logits.float(), labels, reduction="sum") / max(
                 1, labels.numel())
@@ -469,7 +525,7 @@ class Retainer:
         """Add the gradient of the replay loss of step ``step``'s examples in a pass of their
         own (the step's forward did not carry them), after :meth:`select_`: only the rows it
         let train get it, as in one backward with the step's. Returns the loss."""
-        if not self.replay:
+        if not self.replayed:
             return 0.0
         examples, chosen = self.replay_examples(step)
         logits, labels = labelled_logits(self.model, collate(examples, self.pad_id))
@@ -516,9 +572,12 @@ class Retainer:
     @classmethod
     def from_config(cls, model: MeftModel, config: TrainConfig,
                     background: Sequence[Sample] | None, tokenizer: Any, *,
-                    progress: bool = True) -> Retainer:
+                    progress: bool = True,
+                    rehearsal: Sequence[Sample] | None = None) -> Retainer:
         """The protection ``config`` asks for (``retain_*`` fields); its statistics measured
-        now over ``background`` samples, or None: restored from a checkpoint later."""
+        now over ``background`` samples, or None: restored from a checkpoint later.
+        ``rehearsal``: earlier training data to rehearse (``config.retain_rehearse`` per
+        step)."""
         stats = None
         if background is not None:
             encoded = encode_all(background, tokenizer, config.max_length, "background")
@@ -528,14 +587,18 @@ class Retainer:
                                        else 0)
             if config.retain_replay:
                 stats.examples = [e.first_targets(REPLAY_TOKENS) for e in encoded]
-                if config.retain_replay_target == "distill":
-                    stats.keep_distributions(model, tokenizer.pad_token_id or 0)
+            if rehearsal and config.retain_rehearse:
+                earlier = encode_all(rehearsal, tokenizer, config.max_length, "rehearsal")
+                stats.examples += [e.first_targets(REPLAY_TOKENS) for e in earlier]
+                stats.rehearsal = len(earlier)
+            if stats.examples and config.retain_replay_target == "distill":
+                stats.keep_distributions(model, tokenizer.pad_token_id or 0)
         return cls(model, stats, score=config.retain_score, rows=config.retain_rows,
                    keys=config.retain_update == "keys+values",
                    router=config.retain_router == "trained", penalty=config.retain_penalty,
                    hubs=config.retain_hubs, replay=config.retain_replay,
                    replay_target=config.retain_replay_target,
-                   written=config.retain_written == "keep",
+                   written=config.retain_written == "keep", rehearse=config.retain_rehearse,
                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     def summary(self) -> str:
@@ -551,22 +614,29 @@ class Retainer:
                    "tokens per layer and step" if self.penalty else "")
         if self.hubs < 1:
             penalty += f", rows {self.hubs:g} of the background reads never trained"
-        if self.replay:
-            how = ("distilled: their next-token distributions kept" if self.replay_target ==
-                   "distill" else "trained on their answers")
-            penalty += f", {self.replay} background examples replayed per step ({how})"
+        how = ("distilled: their next-token distributions kept" if self.replay_target ==
+               "distill" else "trained on their answers")
+        n_bg, n_re = self._counts()
+        if n_bg:
+            penalty += f", {n_bg} background examples replayed per step ({how})"
+        if n_re:
+            assert bg is not None
+            penalty += f", {n_re} of {bg.rehearsal} earlier examples rehearsed per step"
         return (f"forgetting protection: {selection}, {parts}, {router}{penalty}{kept}")
 
 
 def protection(model: MeftModel, tokenizer: Any,
                background: str | Path | Sequence[Sample] | None = None, *,
-               config: TrainConfig | None = None, progress: bool = True) -> Retainer:
+               config: TrainConfig | None = None, progress: bool = True,
+               rehearse: str | Path | Sequence[Sample] | None = None) -> Retainer:
     """``meft train``'s default forgetting protection for a training loop of your own (pass it
     to ``MeftTrainer(retainer=...)``): ``config``'s ``retain_*`` settings (default: meft train's
     defaults), measured on ``background`` (a file ``--data`` reads, samples, or None: the base
     model's own answers to the shipped prompts, generated once and cached; meft.background)
-    with the adapter as it is now. Call it before training."""
+    with the adapter as it is now. ``rehearse``: the data an adapter you go on from was trained
+    on (a file or samples), replayed to keep what it learned. Call it before training."""
     from meft.background import load_background
+    from meft.data import load_samples
 
     config = config if config is not None else TrainConfig()
     if background is None or isinstance(background, (str, Path)):
@@ -574,8 +644,11 @@ def protection(model: MeftModel, tokenizer: Any,
             background, desc = load_background(background, model.base_model, tokenizer,
                                                progress=progress)
         say(f"background: {desc}")
+    if isinstance(rehearse, (str, Path)):
+        rehearse = load_samples(rehearse)
     return Retainer.from_config(model, config, list(background), tokenizer,
-                                progress=progress)
+                                progress=progress,
+                                rehearsal=list(rehearse) if rehearse is not None else None)
 
 
 def _layers(model: MeftModel) -> list[tuple[str, OffloadedSparseAdapter]]:

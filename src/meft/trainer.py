@@ -242,7 +242,7 @@ class Trainer:
                   if par is None else par.micro_batches(examples, micro))
         loss_total = 0.0
         replay_loss: float | None = None
-        carry = self.retainer is not None and self.retainer.replay > 0  # the first forward
+        carry = self.retainer is not None and self.retainer.replayed > 0  # the first forward
         self.model.train()
         for chunk in chunks:
             if not chunk:  # this rank's share ran out: serve the others' row requests
