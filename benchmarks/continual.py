@@ -4,7 +4,8 @@
 
 Two invented knowledge sets A and B (seeds 0 and 1, ``--people`` people x 4 facts each) are
 written to DIR/data as JSONL. For each mode M of ``--modes`` (``off``: ``--retain off``; ``on``:
-``--retain on``; the given flags apply to both stages):
+``--retain on``; ``rehearse``: ``--retain on``, and the second stage also ``--rehearse
+A/train --retain-written train``; the given flags apply to both stages):
 
     DIR/M/first    meft train --data A/train --eval-data A/test --retain M
     DIR/M/second   meft train --adapter DIR/M/first/adapter --data B/train --eval-data B/test
@@ -70,7 +71,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", type=Path, required=True, help="a new directory")
     p.add_argument("--people", type=int, default=15, help="people per set (4 facts each)")
-    p.add_argument("--modes", default="off,on", help="--retain values to compare")
+    p.add_argument("--modes", default="off,on,rehearse", help="modes to compare (off, on, "
+                   "rehearse)")
     args, flags = p.parse_known_args()
     if args.output.exists() and any(args.output.iterdir()):
         sys.exit(f"--output {args.output} exists and is not empty (results are never "
@@ -83,16 +85,22 @@ def main() -> None:
         _write(ks.eval, data / f"{name}_test.jsonl")
     meft = [sys.executable, "-m", "meft"]
     rows = []
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    if set(modes) - {"off", "on", "rehearse"}:
+        sys.exit(f"--modes: off, on or rehearse, got {args.modes!r}")
+    for mode in modes:
         out = args.output / mode
         out.mkdir()
-        common = ["--no-progress", "--no-plots", "--retain", mode, *flags]
+        common = ["--no-progress", "--no-plots", "--retain", "off" if mode == "off" else "on",
+                  *flags]
+        second_flags = (["--rehearse", str(data / "a_train.jsonl"), "--retain-written",
+                         "train"] if mode == "rehearse" else [])
         _run([*meft, "train", "--data", str(data / "a_train.jsonl"), "--eval-data",
               str(data / "a_test.jsonl"), "--output", str(out / "first"), *common],
              out / "first.log")
         _run([*meft, "train", "--adapter", str(out / "first" / "adapter"), "--data",
               str(data / "b_train.jsonl"), "--eval-data", str(data / "b_test.jsonl"),
-              "--output", str(out / "second"), "--no-eval-before",
+              "--output", str(out / "second"), "--no-eval-before", *second_flags,
               *_pick(common, SHAPE_FLAGS, keep=False)], out / "second.log")
         evaluate = [*meft, "eval", "--adapter", str(out / "second" / "adapter"), "--data",
                     str(data / "a_test.jsonl"), *_pick(flags, EVAL_FLAGS, keep=True)]
@@ -119,7 +127,7 @@ def main() -> None:
         f"`{summary['command']}`", "",
         f"Machine: {env['cpu']}, {env['cpu_count']} cores, {env['threads']} threads, torch "
         f"{env['torch']}, commit {env['git_commit']}, {env['date_utc']}.", "",
-        "| --retain | A EM after A | A EM after B | A kept | B EM after B | retention after B "
+        "| mode | A EM after A | A EM after B | A kept | B EM after B | retention after B "
         "| general loss Δ after B |", "|---|---|---|---|---|---|---|",
         *[f"| {r['mode']} | {pct(r['a_after_a'])} | {pct(r['a_after_b'])} | "
           f"{pct(r['a_kept'])} | {pct(r['b_after_b'])} | {pct(r['retention_after_b'])} | "
