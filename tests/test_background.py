@@ -160,6 +160,19 @@ def test_train_from_a_saved_adapter_keeps_its_rows_under_protection(
                                b[name.replace("values", "keys")][written])
             changed |= not torch.equal(a[name], b[name])
     assert changed  # the second run learned in other rows
+    # --rehearse: the first run's data replayed instead, its rows train (--retain-written auto)
+    rehearsed = tmp_path / "rehearsed"
+    assert main(["train", *common, "--data", str(second_data), "--adapter",
+                 str(first / "adapter"), "--rehearse", str(data_file), "--output",
+                 str(rehearsed)]) == 0
+    err = capsys.readouterr().err
+    assert "earlier examples rehearsed per step" in err and "rows written earlier" not in err
+    c = load_file(rehearsed / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(a[n][a[n].abs().amax(1) > 0], c[n][a[n].abs().amax(1) > 0])
+               for n in a if n.endswith("values"))
+    assert main(["train", *common, "--data", str(second_data), "--rehearse", str(data_file),
+                 "--output", str(tmp_path / "no-adapter")]) == 2
+    assert "--rehearse keeps what an earlier adapter learned" in capsys.readouterr().err
 
 
 def test_protection_for_a_loop_of_your_own_is_meft_trains_default(

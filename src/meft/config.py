@@ -353,9 +353,10 @@ class TrainConfig:
                                        "own next-token distributions as training starts "
                                        "(distill), or the background's answers (answers)",
                                        choices=("distill", "answers"))
-    retain_written: str = option("keep", "rows an earlier adapter wrote (training from "
-                                 "--adapter): kept as they are, or trained like the others",
-                                 choices=("keep", "train"))
+    retain_written: str = option("auto", "rows an earlier adapter wrote (training from "
+                                 "--adapter): kept as they are, trained like the others, or "
+                                 "auto: kept, unless --rehearse keeps what they learned",
+                                 choices=("auto", "keep", "train"))
     retain_rehearse: int = option(REHEARSE, "examples of --rehearse (the earlier data) "
                                   "protection replays per step", check="nonneg")
     progress: bool = option(True, "progress bars", flag="--no-progress")

@@ -598,7 +598,9 @@ class Retainer:
                    router=config.retain_router == "trained", penalty=config.retain_penalty,
                    hubs=config.retain_hubs, replay=config.retain_replay,
                    replay_target=config.retain_replay_target,
-                   written=config.retain_written == "keep", rehearse=config.retain_rehearse,
+                   written=_keeps_written(config.retain_written,
+                                          rehearsal if config.retain_rehearse else None),
+                   rehearse=config.retain_rehearse,
                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     def summary(self) -> str:
@@ -649,6 +651,13 @@ def protection(model: MeftModel, tokenizer: Any,
     return Retainer.from_config(model, config, list(background), tokenizer,
                                 progress=progress,
                                 rehearsal=list(rehearse) if rehearse is not None else None)
+
+
+def _keeps_written(setting: str, rehearsal: Sequence[Sample] | None) -> bool:
+    """Whether rows an earlier adapter wrote stay as they are (``--retain-written``): auto
+    keeps them unless earlier data are rehearsed (rehearsal keeps what they hold, and frozen
+    they leave new data few rows: benchmarks/results/continual-*)."""
+    return setting == "keep" or (setting == "auto" and not rehearsal)
 
 
 def _layers(model: MeftModel) -> list[tuple[str, OffloadedSparseAdapter]]:
