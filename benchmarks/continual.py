@@ -5,7 +5,7 @@
 Two invented knowledge sets A and B (seeds 0 and 1, ``--people`` people x 4 facts each) are
 written to DIR/data as JSONL. For each mode M of ``--modes`` (``off``: ``--retain off``; ``on``:
 ``--retain on``; ``rehearse``: ``--retain on``, and the second stage also ``--rehearse
-A/train --retain-written train``; the given flags apply to both stages):
+A/train``, with which the rows A wrote train too; the given flags apply to both stages):
 
     DIR/M/first    meft train --data A/train --eval-data A/test --retain M
     DIR/M/second   meft train --adapter DIR/M/first/adapter --data B/train --eval-data B/test
@@ -93,8 +93,8 @@ def main() -> None:
         out.mkdir()
         common = ["--no-progress", "--no-plots", "--retain", "off" if mode == "off" else "on",
                   *flags]
-        second_flags = (["--rehearse", str(data / "a_train.jsonl"), "--retain-written",
-                         "train"] if mode == "rehearse" else [])
+        second_flags = (["--rehearse", str(data / "a_train.jsonl")] if mode == "rehearse"
+                        else [])
         _run([*meft, "train", "--data", str(data / "a_train.jsonl"), "--eval-data",
               str(data / "a_test.jsonl"), "--output", str(out / "first"), *common],
              out / "first.log")
