@@ -610,7 +610,7 @@ def test_rehearsal_keeps_what_an_earlier_adapter_learned(tmp_path: Path) -> None
 
 
 def test_rehearse_needs_an_adapter_and_protection() -> None:
-    from meft.config import TrainJob
+    from meft.config import REHEARSE, TrainJob
     from meft.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--rehearse"):
@@ -618,4 +618,4 @@ def test_rehearse_needs_an_adapter_and_protection() -> None:
     with pytest.raises(ConfigError, match="--rehearse"):
         TrainJob.from_options({"rehearse": "a.jsonl", "adapter": "x", "retain": "off"})
     job = TrainJob.from_options({"rehearse": "a.jsonl", "adapter": "x"})
-    assert job.run.rehearse == "a.jsonl" and job.train.retain_rehearse == 4
+    assert job.run.rehearse == "a.jsonl" and job.train.retain_rehearse == REHEARSE
