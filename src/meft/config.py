@@ -65,7 +65,7 @@ BENCH_STEPS, QUICK_STEPS, QUICK_MAX_EVAL = 60, 20, 24
 LORA_LR, LORA_LR_HIGH_RANK, LORA_HIGH_RANK = 3e-3, 1e-3, 32
 FULL_LR = 3e-4  # full fine-tuning's default rate: best of 1e-4,3e-4,1e-3 in the tuned comparison
 REPLAY = 2  # background examples replayed per step by default (benchmarks/results/retain-*)
-REHEARSE = 8  # earlier examples rehearsed per step (--rehearse; results/continual-rehearse-*)
+REHEARSE = 16  # earlier examples rehearsed per step (--rehearse; results/continual-rehearse-*)
 
 _CHECKS = {
     "positive": (lambda v: v > 0, "positive"),
