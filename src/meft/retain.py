@@ -449,21 +449,18 @@ class Retainer:
     @property
     def replayed(self) -> int:
         """Examples replayed per step: the background's and the earlier data's."""
-        return self._counts()[0] + self._counts()[1]
+        return sum(self._counts())
 
     def _counts(self) -> tuple[int, int]:
         """(background, rehearsal) examples replayed per step: each stream only if it has
         examples (a background with none and no replay asked is no error)."""
         bg = self.background
-        if bg is None:
-            return self.replay, 0
-        return self.replay, (self.rehearse if bg.rehearsal else 0)
+        return self.replay, (self.rehearse if bg is not None and bg.rehearsal else 0)
 
     def replay_order(self) -> Tensor:
         """The fixed shuffle (D,) background replay goes through."""
         bg = self.background
-        n = len(bg.examples) - bg.rehearsal if bg is not None else 0
-        return torch.randperm(n, generator=torch.Generator().manual_seed(REPLAY_SEED))
+        return _shuffle(len(bg.examples) - bg.rehearsal if bg is not None else 0, REPLAY_SEED)
 
     def replay_examples(self, step: int) -> tuple[list[Encoded], Tensor]:
         """The examples replayed at step ``step``: ``replay`` background examples (the next
@@ -484,10 +481,8 @@ class Retainer:
             parts.append(self.replay_order()[(torch.arange(n_bg_step) + step * n_bg_step)
                                              % n_bg])
         if n_re_step:
-            order = torch.randperm(bg.rehearsal,
-                                   generator=torch.Generator().manual_seed(REPLAY_SEED + 1))
-            parts.append(n_bg + order[(torch.arange(n_re_step) + step * n_re_step)
-                                      % bg.rehearsal])
+            picks = (torch.arange(n_re_step) + step * n_re_step) % bg.rehearsal
+            parts.append(n_bg + _shuffle(bg.rehearsal, REPLAY_SEED + 1)[picks])
         chosen = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
         return [examples[int(i)] for i in chosen], chosen
 
@@ -497,14 +492,13 @@ class Retainer:
         tokens (M_r,): per stream (background, rehearsal) the mean over its positions, summed."""
         bg = self.background
         assert bg is not None
-        n_bg = len(bg.examples) - bg.rehearsal
-        sizes = [bg.examples[int(i)].target_tokens for i in chosen]
-        split = sum(size for i, size in zip(chosen.tolist(), sizes, strict=True) if i < n_bg)
+        first = int((chosen < len(bg.examples) - bg.rehearsal).sum())  # background's, in front
+        split = sum(bg.examples[int(i)].target_tokens for i in chosen[:first])
         total = logits.new_zeros((), dtype=torch.float32)
-        for lo, hi, sel in ((0, split, chosen[chosen < n_bg]),
-                            (split, sum(sizes), chosen[chosen >= n_bg])):
+        for rows, sel in ((slice(None, split), chosen[:first]), (slice(split, None),
+                                                                 chosen[first:])):
             if sel.numel():
-                total = total + self._stream_loss(logits[lo:hi], labels[lo:hi], sel)
+                total = total + self._stream_loss(logits[rows], labels[rows], sel)
         return total
 
     def _stream_loss(self, logits: Tensor, labels: Tensor, chosen: Tensor) -> Tensor:
@@ -579,6 +573,7 @@ class Retainer:
         ``rehearsal``: earlier training data to rehearse (``config.retain_rehearse`` per
         step)."""
         stats = None
+        rehearsal = rehearsal if config.retain_rehearse else None
         if background is not None:
             encoded = encode_all(background, tokenizer, config.max_length, "background")
             stats = Background.measure(model, encoded, tokenizer.pad_token_id,
@@ -587,7 +582,7 @@ class Retainer:
                                        else 0)
             if config.retain_replay:
                 stats.examples = [e.first_targets(REPLAY_TOKENS) for e in encoded]
-            if rehearsal and config.retain_rehearse:
+            if rehearsal:
                 earlier = encode_all(rehearsal, tokenizer, config.max_length, "rehearsal")
                 stats.examples += [e.first_targets(REPLAY_TOKENS) for e in earlier]
                 stats.rehearsal = len(earlier)
@@ -598,8 +593,7 @@ class Retainer:
                    router=config.retain_router == "trained", penalty=config.retain_penalty,
                    hubs=config.retain_hubs, replay=config.retain_replay,
                    replay_target=config.retain_replay_target,
-                   written=_keeps_written(config.retain_written,
-                                          rehearsal if config.retain_rehearse else None),
+                   written=_keeps_written(config.retain_written, rehearsal),
                    rehearse=config.retain_rehearse,
                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
@@ -651,6 +645,11 @@ def protection(model: MeftModel, tokenizer: Any,
     return Retainer.from_config(model, config, list(background), tokenizer,
                                 progress=progress,
                                 rehearsal=list(rehearse) if rehearse is not None else None)
+
+
+def _shuffle(n: int, seed: int) -> Tensor:
+    """A replay stream's fixed order (n,): the same for every step and every resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def _keeps_written(setting: str, rehearsal: Sequence[Sample] | None) -> bool:
