@@ -121,7 +121,8 @@ def _model(path: Path | None, **kw: object) -> MeftModel:
     return get_meft_model(tiny("llama"), meft_config(**kw), arrays=arrays)
 
 
-@pytest.mark.parametrize("kw", [{}, {"storage_dtype": "bfloat16", "optim_state": "8bit"}])
+@pytest.mark.parametrize("kw", [{}, {"storage_dtype": "bfloat16", "optim_state": "8bit"},
+                                {"storage_dtype": "bfloat16", "optim_state": "factored"}])
 def test_training_on_disk_equals_training_in_ram(kw: dict, tmp_path: Path) -> None:
     ram = _model(None, **kw)
     Trainer(ram, examples(), CFG, tmp_path / "ram", pad_id=0).train()
@@ -133,6 +134,7 @@ def test_training_on_disk_equals_training_in_ram(kw: dict, tmp_path: Path) -> No
     assert arrays is not None and arrays.step == 0  # nothing committed without a checkpoint
     names = set(arrays.index["arrays"])
     assert {"0.keys", "0.values", "0.keys.exp_avg", "2.values.step"} <= names
+    assert not any(n.endswith("exp_avg_sq_col") for n in names)  # shared by rows: in RAM
 
 
 def test_a_crash_after_a_checkpoint_resumes_bitwise(tmp_path: Path) -> None:

@@ -240,3 +240,17 @@ def test_meft_train_under_torchrun_and_eval_reads_the_sharded_adapter(
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()  # one process's format
     assert not (out / "adapter" / "adapter_model.shards.json").exists()
+
+
+def test_factored_state_is_refused_across_processes(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Its column factor is shared by a table's rows, which a distributed run shards: one
+    line, before any process group or model."""
+    from meft.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--optim-state", "factored", "--host-dtype", "bfloat16",
+                 "--output", str(tmp_path / "run"), "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("meft: error: --optim-state factored is for one process")

@@ -89,6 +89,31 @@ def _rowwise_reference(steps: int = 8) -> torch.Tensor:
     return w.float()
 
 
+def _factored_reference(steps: int = 8) -> torch.Tensor:
+    """Factored Adam written out in fp64, row by row, the first moment exact: the
+    specification of ``factored`` (rows: mean g^2 at their own steps; columns: mean g^2 over
+    each step's touched rows; v = row factor x column factor / its mean)."""
+    n, d = 64, 32
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(n, d, generator=gen) * 0.5).to(torch.bfloat16).double()
+    m, r, count = torch.zeros(n, d, dtype=torch.float64), [0.0] * n, [0] * n
+    c = torch.zeros(d, dtype=torch.float64)
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.999, 1e-8, 0.01
+    for _ in range(steps):
+        rows = torch.randperm(n, generator=gen)[:20]
+        grads = (torch.randn(20, d, generator=gen) * torch.logspace(-2, 0, d)).double()
+        c = b2 * c + (1 - b2) * grads.pow(2).mean(0)
+        for i, g in zip(rows.tolist(), grads, strict=True):
+            count[i] += 1
+            w[i] *= 1 - lr * wd
+            m[i] = b1 * m[i] + (1 - b1) * g
+            r[i] = b2 * r[i] + (1 - b2) * float(g.pow(2).mean())
+            v = r[i] * c / c.mean()
+            denom = (v / (1 - b2 ** count[i])).sqrt() + eps
+            w[i] -= lr / (1 - b1 ** count[i]) * m[i] / denom
+    return w.float()
+
+
 def test_compact_updates_stay_close_to_their_references() -> None:
     """8 steps of lr 1e-2 on random row-sparse gradients whose columns differ in scale 100x.
     Stated tolerances (relative to how far fp32 AdamW moved the weights): bf16 tables with
@@ -110,11 +135,42 @@ def test_compact_updates_stay_close_to_their_references() -> None:
     row_ref = _rowwise_reference()
     row, _ = _run("rowwise", torch.float32)
     assert (row - row_ref).abs().mean() < 0.02 * (row_ref - start).abs().mean()
+    fac_ref = _factored_reference()
+    fac, opt = _run("factored", torch.float32)
+    assert (fac - fac_ref).abs().mean() < 0.02 * (fac_ref - start).abs().mean()
+    assert (fac - fac_ref).abs().max() < 0.1 * (fac_ref - start).abs().max()
+    assert opt.state[next(iter(opt.state))]["exp_avg_sq_col"].shape == (32,)
+
+
+def test_factored_is_adamw_on_rank_one_gradients() -> None:
+    """A meft row's gradient is its own scalar times a profile its table shares (module doc
+    of meft.optim): there the factored second moment is AdamW's exactly, and only the 8-bit
+    first moment differs (within 8bit's tolerance); one v per row (rowwise) is not."""
+    n, d = 64, 32
+    profile = torch.logspace(-2, 0, d)  # columns 100x apart, as a model's hidden dimensions
+
+    def run(fmt: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        table = HostTable("t", torch.randn(n, d, generator=gen) * 0.5, RowSparseGrad(n, d))
+        opt = RowSparseAdamW([table], lr=1e-2, weight_decay=0.01, state_format=fmt)
+        for _ in range(8):
+            rows = torch.randperm(n, generator=gen)[:20]
+            table.grad.add(rows, torch.randn(20, 1, generator=gen) * profile)
+            opt.step()
+            opt.zero_grad()
+        return table.data
+
+    start = torch.randn(n, d, generator=torch.Generator().manual_seed(0)) * 0.5
+    ref, fac, row = run("fp32"), run("factored"), run("rowwise")
+    moved = (ref - start).abs()
+    assert (fac - ref).abs().mean() < 0.02 * moved.mean()
+    assert (fac - ref).abs().max() < 0.1 * moved.max()
+    assert (row - ref).abs().mean() > 0.3 * moved.mean()
 
 
 def test_untouched_rows_and_fp32_path_are_unchanged() -> None:
     n, d = 16, 8
-    for fmt in ("rowwise", "8bit"):
+    for fmt in ("rowwise", "8bit", "factored"):
         table = HostTable("t", torch.randn(n, d).to(torch.bfloat16), RowSparseGrad(n, d))
         before = table.data.clone()
         opt = RowSparseAdamW([table], lr=1e-2, weight_decay=0.1, state_format=fmt)
@@ -130,10 +186,11 @@ def test_untouched_rows_and_fp32_path_are_unchanged() -> None:
 
 def test_host_bytes_per_parameter() -> None:
     """Tables + moments + per-row extras, from the tensors themselves: <= 4 bytes per adapter
-    parameter with bf16 tables and rowwise or 8bit moments (d = 576, the embedded model's)."""
+    parameter with bf16 tables and rowwise or 8bit moments, <= 3.05 with factored ones, <= 4
+    with 8-bit-coded ones beside fp32 tables is out of reach (d = 576, the embedded model's)."""
     n, d = 256, 576
     for fmt, dtype, most in (("fp32", torch.float32, 12.1), ("rowwise", torch.bfloat16, 4.05),
-                             ("8bit", torch.bfloat16, 4.05)):
+                             ("8bit", torch.bfloat16, 4.05), ("factored", torch.bfloat16, 3.05)):
         tables = [HostTable(name, torch.zeros(n, d, dtype=dtype), RowSparseGrad(n, d))
                   for name in ("keys", "values")]
         opt = RowSparseAdamW(tables, state_format=fmt)
@@ -146,7 +203,7 @@ def test_host_bytes_per_parameter() -> None:
         assert config.host_bytes_per_layer(d) == nbytes  # the planner's count is exact
 
 
-@pytest.mark.parametrize("fmt", ["rowwise", "8bit"])
+@pytest.mark.parametrize("fmt", ["rowwise", "8bit", "factored"])
 def test_resume_with_compact_state_is_bitwise(fmt: str, tmp_path: Path) -> None:
     cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, progress=False)
 

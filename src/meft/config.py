@@ -218,8 +218,10 @@ class MeftConfig:
                                 "fp32 and rounded stochastically)", flag="--host-dtype",
                                 choices=tuple(STORAGE_DTYPES))
     optim_state: str = option("fp32", "AdamW moments of the host tables: fp32, rowwise (first "
-                              "moment bf16, second one number per row) or 8bit (log-scale "
-                              "codes, a scale per row)", choices=("fp32", "rowwise", "8bit"))
+                              "moment bf16, second one number per row), 8bit (log-scale "
+                              "codes, a scale per row) or factored (first moment 8-bit, "
+                              "second a row factor times a column factor)",
+                              choices=("fp32", "rowwise", "8bit", "factored"))
     seed: int = option(0, "seed of the adapter's initialisation", cli=False)
     base_model: str | None = option(None, "model the adapter was trained on", cli=False)
     hidden_size: int | None = option(None, "hidden size d of that model", cli=False)
@@ -262,7 +264,8 @@ class MeftConfig:
         if self.optim_state == "fp32" and self.dtype != torch.bfloat16:
             return 2 * (table + 2 * n * d * item)
         moments = {"fp32": 2 * n * d * 4, "rowwise": n * d * 2 + n * 4,
-                   "8bit": 2 * (n * d + n * 4)}[self.optim_state]
+                   "8bit": 2 * (n * d + n * 4),
+                   "factored": n * d + n * 4 + n * 4 + d * 4}[self.optim_state]
         return 2 * (table + moments + 8)  # + the rounding-noise step count
 
     def to_dict(self) -> dict[str, Any]:

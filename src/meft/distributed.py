@@ -64,8 +64,10 @@ from meft.store import HostStore, RowSparseGrad, TransferStats
 
 __all__ = ["Comm", "DataParallel", "ShardPlan", "ShardedSparseAdapter", "world_size"]
 
-# tensors sharded by rows: the tables and every per-row optimizer state of a table
-ROW_TENSOR = re.compile(r"^(layers\.\d+\.(keys|values)|host\.\d+\.(keys|values)\.\w+)$")
+# tensors sharded by rows: the tables and every per-row optimizer state of a table (not the
+# factored state's column factor, which the rows share; such runs are refused anyway)
+ROW_TENSOR = re.compile(r"^(layers\.\d+\.(keys|values)|"
+                        r"host\.\d+\.(keys|values)\.(?!exp_avg_sq_col$)\w+)$")
 _T = TypeVar("_T")
 # what the backends say when a peer process is gone or silent
 _LOST = re.compile(r"connection (reset|closed|refused)|timed? ?out|broken pipe|gloo/transport|"

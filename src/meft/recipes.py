@@ -101,7 +101,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(tconfig.seed)
     device = pick_device(run.device)
-    parallel = _join(run, tconfig, device)
+    parallel = _join(run, tconfig, device, config.optim_state)
     if parallel is not None and device.type == "cuda":
         device = torch.device("cuda", parallel.local_rank)
         torch.cuda.set_device(device)
@@ -282,13 +282,17 @@ def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunCo
     return retainer
 
 
-def _join(run: RunConfig, tconfig: TrainConfig, device: torch.device) -> DataParallel | None:
+def _join(run: RunConfig, tconfig: TrainConfig, device: torch.device,
+          optim_state: str) -> DataParallel | None:
     """This process's place in a torchrun run (None alone); the others than rank 0 go quiet."""
     if world_size() == 1:
         return None
     if run.store != "ram":
         raise ConfigError(f"--store {run.store}: a distributed run keeps its tables in RAM "
                           "(disk stores are for one process)")
+    if optim_state == "factored":  # its column factor would differ between row shards
+        raise ConfigError("--optim-state factored is for one process (a distributed run "
+                          "shards rows; use fp32, 8bit or rowwise)")
     parallel = DataParallel.from_env(device, timeout_s=run.dist_timeout)
     if parallel is not None and not parallel.is_main:
         quiet()

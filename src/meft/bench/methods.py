@@ -7,8 +7,9 @@
                              AdamW on the host (DeepSpeed-style offload)
     meft:N                   meft with the adapter flags given (E, P, K, gate ...)
     meft:N:bf16:8bit         the same with compact host state, overriding --host-dtype and
-                             --optim-state for this method: bf16 tables, 8bit or rowwise
-                             moments (:mod:`meft.quant`), so one comparison holds all stores
+                             --optim-state for this method: bf16 tables, 8bit, rowwise or
+                             factored moments (:mod:`meft.optim`), so one comparison holds
+                             all stores
     meft-noexperts:N         meft with a single expert: every key scored (no Key-Experts)
     meft:N+retain            meft with forgetting protection (:mod:`meft.retain`), set by the
                              --retain-* flags, against --background (default: the base
@@ -82,7 +83,7 @@ class Method:
         return f"{self.kind}:{self.neurons}{state}{protection}"
 
     def state_overrides(self) -> dict[str, Any]:
-        """The MeftConfig fields this method's ``:bf16``, ``:8bit``, ``:rowwise`` set."""
+        """The MeftConfig fields this method's state tokens (``:bf16``, ``:8bit`` ...) set."""
         return dict(STATE_SETTINGS[token] for token in self.state)
 
     def retain_overrides(self) -> dict[str, Any]:
@@ -111,7 +112,7 @@ RETAIN_WORDS: dict[str, tuple[str, Any]] = {
 
 
 STATE_SETTINGS = {"bf16": ("storage_dtype", "bfloat16"), "8bit": ("optim_state", "8bit"),
-                  "rowwise": ("optim_state", "rowwise")}
+                  "rowwise": ("optim_state", "rowwise"), "factored": ("optim_state", "factored")}
 
 
 def _retain_setting(token: str) -> tuple[str, Any] | None:
@@ -164,8 +165,9 @@ def parse_method(text: str) -> Method:
     except ValueError:
         pass
     raise ConfigError(f"method {text!r}: expected lora:qv:R, lora:all:R, dense:N, offload:N, "
-                      "meft:N, meft:N:bf16:8bit (bf16, 8bit or rowwise, each at most once), "
-                      "meft:N+retain, meft-noexperts:N (R, N positive integers) or full")
+                      "meft:N, meft:N:bf16:8bit (bf16, 8bit, rowwise or factored, each at "
+                      "most once), meft:N+retain, meft-noexperts:N (R, N positive integers) "
+                      "or full")
 
 
 def parse_entry(text: str) -> tuple[Method, list[float] | None]:
