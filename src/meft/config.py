@@ -352,6 +352,9 @@ class TrainConfig:
                                 check="positive")
     retain_replay: int = option(REPLAY, "background examples protection replays per step, "
                                 "beside the new data (0: none)", check="nonneg")
+    retain_replay_weight: float = option(1.0, "weight of the background replay's loss (a mean "
+                                         "over its answer positions) beside the new data's",
+                                         check="positive")
     retain_replay_target: str = option("distill", "what replay trains towards: the model's "
                                        "own next-token distributions as training starts "
                                        "(distill), or the background's answers (answers)",

@@ -345,22 +345,25 @@ class Retainer:
                  router: bool = True, penalty: float = 0.0,
                  penalty_tokens: int = PENALTY_TOKENS, hubs: float = 1.0, replay: int = 0,
                  replay_target: str = "distill", written: bool = True, rehearse: int = 0,
-                 pad_id: int = 0) -> None:
+                 replay_weight: float = 1.0, pad_id: int = 0) -> None:
         if replay_target not in REPLAY_TARGETS:
             raise ValueError(f"replay_target must be one of {REPLAY_TARGETS}, got "
                              f"{replay_target!r}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if rows < 0 or penalty < 0 or penalty_tokens < 1 or replay < 0 or rehearse < 0:
+        if (rows < 0 or penalty < 0 or penalty_tokens < 1 or replay < 0 or rehearse < 0
+                or not replay_weight > 0):
             raise ValueError(f"rows, penalty, replay and rehearse must be >= 0, penalty_tokens "
-                             f">= 1, got rows={rows}, penalty={penalty}, replay={replay}, "
-                             f"rehearse={rehearse}, penalty_tokens={penalty_tokens}")
+                             f">= 1, replay_weight > 0, got rows={rows}, penalty={penalty}, "
+                             f"replay={replay}, rehearse={rehearse}, penalty_tokens="
+                             f"{penalty_tokens}, replay_weight={replay_weight}")
         self.model = model
         self.background = background
         self.score, self.rows, self.keys, self.router = score, rows, keys, router
         self.penalty, self.penalty_tokens = penalty, penalty_tokens
         self.hubs = hubs
         self.replay, self.replay_target, self.pad_id = replay, replay_target, pad_id
+        self.replay_weight = replay_weight
         self.rehearse = rehearse
         self.counters = _attach(model)
         # rows an earlier run wrote (values start at zero): never selected, so what the
@@ -495,10 +498,10 @@ class Retainer:
         first = int((chosen < len(bg.examples) - bg.rehearsal).sum())  # background's, in front
         split = sum(bg.examples[int(i)].target_tokens for i in chosen[:first])
         total = logits.new_zeros((), dtype=torch.float32)
-        for rows, sel in ((slice(None, split), chosen[:first]), (slice(split, None),
-                                                                 chosen[first:])):
+        for rows, sel, weight in ((slice(None, split), chosen[:first], self.replay_weight),
+                                  (slice(split, None), chosen[first:], 1.0)):
             if sel.numel():
-                total = total + self._stream_loss(logits[rows], labels[rows], sel)
+                total = total + weight * self._stream_loss(logits[rows], labels[rows], sel)
         return total
 
     def _stream_loss(self, logits: Tensor, labels: Tensor, chosen: Tensor) -> Tensor:
@@ -594,7 +597,7 @@ class Retainer:
                    hubs=config.retain_hubs, replay=config.retain_replay,
                    replay_target=config.retain_replay_target,
                    written=_keeps_written(config.retain_written, rehearsal),
-                   rehearse=config.retain_rehearse,
+                   rehearse=config.retain_rehearse, replay_weight=config.retain_replay_weight,
                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     def summary(self) -> str:

@@ -124,6 +124,7 @@ def _retain_setting(token: str) -> tuple[str, Any] | None:
     for prefix, field, ok, kind in (
             ("pen", "retain_penalty", lambda v: v >= 0, float),
             ("hub", "retain_hubs", lambda v: v > 0, float),
+            ("repw", "retain_replay_weight", lambda v: v > 0, float),
             ("rep", "retain_replay", lambda v: v >= 0 and v == int(v), int)):
         if token.startswith(prefix):
             try:
@@ -144,8 +145,8 @@ def parse_method(text: str) -> Method:
                               f"(expected tfidf, kl, rows as a positive integer or all, "
                               f"values, keys, frozen, trained, distill, answers, penW for "
                               f"a penalty W, hubS to never train rows a share S of the "
-                              f"background reads, or repR to replay R background examples "
-                              f"per step)")
+                              f"background reads, repR to replay R background examples "
+                              f"per step, or repwW to weigh their loss W)")
         return dataclasses.replace(parse_method(base), retain=True, retain_settings=tokens)
     parts = text.split(":")
     if text == "full":
