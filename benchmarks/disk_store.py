@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meft.optim import STATE_FORMATS
+
 
 def _hwm(pid: int) -> int | None:
     try:
@@ -78,7 +80,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", type=Path, required=True, help="a new directory")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--state", default="rowwise", choices=("rowwise", "8bit", "fp32"))
+    p.add_argument("--state", default="rowwise", choices=STATE_FORMATS)
     args, flags = p.parse_known_args()
     if args.output.exists() and any(args.output.iterdir()):
         sys.exit(f"--output {args.output} exists and is not empty (results are never "

@@ -37,6 +37,7 @@ from meft.config import MeftConfig, TrainConfig
 from meft.data import encode_all
 from meft.loading import load_model_and_tokenizer
 from meft.model import get_meft_model
+from meft.optim import STATE_FORMATS
 from meft.synthetic import make_knowledge_set
 from meft.sysinfo import environment
 from meft.trainer import Trainer
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--neurons", type=int, default=16384)
     ap.add_argument("--host-dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--optim-state", default="fp32", choices=("fp32", "8bit", "rowwise"))
+    ap.add_argument("--optim-state", default="fp32", choices=STATE_FORMATS)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--output", type=Path, required=True)
