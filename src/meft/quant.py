@@ -1,7 +1,8 @@
 """Compact number formats for the host state: bf16 with stochastic rounding, 8-bit log codes.
 
-The host tables and their AdamW moments are most of meft's memory (fp32: 16 bytes per adapter
-parameter). These formats bring it to 4 (:mod:`meft.optim` uses them):
+The host tables and their AdamW moments are most of meft's memory (fp32: 12 bytes per adapter
+parameter). These formats bring it to 4, or 3 with the factored second moment of
+:mod:`meft.optim` (which uses them):
 
 * **bf16 with stochastic rounding** (:func:`round_bf16`). An fp32 number keeps its top 16 bits;
   adding uniform random bits to the 16 it drops before truncating rounds up with probability
