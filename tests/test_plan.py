@@ -23,7 +23,8 @@ def _shape(model: torch.nn.Module) -> Shape:
 
 
 @pytest.mark.parametrize(("dtype", "state"), [("float32", "fp32"), ("bfloat16", "8bit"),
-                                               ("bfloat16", "rowwise")])
+                                               ("bfloat16", "rowwise"),
+                                               ("bfloat16", "factored")])
 def test_host_bytes_and_traffic_are_what_training_has(dtype: str, state: str,
                                                       tmp_path: Path) -> None:
     """Host bytes: exactly the tables and optimizer state a run allocates. Bytes moved: within
