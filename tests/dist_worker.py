@@ -100,5 +100,8 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # as python -m meft under torchrun: no interpreter teardown
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
