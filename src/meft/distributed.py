@@ -59,15 +59,16 @@ from torch import Tensor, nn
 
 from meft.errors import ConfigError, PeerLost
 from meft.offload import OffloadedSparseAdapter
+from meft.optim import COLUMN_STATE
 from meft.routing import pair_scores
 from meft.store import HostStore, RowSparseGrad, TransferStats
 
 __all__ = ["Comm", "DataParallel", "ShardPlan", "ShardedSparseAdapter", "world_size"]
 
-# tensors sharded by rows: the tables and every per-row optimizer state of a table (not the
-# factored state's column factor, which the rows share; such runs are refused anyway)
-ROW_TENSOR = re.compile(r"^(layers\.\d+\.(keys|values)|"
-                        r"host\.\d+\.(keys|values)\.(?!exp_avg_sq_col$)\w+)$")
+# tensors sharded by rows: the tables and every per-row optimizer state of a table (not
+# state the rows share, meft.optim.COLUMN_STATE; runs with such state are refused anyway)
+ROW_TENSOR = re.compile(r"^(layers\.\d+\.(keys|values)|host\.\d+\.(keys|values)\."
+                        rf"(?!({'|'.join(COLUMN_STATE)})$)\w+)$")
 _T = TypeVar("_T")
 # what the backends say when a peer process is gone or silent
 _LOST = re.compile(r"connection (reset|closed|refused)|timed? ?out|broken pipe|gloo/transport|"

@@ -60,6 +60,8 @@ from meft.store import HostTable, RowSparseGrad
 MODES = ("lazy", "dense")
 STATE_FORMATS = ("fp32", "rowwise", "8bit", "factored")
 COLUMN_STATE = ("exp_avg_sq_col",)  # state a table's rows share, (d,): not per row
+CODED_FIRST_MOMENT = ("8bit", "factored")  # m as 8-bit log codes with a scale per row
+PER_ROW_SECOND_MOMENT = ("rowwise", "factored")  # v's row factor: one number per row
 
 
 def is_row_state(key: str, value: Tensor) -> bool:
@@ -213,21 +215,21 @@ def _initial_state(data: Tensor, mode: str, state_format: str) -> dict[str, Tens
         return {"step": step, "exp_avg": torch.zeros_like(data),
                 "exp_avg_sq": torch.zeros_like(data)}
     state = {"step": step, "sr_step": torch.zeros((), dtype=torch.long)}
-    if state_format == "fp32":
-        state |= {"exp_avg": torch.zeros(n, d), "exp_avg_sq": torch.zeros(n, d)}
-    elif state_format == "rowwise":
-        state |= {"exp_avg": torch.zeros(n, d, dtype=torch.bfloat16),
-                  "exp_avg_sq": torch.zeros(n, 1)}
-    elif state_format == "factored":  # 8-bit first moment; second: row factor x column factor
+    if state_format in CODED_FIRST_MOMENT:  # per-row scale, one byte per element
         state |= {"exp_avg": torch.zeros(n, d, dtype=torch.int8),
-                  "exp_avg_scale": torch.zeros(n, 1),
-                  "exp_avg_sq": torch.zeros(n, 1),
-                  "exp_avg_sq_col": torch.zeros(d)}
-    else:  # 8bit: per-row scale, one byte per element; zero scale decodes to zero
-        state |= {"exp_avg": torch.zeros(n, d, dtype=torch.int8),
-                  "exp_avg_scale": torch.zeros(n, 1),
-                  "exp_avg_sq": torch.zeros(n, d, dtype=torch.uint8),
+                  "exp_avg_scale": torch.zeros(n, 1)}  # a zero scale decodes to zero
+    else:
+        state["exp_avg"] = torch.zeros(n, d, dtype=torch.bfloat16 if state_format == "rowwise"
+                                       else torch.float32)
+    if state_format == "8bit":
+        state |= {"exp_avg_sq": torch.zeros(n, d, dtype=torch.uint8),
                   "exp_avg_sq_scale": torch.zeros(n, 1)}
+    elif state_format in PER_ROW_SECOND_MOMENT:  # the row factor; factored: x the column's
+        state["exp_avg_sq"] = torch.zeros(n, 1)
+        if state_format == "factored":
+            state["exp_avg_sq_col"] = torch.zeros(d)
+    else:
+        state["exp_avg_sq"] = torch.zeros(n, d)
     return state
 
 
@@ -253,22 +255,20 @@ def _compact_update(t: HostTable, state: dict[str, Any], group: dict[str, Any], 
         hi = lo + chunk
         rows, gc = ids[lo:hi], g[lo:hi]
         p = t.data.index_select(0, rows).float()
-        if fmt == "8bit":
+        if fmt in CODED_FIRST_MOMENT:
             m = decode_signed(state["exp_avg"].index_select(0, rows),
                               state["exp_avg_scale"].index_select(0, rows))
-            v = decode_unsigned(state["exp_avg_sq"].index_select(0, rows),
-                                state["exp_avg_sq_scale"].index_select(0, rows)).square_()
-        elif fmt == "factored":
-            m = decode_signed(state["exp_avg"].index_select(0, rows),
-                              state["exp_avg_scale"].index_select(0, rows))
-            v = state["exp_avg_sq"].index_select(0, rows)  # (R, 1): the row factor
         else:
             m = state["exp_avg"].index_select(0, rows).float()
+        if fmt == "8bit":
+            v = decode_unsigned(state["exp_avg_sq"].index_select(0, rows),
+                                state["exp_avg_sq_scale"].index_select(0, rows)).square_()
+        else:  # (R, d), or (R, 1): the row factor
             v = state["exp_avg_sq"].index_select(0, rows)
         if wd != 0:
             p.mul_(1 - lr * wd)
         m.lerp_(gc, 1 - b1)
-        if fmt in ("rowwise", "factored"):
+        if fmt in PER_ROW_SECOND_MOMENT:
             v.mul_(b2).add_(gc.square().mean(1, keepdim=True), alpha=1 - b2)
         else:
             v.mul_(b2).addcmul_(gc, gc, value=1 - b2)
@@ -278,23 +278,18 @@ def _compact_update(t: HostTable, state: dict[str, Any], group: dict[str, Any], 
             t.data.index_copy_(0, rows, round_bf16(p, gen))
         else:
             t.data.index_copy_(0, rows, p.to(t.data.dtype))
-        if fmt == "8bit":
-            for key, (code, scale) in (("exp_avg", encode_signed(m)),
-                                       ("exp_avg_sq", encode_unsigned(v.sqrt_()))):
-                state[key].index_copy_(0, rows, code)
-                state[f"{key}_scale"].index_copy_(0, rows, scale)
-        elif fmt == "factored":
+        if fmt in CODED_FIRST_MOMENT:
             code, scale = encode_signed(m)
             state["exp_avg"].index_copy_(0, rows, code)
             state["exp_avg_scale"].index_copy_(0, rows, scale)
-            state["exp_avg_sq"].index_copy_(0, rows, v)
-        elif fmt == "rowwise":
-            state["exp_avg"].index_copy_(0, rows, round_bf16(m, gen))
-            state["exp_avg_sq"].index_copy_(0, rows, v)
         else:
-            state["exp_avg"].index_copy_(0, rows, m)
+            state["exp_avg"].index_copy_(0, rows, round_bf16(m, gen) if fmt == "rowwise" else m)
+        if fmt == "8bit":
+            code, scale = encode_unsigned(v.sqrt_())
+            state["exp_avg_sq"].index_copy_(0, rows, code)
+            state["exp_avg_sq_scale"].index_copy_(0, rows, scale)
+        else:
             state["exp_avg_sq"].index_copy_(0, rows, v)
-
 
 def _dense_update(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> None:
     lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
