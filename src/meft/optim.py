@@ -11,7 +11,9 @@ AdamW (decoupled weight decay), per element, at a row's n-th update with gradien
 and written (gathered, updated, scattered back): O(R*d) per step instead of O(N*d). Each row
 keeps its own update count n (``step``, (N,) int64) for bias correction, and untouched rows keep
 their value and moments exactly, weight decay included. When every row is touched every step
-this is exactly ``torch.optim.AdamW``.
+this is exactly ``torch.optim.AdamW``. The fp32/fp64 update runs torch's fused AdamW kernel on
+the gathered rows, grouped by update count (:func:`_lazy_update`; the elementwise
+:func:`_lazy_update_reference` is its specification and fallback).
 
 ``mode="dense"``: every row is updated every step with a zero gradient where untouched and one
 global step count, i.e. ``torch.optim.AdamW`` on the densified gradient. It reproduces the
@@ -185,6 +187,62 @@ def _count_step(state: dict[str, Any], ids: Tensor, group: dict[str, Any],
 
 
 def _lazy_update(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """The lazy update: torch's fused AdamW kernel (one pass over p, m, v, g instead of eight
+    elementwise ones, ~2x faster per table) where it computes exactly what
+    :func:`_lazy_update_reference` does up to rounding, else the reference itself.
+
+    The kernel takes one update count per tensor, and each row has its own: the touched rows
+    are sorted by count (stable, so by id within a count) and each chunk is split into one
+    tensor per count, ``torch.unique_consecutive`` of the sorted counts giving the sizes. It
+    is elementwise, but its vectorised body and scalar tail round differently, so an element's
+    result would depend on where its row falls in a tensor unless every tensor's length is a
+    multiple of every vector width: rows of ``d % _FUSED_ALIGN == 0`` elements (576, 768,
+    896, 4096 ...) keep results independent of the grouping, so of which rows a step or a
+    rank touches (tested); other widths take the reference. Measured on the embedded model
+    (meft:16384, one thread, same process): 0.55 s of update per step against 0.74 s; what is
+    left is gathering and scattering the rows, memory-bound."""
+    ids, g = t.grad.ids, t.grad.rows  # (R,), (R, d)
+    if ids.numel() == 0:
+        return
+    if not _fused_ok(t.data):
+        _lazy_update_reference(t, state, group)
+        return
+    (b1, b2), n = group["betas"], state["step"].index_select(0, ids) + 1  # (R,)
+    state["step"].index_copy_(0, ids, n)
+    order = torch.argsort(n, stable=True)  # (R,): rows with one update count together
+    ids, n = ids.index_select(0, order), n.index_select(0, order)
+    chunk = max(1, _CHUNK_ELEMS // t.data.shape[1])
+    for lo in range(0, ids.numel(), chunk):
+        rows = ids[lo:lo + chunk]
+        counts, sizes = torch.unique_consecutive(n[lo:lo + chunk], return_counts=True)
+        parts = sizes.tolist()
+        p = t.data.index_select(0, rows)
+        m = state["exp_avg"].index_select(0, rows)
+        v = state["exp_avg_sq"].index_select(0, rows)
+        gc = g.index_select(0, order[lo:lo + chunk])
+        torch._fused_adamw_(  # type: ignore[attr-defined]
+            list(p.split(parts)), list(gc.split(parts)), list(m.split(parts)),
+            list(v.split(parts)), [], list(counts.to(torch.float32).unbind(0)),
+            lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
+            eps=group["eps"], amsgrad=False, maximize=False)
+        t.data.index_copy_(0, rows, p)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+
+
+_FUSED_ALIGN = 32  # elements: twice AVX-512's 16 fp32 (8 fp64) lanes, the widest CPU vector
+
+
+def _fused_ok(data: Tensor) -> bool:
+    """Whether :func:`_lazy_update` may use torch's fused kernel for this table."""
+    return (hasattr(torch, "_fused_adamw_") and data.device.type == "cpu"
+            and data.dtype in (torch.float32, torch.float64)
+            and data.shape[1] % _FUSED_ALIGN == 0)
+
+
+def _lazy_update_reference(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """The lazy update in plain elementwise ops (module doc), chunk by chunk: the
+    specification of :func:`_lazy_update`'s fused path, and its fallback."""
     ids, g = t.grad.ids, t.grad.rows  # (R,), (R, d)
     if ids.numel() == 0:
         return
