@@ -254,3 +254,17 @@ def test_factored_state_is_refused_across_processes(tmp_path: Path,
                  "--output", str(tmp_path / "run"), "--no-progress"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("meft: error: --optim-state factored is for one process")
+
+
+def test_factored_state_is_refused_by_the_python_api_across_processes() -> None:
+    """The same rule for get_meft_model with a DataParallel (no process group needed: the
+    model refuses before any exchange)."""
+    from helpers import meft_config, tiny
+    from meft import get_meft_model
+    from meft.distributed import DataParallel
+    from meft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optim_state 'factored' is for one process"):
+        get_meft_model(tiny("llama"), meft_config(storage_dtype="bfloat16",
+                                                  optim_state="factored"),
+                       parallel=DataParallel(0, 2))

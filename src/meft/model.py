@@ -42,6 +42,7 @@ from meft.disk import DiskArrays
 from meft.distributed import DataParallel, ShardedSparseAdapter
 from meft.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
 from meft.offload import OffloadedSparseAdapter, TokenMask
+from meft.optim import ROW_LOCAL_STATE
 from meft.routing import router_init
 from meft.serialization import (
     RowSelector,
@@ -191,6 +192,11 @@ class MeftModel(nn.Module):
         super().__init__()
         if parallel is not None and arrays is not None:
             raise ConfigError("--store disk: is not supported in a distributed run yet")
+        if parallel is not None and config.optim_state not in ROW_LOCAL_STATE:
+            raise ConfigError(f"optim_state {config.optim_state!r} is for one process (a "
+                              "distributed run shards each table's rows, and its column "
+                              f"factor would differ between shards; use one of "
+                              f"{', '.join(ROW_LOCAL_STATE)})")
         self.base_model = base_model
         blocks = find_decoder_layers(base_model)
         d = hidden_size_of(base_model)

@@ -64,6 +64,9 @@ STATE_FORMATS = ("fp32", "rowwise", "8bit", "factored")
 COLUMN_STATE = ("exp_avg_sq_col",)  # state a table's rows share, (d,): not per row
 CODED_FIRST_MOMENT = ("8bit", "factored")  # m as 8-bit log codes with a scale per row
 PER_ROW_SECOND_MOMENT = ("rowwise", "factored")  # v's row factor: one number per row
+# formats whose update of a row reads only that row's state (so a table may be sharded by rows
+# across processes): not factored, whose column factor averages over the step's rows
+ROW_LOCAL_STATE = ("fp32", "8bit", "rowwise")
 
 
 def is_row_state(key: str, value: Tensor) -> bool:

@@ -48,6 +48,7 @@ from meft.errors import DataError, RunDirectoryError, TrainingDiverged
 from meft.evaluate import answered, evaluate
 from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model
 from meft.model import MeftModel, get_meft_model, read_adapter
+from meft.optim import ROW_LOCAL_STATE
 from meft.retain import Retainer, protection
 from meft.retention import PROBE_FILE, RetentionProbe
 from meft.retention import describe as describe_retention
@@ -290,9 +291,9 @@ def _join(run: RunConfig, tconfig: TrainConfig, device: torch.device,
     if run.store != "ram":
         raise ConfigError(f"--store {run.store}: a distributed run keeps its tables in RAM "
                           "(disk stores are for one process)")
-    if optim_state == "factored":  # its column factor would differ between row shards
-        raise ConfigError("--optim-state factored is for one process (a distributed run "
-                          "shards rows; use fp32, 8bit or rowwise)")
+    if optim_state not in ROW_LOCAL_STATE:  # checked again by MeftModel; here before joining
+        raise ConfigError(f"--optim-state {optim_state} is for one process (a distributed run "
+                          f"shards rows; use {', '.join(ROW_LOCAL_STATE)})")
     parallel = DataParallel.from_env(device, timeout_s=run.dist_timeout)
     if parallel is not None and not parallel.is_main:
         quiet()
