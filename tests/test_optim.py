@@ -58,7 +58,9 @@ def test_lazy_mode_equals_torch_adamw_when_every_row_is_touched(dtype: torch.dty
         param.grad = table.grad.to_dense()
         ours.step()
         ref.step()
-        tol = 1e-14 if dtype == torch.float64 else 1e-6
+        # fp32: rounding of two different kernels over 12 steps (a wrong bias correction
+        # would be off by ~lr = 3e-3)
+        tol = 1e-14 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(table.data, param.data, rtol=tol, atol=tol)
 
 
@@ -247,6 +249,9 @@ def test_fused_lazy_update_equals_its_reference(dtype: torch.dtype, weight_decay
     for step in range(15):
         rows = torch.randperm(N, generator=gen)[: 3 + (7 * step) % N]
         g = torch.randn(rows.numel(), 128, generator=gen, dtype=dtype) * 10.0 ** -(step % 4)
+        slow.data.copy_(fast.data)  # one update compared at a time: no drift to tolerate
+        for key in ("exp_avg", "exp_avg_sq"):
+            opt_slow.state[slow.data][key].copy_(opt_fast.state[fast.data][key])
         before = fast.data.clone()
         for t in (fast, slow):
             t.grad.zero_()
@@ -256,11 +261,12 @@ def test_fused_lazy_update_equals_its_reference(dtype: torch.dtype, weight_decay
         untouched = torch.ones(N, dtype=torch.bool)
         untouched[rows] = False
         assert torch.equal(fast.data[untouched], before[untouched])
-        tol = 1e-15 if dtype == torch.float64 else 1e-7
+        # a few units in the last place of |p| ~ 1 (a wrong count would be off by ~lr)
+        tol = 1e-14 if dtype == torch.float64 else 1e-6
         torch.testing.assert_close(fast.data, slow.data, rtol=tol, atol=tol)
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt_fast.state[fast.data][key],
-                                       opt_slow.state[slow.data][key], rtol=tol, atol=0)
+                                       opt_slow.state[slow.data][key], rtol=tol, atol=1e-30)
         assert torch.equal(opt_fast.state[fast.data]["step"], opt_slow.state[slow.data]["step"])
     assert len(set(opt_fast.state[fast.data]["step"].tolist())) > 5  # counts did differ
 
