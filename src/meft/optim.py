@@ -178,20 +178,26 @@ class RowSparseAdamW(torch.optim.Optimizer):
 _CHUNK_ELEMS = 1 << 19
 
 
+def _advance_counts(state: dict[str, Any], ids: Tensor) -> Tensor:
+    """Advance the touched rows' update counts; return them, n (R,) int64."""
+    step: Tensor = state["step"]
+    n = step.index_select(0, ids) + 1
+    step.index_copy_(0, ids, n)
+    return n
+
+
 def _count_step(state: dict[str, Any], ids: Tensor, group: dict[str, Any],
                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Advance the touched rows' update counts n; return -lr / (1 - b1^n) and
     sqrt(1 - b2^n), each (R, 1) in ``dtype`` (computed in float64)."""
     lr, (b1, b2) = group["lr"], group["betas"]
-    step = state["step"].index_select(0, ids) + 1  # (R,)
-    state["step"].index_copy_(0, ids, step)
-    n = step.to(torch.float64).unsqueeze(1)  # (R, 1)
+    n = _advance_counts(state, ids).to(torch.float64).unsqueeze(1)  # (R, 1)
     return (-lr / (1 - b1**n)).to(dtype), ((1 - b2**n) ** 0.5).to(dtype)
 
 
 def _lazy_update(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> None:
     """The lazy update: torch's fused AdamW kernel (one pass over p, m, v, g instead of eight
-    elementwise ones, ~2x faster per table) where it computes exactly what
+    elementwise ones) where it computes exactly what
     :func:`_lazy_update_reference` does up to rounding, else the reference itself.
 
     The kernel takes one update count per tensor, and each row has its own: the touched rows
@@ -210,8 +216,7 @@ def _lazy_update(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> 
     if not _fused_ok(t.data):
         _lazy_update_reference(t, state, group)
         return
-    (b1, b2), n = group["betas"], state["step"].index_select(0, ids) + 1  # (R,)
-    state["step"].index_copy_(0, ids, n)
+    (b1, b2), n = group["betas"], _advance_counts(state, ids)  # (R,)
     order = torch.argsort(n, stable=True)  # (R,): rows with one update count together
     ids, n = ids.index_select(0, order), n.index_select(0, order)
     chunk = max(1, _CHUNK_ELEMS // t.data.shape[1])
@@ -233,7 +238,7 @@ def _lazy_update(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> 
         state["exp_avg_sq"].index_copy_(0, rows, v)
 
 
-_FUSED_ALIGN = 32  # elements: twice AVX-512's 16 fp32 (8 fp64) lanes, the widest CPU vector
+_FUSED_ALIGN = 32  # elements: 2 (fp32) or 4 (fp64) AVX-512 vectors, the widest on CPUs
 
 
 def _fused_ok(data: Tensor) -> bool:
