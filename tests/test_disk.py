@@ -34,6 +34,31 @@ def test_arrays_round_trip_in_every_dtype(tmp_path: Path) -> None:
         DiskArrays(tmp_path).zeros("a0", (8, 5), torch.float32)
 
 
+def _vm_flags(path: Path) -> set[str]:
+    """The VmFlags of this process's mapping of ``path`` (Linux /proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.endswith(str(path)):
+            for flags in lines[i + 1:]:
+                if flags.startswith("VmFlags:"):
+                    return set(flags.split()[1:])
+    raise AssertionError(f"{path} is not mapped")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="Linux /proc only")
+def test_maps_are_advised_random_access(tmp_path: Path) -> None:
+    # without MADV_RANDOM each fault reads ahead around the row (up to the disk's
+    # read_ahead_kb, 8 MB here): at N=262,144 that filled the page cache with rows no step
+    # used and made a step 2.5x slower (benchmarks/results/disk-store-*)
+    store = DiskArrays(tmp_path)
+    store.zeros("w", (1000, 64), torch.float32)
+    assert "rr" in _vm_flags(tmp_path / "w.bin")
+    del store
+    again = DiskArrays(tmp_path)
+    again.zeros("w", (1000, 64), torch.float32)  # mapped from the existing file
+    assert "rr" in _vm_flags(tmp_path / "w.bin")
+
+
 def test_an_uncommitted_step_is_undone_on_open(tmp_path: Path) -> None:
     store = DiskArrays(tmp_path)
     t = store.zeros("w", (50, 4), torch.float32)

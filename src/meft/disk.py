@@ -24,11 +24,18 @@ Crash safety (a SIGKILL at any instant never leaves a store that loads wrong):
 
 A store therefore always opens at its last committed step; a run resumes from the checkpoint
 of that step. Memory maps are created sparse (``truncate``): untouched zero pages cost no disk.
+
+Every map is advised ``MADV_RANDOM``: a step touches scattered rows (the union of a batch's
+selections, the key blocks of the probed experts), and the kernel's default read-around on a
+fault (up to the disk's ``read_ahead_kb``, 8 MB on the project machine, in large folios) filled
+the page cache with rows no step used; at N=262,144 (27 GB of store, 24 GB of RAM) pages were
+evicted and read again every step, 2.5x slower (measured, ``benchmarks/results/disk-store-*``).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -79,6 +86,8 @@ class DiskArrays:
         dtype = _NAMES[meta["dtype"]]
         mm = np.memmap(self.dir / meta["file"], dtype=_NUMPY[dtype], mode="r+",
                        shape=tuple(meta["shape"]))
+        if hasattr(mmap, "MADV_RANDOM"):  # no read-around: a step touches scattered rows
+            mm._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
         self._maps[name] = mm
         tensor = torch.from_numpy(mm)
         if dtype == torch.bfloat16:
