@@ -59,6 +59,34 @@ def test_maps_are_advised_random_access(tmp_path: Path) -> None:
     assert "rr" in _vm_flags(tmp_path / "w.bin")
 
 
+def _resident_kb(path: Path) -> int:
+    """Resident kB of this process's mapping of ``path``."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.endswith(str(path)):
+            return next(int(x.split()[1]) for x in lines[i + 1:] if x.startswith("Rss:"))
+    raise AssertionError(f"{path} is not mapped")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="Linux /proc only")
+def test_release_unmaps_pages_and_keeps_what_was_written(tmp_path: Path) -> None:
+    store = DiskArrays(tmp_path)
+    t = store.zeros("w", (4096, 64), torch.float32)  # 1 MB
+    data = torch.randn(4096, 64)
+    t.copy_(data)  # dirty pages, not flushed
+    assert _resident_kb(tmp_path / "w.bin") >= 1000
+    store.release()
+    assert _resident_kb(tmp_path / "w.bin") == 0
+    assert torch.equal(t, data)  # read back through the page cache
+    raw = np.fromfile(tmp_path / "w.bin", dtype=np.float32).reshape(4096, 64)
+    assert np.array_equal(raw, data.numpy())  # the file sees the changes too
+    t[7] = 1.0
+    store.commit(1)  # commits release too
+    assert _resident_kb(tmp_path / "w.bin") == 0
+    assert torch.equal(DiskArrays(tmp_path).zeros("w", (4096, 64), torch.float32)[7],
+                       torch.ones(64))
+
+
 def test_an_uncommitted_step_is_undone_on_open(tmp_path: Path) -> None:
     store = DiskArrays(tmp_path)
     t = store.zeros("w", (50, 4), torch.float32)

@@ -144,8 +144,18 @@ class DiskArrays:
             self._journal.flush()
             os.fsync(self._journal.fileno())
 
+    def release(self) -> None:
+        """Unmap every page of the store from this process (``MADV_DONTNEED``; for a shared
+        file map the pages, changed ones included, stay in the page cache and reach the file
+        as usual): the trainer calls it after each step, so resident memory counts the pages
+        one step touches, not every page touched since the start."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            for mm in self._maps.values():
+                mm._mmap.madvise(mmap.MADV_DONTNEED)  # type: ignore[attr-defined]
+
     def commit(self, step: int) -> None:
-        """Make the arrays durable as the state of ``step`` and forget the journal."""
+        """Make the arrays durable as the state of ``step``, forget the journal and
+        :meth:`release` the pages."""
         for mm in self._maps.values():
             mm.flush()
         self.index["step"] = step
@@ -156,6 +166,7 @@ class DiskArrays:
         shutil.rmtree(self.dir / "journal", ignore_errors=True)
         for seen in self._journaled.values():
             seen.zero_()
+        self.release()  # e.g. the keys a fresh store initialises: half the store
 
     def _recover(self) -> bool:
         """Write back every journaled pre-image (module doc); True if there were any."""

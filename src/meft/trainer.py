@@ -277,6 +277,8 @@ class Trainer:
                                    "stopping (lower --lr?)")
         self.optimizers.step()
         self.optimizers.zero_grad()
+        if self.trainable.arrays is not None:  # resident: the pages of one step (meft.disk)
+            self.trainable.arrays.release()
         self.step += 1
         traffic = self.trainable.traffic()
         if par is not None:  # every rank's bytes; and stop where any rank was asked to
