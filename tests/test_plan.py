@@ -11,7 +11,7 @@ import torch
 from helpers import meft_config, tiny
 from meft.cli import main
 from meft.model import get_meft_model
-from meft.plan import PROFILES, Shape, calibrate, fit_neurons, parse_bytes, plan
+from meft.plan import PROFILES, Shape, calibrate, fit_neurons, parse_bytes, plan, probed_experts
 from meft.trainer import TrainConfig, Trainer
 from test_retain import examples
 
@@ -61,7 +61,9 @@ def test_fit_finds_the_largest_n_that_fits() -> None:
     on_disk = plan(meft_config(neurons=n, experts=None, top_k=64, n_probe=8), shape,
                    store="disk", **kw)
     assert on_disk["disk_bytes"] == fits["host_bytes"]["tables_and_moments"]
-    assert on_disk["host_total"] < 0.1 * fits["host_total"]  # RAM: the rows a step touches
+    keys = 32 * n * 4096 * 4  # every layer's fp32 keys: routing probes nearly every block
+    assert 0.9 * keys < on_disk["host_bytes"]["probed_keys"] <= keys
+    assert on_disk["host_total"] < 0.25 * fits["host_total"]  # RAM: one step's pages
     compact = fit_neurons(meft_config(neurons=4096, experts=64, top_k=64, n_probe=8,
                                       storage_dtype="bfloat16", optim_state="8bit"), shape,
                           **kw)
@@ -89,3 +91,13 @@ def test_sizes_and_the_command(tmp_path: Path, model_dir: Path,
     rates = calibrate(tmp_path / "calibration.json", d=16, rows=64)
     assert rates["host_gflops"] > 0 and rates["host_gbps"] > 0
     assert json.loads((tmp_path / "calibration.json").read_text())["threads"] >= 1
+
+
+@pytest.mark.parametrize(("experts", "tokens"), [(2048, 552), (256, 40), (64, 3)])
+def test_probed_experts_is_the_expected_count_under_uniform_routing(experts: int,
+                                                                   tokens: int) -> None:
+    config = meft_config(neurons=experts * 16, experts=experts, top_k=8, n_probe=8)
+    g = torch.Generator().manual_seed(experts + tokens)
+    counts = [len(torch.cat([torch.randperm(experts, generator=g)[:8] for _ in range(tokens)])
+                  .unique()) for _ in range(50)]
+    assert probed_experts(config, tokens) == pytest.approx(sum(counts) / 50, rel=0.02)

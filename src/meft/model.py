@@ -249,6 +249,8 @@ class MeftModel(nn.Module):
                 router = router_init(store.keys.float(), config.n_experts,
                                      scheme=config.router_init, std=config.init_std,
                                      generator=gen)
+                if arrays is not None:  # one layer's keys resident at a time (meft.disk)
+                    arrays.release()
                 if plan is not None:  # this rank's rows of the layer one process would draw
                     lo, hi = plan.rows
                     store = HostStore(store.keys[lo:hi].clone(), store.values[lo:hi].clone())

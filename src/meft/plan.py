@@ -14,8 +14,12 @@ T tokens per micro-batch, U rows per layer per micro-batch (the union of the T*K
                                rows, and one layer's row gradients at a time)
     host     tables + moments  L * MeftConfig.host_bytes_per_layer(d) (exact: what the
                                optimizer allocates), + pinned staging L * 2 * U * d * 4;
-                               with --store disk they are on disk and RAM holds the U rows
-                               a step touches (the page cache's working set)
+                               with --store disk they are on disk and RAM holds the pages
+                               one step touches (meft.disk unmaps them after each step):
+                               the key blocks of the experts routing probes, L * E_p * B * d
+                               * bytes, E_p = E * (1 - (1 - P/E)^T) distinct experts under
+                               uniform routing (skewed routing probes fewer), and the U rows
+                               of the values and of every per-row state array
     moved    host -> device    L * (2 * U * d * 4 + index bytes)            per micro-batch
              device -> host    L * (T * d * 4 + T * P * 12 + 2 * U * d * 4)  (hidden states,
                                probe scores and ids, row gradients: TransferStats' terms)
@@ -124,6 +128,12 @@ def traffic(config: MeftConfig, d: int, layers: int, tokens: int, union: int) ->
     return {"h2d": h2d, "d2h": d2h}
 
 
+def probed_experts(config: MeftConfig, tokens: int) -> float:
+    """E_p: the distinct experts T tokens probe, P each, under uniform routing (module doc)."""
+    e = config.n_experts
+    return e * (1 - (1 - config.n_probe / e) ** tokens)
+
+
 def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, float],
          host_rates: dict[str, Any], dtype_bytes: int = 2, union: int | None = None,
          store: str = "ram") -> dict[str, Any]:
@@ -140,9 +150,11 @@ def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, f
     state = layers * config.host_bytes_per_layer(d)
     if store == "ram":
         host = {"tables_and_moments": state, "staging_buffers": layers * 2 * u * d * 4}
-    else:  # on disk: RAM holds the pages a step touches (U rows of every array) and staging
-        touched = state * u // config.neurons
-        host = {"touched_rows": touched, "staging_buffers": layers * 2 * u * d * 4}
+    else:  # on disk: RAM holds the pages one step touches (module doc) and staging
+        keys = layers * config.neurons * d * torch.empty((), dtype=config.dtype).element_size()
+        host = {"probed_keys": round(keys * probed_experts(config, tokens) / config.n_experts),
+                "touched_rows": (state - keys) * u // config.neurons,
+                "staging_buffers": layers * 2 * u * d * 4}
     b = config.neurons // config.n_experts
     compute = 6 * shape.n_params * tokens / (hardware["gpu_tflops"] * 1e12 * MFU)
     routing = tokens * config.n_probe * b * d * 2 * layers / (host_rates["host_gflops"] * 1e9)
