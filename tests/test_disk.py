@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from meft.disk import DiskArrays
-from meft.errors import SerializationError
+from meft.errors import RunDirectoryError, SerializationError
 
 
 def test_arrays_round_trip_in_every_dtype(tmp_path: Path) -> None:
@@ -263,3 +263,32 @@ def test_meft_train_with_a_disk_store(model_dir: Path, data_file: Path, tmp_path
     assert "holds another run's store" in capsys.readouterr().err
     assert main(["train", *flags, "--store", "tape"]) == 2
     assert "store must be ram or disk:DIR, got 'tape'" in capsys.readouterr().err
+
+
+def test_arrays_take_their_blocks_when_made(tmp_path: Path) -> None:
+    # a write to a page the filesystem has no block for is SIGBUS, not an exception: each
+    # array reserves its blocks up front (read as zeros)
+    t = DiskArrays(tmp_path).zeros("w", (1000, 64), torch.float32)
+    assert (tmp_path / "w.bin").stat().st_blocks * 512 >= 1000 * 64 * 4
+    assert torch.count_nonzero(t) == 0
+
+
+def test_a_store_the_disk_cannot_hold_is_refused_in_one_line(
+        model_dir: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    store = DiskArrays(tmp_path / "s")
+    store.reserve(1000)  # fits
+    with pytest.raises(RunDirectoryError, match=r"the store needs 1000000\.0 GB"):
+        store.reserve(10**15)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    assert main(["train", "--model", str(model_dir), "--data", str(data_file), "--steps", "1",
+                 "--no-progress", "--no-eval-before", "--no-retention", "--no-plots", *TINY,
+                 "--output", str(tmp_path / "run"), "--store", f"disk:{tmp_path / 'big'}"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("meft: error: ") and "the store needs" in last
+    assert "its filesystem has 1.0 kB for it" in last
+    assert not list((tmp_path / "big").glob("*.bin"))  # refused before making any array

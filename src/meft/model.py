@@ -229,6 +229,9 @@ class MeftModel(nn.Module):
         plan = parallel.plan(config.neurons, config.n_experts) if parallel is not None else None
         self.shard_plan = plan
         fresh = arrays is not None and not arrays.index.get("initialized")
+        if fresh:  # tables and moments: all the space up front (meft.disk)
+            assert arrays is not None
+            arrays.reserve(config.host_bytes_per_layer(d) * len(layer_ids))
         gen = torch.Generator().manual_seed(config.seed)
         for i in layer_ids:
             if tensors is not None:
