@@ -229,6 +229,7 @@ def test_meft_train_with_a_disk_store(model_dir: Path, data_file: Path, tmp_path
     store = tmp_path / "store"
     assert main(["train", *flags, "--output", str(tmp_path / "a"), "--store",
                  f"disk:{store}", "--stop-after", "2"]) == 0
+    assert f"GB on disk in {store} with optimizer state" in capsys.readouterr().err
     assert DiskArrays(store).step == 2
     assert main(["train", "--resume", str(tmp_path / "a"), "--no-progress"]) == 0
     assert DiskArrays(store).step == 4

@@ -156,8 +156,10 @@ def train(job: TrainJob) -> dict[str, Any]:
                * len(meft_model.stores) / 1e9)
     say(f"adapter: N={config.neurons} K={config.top_k} E={config.n_experts} P={config.n_probe} "
         f"on {len(meft_model.layer_ids)} layers: {counts['host'] / 1e6:.1f}M host parameters "
-        f"({100 * counts['host'] / counts['base']:.0f}% of the base), {host_gb:.2f} GB host "
-        f"memory with optimizer state; routers {counts['device'] / 1e6:.2f}M on {device}")
+        f"({100 * counts['host'] / counts['base']:.0f}% of the base), {host_gb:.2f} GB "
+        + (f"on disk in {meft_model.arrays.dir}" if meft_model.arrays is not None
+           else "host memory")
+        + f" with optimizer state; routers {counts['device'] / 1e6:.2f}M on {device}")
     if parallel is not None:
         say(f"distributed: {parallel.world} processes, each holding 1/{parallel.world} of the "
             f"host tables ({host_gb / parallel.world:.2f} GB); global batch "
