@@ -274,6 +274,21 @@ def test_arrays_take_their_blocks_when_made(tmp_path: Path) -> None:
     assert torch.count_nonzero(t) == 0
 
 
+def test_an_array_the_disk_cannot_hold_is_refused_and_not_left_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = DiskArrays(tmp_path)
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(RunDirectoryError, match="no space left for array w "):
+        store.zeros("w", (1000, 64), torch.float32)
+    assert not (tmp_path / "w.bin").exists() and "w" not in store.index["arrays"]
+
+
 def test_a_store_the_disk_cannot_hold_is_refused_in_one_line(
         model_dir: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -128,6 +128,7 @@ class DiskArrays:
                 try:
                     os.posix_fallocate(f.fileno(), 0, nbytes)
                 except OSError as err:
+                    (self.dir / file).unlink()  # nothing half-made left in the store
                     if err.errno != errno.ENOSPC:
                         raise
                     raise RunDirectoryError(
