@@ -107,6 +107,14 @@ def test_router_init_schemes() -> None:
     assert router_init(keys, 8, scheme="normal").shape == (8, 8)
     with pytest.raises(ValueError, match="router init scheme"):
         router_init(keys, 8, scheme="zeros")
+    # dtype=: what converting the keys first gave, without the converted copy of the table
+    stored = keys.to(torch.bfloat16)
+    for scheme in ("normal", "key_mean"):
+        want = router_init(stored.float(), 8, scheme=scheme,
+                           generator=torch.Generator().manual_seed(1))
+        got = router_init(stored, 8, scheme=scheme, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float32)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_transfer_stats_reset_keeps_history() -> None:

@@ -249,9 +249,8 @@ class MeftModel(nn.Module):
                 else:
                     store = HostStore.initialize(config.neurons, d, std=config.init_std,
                                                  dtype=config.dtype, generator=gen)
-                router = router_init(store.keys.float(), config.n_experts,
-                                     scheme=config.router_init, std=config.init_std,
-                                     generator=gen)
+                router = router_init(store.keys, config.n_experts, scheme=config.router_init,
+                                     std=config.init_std, generator=gen, dtype=torch.float32)
                 if arrays is not None:  # one layer's keys resident at a time (meft.disk)
                     arrays.release()
                 if plan is not None:  # this rank's rows of the layer one process would draw

@@ -196,14 +196,18 @@ def route(
 
 
 def router_init(keys: Tensor, n_experts: int, *, scheme: str = "normal", std: float = 0.02,
-                generator: torch.Generator | None = None) -> Tensor:
-    """Router (E, d): ``normal`` ~ N(0, std), or ``key_mean``: sqrt(B) x the mean of each
-    expert's keys (the sum over B i.i.d. rows scaled back to the keys' std)."""
+                generator: torch.Generator | None = None,
+                dtype: torch.dtype | None = None) -> Tensor:
+    """Router (E, d) in ``dtype`` (default the keys'): ``normal`` ~ N(0, std), or
+    ``key_mean``: sqrt(B) x the mean of each expert's keys (the sum over B i.i.d. rows scaled
+    back to the keys' std). Only ``key_mean`` reads the keys (a disk store's keys stay on
+    disk otherwise)."""
     n, d = keys.shape
+    dtype = keys.dtype if dtype is None else dtype
     if scheme == "normal":
-        out = torch.empty(n_experts, d, dtype=keys.dtype)
+        out = torch.empty(n_experts, d, dtype=dtype)
         return out.normal_(0.0, std, generator=generator)
     if scheme == "key_mean":
         b = n // n_experts
-        return keys.view(n_experts, b, d).sum(1) / math.sqrt(b)
+        return keys.view(n_experts, b, d).to(dtype).sum(1) / math.sqrt(b)
     raise ValueError(f"router init scheme must be 'normal' or 'key_mean', got {scheme!r}")
