@@ -34,14 +34,13 @@ def test_arrays_round_trip_in_every_dtype(tmp_path: Path) -> None:
         DiskArrays(tmp_path).zeros("a0", (8, 5), torch.float32)
 
 
-def _vm_flags(path: Path) -> set[str]:
-    """The VmFlags of this process's mapping of ``path`` (Linux /proc/self/smaps)."""
+def _smaps(path: Path, field: str) -> list[str]:
+    """The values of ``field`` (``Rss``, ``VmFlags`` ...) of this process's mapping of
+    ``path`` (Linux /proc/self/smaps)."""
     lines = Path("/proc/self/smaps").read_text().splitlines()
     for i, line in enumerate(lines):
         if line.endswith(str(path)):
-            for flags in lines[i + 1:]:
-                if flags.startswith("VmFlags:"):
-                    return set(flags.split()[1:])
+            return next(x.split()[1:] for x in lines[i + 1:] if x.startswith(f"{field}:"))
     raise AssertionError(f"{path} is not mapped")
 
 
@@ -52,20 +51,11 @@ def test_maps_are_advised_random_access(tmp_path: Path) -> None:
     # used and made a step 2.5x slower (benchmarks/results/disk-store-*)
     store = DiskArrays(tmp_path)
     store.zeros("w", (1000, 64), torch.float32)
-    assert "rr" in _vm_flags(tmp_path / "w.bin")
+    assert "rr" in _smaps(tmp_path / "w.bin", "VmFlags")
     del store
     again = DiskArrays(tmp_path)
     again.zeros("w", (1000, 64), torch.float32)  # mapped from the existing file
-    assert "rr" in _vm_flags(tmp_path / "w.bin")
-
-
-def _resident_kb(path: Path) -> int:
-    """Resident kB of this process's mapping of ``path``."""
-    lines = Path("/proc/self/smaps").read_text().splitlines()
-    for i, line in enumerate(lines):
-        if line.endswith(str(path)):
-            return next(int(x.split()[1]) for x in lines[i + 1:] if x.startswith("Rss:"))
-    raise AssertionError(f"{path} is not mapped")
+    assert "rr" in _smaps(tmp_path / "w.bin", "VmFlags")
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="Linux /proc only")
@@ -74,15 +64,15 @@ def test_release_unmaps_pages_and_keeps_what_was_written(tmp_path: Path) -> None
     t = store.zeros("w", (4096, 64), torch.float32)  # 1 MB
     data = torch.randn(4096, 64)
     t.copy_(data)  # dirty pages, not flushed
-    assert _resident_kb(tmp_path / "w.bin") >= 1000
+    assert int(_smaps(tmp_path / "w.bin", "Rss")[0]) >= 1000
     store.release()
-    assert _resident_kb(tmp_path / "w.bin") == 0
+    assert int(_smaps(tmp_path / "w.bin", "Rss")[0]) == 0
     assert torch.equal(t, data)  # read back through the page cache
     raw = np.fromfile(tmp_path / "w.bin", dtype=np.float32).reshape(4096, 64)
     assert np.array_equal(raw, data.numpy())  # the file sees the changes too
     t[7] = 1.0
     store.commit(1)  # commits release too
-    assert _resident_kb(tmp_path / "w.bin") == 0
+    assert int(_smaps(tmp_path / "w.bin", "Rss")[0]) == 0
     assert torch.equal(DiskArrays(tmp_path).zeros("w", (4096, 64), torch.float32)[7],
                        torch.ones(64))
 
