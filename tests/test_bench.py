@@ -381,3 +381,27 @@ def test_bench_refuses_bad_methods_before_any_work(capsys: pytest.CaptureFixture
     assert main(["bench", "--methods", "meft:64", "--top-k", "99", "--experts", "8",
                  "--probe", "2"]) == 2
     assert "top_k=99" in capsys.readouterr().err
+
+
+def test_bench_worker_reports_a_user_error_in_one_line(model_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """A run that stops on the user's input (here a bad line in its data) says so in one line
+    and exits 2, as the CLI does; meft bench then skips it. No traceback."""
+    from meft.bench.run import main as worker_main
+    from meft.config import BenchJob
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"question": "Q?", "answer": "A"}\n{"question": 3}\n')
+    for name in ("validation", "test"):
+        (data / f"{name}.jsonl").write_text("")
+    job = BenchJob.from_options({"methods": ["meft:64"], "steps": 1, "progress": False})
+    code = worker_main(["--method", "meft:64", "--model-dir", str(model_dir), "--job",
+                        json.dumps(job.to_dict()), "--data", str(data), "--result",
+                        str(tmp_path / "result.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "result.json").exists()
+    ours = [line for line in err.splitlines() if line.startswith("meft:")]  # not the loading bar
+    assert len(ours) == 1 and ours[0].startswith("meft: error: ") and "train.jsonl:2" in ours[0]
+    assert "Traceback" not in err

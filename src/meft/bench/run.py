@@ -35,6 +35,7 @@ from torch import nn
 from meft.bench.methods import Method, build, parse_method
 from meft.config import BenchJob
 from meft.data import Encoded, Sample, encode_all, load_samples
+from meft.errors import UserError
 from meft.evaluate import evaluate
 from meft.retain import Retainer
 from meft.retention import RetentionProbe
@@ -184,5 +185,15 @@ def worker(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """:func:`worker`, with a user error (a method that does not fit this machine, bad data)
+    as one line on stderr and exit 2, as the CLI does; ``meft bench`` then skips the run."""
+    try:
+        return worker(argv)
+    except UserError as err:
+        print(f"meft: error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(worker())
+    sys.exit(main())
