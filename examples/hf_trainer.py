@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 
 from meft import MeftConfig, get_meft_model
 from meft.data import load_samples, to_record
+from meft.disk import DiskArrays
 from meft.datasets import load_splits
 from meft.evaluate import evaluate
 from meft.integrations import MeftCollator, MeftTrainer, encoder
@@ -29,11 +30,13 @@ ap.add_argument("--top-k", type=int, default=default.top_k)
 ap.add_argument("--experts", type=int)
 ap.add_argument("--probe", type=int, default=default.n_probe)
 ap.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order")
+ap.add_argument("--store", help="a new directory: tables and their state on disk (bigger than RAM)")
 a = ap.parse_args()
 
 base, tokenizer, _ = load_model_and_tokenizer(a.model)
 model = get_meft_model(base, MeftConfig(neurons=a.neurons, top_k=a.top_k, experts=a.experts,
-                                        n_probe=a.probe, seed=a.seed))
+                                        n_probe=a.probe, seed=a.seed),
+                       arrays=DiskArrays(a.store) if a.store else None)
 if a.data:
     train = load_dataset("json", data_files=a.data, split="train")
 else:
@@ -48,8 +51,9 @@ args = TrainingArguments(output_dir=a.output, max_steps=a.max_steps, learning_ra
                          per_device_train_batch_size=12, warmup_steps=0, weight_decay=0.0,
                          max_grad_norm=1.0, logging_steps=10, save_strategy="no", report_to=[],
                          seed=a.seed)
-MeftTrainer(model=model, args=args, train_dataset=train,
-            data_collator=MeftCollator(tokenizer.pad_token_id)).train()
+trainer = MeftTrainer(model=model, args=args, train_dataset=train,
+                      data_collator=MeftCollator(tokenizer.pad_token_id))
+trainer.train()
+trainer.save_model(f"{a.output}/adapter")  # with --store: the routers, naming the store
 scores = evaluate(model, tokenizer, held_out, max_new_tokens=16, batch_size=32, progress=False)
-model.save_pretrained(f"{a.output}/adapter")
 print(json.dumps({k: scores[k] for k in ("exact_match", "f1", "contains", "n")}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -192,11 +193,14 @@ def test_a_crash_after_a_checkpoint_resumes_bitwise(tmp_path: Path) -> None:
     with pytest.raises(TrainingInterrupted):
         trainer.train()
     trainer.train_step(next(trainer._batches()))  # step 3, never checkpointed
-    assert first.arrays is not None
+    assert first.arrays is not None and first.arrays.changed
+    with pytest.raises(SerializationError, match="changed since its last commit"):
+        first.save_pretrained(tmp_path / "uncommitted", tables=False)  # names no state
     for mm in first.arrays._maps.values():
         mm.flush()
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
     assert not (ckpt / "adapter" / "adapter_model.safetensors").stat().st_size > 100_000
+    assert json.loads((ckpt / "adapter" / "adapter_config.json").read_text())["tables_step"] == 2
     del first, trainer
     again = _model(tmp_path / "store")
     assert again.arrays is not None and again.arrays.recovered and again.arrays.step == 2

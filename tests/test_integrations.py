@@ -240,17 +240,23 @@ def test_trl_sft_trainer_with_the_mixin(tokenizer, tmp_path: Path) -> None:  # t
 
 @pytest.mark.slow
 def test_the_example_script_runs(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_trainer.py"),
-                           "--model", str(model_dir), "--data", str(data_file),
-                           "--eval-data", str(data_file), "--max-steps", "2",
-                           "--output", str(out), "--neurons", "64", "--top-k", "4",
-                           "--experts", "8", "--probe", "2"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert 0 <= result["exact_match"] <= 1 and result["n"] == 12
-    assert read_adapter(out / "adapter")[0].neurons == 64
+    """In RAM and with --store (the same scores); the disk run's adapter names its store."""
+    results = []
+    for extra in ([], ["--store", str(tmp_path / "store")]):
+        out = tmp_path / f"run{len(extra)}"
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_trainer.py"),
+                               "--model", str(model_dir), "--data", str(data_file),
+                               "--eval-data", str(data_file), "--max-steps", "2",
+                               "--output", str(out), "--neurons", "64", "--top-k", "4",
+                               "--experts", "8", "--probe", "2", *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        assert 0 <= results[-1]["exact_match"] <= 1 and results[-1]["n"] == 12
+        config, tensors = read_adapter(out / "adapter")
+        assert config.neurons == 64
+        assert (config.tables_step, len(tensors)) == ((2, 2) if extra else (None, 6))  # 2 layers
+    assert results[0] == results[1]
 
 
 def test_refused_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,10 +269,68 @@ def test_refused_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                     args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
 
 
-def test_refuses_a_disk_store(tmp_path: Path) -> None:
-    from meft.disk import DiskArrays
-    from meft.errors import ConfigError
+def test_a_disk_store_trains_as_in_ram_and_resumes_after_a_crash(tmp_path: Path) -> None:
+    """Tables and moments in a disk store: the same adapter, bit for bit, as in RAM. Stopped
+    after step 5 with checkpoints at 2 and 4 (the crash: step 5 was never saved), the store
+    reopens at step 4 and a resume from checkpoint-4 ends where the uninterrupted run does;
+    the saved adapter names the store and loads from it."""
+    from transformers import TrainerCallback
 
-    model = get_meft_model(tiny("llama"), meft_config(), arrays=DiskArrays(tmp_path / "store"))
-    with pytest.raises(ConfigError, match="meft train --store disk:DIR"):
-        MeftTrainer(model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    from meft.disk import DiskArrays
+    from meft.errors import ConfigError, SerializationError
+
+    class StopAt5(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            if state.global_step == 5:
+                control.should_training_stop = True
+
+    store = tmp_path / "store"
+
+    def trainer(out: Path, arrays: DiskArrays | None, **kw: object) -> MeftTrainer:
+        model = get_meft_model(tiny("llama"), meft_config(), arrays=arrays)
+        args = hf_args(out, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                       lr_scheduler_type="linear", max_steps=6, **kw)
+        return MeftTrainer(model=model, args=args, train_dataset=rows(examples(12)),
+                           data_collator=MeftCollator(0))
+
+    whole = trainer(tmp_path / "ram", None)
+    whole.train()
+    first = trainer(tmp_path / "run", DiskArrays(store), save_strategy="steps", save_steps=2)
+    first.add_callback(StopAt5())
+    arrays, released = first.model.arrays, []
+    release = arrays.release
+    arrays.release = lambda: (released.append(1), release())[1]  # type: ignore[method-assign]
+    first.train()
+    assert len(released) == 5 + 2  # after each step and each commit: one step resident
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert config["tables_store"] == str(store.resolve()) and config["tables_step"] == 4
+    _, saved = read_adapter(ckpt)
+    assert saved and all(name.endswith(".router") for name in saved)  # the tables stay
+    assert first.model.arrays.step == 4
+    del first
+
+    with pytest.raises(ConfigError, match="holds step 4 of an earlier run"):
+        trainer(tmp_path / "run", DiskArrays(store)).train()  # not resumed: refused
+    stale = trainer(tmp_path / "run", DiskArrays(store))
+    with pytest.raises(SerializationError, match="holds step 4; resume from checkpoint-4"):
+        stale.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    reopened = DiskArrays(store)
+    assert reopened.step == 4  # step 5 and the failed resume's work undone
+    resumed = trainer(tmp_path / "run", reopened, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for name, t in whole.model.adapter_state().items():
+        assert torch.equal(resumed.model.adapter_state()[name], t), name
+    resumed.save_model(str(tmp_path / "final"))  # what meft eval --adapter reads
+    assert resumed.model.arrays.step == 6
+    loaded = MeftModel.from_pretrained(tiny("llama"), tmp_path / "final")
+    for name, t in whole.model.adapter_state().items():
+        assert torch.equal(loaded.adapter_state()[name], t), name
+
+    model = get_meft_model(tiny("llama"), meft_config(), arrays=DiskArrays(tmp_path / "s2"))
+    with pytest.raises(ConfigError, match="load_best_model_at_end"):
+        MeftTrainer(model=model, args=hf_args(tmp_path / "best", save_strategy="steps",
+                                              eval_strategy="steps",
+                                              load_best_model_at_end=True),
+                    train_dataset=rows(examples()), eval_dataset=rows(examples(2)),
+                    data_collator=MeftCollator(0))

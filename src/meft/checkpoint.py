@@ -58,7 +58,8 @@ def save_checkpoint(directory: str | Path, model: MeftModel,
     if model.parallel is not None:
         return _save_sharded(directory, model, tensors, trainer_state)
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp / "adapter", tables=model.arrays is None)
+        model.save_pretrained(tmp / "adapter", tables=model.arrays is None,
+                              tables_step=trainer_state["step"])
         save_tensors(tensors, tmp, "optimizer")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
     return directory

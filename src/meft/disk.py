@@ -172,6 +172,12 @@ class DiskArrays:
                             + data.numpy().tobytes())
         seen[fresh] = True
 
+    @property
+    def changed(self) -> bool:
+        """Whether rows were written since the last commit (the store on disk is then not
+        yet the state of any step)."""
+        return self._journal is not None
+
     def sync(self) -> None:
         """Make what :meth:`before_write` journaled durable (once per step)."""
         if self._journal is not None:

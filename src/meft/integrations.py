@@ -15,6 +15,13 @@ save them. :class:`MeftTrainerMixin` changes exactly that and nothing else:
                  ``optimizer.safetensors`` (the names meft's own checkpoints use), the scheduler
                  state and RNG states as JSON + safetensors, the arguments as JSON: nothing is
                  pickled; ``train(resume_from_checkpoint=True)`` continues bit for bit
+    disk store   a model made with ``get_meft_model(..., arrays=DiskArrays(DIR))`` (tables
+                 bigger than RAM, :mod:`meft.disk`): the moments live in the store too, each
+                 step's pages are released after it, every save commits the store at the
+                 step saved and the adapter files hold the routers and name the store (as
+                 ``meft train --store disk:DIR``). The store keeps its newest commit only, so
+                 a run resumes from its newest checkpoint, and ``load_best_model_at_end``
+                 is refused
     logs         ``meft_union`` (mean rows per layer per step) and ``meft_mb_moved`` (host <->
                  device MB per step), averaged since the last log
     protection   ``retainer=`` (:class:`meft.retain.Retainer`;
@@ -82,9 +89,11 @@ class MeftOptimizer(torch.optim.Optimizer):
         self.selected = False  # the protection's selection done for this step
         t = Trainable.of_meft(model)
         routers = retainer.trained_routers(t.routers) if retainer is not None else t.routers
+        self.arrays = model.arrays  # a disk store: the moments beside the tables, journaled
         self.set = OptimizerSet(routers=routers, host_tables=t.host_tables, lr=lr,
                                 weight_decay=weight_decay, betas=betas, eps=eps,
-                                host_state=t.host_state, seed=model.meft_config.seed)
+                                host_state=t.host_state, seed=model.meft_config.seed,
+                                arrays=model.arrays)
         # the facade's param group: the routers, or a placeholder the scheduler can scale
         params = list(routers.values()) or [nn.Parameter(torch.zeros(1), requires_grad=False)]
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
@@ -101,6 +110,8 @@ class MeftOptimizer(torch.optim.Optimizer):
         self.set.step()
         if self.set.host is not None:
             self.set.host.zero_grad()
+        if self.arrays is not None:  # resident: the pages of one step (meft.disk)
+            self.arrays.release()
         t = self.traffic()
         self.steps.append({"union": sum(t.union_per_layer) / max(1, len(t.union_per_layer)),
                            "mb": (t.bytes_h2d + t.bytes_d2h) / 1e6})
@@ -157,16 +168,28 @@ class MeftTrainerMixin:
             model = get_meft_model(model, meft_config)
         elif meft_config is not None:
             raise TypeError("meft_config= is for a base model; this model is already wrapped")
-        if model.arrays is not None:  # its checkpoints would not commit the store
-            raise ConfigError("MeftTrainer does not support adapters whose tables are in a disk "
-                              "store yet; train those with meft train --store disk:DIR")
         # a trainable adapter is attached: what transformers asks of a quantized base (a
         # GGUF-loaded one is marked quantized) before it lets a Trainer fine-tune it, as PEFT
         model.__dict__["_hf_peft_config_loaded"] = True
         super().__init__(model, *args, **kwargs)  # type: ignore[call-arg]
         self.add_callback(_ResetTraffic(model))  # type: ignore[attr-defined]
+        if model.arrays is not None and self.args.load_best_model_at_end:
+            raise ConfigError("load_best_model_at_end cannot go back to an earlier checkpoint "
+                              "with the tables in a disk store (it holds the newest step "
+                              f"only: {model.arrays.dir}); evaluate the checkpoints instead")
         if not self.args.label_names:  # MeftModel.forward(*args, **kwargs) names no labels
             self.label_names = ["labels"]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
+              **kwargs: Any) -> Any:
+        """The Trainer's ``train``; a disk store an earlier run moved on is refused unless
+        that run is resumed (fresh routers over its trained tables would be neither run)."""
+        arrays = self.meft_model.arrays
+        if arrays is not None and arrays.step != 0 and not resume_from_checkpoint:
+            raise ConfigError(f"the disk store {arrays.dir} holds step {arrays.step} of an "
+                              "earlier run; resume it (train(resume_from_checkpoint=True)) or "
+                              "start from an empty directory")
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     def _set_signature_columns_if_needed(self) -> None:
         """The columns the base model's forward takes (MeftModel passes everything on)."""
@@ -223,7 +246,13 @@ class MeftTrainerMixin:
         out = Path(output_dir if output_dir is not None else self.args.output_dir)
         if not self.args.should_save:
             return
-        self.meft_model.save_pretrained(out)
+        arrays = self.meft_model.arrays
+        step = self.state.global_step  # type: ignore[attr-defined]
+        # with a disk store: the files first, naming this step, then the store commits at it
+        # (a crash between leaves the store at its last commit, whose files still exist)
+        self.meft_model.save_pretrained(out, tables=arrays is None, tables_step=step)
+        if arrays is not None and arrays.step != step:
+            arrays.commit(step)
         processor = getattr(self, "processing_class", None)
         if processor is not None:
             processor.save_pretrained(out)
@@ -251,8 +280,16 @@ class MeftTrainerMixin:
     # ------------------------------------------------------------ loading
     def _load_from_checkpoint(self, resume_from_checkpoint: str,
                               model: nn.Module | None = None) -> None:
-        _, tensors = read_adapter(resume_from_checkpoint)
-        self.meft_model.load_adapter_state(tensors, source=resume_from_checkpoint)
+        config, tensors = read_adapter(resume_from_checkpoint)
+        arrays = self.meft_model.arrays
+        if arrays is not None and config.tables_step != arrays.step:
+            held = ("its own tables" if config.tables_step is None
+                    else f"step {config.tables_step} of a disk store")
+            raise SerializationError(
+                f"{resume_from_checkpoint}: a checkpoint of {held}, but the disk store "
+                f"{arrays.dir} holds step {arrays.step}; resume from checkpoint-{arrays.step}")
+        self.meft_model.load_adapter_state(tensors, source=resume_from_checkpoint,
+                                           tables=arrays is None)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint  # type: ignore[attr-defined]

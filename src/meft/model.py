@@ -40,7 +40,12 @@ from torch import Tensor, nn
 from meft.config import CONFIG_NAME, MeftConfig
 from meft.disk import DiskArrays
 from meft.distributed import DataParallel, ShardedSparseAdapter
-from meft.errors import AdapterMismatchError, ConfigError, UnsupportedModelError
+from meft.errors import (
+    AdapterMismatchError,
+    ConfigError,
+    SerializationError,
+    UnsupportedModelError,
+)
 from meft.offload import OffloadedSparseAdapter, TokenMask
 from meft.optim import ROW_LOCAL_STATE
 from meft.routing import router_init
@@ -370,16 +375,27 @@ class MeftModel(nn.Module):
                 tensor.copy_(tensors[name])
 
     def save_pretrained(self, directory: str | Path, *,
-                        max_shard_bytes: int = 2 * 1024**3, tables: bool = True) -> Path:
-        """Write adapter_config.json and adapter_model*.safetensors into ``directory``."""
+                        max_shard_bytes: int = 2 * 1024**3, tables: bool = True,
+                        tables_step: int | None = None) -> Path:
+        """Write adapter_config.json and adapter_model*.safetensors into ``directory``.
+
+        ``tables=False`` (a disk store): the files hold the routers and name the store and
+        its step: its last commit, or ``tables_step``, the step a checkpoint about to commit
+        the store gives. Saving a store changed since its last commit without one is
+        refused (the files would name a state the store does not hold)."""
         directory = Path(directory)
         where: dict[str, Any] = {}
         if not tables:  # the files hold the routers; the tables stay in the disk store
             if self.arrays is None:
                 raise ValueError("tables=False is for an adapter whose tables are in a disk "
                                  "store")
+            if tables_step is None and self.arrays.changed:
+                raise SerializationError(
+                    f"the disk store {self.arrays.dir} changed since its last commit (step "
+                    f"{self.arrays.step}): save a checkpoint (meft train, "
+                    "MeftTrainer.save_model) or commit it first (model.arrays.commit(step))")
             where = {"tables_store": str(self.arrays.dir.resolve()),
-                     "tables_step": self.arrays.step}
+                     "tables_step": self.arrays.step if tables_step is None else tables_step}
         config = MeftConfig.from_dict({**self.meft_config.to_dict(), "layers": self.layer_ids,
                                        "tables_store": None, "tables_step": None, **where})
         if self.parallel is not None:
