@@ -12,8 +12,8 @@ from transformers import TrainingArguments
 
 from meft import MeftConfig, get_meft_model
 from meft.data import load_samples, to_record
-from meft.disk import DiskArrays
 from meft.datasets import load_splits
+from meft.disk import DiskArrays
 from meft.evaluate import evaluate
 from meft.integrations import MeftCollator, MeftTrainer, encoder
 from meft.loading import load_model_and_tokenizer
