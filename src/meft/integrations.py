@@ -89,11 +89,10 @@ class MeftOptimizer(torch.optim.Optimizer):
         self.selected = False  # the protection's selection done for this step
         t = Trainable.of_meft(model)
         routers = retainer.trained_routers(t.routers) if retainer is not None else t.routers
-        self.arrays = model.arrays  # a disk store: the moments beside the tables, journaled
         self.set = OptimizerSet(routers=routers, host_tables=t.host_tables, lr=lr,
                                 weight_decay=weight_decay, betas=betas, eps=eps,
                                 host_state=t.host_state, seed=model.meft_config.seed,
-                                arrays=model.arrays)
+                                arrays=model.arrays)  # a disk store: moments beside the tables
         # the facade's param group: the routers, or a placeholder the scheduler can scale
         params = list(routers.values()) or [nn.Parameter(torch.zeros(1), requires_grad=False)]
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
@@ -110,8 +109,6 @@ class MeftOptimizer(torch.optim.Optimizer):
         self.set.step()
         if self.set.host is not None:
             self.set.host.zero_grad()
-        if self.arrays is not None:  # resident: the pages of one step (meft.disk)
-            self.arrays.release()
         t = self.traffic()
         self.steps.append({"union": sum(t.union_per_layer) / max(1, len(t.union_per_layer)),
                            "mb": (t.bytes_h2d + t.bytes_d2h) / 1e6})

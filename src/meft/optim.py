@@ -490,6 +490,8 @@ class OptimizerSet:
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()
+        if self.arrays is not None:  # resident: the pages of one step (meft.disk)
+            self.arrays.release()
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:

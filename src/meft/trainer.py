@@ -276,9 +276,7 @@ class Trainer:
             raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {float(norm)}; "
                                    "stopping (lower --lr?)")
         self.optimizers.step()
-        self.optimizers.zero_grad()
-        if self.trainable.arrays is not None:  # resident: the pages of one step (meft.disk)
-            self.trainable.arrays.release()
+        self.optimizers.zero_grad()  # (a disk store's pages were released by the step)
         self.step += 1
         traffic = self.trainable.traffic()
         if par is not None:  # every rank's bytes; and stop where any rank was asked to
