@@ -15,6 +15,7 @@ from meft.background import (
     general_prompts,
     load_background,
     model_background,
+    replay_pool,
 )
 from meft.cli import main
 from meft.general import GENERAL_TEXT, general_questions
@@ -98,7 +99,9 @@ def test_train_with_protection_records_it_and_resumes_bitwise(
     assert all(r["retained_rows_per_layer"] == [3, 3] for r in metrics)
     # distilled replay: nothing to hold before the first update, then the model has moved
     assert abs(metrics[0]["retain_replay_loss"]) < 1e-5
-    assert all(r["retain_replay_loss"] > 0 for r in metrics[1:])  # resumed alike
+    # (a replayed question may read none of the few rows trained so far: ~0 until it does)
+    assert all(r["retain_replay_loss"] > -1e-6 for r in metrics)
+    assert metrics[-1]["retain_replay_loss"] > 1e-7
     assert main(["train", *flags, "--output", str(tmp_path / "half"), "--stop-after",
                  "2"]) == 0
     assert main(["train", "--resume", str(tmp_path / "half"), "--no-progress"]) == 0
@@ -113,7 +116,7 @@ def test_train_with_protection_records_it_and_resumes_bitwise(
     assert replay
     labels = replay[0]["retain.replay.labels"].split(replay[0]["retain.replay.lengths"].tolist())
     targets = [int((x[1:] != -100).sum()) for x in labels]
-    assert len(targets) == 672 and 0 < max(targets) <= REPLAY_TOKENS
+    assert len(targets) == 192 and 0 < max(targets) <= REPLAY_TOKENS  # the general questions
     run = json.loads((tmp_path / "whole" / "run.json").read_text())
     assert run["config"]["train"]["retain"] == "on"
     assert run["config"]["train"]["retain_rows"] == 3
@@ -205,3 +208,27 @@ def test_protection_for_a_loop_of_your_own_is_meft_trains_default(
     # without a file: the base model's own answers to the shipped prompts
     own = protection(wrapped(), tokenizer, progress=False)
     assert own.background is not None and own.background.documents == 672
+    # a file of the user's own is replayed whole; the shipped background, its questions only
+    assert len(got.background.examples) == 12  # type: ignore[union-attr]
+    assert len(own.background.examples) == len(general_prompts()) == 192
+    assert "1 of 192 background examples replayed per step" in own.summary()
+    whole = protection(wrapped(), tokenizer, config=TrainConfig(retain_replay_pool="whole"),
+                       progress=False)
+    assert len(whole.background.examples) == 672  # type: ignore[union-attr]
+
+
+def test_replay_draws_from_the_general_questions_when_the_background_has_them(
+        tokenizer, data_file: Path) -> None:  # type: ignore[no-untyped-def]
+    from meft.data import Sample
+
+    def prompt(text: str) -> Sample:
+        return Sample("prompt", ({"role": "user", "content": text},
+                                 {"role": "assistant", "content": "x"}), "", ("x",), "t")
+
+    questions = general_prompts()
+    mixed = [prompt("Write two sentences about tea."), prompt(questions[5]),
+             prompt("Describe owls in one short sentence."), prompt(questions[0])]
+    assert replay_pool(mixed) == [1, 3]  # in the background's order
+    own, _ = load_background(data_file, None, tokenizer)
+    assert replay_pool(own) == list(range(12))  # none of them: all of it
+    assert replay_pool([]) == []

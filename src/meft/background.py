@@ -12,6 +12,11 @@ questions and none about its countries, elements or words, so the probe stays a 
 measurement of what was kept. The answers are whatever the base model said, right or wrong:
 replay keeps behaviour, not truth. ``--background FILE`` gives the user's own (any format
 ``meft train`` reads).
+
+Replay draws from the general questions only (:func:`replay_pool`) when the background holds
+them: the topic prompts' long answers protected nothing the probe asks, and one replayed
+question per step keeps what two drawn from the whole background did, at half the extra rows
+(benchmarks/results/retain-replay-questions). A background of the user's own is replayed whole.
 """
 
 from __future__ import annotations
@@ -168,6 +173,15 @@ def model_background(model: Any, tokenizer: Any, *, batch_size: int = 32,
         say(f"background text not cached ({err.strerror or err}: {path.parent}); set "
             "MEFT_CACHE to a writable directory to keep it for the next run")
     return samples
+
+
+def replay_pool(samples: list[Sample]) -> list[int]:
+    """Indices of the background ``samples`` replay draws from (module doc): those whose
+    prompt is one of :func:`general_prompts`, or all of them when none is."""
+    general = set(general_prompts())
+    pool = [i for i, s in enumerate(samples)
+            if s.messages and s.messages[0].get("content") in general]
+    return pool or list(range(len(samples)))
 
 
 def load_background(path: str | Path | None, model: Any, tokenizer: Any, *,

@@ -64,7 +64,7 @@ BENCH_STEPS, QUICK_STEPS, QUICK_MAX_EVAL = 60, 20, 24
 # (benchmarks/results/compare-tuned-synthetic: r=16 best at 3e-3, r=64 at 1e-3)
 LORA_LR, LORA_LR_HIGH_RANK, LORA_HIGH_RANK = 3e-3, 1e-3, 32
 FULL_LR = 3e-4  # full fine-tuning's default rate: best of 1e-4,3e-4,1e-3 in the tuned comparison
-REPLAY = 2  # background examples replayed per step by default (benchmarks/results/retain-*)
+REPLAY = 1  # background examples replayed per step by default (results/retain-replay-questions*)
 REHEARSE = 16  # earlier examples rehearsed per step (--rehearse; results/continual-rehearse-*)
 
 _CHECKS = {
@@ -352,6 +352,10 @@ class TrainConfig:
                                 check="positive")
     retain_replay: int = option(REPLAY, "background examples protection replays per step, "
                                 "beside the new data (0: none)", check="nonneg")
+    retain_replay_pool: str = option("questions", "what replay draws from: the shipped "
+                                     "background's short general questions (a background of "
+                                     "your own without them: all of it), or the whole "
+                                     "background", choices=("questions", "whole"))
     retain_replay_weight: float = option(1.0, "weight of the background replay's loss (a mean "
                                          "over its answer positions) beside the new data's",
                                          check="positive")

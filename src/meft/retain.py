@@ -40,10 +40,12 @@ training starts (later layers' inputs drift as earlier adapters learn: an approx
 keeps the penalty adapter-sized work, no base-model pass).
 
 Replay (``replay`` > 0): each step also trains on ``replay`` background examples, the next
-ones of a fixed shuffle, each cut after its first ``REPLAY_TOKENS`` answer tokens (the ones a
-short answer is decided by; the background's answers average ~36 tokens, and replaying them
-whole made a step 1.8x slower at R=4), adding at weight 1 the mean over their answer
-positions of
+ones of a fixed shuffle of the replay pool (``--retain-replay-pool``: by default the shipped
+background's short general questions, :func:`meft.background.replay_pool`; all of a background
+of the user's own that has none of them; or the whole background), each cut after its first
+``REPLAY_TOKENS`` answer tokens (the ones a short answer is decided by; the background's
+answers average ~36 tokens, and replaying them whole made a step 1.8x slower at R=4), adding
+at weight 1 the mean over their answer positions of
 
     distill:  KL(q || p) over the top-R tokens of q and the rest as one bucket,
               q = the model's next-token distribution as training starts (kept, R = 32)
@@ -97,6 +99,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from meft.background import replay_pool
 from meft.config import TrainConfig
 from meft.console import say
 from meft.data import Encoded, Sample, collate, encode_all
@@ -584,7 +587,9 @@ class Retainer:
                                        keep_inputs=PENALTY_INPUTS if config.retain_penalty
                                        else 0)
             if config.retain_replay:
-                stats.examples = [e.first_targets(REPLAY_TOKENS) for e in encoded]
+                pool = (replay_pool(list(background)) if config.retain_replay_pool ==
+                        "questions" else range(len(encoded)))
+                stats.examples = [encoded[i].first_targets(REPLAY_TOKENS) for i in pool]
             if rehearsal:
                 earlier = encode_all(rehearsal, tokenizer, config.max_length, "rehearsal")
                 stats.examples += [e.first_targets(REPLAY_TOKENS) for e in earlier]
@@ -617,7 +622,8 @@ class Retainer:
                "distill" else "trained on their answers")
         n_bg, n_re = self._counts()
         if n_bg:
-            penalty += f", {n_bg} background examples replayed per step ({how})"
+            pool = f" of {len(bg.examples) - bg.rehearsal}" if bg is not None else ""
+            penalty += f", {n_bg}{pool} background examples replayed per step ({how})"
         if n_re:
             assert bg is not None
             penalty += f", {n_re} of {bg.rehearsal} earlier examples rehearsed per step"

@@ -108,7 +108,8 @@ RETAIN_WORDS: dict[str, tuple[str, Any]] = {
     "values": ("retain_update", "values"), "keys": ("retain_update", "keys+values"),
     "frozen": ("retain_router", "frozen"), "trained": ("retain_router", "trained"),
     "all": ("retain_rows", 0), "distill": ("retain_replay_target", "distill"),
-    "answers": ("retain_replay_target", "answers")}
+    "answers": ("retain_replay_target", "answers"),
+    "questions": ("retain_replay_pool", "questions"), "whole": ("retain_replay_pool", "whole")}
 
 
 STATE_SETTINGS = {"bf16": ("storage_dtype", "bfloat16"), "8bit": ("optim_state", "8bit"),
@@ -146,7 +147,8 @@ def parse_method(text: str) -> Method:
                               f"values, keys, frozen, trained, distill, answers, penW for "
                               f"a penalty W, hubS to never train rows a share S of the "
                               f"background reads, repR to replay R background examples "
-                              f"per step, or repwW to weigh their loss W)")
+                              f"per step, repwW to weigh their loss W, questions or whole "
+                              f"for what they are drawn from)")
         return dataclasses.replace(parse_method(base), retain=True, retain_settings=tokens)
     parts = text.split(":")
     if text == "full":
