@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,7 @@ def model_background(model: Any, tokenizer: Any, *, batch_size: int = 32,
     return samples
 
 
-def replay_pool(samples: list[Sample]) -> list[int]:
+def replay_pool(samples: Sequence[Sample]) -> list[int]:
     """Indices of the background ``samples`` replay draws from (module doc): those whose
     prompt is one of :func:`general_prompts`, or all of them when none is."""
     general = set(general_prompts())

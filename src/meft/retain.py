@@ -587,7 +587,7 @@ class Retainer:
                                        keep_inputs=PENALTY_INPUTS if config.retain_penalty
                                        else 0)
             if config.retain_replay:
-                pool = (replay_pool(list(background)) if config.retain_replay_pool ==
+                pool = (replay_pool(background) if config.retain_replay_pool ==
                         "questions" else range(len(encoded)))
                 stats.examples = [encoded[i].first_targets(REPLAY_TOKENS) for i in pool]
             if rehearsal:
