@@ -588,8 +588,12 @@ class Retainer:
                                        else 0)
             if config.retain_replay:
                 pool = (replay_pool(background) if config.retain_replay_pool ==
-                        "questions" else range(len(encoded)))
-                stats.examples = [encoded[i].first_targets(REPLAY_TOKENS) for i in pool]
+                        "questions" else range(len(background)))
+                # (encoded drops what truncation left without an answer: not index-aligned)
+                replayed = encoded if len(pool) == len(background) else encode_all(
+                    [background[i] for i in pool], tokenizer, config.max_length,
+                    "replayed background")
+                stats.examples = [e.first_targets(REPLAY_TOKENS) for e in replayed]
             if rehearsal:
                 earlier = encode_all(rehearsal, tokenizer, config.max_length, "rehearsal")
                 stats.examples += [e.first_targets(REPLAY_TOKENS) for e in earlier]
