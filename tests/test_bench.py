@@ -211,6 +211,11 @@ def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Pat
     metrics = [json.loads(x) for x in (tmp_path / "default" / "metrics.jsonl").read_text()
                .splitlines()]
     assert len(metrics) == 3 and all("retain_replay_loss" in r for r in metrics)
+    from safetensors.torch import load_file
+
+    off = load_file(run / "adapter" / "adapter_model.safetensors")
+    on = load_file(tmp_path / "default" / "adapter" / "adapter_model.safetensors")
+    assert off.keys() == on.keys() and any(not torch.equal(off[k], on[k]) for k in off)
     assert trained["config"]["adapter"] == {**bench["adapter_config"],
                                             "base_model": trained["config"]["adapter"][
                                                 "base_model"]}
