@@ -21,8 +21,11 @@ from meft.config import TrainConfig
 from meft.data import Encoded
 from meft.distributed import DataParallel
 from meft.errors import UserError
-from meft.model import get_meft_model
+from meft.model import MeftModel, get_meft_model
+from meft.retain import Background, Retainer
 from meft.trainer import Trainer, TrainingInterrupted
+
+WRITTEN = (3, 40)  # rows an earlier run wrote, one per rank's half of N=64: protection keeps them
 
 
 def examples(n: int = 12, seed: int = 0, vary: bool = False) -> list[Encoded]:
@@ -35,9 +38,26 @@ def examples(n: int = 12, seed: int = 0, vary: bool = False) -> list[Encoded]:
     return out
 
 
+def protection(model: MeftModel) -> Retainer:
+    """Forgetting protection over a background of 8 random sequences: a selection of 24 of
+    the 64 rows per layer and step, 2 of the sequences replayed per step (distilled), and rows
+    :data:`WRITTEN` written before it starts (so kept as they are)."""
+    for adapter in model.adapter_modules:
+        lo, hi = adapter.plan.rows if model.parallel is not None else (0, adapter.n_neurons)
+        for row in WRITTEN:
+            if lo <= row < hi:
+                adapter.store.values[row - lo] = 0.05
+    background = examples(8, seed=1, vary=True)
+    stats = Background.measure(model, background, 0, progress=False)
+    stats.examples = [e.first_targets(2) for e in background]
+    stats.keep_distributions(model, 0)
+    return Retainer(model, stats, rows=24, replay=2, pad_id=0)
+
+
 def run(out: Path, *, steps: int = 4, batch: int = 6, micro: int | None = 2,
         resume: str | None = None, stop_after: int | None = None, die_at: int | None = None,
-        save_every: int = 0, timeout: float = 60.0, gather: bool = False) -> Trainer:
+        save_every: int = 0, timeout: float = 60.0, gather: bool = False,
+        retain: bool = False) -> Trainer:
     torch.manual_seed(0)
     parallel = DataParallel.from_env(torch.device("cpu"), timeout_s=timeout)
     if parallel is not None and gather:  # the all_gather fallback instead of all_to_all
@@ -45,7 +65,8 @@ def run(out: Path, *, steps: int = 4, batch: int = 6, micro: int | None = 2,
     model = get_meft_model(tiny("llama"), meft_config(), parallel=parallel)
     trainer = Trainer(model, examples(), TrainConfig(
         steps=steps, batch_size=batch, micro_batch_size=micro, lr=1e-2, warmup_ratio=0.0,
-        save_every=save_every, progress=False), out, pad_id=0)
+        save_every=save_every, progress=False), out, pad_id=0,
+        retainer=protection(model) if retain else None)
     trainer.stop_after = stop_after
     if resume:
         trainer.restore(resume)
@@ -87,11 +108,12 @@ def main() -> int:
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--gather", action="store_true")
+    p.add_argument("--retain", action="store_true")
     a = p.parse_args()
     try:
         run(a.out, steps=a.steps, batch=a.batch, micro=a.micro, resume=a.resume,
             stop_after=a.stop_after, die_at=a.die_at, save_every=a.save_every,
-            timeout=a.timeout, gather=a.gather)
+            timeout=a.timeout, gather=a.gather, retain=a.retain)
     except UserError as err:
         print(f"meft: error: {err}", file=sys.stderr)
         return 2

@@ -12,10 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from dist_worker import WRITTEN
 from dist_worker import run as run_one
 from helpers import TINY
 from meft.distributed import Comm, ShardedSparseAdapter, ShardPlan
@@ -182,6 +184,50 @@ def test_checkpoints_reshard_one_to_two(reference: Path, tmp_path: Path) -> None
     assert_same_adapter(tmp_path / "two" / "adapter", reference / "adapter")
 
 
+@pytest.fixture(scope="module")
+def protected_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process run with forgetting protection (dist_worker.protection)."""
+    out = tmp_path_factory.mktemp("one-retain")
+    run_one(out, retain=True)
+    return out
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_protect_what_one_process_protects(
+        protected_reference: Path, reference: Path, tmp_path: Path) -> None:
+    """The same selection (counts summed over ranks), the same replay (rank 0's forward) and
+    the same rows kept as written before, on sharded tables."""
+    torchrun(str(tmp_path), "--retain")
+    ref = protected_reference
+    assert_same_adapter(tmp_path / "adapter", ref / "adapter")
+    lines, ref_lines = _metrics(tmp_path), _metrics(ref)
+    kept = [x["retained_rows_per_layer"] for x in lines]
+    assert kept == [x["retained_rows_per_layer"] for x in ref_lines]
+    assert all(0 < k <= 24 for step in kept for k in step)  # the selection of 24 bit
+    assert [x["retain_replay_loss"] for x in lines] == pytest.approx(
+        [x["retain_replay_loss"] for x in ref_lines], rel=1e-4, abs=1e-7)
+    assert any(x["retain_replay_loss"] > 0 for x in lines)
+    _, tables = read_adapter(tmp_path / "adapter")
+    values = [t for name, t in tables.items() if name.endswith(".values")]
+    assert values and all(torch.equal(v[list(WRITTEN)], torch.full((2, v.shape[1]), 0.05))
+                          for v in values)
+    _, plain = read_adapter(reference / "adapter")  # and protection changed the training
+    assert not all(torch.allclose(tables[n], plain[n], atol=ATOL) for n in tables)
+
+
+def test_protected_checkpoints_reshard_two_to_one(protected_reference: Path,
+                                                  tmp_path: Path) -> None:
+    """The background statistics and the rows written before ride in the sharded
+    checkpoint, and one process goes on from it."""
+    torchrun(str(tmp_path / "two"), "--retain", "--stop-after", "2")
+    run_one(tmp_path / "one", retain=True,
+            resume=str(tmp_path / "two" / "checkpoints" / "step-00000002"))
+    assert_same_adapter(tmp_path / "one" / "adapter", protected_reference / "adapter")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -216,6 +262,8 @@ def test_meft_train_under_torchrun_and_eval_reads_the_sharded_adapter(
     assert (out / "adapter" / "adapter_model.rank-00002-of-00002.safetensors").is_file()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all("mb_comm" in json.loads(x) for x in lines)
+    # protected by default, as in one process: one replayed general question per step
+    assert all(json.loads(x)["retain_replay_loss"] >= 0 for x in lines)
     summary = json.loads((out / "run.json").read_text())
     assert summary["world_size"] == 2
     proc = subprocess.run([sys.executable, "-m", "meft", "eval", "--model", str(model_dir),
@@ -268,3 +316,24 @@ def test_factored_state_is_refused_by_the_python_api_across_processes() -> None:
         get_meft_model(tiny("llama"), meft_config(storage_dtype="bfloat16",
                                                   optim_state="factored"),
                        parallel=DataParallel(0, 2))
+
+
+def test_the_output_penalty_is_refused_across_processes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """It pulls back rows of a layer's whole table, which a distributed run shards: one line
+    before any process group (meft train), and the same rule for a Retainer of your own."""
+    from helpers import meft_config, tiny
+    from meft import get_meft_model
+    from meft.cli import main
+    from meft.distributed import DataParallel
+    from meft.retain import Retainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--retain-penalty", "10", "--output", str(tmp_path / "run"),
+                 "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("meft: error: --retain-penalty is for one process")
+    model = get_meft_model(tiny("llama"), meft_config(), parallel=DataParallel(0, 2))
+    with pytest.raises(ConfigError, match="--retain-penalty is for one process"):
+        Retainer(model, None, penalty=1.0)

@@ -293,6 +293,9 @@ def _join(run: RunConfig, tconfig: TrainConfig, device: torch.device,
     if run.store != "ram":
         raise ConfigError(f"--store {run.store}: a distributed run keeps its tables in RAM "
                           "(disk stores are for one process)")
+    if tconfig.retain == "on" and tconfig.retain_penalty:  # checked again by Retainer
+        raise ConfigError("--retain-penalty is for one process (a distributed run shards the "
+                          "rows it would pull back)")
     if optim_state not in ROW_LOCAL_STATE:  # checked again by MeftModel; here before joining
         raise ConfigError(f"--optim-state {optim_state} is for one process (a distributed run "
                           f"shards rows; use {', '.join(ROW_LOCAL_STATE)})")
@@ -300,10 +303,6 @@ def _join(run: RunConfig, tconfig: TrainConfig, device: torch.device,
     if parallel is not None and not parallel.is_main:
         quiet()
         tconfig.progress = False
-    if tconfig.retain == "on":
-        say("forgetting protection is not supported across processes yet: this run trains "
-            "without it (--retain off)")
-        tconfig.retain = "off"
     return parallel
 
 

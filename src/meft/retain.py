@@ -77,6 +77,14 @@ answer positions, added at weight 1 beside the background's: what the earlier ad
 answered stays its answer while new facts go into any row. They are not background: the
 access statistics do not count them.
 
+Several processes (:mod:`meft.distributed`): every rank reads the same background (a check
+compares them), measures the same statistics and keeps the same distributions, all in the
+same forwards (lockstep). The masks (rows written before, hubs, the selection) are global
+(N,) on every rank, each rank dropping the gradient rows it owns; the step's access counts are
+summed over ranks before scoring. Rank 0 carries the step's replay in its first forward (the
+gradient rows then go to their owners with the others), so a run on W processes trains what
+one process would. The output penalty is for one process.
+
 Hubs (``hubs`` < 1): rows that at least that share of the background documents read
 (df(i) >= hubs D) are never selected either. TF-IDF already scores them near zero and KL low,
 but with few accessed rows in a step such a row can still make the top t, and writing a fact
@@ -88,6 +96,8 @@ by the step's own gradient; the output penalty may pull them back towards silenc
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -102,8 +112,9 @@ from tqdm.auto import tqdm
 from meft.background import replay_pool
 from meft.config import TrainConfig
 from meft.console import say
-from meft.data import Encoded, Sample, collate, encode_all
-from meft.errors import SerializationError
+from meft.data import Encoded, Sample, collate, encode_all, to_record
+from meft.distributed import DataParallel, ShardedSparseAdapter
+from meft.errors import ConfigError, SerializationError
 from meft.evaluate import labelled_logits
 
 if TYPE_CHECKING:
@@ -360,6 +371,10 @@ class Retainer:
                              f">= 1, replay_weight > 0, got rows={rows}, penalty={penalty}, "
                              f"replay={replay}, rehearse={rehearse}, penalty_tokens="
                              f"{penalty_tokens}, replay_weight={replay_weight}")
+        self.parallel: DataParallel | None = model.parallel
+        if self.parallel is not None and penalty:
+            raise ConfigError("--retain-penalty is for one process (a distributed run shards "
+                              "the rows it would pull back)")
         self.model = model
         self.background = background
         self.score, self.rows, self.keys, self.router = score, rows, keys, router
@@ -372,10 +387,21 @@ class Retainer:
         # rows an earlier run wrote (values start at zero): never selected, so what the
         # adapter already learned stays as it was (continual learning); written=False trains
         # them like the others
-        self.protected = {layer: a.store.values.abs().amax(1) > 0 if written
-                          else torch.zeros(a.store.n_neurons, dtype=torch.bool)
-                          for layer, a in _layers(model)}
+        self.protected = {layer: self._written(a) if written
+                          else torch.zeros(a.n_neurons, dtype=torch.bool)
+                          for layer, a in _layers(model)}  # (N,) each, on every rank
         self.allowed: dict[str, Tensor] = {}  # per layer (N,): the rows this step may train
+
+    def _written(self, adapter: OffloadedSparseAdapter) -> Tensor:
+        """(N,) bool: the rows of ``adapter`` with non-zero values (over every rank's)."""
+        mine = adapter.store.values.abs().amax(1) > 0  # (rows this rank holds,)
+        if not isinstance(adapter, ShardedSparseAdapter):
+            return mine
+        assert self.parallel is not None
+        lo, hi = adapter.plan.rows
+        every = torch.zeros(adapter.n_neurons, dtype=torch.int32)
+        every[lo:hi] = mine.to(torch.int32)
+        return self.parallel.sum_tensor(every) > 0
 
     def tensors(self) -> dict[str, Tensor]:
         """What a checkpoint keeps of the protection: the background statistics and, per
@@ -416,7 +442,9 @@ class Retainer:
             if self.hubs < 1:
                 allowed &= ~hub_rows(bg.df[layer], bg.documents, self.hubs)
             if self.rows:
-                scores = row_scores(counter.counts, bg.counts[layer], bg.df[layer],
+                counts = (counter.counts if self.parallel is None  # every rank's tokens
+                          else self.parallel.sum_tensor(counter.counts))
+                scores = row_scores(counts, bg.counts[layer], bg.df[layer],
                                     bg.documents, self.score).masked_fill_(~allowed, -math.inf)
                 chosen = torch.zeros(counter.n, dtype=torch.bool)
                 chosen[top_rows(scores, self.rows)] = True
@@ -426,6 +454,8 @@ class Retainer:
             self.allowed[layer] = chosen
             kept.append(len(adapter.store.value_grad))
             counter.reset()
+        if self.parallel is not None:  # each rank kept the rows it owns
+            kept = self.parallel.sum_tensor(torch.tensor(kept, dtype=torch.long)).tolist()
         return kept
 
     def before_clip(self, step: int, replay_loss: float | None = None) -> dict[str, Any]:
@@ -442,6 +472,9 @@ class Retainer:
     def _train_only(self, adapter: OffloadedSparseAdapter, allowed: Tensor) -> None:
         """Drop ``adapter``'s gradient rows outside ``allowed`` (N,) bool, and every key
         gradient when only values train."""
+        if isinstance(adapter, ShardedSparseAdapter):  # its store holds its own rows only
+            lo, hi = adapter.plan.rows
+            allowed = allowed[lo:hi]
         _keep(adapter.store.value_grad, allowed)
         if self.keys:
             _keep(adapter.store.key_grad, allowed)
@@ -527,6 +560,9 @@ class Retainer:
         let train get it, as in one backward with the step's. Returns the loss."""
         if not self.replayed:
             return 0.0
+        if self.parallel is not None:  # after the gradient rows went to their owners
+            raise RuntimeError("across processes the replay rides in rank 0's forward "
+                               "(meft.trainer)")
         examples, chosen = self.replay_examples(step)
         logits, labels = labelled_logits(self.model, collate(examples, self.pad_id))
         loss = self.replay_loss(logits, labels, chosen)
@@ -655,9 +691,22 @@ def protection(model: MeftModel, tokenizer: Any,
         say(f"background: {desc}")
     if isinstance(rehearse, (str, Path)):
         rehearse = load_samples(rehearse)
+    if model.parallel is not None:  # the statistics are measured in forwards every rank runs
+        _same_on_every_rank(model.parallel, [*background, *(rehearse or [])])
     return Retainer.from_config(model, config, list(background), tokenizer,
                                 progress=progress,
                                 rehearsal=list(rehearse) if rehearse is not None else None)
+
+
+def _same_on_every_rank(parallel: DataParallel, samples: Sequence[Sample]) -> None:
+    """Stop, on every rank, unless every rank has the same background and rehearsal samples
+    (else their forwards would not pair up)."""
+    digest = hashlib.sha256(json.dumps([to_record(s) for s in samples]).encode()).hexdigest()
+    mine = float(int(digest[:12], 16))  # 48 bits: exact in float64, and summed too
+    if parallel.sum([mine])[0] != mine * parallel.world:
+        raise ConfigError("the background or rehearsal text differs between the processes of "
+                          "this run: give every process the same --background and --rehearse "
+                          "files")
 
 
 def _shuffle(n: int, seed: int) -> Tensor:

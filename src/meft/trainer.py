@@ -28,7 +28,8 @@ Distributed (``Trainable.parallel``, :mod:`meft.distributed`): each rank takes i
 every global batch in micro-batches, idling (a forward without gradients that serves the
 others) where its share runs out; before clipping, host gradient rows go to the ranks that own
 them and device gradients are summed. The loss, the stop request and the traffic counters are
-summed over ranks; rank 0 alone writes metrics.jsonl and shows the progress bar.
+summed over ranks; rank 0 alone writes metrics.jsonl and shows the progress bar. With
+forgetting protection (:mod:`meft.retain`), rank 0's first forward carries the step's replay.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from meft.config import TrainConfig
 from meft.data import Encoded, collate, iterate_batches
 from meft.disk import DiskArrays
 from meft.distributed import DataParallel
-from meft.errors import ConfigError, DataError, SerializationError, TrainingDiverged
+from meft.errors import DataError, SerializationError, TrainingDiverged
 from meft.evaluate import answer_loss, labelled_logits, token_loss_sum
 from meft.model import MeftModel, read_adapter
 from meft.optim import OptimizerSet
@@ -196,8 +197,6 @@ class Trainer:
         t = self.trainable
         self.parallel = t.parallel
         self.is_main = t.parallel is None or t.parallel.is_main
-        if t.parallel is not None and retainer is not None:
-            raise ConfigError("--retain on is not supported in a distributed run yet")
         self.retainer = retainer
         routers = retainer.trained_routers(t.routers) if retainer is not None else t.routers
         self.optimizers = OptimizerSet(params=t.params, routers=routers,
@@ -242,17 +241,18 @@ class Trainer:
                   if par is None else par.micro_batches(examples, micro))
         loss_total = 0.0
         replay_loss: float | None = None
-        carry = self.retainer is not None and self.retainer.replayed > 0  # the first forward
+        replays = self.retainer is not None and self.retainer.replayed > 0
+        carry = replays and self.is_main  # the first forward (of rank 0) carries the replay
         self.model.train()
         for chunk in chunks:
-            if not chunk:  # this rank's share ran out: serve the others' row requests
-                assert par is not None
-                par.idle_forward(self.model, self._device())
-                continue
             if carry:  # this micro-batch carries the step's replay (meft.retain)
                 chunk_sum, replay_loss = self._forward_with_replay(chunk, labelled)
                 loss_total += chunk_sum
                 carry = False
+                continue
+            if not chunk:  # this rank's share ran out: serve the others' row requests
+                assert par is not None
+                par.idle_forward(self.model, self._device())
                 continue
             batch = collate(chunk, self.pad_id)
             with (self.retainer.watch(batch["attention_mask"]) if self.retainer is not None
@@ -265,7 +265,8 @@ class Trainer:
             par.sync_grads(self.trainable.adapter.adapter_modules
                            if self.trainable.adapter is not None else [],
                            self.trainable.device_tensors())
-            (loss_total,) = par.sum([loss_total])
+            loss_total, replay_sum = par.sum([loss_total, replay_loss or 0.0])
+            replay_loss = replay_sum if replays else None  # rank 0's, on every rank
             host_sum = par.sum_tensor
         protection = (self.retainer.before_clip(self.step, replay_loss)
                       if self.retainer is not None
