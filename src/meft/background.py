@@ -15,8 +15,8 @@ replay keeps behaviour, not truth. ``--background FILE`` gives the user's own (a
 
 Replay draws from the general questions only (:func:`replay_pool`) when the background holds
 them: the topic prompts' long answers protected nothing the probe asks, and one replayed
-question per step keeps about what two drawn from the whole background did (92.3% of the
-probe against 93.4% over three seeds, learning ~4 points less) at half the extra rows
+question per step keeps about what two drawn from the whole background did (91.4% of the
+probe against 92.4% over five seeds, learning one point less) at half the extra rows
 (benchmarks/results/retain-replay-questions-seeds). A background of the user's own that has
 none of them is replayed whole.
 """
