@@ -232,3 +232,21 @@ def test_replay_draws_from_the_general_questions_when_the_background_has_them(
     own, _ = load_background(data_file, None, tokenizer)
     assert replay_pool(own) == list(range(12))  # none of them: all of it
     assert replay_pool([]) == []
+
+
+def test_a_max_length_that_leaves_nothing_to_replay_is_one_line(
+        model_dir: Path, data_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Every replayed example cut before its answer: a user error before training, not a
+    failure at the first step."""
+    long_prompts = tmp_path / "bg.jsonl"
+    long_prompts.write_text("".join(json.dumps({"question": "word " * 60 + f"{i}?",
+                                                "answer": ["yes"]}) + "\n" for i in range(4)))
+    code = main(["train", "--model", str(model_dir), "--data", str(data_file), "--background",
+                 str(long_prompts), "--max-length", "40", "--steps", "1", "--no-progress",
+                 "--no-plots", "--no-retention", "--no-eval-before", "--output",
+                 str(tmp_path / "run"), *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and "Traceback" not in "\n".join(err)
+    assert err[-1] == ("meft: error: --max-length 40: every replayed background example lost "
+                       "its answer to truncation; raise --max-length (or --retain-replay 0)")

@@ -114,7 +114,7 @@ from meft.config import TrainConfig
 from meft.console import say
 from meft.data import Encoded, Sample, collate, encode_all, to_record
 from meft.distributed import DataParallel, ShardedSparseAdapter
-from meft.errors import ConfigError, SerializationError
+from meft.errors import ConfigError, DataError, SerializationError
 from meft.evaluate import labelled_logits
 
 if TYPE_CHECKING:
@@ -630,8 +630,10 @@ class Retainer:
                     [background[i] for i in pool], tokenizer, config.max_length,
                     "replayed background")
                 stats.examples = [e.first_targets(REPLAY_TOKENS) for e in replayed]
+                _some_left(replayed, "replayed background", config.max_length, "--retain-replay 0")
             if rehearsal:
                 earlier = encode_all(rehearsal, tokenizer, config.max_length, "rehearsal")
+                _some_left(earlier, "--rehearse", config.max_length, "--retain-rehearse 0")
                 stats.examples += [e.first_targets(REPLAY_TOKENS) for e in earlier]
                 stats.rehearsal = len(earlier)
             if stats.examples and config.retain_replay_target == "distill":
@@ -696,6 +698,13 @@ def protection(model: MeftModel, tokenizer: Any,
     return Retainer.from_config(model, config, list(background), tokenizer,
                                 progress=progress,
                                 rehearsal=list(rehearse) if rehearse is not None else None)
+
+
+def _some_left(encoded: Sequence[Encoded], what: str, max_length: int, off: str) -> None:
+    """Stop before training when truncation left ``what`` no example to replay."""
+    if not encoded:
+        raise DataError(f"--max-length {max_length}: every {what} example lost its answer to "
+                        f"truncation; raise --max-length (or {off})")
 
 
 def _same_on_every_rank(parallel: DataParallel, samples: Sequence[Sample]) -> None:
