@@ -337,3 +337,28 @@ def test_the_output_penalty_is_refused_across_processes(
     model = get_meft_model(tiny("llama"), meft_config(), parallel=DataParallel(0, 2))
     with pytest.raises(ConfigError, match="--retain-penalty is for one process"):
         Retainer(model, None, penalty=1.0)
+
+
+def test_a_background_that_differs_between_processes_stops_the_run() -> None:
+    """Every rank must measure the same statistics in the same forwards: the ranks compare
+    digests of their background (and rehearsal) samples first."""
+    from meft.data import Sample
+    from meft.retain import _digest, _same_on_every_rank
+
+    def sample(answer: str) -> Sample:
+        return Sample("qa", ({"role": "user", "content": "Capital of France?"},
+                             {"role": "assistant", "content": answer}), "", (answer,), "t")
+
+    class Peer:  # rank 0 of 2, summing its value with the other rank's digest
+        world = 2
+
+        def __init__(self, other: list[Sample]) -> None:
+            self.other = other
+
+        def sum(self, values: list[float]) -> list[float]:
+            return [values[0] + _digest(self.other)]
+
+    mine = [sample("Paris")]
+    _same_on_every_rank(Peer([sample("Paris")]), mine)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="background or rehearsal text differs"):
+        _same_on_every_rank(Peer([sample("Lyon")]), mine)  # type: ignore[arg-type]

@@ -707,11 +707,16 @@ def _some_left(encoded: Sequence[Encoded], what: str, max_length: int, off: str)
                         f"truncation; raise --max-length (or {off})")
 
 
+def _digest(samples: Sequence[Sample]) -> float:
+    """48 bits of the samples' SHA-256 as a float (exact in float64, and summed over ranks)."""
+    digest = hashlib.sha256(json.dumps([to_record(s) for s in samples]).encode()).hexdigest()
+    return float(int(digest[:12], 16))
+
+
 def _same_on_every_rank(parallel: DataParallel, samples: Sequence[Sample]) -> None:
     """Stop, on every rank, unless every rank has the same background and rehearsal samples
     (else their forwards would not pair up)."""
-    digest = hashlib.sha256(json.dumps([to_record(s) for s in samples]).encode()).hexdigest()
-    mine = float(int(digest[:12], 16))  # 48 bits: exact in float64, and summed too
+    mine = _digest(samples)
     if parallel.sum([mine])[0] != mine * parallel.world:
         raise ConfigError("the background or rehearsal text differs between the processes of "
                           "this run: give every process the same --background and --rehearse "
