@@ -57,6 +57,10 @@ def assert_same_adapter(a: Path, b: Path, atol: float = ATOL) -> None:
         torch.testing.assert_close(ta[name], tb[name], rtol=0, atol=atol, msg=name)
 
 
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 # ---------------------------------------------------------------------- in one process
 def test_shard_plan_covers_the_rows_by_expert() -> None:
     plans = [ShardPlan(96, 12, 5, r) for r in range(5)]
@@ -159,8 +163,7 @@ def test_two_processes_train_the_adapter_one_process_trains(
     assert [r["rows"] for r in ranks] == [[0, 32], [32, 64]]
     assert all(rows == [32, 32, 32] for rows in (r["store_rows"] for r in ranks))  # N/2 each
     assert ranks[0]["routers"] == ranks[1]["routers"]  # replicated exactly
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    ref_lines = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    lines, ref_lines = _metrics(tmp_path), _metrics(ref)
     assert [x["step"] for x in lines] == [1, 2, 3, 4]  # rank 0 alone writes
     assert [x["loss"] for x in lines] == pytest.approx([x["loss"] for x in ref_lines], rel=1e-5)
     assert all(x["mb_comm"] > 0 for x in lines)
@@ -190,10 +193,6 @@ def protected_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("one-retain")
     run_one(out, retain=True)
     return out
-
-
-def _metrics(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_processes_protect_what_one_process_protects(
