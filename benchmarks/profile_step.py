@@ -7,7 +7,8 @@ per method the step time with and without the profiler (medians) and the top-20 
 self CPU time *per step*, with the environment (CPU, threads, torch, commit). The step times
 without the profiler are the unprofiled steps after the first 2 (warm-up), measured in the same
 process run after run, so their ratio is the comparison; absolute numbers depend on the
-machine.
+machine. Those steps are also split into phases (medians): forward (the loss), backward,
+clipping, optimizer step, and the rest of the step.
 
 Run (from the repository root; writes a fresh file, refusing an existing one)::
 
@@ -36,9 +37,47 @@ from meft.data import encode_all
 from meft.datasets import load_splits
 from meft.loading import load_model, load_tokenizer, resolve_model
 from meft.sysinfo import environment
+from meft import trainer as trainer_module
 from meft.trainer import Trainer
 
 TOP = 20
+PHASES = ("forward", "backward", "clip", "optimizer")
+
+
+class PhaseClock:
+    """Seconds spent per phase during one step, by wrapping what the trainer calls."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.spent: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self._undo: list[tuple[Any, str, Any]] = []
+        self._wrap(trainer_module, "token_loss_sum", "forward")
+        self._wrap(torch.Tensor, "backward", "backward")
+        self._wrap(trainer.optimizers, "clip_", "clip")
+        self._wrap(trainer.optimizers, "step", "optimizer")
+
+    def _wrap(self, owner: Any, name: str, phase: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.spent[phase] += time.perf_counter() - start
+
+        self._undo.append((owner, name, owner.__dict__.get(name)))
+        setattr(owner, name, timed)
+
+    def take(self) -> dict[str, float]:
+        out, self.spent = self.spent, dict.fromkeys(PHASES, 0.0)
+        return out
+
+    def close(self) -> None:
+        for owner, name, old in reversed(self._undo):
+            if old is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, old)
 
 
 def profile_method(name: str, base: torch.nn.Module, tokenizer: Any, train: list[Any],
@@ -52,8 +91,16 @@ def profile_method(name: str, base: torch.nn.Module, tokenizer: Any, train: list
         trainer = Trainer(trainable, train, tconfig, tmp, pad_id=tokenizer.pad_token_id)
         batches = trainer._batches()
         plain: list[float] = []
-        for _ in range(steps - profiled):
-            plain.append(trainer.train_step(next(batches))["step_time_s"])
+        phases: list[dict[str, float]] = []
+        clock = PhaseClock(trainer)
+        try:
+            for _ in range(steps - profiled):
+                plain.append(trainer.train_step(next(batches))["step_time_s"])
+                phases.append(clock.take())
+                phases[-1]["rest"] = plain[-1] - sum(phases[-1].values())
+        finally:
+            clock.close()
+        warm = slice(2, None) if len(plain) > 2 else slice(None)
         timed: list[float] = []
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(profiled):
@@ -66,7 +113,9 @@ def profile_method(name: str, base: torch.nn.Module, tokenizer: Any, train: list
             "share": e.self_cpu_time_total / total if total else 0.0,
             "calls_per_step": e.count / profiled} for e in rows[:TOP]]
     return {"method": name, "lr": tconfig.lr,
-            "step_s": statistics.median(plain[2:] if len(plain) > 2 else plain),
+            "step_s": statistics.median(plain[warm]),
+            "phases_s": {k: statistics.median(p[k] for p in phases[warm])
+                         for k in (*PHASES, "rest")},
             "profiled_step_s": statistics.median(timed), "ops": ops,
             "self_ms_per_step_total": total / 1e3 / profiled}
 
@@ -82,6 +131,13 @@ def report(results: list[dict[str, Any]], env: dict[str, Any], command: str) -> 
     for r in results:
         lines.append(f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / first:.2f} | "
                      f"{r['profiled_step_s']:.3f} |")
+    lines += ["", "Phases of the unprofiled steps (median seconds per step; forward is the loss, "
+              "backward the gradients):", "",
+              "| method | " + " | ".join((*PHASES, "rest")) + " |",
+              "|---|" + "---:|" * (len(PHASES) + 1)]
+    for r in results:
+        lines.append(f"| {r['method']} | " + " | ".join(
+            f"{r['phases_s'][k]:.3f}" for k in (*PHASES, "rest")) + " |")
     for r in results:
         lines += ["", f"## {r['method']} (lr {r['lr']:g}): top {TOP} operators by self CPU "
                   f"time per step (all operators: {r['self_ms_per_step_total']:.0f} ms/step)", "",

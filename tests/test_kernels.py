@@ -8,8 +8,10 @@ import torch
 from meft.kernels import (
     bag_sum,
     bag_sum_transposed,
+    gate_values,
     pair_dots,
     pair_dots_gather,
+    put_rows,
     row_pattern,
     sparse_rows,
 )
@@ -82,3 +84,56 @@ def test_sparse_rows_matches_dense_definition_bfloat16() -> None:
     want = (torch.relu(a).unsqueeze(-1) * vu.double()[local]).sum(1)
     err = (y.double() - want).abs().max() / want.abs().max()
     assert err < 3e-2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gate_values_equal_autograd_through_dense_router_scores(seed: int) -> None:
+    """gate_values is g.gather(1, experts) with g = x @ router.T, forward and both gradients;
+    a token's K picks repeat experts (K > P), its last probe is never picked, and the last
+    expert is never probed."""
+    gen = torch.Generator().manual_seed(seed)
+    t, e, p, k, d = 37, 11, 3, 7, 6
+    x = torch.randn(t, d, generator=gen, dtype=torch.float64)
+    router = torch.randn(e, d, generator=gen, dtype=torch.float64)
+    probe_ids = torch.stack([torch.randperm(e - 1, generator=gen)[:p] for _ in range(t)])
+    experts = probe_ids.gather(1, torch.randint(0, p - 1, (t, k), generator=gen))
+    dy = torch.randn(t, k, generator=gen, dtype=torch.float64)
+
+    xa, ra = x.clone().requires_grad_(), router.clone().requires_grad_()
+    want = (xa @ ra.T).gather(1, experts)
+    want.backward(dy)
+    xb, rb = x.clone().requires_grad_(), router.clone().requires_grad_()
+    got = gate_values(xb, rb, (x @ router.T), probe_ids, experts)
+    got.backward(dy)
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rb.grad, ra.grad, rtol=1e-12, atol=1e-12)
+    assert rb.grad[e - 1].eq(0).all() and rb.grad[:-1].ne(0).any(1).all()
+    torch.autograd.gradcheck(lambda a, r: gate_values(a, r, a @ r.T, probe_ids, experts),
+                             (xb.detach().requires_grad_(), rb.detach().requires_grad_()))
+
+
+@pytest.mark.parametrize(("dtype", "width"), [
+    (torch.float32, 576), (torch.float32, 12), (torch.float32, 10), (torch.float64, 6),
+    (torch.bfloat16, 64), (torch.uint8, 48), (torch.uint8, 7), (torch.int64, 3)])
+def test_put_rows_copies_the_bits_of_index_copy(dtype: torch.dtype, width: int) -> None:
+    """Any bit pattern (NaN payloads, denormals, -0.0) lands as index_copy_ puts it, whether
+    the rows go as 16-byte elements (widths of whole 16 bytes) or one element at a time."""
+    gen = torch.Generator().manual_seed(width)
+    n, r = 50, 17
+    def bits(*shape: int) -> torch.Tensor:
+        raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * torch.empty(0, dtype=dtype)
+                                     .element_size()), generator=gen, dtype=torch.uint8)
+        return raw.view(dtype)
+    table, rows = bits(n, width), bits(r, width)
+    ids = torch.randperm(n, generator=gen)[:r]
+    want = table.clone().index_copy_(0, ids, rows)
+    got = table.clone()
+    assert put_rows(got, ids, rows) is got
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    # a strided source (every other column) takes the per-element path and agrees too
+    wide = bits(r, 2 * width)[:, ::2]
+    got2 = table.clone()
+    put_rows(got2, ids, wide)
+    assert torch.equal(got2.view(torch.uint8), table.clone().index_copy_(0, ids, wide)
+                       .view(torch.uint8))

@@ -8,7 +8,7 @@ the exact output and gradients. Letters: T tokens, d hidden, N neurons, K kept p
 E experts, P probed, U union of the selected ids.
 
 Fast path (``sparse_adapter``):
-    g = x W_g^T                         (T, E)   differentiable, on x's device
+    g = x W_g^T                         (T, E)   no autograd, on x's device
     ids = route(x, keys, g)             (T, K)   no autograd; scores only probed experts' keys
     U, local = unique(ids)              (U,), (T, K)
     ku, vu = keys[U], values[U]         (U, d)   only as the carriers of the row gradients:
@@ -16,7 +16,9 @@ Fast path (``sparse_adapter``):
                                                  the tables (no gather of U rows); with
                                                  ``sparse_grad=True`` the table gradients are
                                                  sparse COO (U rows), as ``F.embedding``'s
-    gsel = g[t, e(ids)]                 (T, K)   product gate only
+    gsel = g[t, e(ids)]                 (T, K)   product gate only; differentiable in x and
+                                                 W_g through the probed experts' rows
+                                                 (:func:`meft.kernels.gate_values`)
     y = sparse_rows(x, gsel, ku, vu, local, tables=(keys, values), ids=ids)
 
 Reference (``sparse_adapter_reference``), the specification: score every key, mask the
@@ -33,8 +35,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from meft.kernels import gradient_carrier, sparse_rows
-from meft.routing import check_adapter_args, route
+from meft.kernels import gate_values, gradient_carrier, sparse_rows
+from meft.routing import check_adapter_args, probe, select
 
 
 def sparse_adapter(
@@ -57,12 +59,16 @@ def sparse_adapter(
     d = x.shape[-1]
     n_per_expert = keys.shape[0] // router.shape[0]
     x2 = x.reshape(-1, d)  # (T, d)
-    g = x2 @ router.T  # (T, E)
-    ids = route(x2.detach(), keys.detach(), g.detach(), top_k=top_k, n_probe=n_probe, gate=gate)
+    with torch.no_grad():
+        g = x2 @ router.T  # (T, E)
+    probe_scores, probe_ids = probe(g, n_probe)  # (T, P) each
+    ids = select(x2.detach(), keys.detach(), probe_scores, probe_ids, router.shape[0],
+                 top_k=top_k, gate=gate)  # (T, K)
     uniq, local = torch.unique(ids, return_inverse=True)  # (U,), (T, K)
     ku = _RowGrads.apply(keys, uniq, sparse_grad)  # (U, d), never read
     vu = _RowGrads.apply(values, uniq, sparse_grad)  # (U, d), never read
-    gsel = g.gather(1, ids // n_per_expert) if gate == "product" else None  # (T, K)
+    gsel = (gate_values(x2, router, g, probe_ids, ids // n_per_expert)
+            if gate == "product" else None)  # (T, K)
     y = sparse_rows(x2, gsel, ku, vu, local, tables=(keys.detach(), values.detach()), ids=ids)
     return y.reshape(x.shape)
 

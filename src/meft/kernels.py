@@ -25,6 +25,13 @@ T=512, K=64, d=576 in float32): the "bag sums" are ``F.embedding_bag`` with per-
 a chunked gather-and-bmm elsewhere. The gradients for ku and vu are (U, d): row-sparse
 gradients of the full tables, never N x d.
 
+Gate values. With the product gate, gsel = g.gather(1, e(ids)) for the router scores
+g = x W_g^T (T, E). Autograd through the dense g would spend two (T, E, d) matmuls in
+backward on a gradient that is nonzero only at the P probed experts of each token;
+:func:`gate_values` takes g computed without autograd and sends the gradient through the
+probed router rows only: dg (T, P), dx += bag sum of router rows, dW_g = transposed bag sum
+(T*P*d each).
+
 Rows read in place. Where the tables already sit on the compute device in its dtype (a CPU
 run with fp32 tables), gathering ku and vu is a copy of 2*U*d numbers that only feeds the
 kernels above, and each of them indexes rows anyway: ``sparse_rows(..., tables=(keys, values),
@@ -80,6 +87,32 @@ def pair_dots_gather(x: Tensor, table: Tensor, local: Tensor) -> Tensor:
 def bag_sum(local: Tensor, table: Tensor, weights: Tensor) -> Tensor:
     """out_t = sum_k weights_{t,k} table[local_{t,k}]: local, weights (T, K), table (U, d)."""
     return F.embedding_bag(local, table, per_sample_weights=weights, mode="sum")
+
+
+def put_rows(dst: Tensor, ids: Tensor, src: Tensor) -> Tensor:
+    """dst[ids] = src, rows (R, ...) into (N, ...) along dim 0: ``index_copy_``, bitwise.
+
+    CPU ``index_copy_`` moves one element at a time; where both tensors' rows are whole
+    multiples of 16 bytes (fp32 rows of d % 4 == 0, int8 codes of d % 16 == 0 ...) they are
+    viewed as complex128, so a 576-wide fp32 row is 144 moves instead of 576 (about 3x
+    faster at d = 576). The bits are copied, not converted."""
+    wide_dst, wide_src = _as_wide_rows(dst), _as_wide_rows(src)
+    if wide_dst is None or wide_src is None or wide_dst.shape[1:] != wide_src.shape[1:]:
+        return dst.index_copy_(0, ids, src)
+    wide_dst.index_copy_(0, ids, wide_src)
+    return dst
+
+
+def _as_wide_rows(t: Tensor) -> Tensor | None:
+    """t (R, n) as (R, n * itemsize / 16) complex128 over the same memory, or None."""
+    if (t.dim() != 2 or t.dtype.is_complex or t.stride(1) != 1 or t.shape[1] == 0
+            or t.device.type != "cpu"):
+        return None
+    size = t.element_size()
+    if ((t.shape[1] * size) % 16 or (t.stride(0) * size) % 16
+            or (t.storage_offset() * size) % 16 or t.data_ptr() % 16):
+        return None
+    return t.view(torch.complex128)
 
 
 class RowPattern(NamedTuple):
@@ -146,6 +179,41 @@ class _SparseRows(torch.autograd.Function):
             if need_k:
                 dku = bag_sum_transposed(pattern, x, da)
         return dx, dgsel, dku, dvu, None, None, None, None
+
+
+class _GateValues(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, router: Tensor, g: Tensor,  # type: ignore[override]
+                probe_ids: Tensor, experts: Tensor) -> Tensor:
+        ctx.save_for_backward(x, router, probe_ids, experts)
+        ctx.n_experts = g.shape[1]
+        return g.gather(1, experts)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dgsel: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, router, probe_ids, experts = ctx.saved_tensors
+        need_x, need_r = ctx.needs_input_grad[:2]
+        # dg (T, E) is dgsel summed per expert; only the probed experts can be nonzero
+        dg = dgsel.new_zeros(x.shape[0], ctx.n_experts).scatter_add_(1, experts, dgsel)
+        dgp = dg.gather(1, probe_ids)  # (T, P)
+        dx = bag_sum(probe_ids, router, dgp) if need_x else None
+        dr = (bag_sum_transposed(row_pattern(probe_ids, ctx.n_experts), x, dgp)
+              if need_r else None)
+        return dx, dr, None, None, None
+
+
+def gate_values(x: Tensor, router: Tensor, g: Tensor, probe_ids: Tensor,
+                experts: Tensor) -> Tensor:
+    """gsel_{t,k} = g_{t, experts_{t,k}} (T, K) for g = x @ router.T (T, E) computed without
+    autograd; differentiable in x (T, d) and router (E, d).
+
+    Every expert in ``experts`` (T, K) must be one of the token's probes ``probe_ids`` (T, P):
+    the gradient is then sparse in the experts, and backward costs T*P*d per product
+    (``dx_t = sum_p dg_{t,p} router[probe_{t,p}]`` and its transpose for the router) instead
+    of the T*E*d of the two dense matmuls autograd would run through ``g.gather``."""
+    out: Tensor = _GateValues.apply(x, router, g, probe_ids, experts)
+    return out
 
 
 def gradient_carrier(like: Tensor, n_rows: int) -> Tensor:

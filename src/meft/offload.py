@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from meft.kernels import gradient_carrier, sparse_rows
+from meft.kernels import gate_values, gradient_carrier, sparse_rows
 from meft.routing import check_routing_sizes, probe, router_init, select
 from meft.store import HostStore, RowSparseGrad
 
@@ -244,8 +244,10 @@ class OffloadedSparseAdapter(nn.Module):
         d = self.store.dim
         stats = self.store.stats
         t = x2.shape[0]
-        g = x2 @ self.router.to(x2.dtype).T  # (T, E)
-        probe_scores, probe_ids = probe(g.detach(), self.n_probe)  # (T, P) each
+        router = self.router.to(x2.dtype)
+        with torch.no_grad():  # the gradient goes through gate_values, probed experts only
+            g = x2 @ router.T  # (T, E)
+        probe_scores, probe_ids = probe(g, self.n_probe)  # (T, P) each
 
         start = time.perf_counter()
         x_host = x2.detach().to(_HOST, self.store.keys.dtype)
@@ -285,7 +287,8 @@ class OffloadedSparseAdapter(nn.Module):
             vu.register_post_accumulate_grad_hook(self._grad_sink(value_acc, uniq))
 
         b = self.n_neurons // self.n_experts
-        gsel = g.gather(1, uniq_dev[local_dev] // b) if self.gate == "product" else None
+        gsel = (gate_values(x2, router, g, probe_ids, uniq_dev[local_dev] // b)
+                if self.gate == "product" else None)
         return sparse_rows(x2, gsel, ku, vu, local_dev, tables=tables,
                            ids=None if tables is None else ids)
 

@@ -56,6 +56,7 @@ from torch import Tensor
 
 from meft.disk import DiskArrays
 from meft.errors import SerializationError
+from meft.kernels import put_rows
 from meft.quant import decode_signed, decode_unsigned, encode_signed, encode_unsigned, round_bf16
 from meft.store import HostTable, RowSparseGrad
 
@@ -233,9 +234,9 @@ def _lazy_update(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> 
             list(v.split(parts)), [], list(counts.to(torch.float32).unbind(0)),
             lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
             eps=group["eps"], amsgrad=False, maximize=False)
-        t.data.index_copy_(0, rows, p)
-        state["exp_avg"].index_copy_(0, rows, m)
-        state["exp_avg_sq"].index_copy_(0, rows, v)
+        put_rows(t.data, rows, p)
+        put_rows(state["exp_avg"], rows, m)
+        put_rows(state["exp_avg_sq"], rows, v)
 
 
 _FUSED_ALIGN = 32  # elements: 2 (fp32) or 4 (fp64) AVX-512 vectors, the widest on CPUs
@@ -267,10 +268,10 @@ def _lazy_update_reference(t: HostTable, state: dict[str, Any], group: dict[str,
             p.mul_(1 - lr * wd)
         m.lerp_(gc, 1 - b1)
         v.mul_(b2).addcmul_(gc, gc, value=1 - b2)
-        t.data.index_copy_(0, rows, p.add_(neg_step_size[lo:hi] * m / v.sqrt().div_(
+        put_rows(t.data, rows, p.add_(neg_step_size[lo:hi] * m / v.sqrt().div_(
             bc2_sqrt[lo:hi]).add_(eps)))  # addcdiv's order: (value * m) / denom
-        state["exp_avg"].index_copy_(0, rows, m)
-        state["exp_avg_sq"].index_copy_(0, rows, v)
+        put_rows(state["exp_avg"], rows, m)
+        put_rows(state["exp_avg_sq"], rows, v)
 
 
 def _initial_state(data: Tensor, mode: str, state_format: str) -> dict[str, Tensor]:
@@ -341,21 +342,21 @@ def _compact_update(t: HostTable, state: dict[str, Any], group: dict[str, Any], 
         full = v * profile if profile is not None else v  # (R, d) or (R, 1)
         p.add_(neg_step_size[lo:hi] * m / full.sqrt().div_(bc2_sqrt[lo:hi]).add_(eps))
         if t.data.dtype == torch.bfloat16:
-            t.data.index_copy_(0, rows, round_bf16(p, gen))
+            put_rows(t.data, rows, round_bf16(p, gen))
         else:
-            t.data.index_copy_(0, rows, p.to(t.data.dtype))
+            put_rows(t.data, rows, p.to(t.data.dtype))
         if fmt in CODED_FIRST_MOMENT:
             code, scale = encode_signed(m)
-            state["exp_avg"].index_copy_(0, rows, code)
-            state["exp_avg_scale"].index_copy_(0, rows, scale)
+            put_rows(state["exp_avg"], rows, code)
+            put_rows(state["exp_avg_scale"], rows, scale)
         else:
-            state["exp_avg"].index_copy_(0, rows, round_bf16(m, gen) if fmt == "rowwise" else m)
+            put_rows(state["exp_avg"], rows, round_bf16(m, gen) if fmt == "rowwise" else m)
         if fmt == "8bit":
             code, scale = encode_unsigned(v.sqrt_())
-            state["exp_avg_sq"].index_copy_(0, rows, code)
-            state["exp_avg_sq_scale"].index_copy_(0, rows, scale)
+            put_rows(state["exp_avg_sq"], rows, code)
+            put_rows(state["exp_avg_sq_scale"], rows, scale)
         else:
-            state["exp_avg_sq"].index_copy_(0, rows, v)
+            put_rows(state["exp_avg_sq"], rows, v)
 
 def _dense_update(t: HostTable, state: dict[str, Any], group: dict[str, Any]) -> None:
     lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

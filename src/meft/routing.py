@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from meft.kernels import put_rows
+
 GATES = ("product", "none")
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -143,7 +145,7 @@ def pair_scores(x: Tensor, key_blocks: Tensor, tokens: Tensor, experts: Tensor) 
     counts = torch.bincount(experts, minlength=key_blocks.shape[0])  # (E,)
     xs = x.index_select(0, tokens.index_select(0, order))  # (R, d)
     scores_sorted = _grouped_scores(xs, key_blocks, counts)  # (R, B)
-    return torch.empty_like(scores_sorted).index_copy_(0, order, scores_sorted)
+    return put_rows(torch.empty_like(scores_sorted), order, scores_sorted)
 
 
 @torch.no_grad()
