@@ -262,7 +262,8 @@ def test_meft_train_under_torchrun_and_eval_reads_the_sharded_adapter(
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all("mb_comm" in json.loads(x) for x in lines)
     # protected by default, as in one process: one replayed general question per step
-    assert all(json.loads(x)["retain_replay_loss"] >= 0 for x in lines)
+    # (a KL divergence: 0 up to rounding at the first step, where the adapter adds nothing)
+    assert all(json.loads(x)["retain_replay_loss"] > -1e-6 for x in lines)
     summary = json.loads((out / "run.json").read_text())
     assert summary["world_size"] == 2
     proc = subprocess.run([sys.executable, "-m", "meft", "eval", "--model", str(model_dir),
