@@ -137,3 +137,28 @@ def test_put_rows_copies_the_bits_of_index_copy(dtype: torch.dtype, width: int) 
     put_rows(got2, ids, wide)
     assert torch.equal(got2.view(torch.uint8), table.clone().index_copy_(0, ids, wide)
                        .view(torch.uint8))
+
+
+def test_gate_values_under_autocast_match_autograd_and_keep_input_dtypes() -> None:
+    """Under CPU autocast g is bf16 while x and the router stay fp32 (TRL, Trainer --bf16):
+    the gradients come back in each input's dtype, as through the autocast matmul."""
+    gen = torch.Generator().manual_seed(3)
+    t, e, p, k, d = 16, 8, 2, 4, 32
+    x = torch.randn(t, d, generator=gen)
+    router = torch.randn(e, d, generator=gen)
+    probe_ids = torch.stack([torch.randperm(e, generator=gen)[:p] for _ in range(t)])
+    experts = probe_ids.gather(1, torch.randint(0, p, (t, k), generator=gen))
+    dy = torch.randn(t, k, generator=gen)
+    grads = []
+    for fast in (False, True):
+        xa, ra = x.clone().requires_grad_(), router.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g = xa @ ra.T
+            out = (gate_values(xa, ra, g.detach(), probe_ids, experts) if fast
+                   else g.gather(1, experts))
+        assert out.dtype == torch.bfloat16
+        out.backward(dy.to(out.dtype))
+        assert xa.grad.dtype == ra.grad.dtype == torch.float32
+        grads.append((xa.grad, ra.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())

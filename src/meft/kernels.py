@@ -186,7 +186,7 @@ class _GateValues(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, router: Tensor, g: Tensor,  # type: ignore[override]
                 probe_ids: Tensor, experts: Tensor) -> Tensor:
         ctx.save_for_backward(x, router, probe_ids, experts)
-        ctx.n_experts = g.shape[1]
+        ctx.n_experts, ctx.dtype = g.shape[1], g.dtype  # g's dtype: autocast may have set it
         return g.gather(1, experts)
 
     @staticmethod
@@ -196,10 +196,11 @@ class _GateValues(torch.autograd.Function):
         need_x, need_r = ctx.needs_input_grad[:2]
         # dg (T, E) is dgsel summed per expert; only the probed experts can be nonzero
         dg = dgsel.new_zeros(x.shape[0], ctx.n_experts).scatter_add_(1, experts, dgsel)
-        dgp = dg.gather(1, probe_ids)  # (T, P)
-        dx = bag_sum(probe_ids, router, dgp) if need_x else None
-        dr = (bag_sum_transposed(row_pattern(probe_ids, ctx.n_experts), x, dgp)
-              if need_r else None)
+        dgp = dg.gather(1, probe_ids).to(ctx.dtype)  # (T, P)
+        # in g's dtype, as autograd through an autocast matmul, then back to each input's
+        dx = bag_sum(probe_ids, router.to(ctx.dtype), dgp).to(x.dtype) if need_x else None
+        dr = (bag_sum_transposed(row_pattern(probe_ids, ctx.n_experts), x.to(ctx.dtype), dgp)
+              .to(router.dtype) if need_r else None)
         return dx, dr, None, None, None
 
 
