@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from meft import trainer as trainer_module
 from meft.bench.methods import build, parse_method
 from meft.config import BenchJob
 from meft.data import encode_all
 from meft.datasets import load_splits
 from meft.loading import load_model, load_tokenizer, resolve_model
 from meft.sysinfo import environment
-from meft import trainer as trainer_module
 from meft.trainer import Trainer
 
 TOP = 20
