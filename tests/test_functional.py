@@ -12,7 +12,8 @@ from meft.routing import (
     candidate_scores,
     default_experts,
     grouped_scores_loop,
-    route,
+    probe,
+    select,
 )
 
 CASES = [
@@ -117,7 +118,7 @@ def test_grouped_scores_match_loop_and_dense(dtype: torch.dtype) -> None:
 def test_route_selects_topk_of_probed_candidates() -> None:
     case = CASES[1]
     x, k, _, r, _ = make_inputs(case, torch.float64, 11)
-    ids = route(x, k, x @ r.T, top_k=case.top_k, n_probe=case.n_probe)
+    ids = select(x, k, *probe(x @ r.T, case.n_probe), case.experts, top_k=case.top_k)
     assert ids.shape == (case.tokens, case.top_k) and ids.dtype == torch.long
     assert bool((ids[:, 1:] > ids[:, :-1]).all())  # sorted and distinct per token
     b = case.neurons // case.experts

@@ -9,7 +9,7 @@ E experts, P probed, U union of the selected ids.
 
 Fast path (``sparse_adapter``):
     g = x W_g^T                         (T, E)   no autograd, on x's device
-    ids = route(x, keys, g)             (T, K)   no autograd; scores only probed experts' keys
+    ids = select(x, keys, probe(g))     (T, K)   no autograd; scores only probed experts' keys
     U, local = unique(ids)              (U,), (T, K)
     ku, vu = keys[U], values[U]         (U, d)   only as the carriers of the row gradients:
                                                  the kernels read keys[ids] and values[ids] in

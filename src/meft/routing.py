@@ -182,21 +182,6 @@ def select(
     return ids.sort(dim=1).values
 
 
-@torch.no_grad()
-def route(
-    x: Tensor,
-    keys: Tensor,
-    gate_scores: Tensor,
-    *,
-    top_k: int,
-    n_probe: int,
-    gate: str = "product",
-) -> Tensor:
-    """Select each token's K neurons: x (T, d), keys (N, d), g = x @ W_g.T (T, E) -> ids (T, K)."""
-    probe_scores, probe_ids = probe(gate_scores, n_probe)
-    return select(x, keys, probe_scores, probe_ids, gate_scores.shape[1], top_k=top_k, gate=gate)
-
-
 def router_init(keys: Tensor, n_experts: int, *, scheme: str = "normal", std: float = 0.02,
                 generator: torch.Generator | None = None,
                 dtype: torch.dtype | None = None) -> Tensor:
