@@ -12,11 +12,12 @@ from helpers import meft_config, tiny
 from meft.model import get_meft_model
 from meft.optim import RowSparseAdamW
 from meft.quant import (
+    RoundingNoise,
     decode_signed,
     decode_unsigned,
     encode_signed,
     encode_unsigned,
-    round_bf16,
+    round_bf16_,
 )
 from meft.store import HostTable, RowSparseGrad
 from meft.trainer import TrainConfig, Trainer, TrainingInterrupted
@@ -24,16 +25,37 @@ from test_retain import examples
 
 
 def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values() -> None:
-    gen = torch.Generator().manual_seed(0)
+    gen, noise = torch.Generator().manual_seed(0), RoundingNoise(0)
     exact = torch.randn(1000, generator=gen).to(torch.bfloat16).float()
-    assert torch.equal(round_bf16(exact, gen).float(), exact)
+    assert torch.equal(round_bf16_(exact.clone(), noise).float(), exact)
     x = torch.full((200_000,), 1.0 + 2**-10)  # 1/8 of the way from 1 to the next bf16
-    r = round_bf16(x, gen).float()
+    r = round_bf16_(x.clone(), noise).float()
     assert set(r.unique().tolist()) == {1.0, 1.0 + 2**-7}
     se = 2**-7 * math.sqrt(1 / 8 * 7 / 8 / x.numel())  # standard error of the mean
     assert r.mean().item() == pytest.approx(1.0 + 2**-10, abs=4 * se)  # unbiased
-    neg = round_bf16(-x, gen).float()
+    neg = round_bf16_(-x, noise).float()
     assert neg.mean().item() == pytest.approx(-(1.0 + 2**-10), abs=4 * se)
+
+
+def test_stochastic_rounding_equals_its_integer_reference() -> None:
+    """round_bf16_ (int32 adds in place, high halves) against the rule written in int64
+    torch ops with the same noise: add u in [0, 2^16) to the bits, keep the top 16. Fresh random
+    values over many magnitudes and both signs, zeros, subnormals, a 2-d input; the noise is
+    uniform over all 2^16 values and a seed reproduces it."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 301, generator=gen) * torch.logspace(-40, 30, 301)
+    x[0, :5] = torch.tensor([0.0, -0.0, 1e-45, -1e-44, 3.0e38])
+    u = torch.from_numpy(RoundingNoise(7).uint16(x.numel()).astype("int64")).view(x.shape)
+    bits = x.view(torch.int32).long() & 0xFFFFFFFF
+    top = ((bits + u) >> 16).to(torch.int32)  # 0 .. 2^16: a carry out of the top half wraps
+    top = torch.where(top >= 1 << 15, top - (1 << 16), top).to(torch.int16)
+    assert torch.equal(round_bf16_(x.clone(), RoundingNoise(7)).view(torch.int16), top)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        round_bf16_(x.t(), RoundingNoise(7))
+    sample = RoundingNoise(11).uint16(1 << 21)  # 32 draws of each value on average
+    assert len(set(sample.tolist())) == 1 << 16
+    assert abs(sample.mean() - (2**16 - 1) / 2) < 4 * 2**16 / math.sqrt(12 * 2**21)
+    assert (RoundingNoise(5).uint16(10) == RoundingNoise(5).uint16(10)).all()
 
 
 def test_log_codes_bound_the_relative_error_and_keep_zeros() -> None:

@@ -57,7 +57,14 @@ from torch import Tensor
 from meft.disk import DiskArrays
 from meft.errors import SerializationError
 from meft.kernels import put_rows
-from meft.quant import decode_signed, decode_unsigned, encode_signed, encode_unsigned, round_bf16
+from meft.quant import (
+    RoundingNoise,
+    decode_signed,
+    decode_unsigned,
+    encode_signed,
+    encode_unsigned,
+    round_bf16_,
+)
 from meft.store import HostTable, RowSparseGrad
 
 MODES = ("lazy", "dense")
@@ -163,7 +170,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
                 seed = ((self.seed * 1_000_003 + index) * 1_000_033 + int(state["sr_step"]))
                 state["sr_step"] += 1
                 _compact_update(t, state, group, self.state_format,
-                                torch.Generator().manual_seed(seed % (1 << 63)))
+                                RoundingNoise(seed % (1 << 63)))
             elif self.mode == "lazy":
                 _lazy_update(t, state, group)
             else:
@@ -301,7 +308,7 @@ def _initial_state(data: Tensor, mode: str, state_format: str) -> dict[str, Tens
 
 
 def _compact_update(t: HostTable, state: dict[str, Any], group: dict[str, Any], fmt: str,
-                    gen: torch.Generator) -> None:
+                    noise: RoundingNoise) -> None:
     """The lazy update with bf16 tables and/or compact moments: each chunk of rows is decoded
     to fp32, updated as in :func:`_lazy_update`, and encoded back (bf16 rounded
     stochastically; ``rowwise``: the second moment is the row's mean of g^2; ``factored``:
@@ -342,7 +349,7 @@ def _compact_update(t: HostTable, state: dict[str, Any], group: dict[str, Any], 
         full = v * profile if profile is not None else v  # (R, d) or (R, 1)
         p.add_(neg_step_size[lo:hi] * m / full.sqrt().div_(bc2_sqrt[lo:hi]).add_(eps))
         if t.data.dtype == torch.bfloat16:
-            put_rows(t.data, rows, round_bf16(p, gen))
+            put_rows(t.data, rows, round_bf16_(p, noise))
         else:
             put_rows(t.data, rows, p.to(t.data.dtype))
         if fmt in CODED_FIRST_MOMENT:
@@ -350,7 +357,7 @@ def _compact_update(t: HostTable, state: dict[str, Any], group: dict[str, Any], 
             put_rows(state["exp_avg"], rows, code)
             put_rows(state["exp_avg_scale"], rows, scale)
         else:
-            put_rows(state["exp_avg"], rows, round_bf16(m, gen) if fmt == "rowwise" else m)
+            put_rows(state["exp_avg"], rows, round_bf16_(m, noise) if fmt == "rowwise" else m)
         if fmt == "8bit":
             code, scale = encode_unsigned(v.sqrt_())
             put_rows(state["exp_avg_sq"], rows, code)
