@@ -343,11 +343,17 @@ def _compact_update(t: HostTable, state: dict[str, Any], group: dict[str, Any], 
             p.mul_(1 - lr * wd)
         m.lerp_(gc, 1 - b1)
         if fmt in PER_ROW_SECOND_MOMENT:
-            v.mul_(b2).add_(gc.square().mean(1, keepdim=True), alpha=1 - b2)
+            sq_mean = torch.linalg.vector_norm(gc, dim=1, keepdim=True).square_().div_(
+                gc.shape[1])
+            v.mul_(b2).add_(sq_mean, alpha=1 - b2)  # (R, 1): one pass over g, not two
         else:
             v.mul_(b2).addcmul_(gc, gc, value=1 - b2)
         full = v * profile if profile is not None else v  # (R, d) or (R, 1)
-        p.add_(neg_step_size[lo:hi] * m / full.sqrt().div_(bc2_sqrt[lo:hi]).add_(eps))
+        denom = full.sqrt().div_(bc2_sqrt[lo:hi]).add_(eps)  # (R, d), or (R, 1): rowwise
+        if denom.shape[1] == 1:  # one step size per row: a single pass over p and m
+            p.addcmul_(m, neg_step_size[lo:hi] / denom)
+        else:
+            p.add_(neg_step_size[lo:hi] * m / denom)
         if t.data.dtype == torch.bfloat16:
             put_rows(t.data, rows, round_bf16_(p, noise))
         else:
