@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import Case, ambiguous_tokens, grads_of, make_inputs
 from meft.functional import sparse_adapter, sparse_adapter_reference
 from meft.routing import (
+    bucketed_scores,
     candidate_scores,
     default_experts,
     grouped_scores_loop,
@@ -113,6 +114,27 @@ def test_grouped_scores_match_loop_and_dense(dtype: torch.dtype) -> None:
     loop = grouped_scores_loop(xs, keys.view(e, b, d), counts)
     torch.testing.assert_close(got.view(t * p, b)[order], loop.double(), rtol=tol,
                                atol=tol * dense.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bucketed_scores_match_the_loop(dtype: torch.dtype) -> None:
+    """Groups of every size class (1, 2, 3, 5 ... 70 rows), empty experts between them, fresh
+    random rows: the padded batched matmuls give the loop's scores (up to summation order),
+    and so when every row is on one expert."""
+    gen = torch.Generator().manual_seed(5)
+    e, b, d = 20, 8, 24
+    counts = torch.tensor([0, 1, 2, 3, 0, 5, 8, 9, 0, 0, 16, 17, 33, 70, 1, 4, 0, 2, 7, 1])
+    xs = torch.randn(int(counts.sum()), d, generator=gen).to(dtype)
+    blocks = torch.randn(e, b, d, generator=gen).to(dtype)
+    got, loop = bucketed_scores(xs, blocks, counts), grouped_scores_loop(xs, blocks, counts)
+    assert got.dtype == dtype and got.shape == loop.shape
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.double(), loop.double(), rtol=tol, atol=tol * 10)
+    one = torch.zeros(e, dtype=torch.long)
+    one[3] = xs.shape[0]  # every row on one expert
+    torch.testing.assert_close(bucketed_scores(xs, blocks, one).double(),
+                               grouped_scores_loop(xs, blocks, one).double(), rtol=tol,
+                               atol=tol * 10)
 
 
 def test_route_selects_topk_of_probed_candidates() -> None:
