@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values() -> None:
     assert neg.mean().item() == pytest.approx(-(1.0 + 2**-10), abs=4 * se)
 
 
-def test_stochastic_rounding_equals_its_integer_reference() -> None:
+def test_stochastic_rounding_equals_its_integer_reference(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """round_bf16_ (int32 adds in place, high halves) against the rule written in int64
     torch ops with the same noise: add u in [0, 2^16) to the bits, keep the top 16. Fresh random
     values over many magnitudes and both signs, zeros, subnormals, a 2-d input; the noise is
@@ -52,6 +54,8 @@ def test_stochastic_rounding_equals_its_integer_reference() -> None:
     assert torch.equal(round_bf16_(x.clone(), RoundingNoise(7)).view(torch.int16), top)
     with pytest.raises(ValueError, match="contiguous float32"):
         round_bf16_(x.t(), RoundingNoise(7))
+    monkeypatch.setattr(sys, "byteorder", "big")  # the byte-order-free branch: same bits
+    assert torch.equal(round_bf16_(x.clone(), RoundingNoise(7)).view(torch.int16), top)
     sample = RoundingNoise(11).uint16(1 << 21)  # 32 draws of each value on average
     assert len(set(sample.tolist())) == 1 << 16
     assert abs(sample.mean() - (2**16 - 1) / 2) < 4 * 2**16 / math.sqrt(12 * 2**21)

@@ -27,6 +27,8 @@ parameter). These formats bring it to 4, or 3 with the factored second moment of
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -56,7 +58,9 @@ def round_bf16_(x: Tensor, noise: RoundingNoise) -> Tensor:
         raise ValueError(f"round_bf16_ needs a contiguous float32 tensor, got {x.dtype}")
     bits = x.view(torch.int32)
     bits.add_(torch.from_numpy(noise.uint16(x.numel()).astype(np.int32)).view(x.shape))
-    return bits.view(torch.int16)[..., 1::2].contiguous().view(torch.bfloat16)  # little-endian
+    if sys.byteorder != "little":  # cut the low halves off; converting then is exact
+        return bits.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+    return bits.view(torch.int16)[..., 1::2].contiguous().view(torch.bfloat16)  # high halves
 
 
 def _scale(x: Tensor) -> Tensor:
