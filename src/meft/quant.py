@@ -10,9 +10,10 @@ parameter). These formats bring it to 4, or 3 with the factored second moment of
   (2^-8 relative) still move a weight on average instead of vanishing. The noise
   (:class:`RoundingNoise`) is numpy's SFC64 generator, which the caller seeds per table and
   step, so a run and its resume round identically; each 64-bit draw gives four elements'
-  16 bits, added to the fp32 bits in place (:func:`round_bf16_`): 3.5x faster than
-  ``torch.randint``'s one serial Mersenne-twister call per element, which was two thirds of
-  the compact update's time.
+  16 bits, added to the fp32 bits in place (:func:`round_bf16_`). ``torch.randint`` makes one
+  serial Mersenne-twister call per element, which was two thirds of the compact update's
+  time; without it the update of 60 bf16 tables x 2,400 rows takes 175-195 ms instead of
+  434-653 (``benchmarks/results/step-ratio-b166f7c``).
 
 * **8-bit codes on a log scale, per row** (:func:`encode_signed` / :func:`encode_unsigned`).
   A row (d,) keeps one fp32 scale (its largest magnitude) and one byte per element:
@@ -55,7 +56,9 @@ def round_bf16_(x: Tensor, noise: RoundingNoise) -> Tensor:
     (carrying into the high ones, in int32 arithmetic, which wraps) and the high halves are
     the result. Overwrites x."""
     if x.dtype != torch.float32 or not x.is_contiguous():
-        raise ValueError(f"round_bf16_ needs a contiguous float32 tensor, got {x.dtype}")
+        layout = "contiguous" if x.is_contiguous() else "non-contiguous"
+        raise ValueError(f"round_bf16_ needs a contiguous float32 tensor, got a {layout} "
+                         f"{x.dtype} one")
     bits = x.view(torch.int32)
     bits.add_(torch.from_numpy(noise.uint16(x.numel()).astype(np.int32)).view(x.shape))
     if sys.byteorder != "little":  # cut the low halves off; converting then is exact

@@ -21,8 +21,8 @@ each expert's key block multiplies the block of tokens that probed it, as one gr
 float64; for bf16 keys one batched matmul per power-of-two group size,
 :func:`bucketed_scores`). That is T*P*B*d multiply-adds, plus T*E*d for the router:
 O(T*d*(E + P*N/E)), i.e. O(T*d*sqrt(N)) with E ~ sqrt(N), instead of T*N*d for scoring every
-key. No (T, N) tensor is
-ever built; the largest intermediate is the (T, P*B) candidate score matrix.
+key. No (T, N) tensor is ever built; the largest intermediate is the (T, P*B) candidate score
+matrix.
 
 Routing is not differentiable (a discrete choice); gradients flow through the recomputed scores
 of the selected neurons only (see :mod:`meft.kernels`).
@@ -123,8 +123,9 @@ def _grouped_scores(xs: Tensor, key_blocks: Tensor, counts: Tensor) -> Tensor:
 
 # half-precision keys (bf16 tables): the CPU grouped matmul runs one small matmul per probed
 # expert, ~13 us each in bf16 (7.6 in fp32); a few batched matmuls over padded groups take
-# 3.0 against 7.1-7.5 ms per layer at N=65,536 (~300 of E=1024 experts probed, the largest
-# group ~400 rows; 6.6 against 8.1 inside a training step); in fp32 they are no faster
+# 3.1 against 7.0-7.3 ms per layer at N=65,536 with a real step's group sizes (368 of E=1024
+# experts probed, the largest group 302 rows; 6.6 against 8.1 inside a training step;
+# benchmarks/results/step-ratio-b166f7c); in fp32 they are no faster
 _BUCKETED_DTYPES = (torch.bfloat16, torch.float16)
 
 
