@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import Case, ambiguous_tokens, grads_of, make_inputs
@@ -135,6 +138,33 @@ def test_bucketed_scores_match_the_loop(dtype: torch.dtype) -> None:
     torch.testing.assert_close(bucketed_scores(xs, blocks, one).double(),
                                grouped_scores_loop(xs, blocks, one).double(), rtol=tol,
                                atol=tol * 10)
+
+
+def test_bucketed_scores_reuse_their_buffer_safely() -> None:
+    """The probed key blocks are gathered into a buffer reused from call to call (per thread
+    and dtype): a result stays as it was when later calls, smaller and larger, reuse and grow
+    the buffer; the same call again, or in a fresh thread with its own buffer, gives the same
+    bits; and each call still equals the loop."""
+    gen = torch.Generator().manual_seed(11)
+
+    def case(e: int, b: int, d: int, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        counts = torch.bincount(torch.randint(0, e, (rows,), generator=gen), minlength=e)
+        xs = torch.randn(rows, d, generator=gen).to(torch.bfloat16)
+        return xs, torch.randn(e, b, d, generator=gen).to(torch.bfloat16), counts
+
+    first = case(16, 8, 24, 60)
+    got = bucketed_scores(*first)
+    kept = got.clone()
+    for args in (case(64, 16, 40, 500), case(4, 2, 8, 5)):  # grows the buffer, then reuses it
+        torch.testing.assert_close(bucketed_scores(*args).double(),
+                                   grouped_scores_loop(*args).double(), rtol=2e-2, atol=0.2)
+    assert torch.equal(got, kept)
+    assert torch.equal(bucketed_scores(*first), kept)
+    other: list[Tensor] = []
+    worker = threading.Thread(target=lambda: other.append(bucketed_scores(*first)))
+    worker.start()
+    worker.join()
+    assert torch.equal(other[0], kept)
 
 
 def test_route_selects_topk_of_probed_candidates() -> None:

@@ -60,7 +60,8 @@ def round_bf16_(x: Tensor, noise: RoundingNoise) -> Tensor:
         raise ValueError(f"round_bf16_ needs a contiguous float32 tensor, got a {layout} "
                          f"{x.dtype} one")
     bits = x.view(torch.int32)
-    bits.add_(torch.from_numpy(noise.uint16(x.numel()).astype(np.int32)).view(x.shape))
+    words = bits.numpy()  # the same memory; numpy adds the uint16 noise without a widened copy
+    np.add(words, noise.uint16(x.numel()).reshape(words.shape), out=words)
     if sys.byteorder != "little":  # cut the low halves off; converting then is exact
         return bits.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
     return bits.view(torch.int16)[..., 1::2].contiguous().view(torch.bfloat16)  # high halves
