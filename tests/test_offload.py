@@ -9,6 +9,7 @@ from helpers import Case, make_inputs
 from meft.functional import sparse_adapter
 from meft.offload import OffloadedSparseAdapter
 from meft.optim import RowSparseAdamW, clip_grad_norm_
+from meft.routing import select
 from meft.store import HostStore
 
 CASE = Case(tokens=24, dim=16, neurons=256, experts=16, top_k=8, n_probe=3)
@@ -243,3 +244,53 @@ def test_rows_read_in_place_train_like_staged_rows_bit_for_bit(gate: str) -> Non
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     assert torch.equal(ka, kb) and torch.equal(va, vb)
     assert len(sa) == len(sb) and all(torch.equal(p, q) for p, q in zip(sa, sb, strict=True))
+
+
+class _Ids:
+    """An access counter that keeps the ids each forward chose."""
+
+    def __init__(self) -> None:
+        self.ids: list[torch.Tensor] = []
+
+    def add(self, ids: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None) -> None:
+        self.ids.append(ids.clone())
+
+
+def test_half_tables_probe_in_half_and_keep_exact_gate_values() -> None:
+    """bf16 tables route in bf16: the top-P experts of the router product in bf16 (the dtype
+    of the candidate scores), the top-K neurons of the bf16 candidates; the output and all
+    gradients are the definition's with the exact fp32 gate values of the chosen neurons
+    (written out with autograd here). The router's rows come in near-equal pairs, equal in
+    bf16, so probing in fp32 would choose other experts for some tokens: the test tells the
+    two apart."""
+    _, keys, values, router, _ = make_inputs(CASE, torch.float32, 0)
+    router[1::2] = router[0::2] * (1 - 2.0**-12)  # pairs: one bf16 value, two fp32 ones
+    mod = OffloadedSparseAdapter(HostStore(keys.bfloat16(), values.bfloat16()),
+                                 n_experts=CASE.experts, top_k=CASE.top_k,
+                                 n_probe=CASE.n_probe, router=router, dtype=torch.float32)
+    mod.counter = seen = _Ids()
+    x, _, _, _, dy = make_inputs(CASE, torch.float32, 1)
+    x1 = x.clone().requires_grad_(True)
+    y = mod(x1)
+    y.backward(dy)
+
+    b = CASE.neurons // CASE.experts
+    half_scores, half_probes = (x.bfloat16() @ router.bfloat16().T).topk(CASE.n_probe, dim=1)
+    ids = select(x.bfloat16(), mod.store.keys, half_scores, half_probes, CASE.experts,
+                 top_k=CASE.top_k)
+    assert torch.equal(seen.ids[0], ids)
+    fp32_probes = (x @ router.T).topk(CASE.n_probe, dim=1).indices
+    assert not torch.equal(fp32_probes.sort(1).values, half_probes.sort(1).values)
+
+    x2, r2 = x.clone().requires_grad_(True), router.clone().requires_grad_(True)
+    k2 = mod.store.keys.float().requires_grad_(True)
+    v2 = mod.store.values.float().requires_grad_(True)
+    gsel = (x2 @ r2.T).gather(1, ids // b)  # (T, K) exact gate values
+    a = (k2[ids] * x2.unsqueeze(1)).sum(-1)  # (T, K)
+    y2 = (torch.relu(gsel * a).unsqueeze(-1) * v2[ids]).sum(1)
+    y2.backward(dy)
+    for got, want in ((y, y2), (x1.grad, x2.grad), (mod.router.grad, r2.grad),
+                      (mod.store.key_grad.to_dense(), k2.grad),
+                      (mod.store.value_grad.to_dense(), v2.grad)):
+        # fp32 sums in another order: relative to the tensor's scale
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
