@@ -1,37 +1,43 @@
-"""Step-time ratios with the methods' steps interleaved in one process: the noise-robust way
-to compare `meft bench` methods on a shared machine.
+"""Step-time ratios with the methods' steps taking turns: the noise-robust way to compare
+`meft bench` methods on a shared machine.
 
 `meft bench` trains its methods one after another, each in its own process, so a change in
 the machine's state between them (other tenants, memory bandwidth, frequency) enters the
 ratio: on the project machine a whole step of unchanged code moves ~10% from run to run.
-Here every method is built once (the same embedded model, built-in set, batches, rate and
-seed as `meft bench`), and the steps alternate: round r runs one step of each method, in an
-order rotated every round so none always runs first. Each round's ratio (a method's step
-over the first method's step of that round) sees the same machine state, and the median of
-those ratios over the rounds after ``--warmup`` is the figure to read; the medians of the
-step times are reported beside it.
+Here every method is built in its own process as in `meft bench` (the same embedded model,
+built-in set, batches, rate and seed), and the processes take turns: round r runs one step of
+each method, one process at a time while the others wait, in an order rotated every round so
+none always runs first. Each round's ratio (a method's step over the first method's step of
+that round) sees the same machine state, and the median of those ratios over the rounds
+after ``--warmup`` is the figure to read; the medians of the step times are reported beside
+it. (One process per method, as `meft bench` runs them: with all methods in one process
+both LoRA's and meft's steps ran 3-8% slower and meft's ratio came out 1-3% lower than
+with a process each, benchmarks/results/step-ratio-5c1717f.)
 
 Run (from the repository root; writes a fresh directory, refusing an existing one)::
 
-    python benchmarks/interleaved_steps.py --output /tmp/interleaved
-    python benchmarks/interleaved_steps.py --methods lora:all:16 meft:16384 --steps 20 \\
+    python benchmarks/interleaved_steps.py --output /tmp/interleaved   # LoRA, meft:16384
+    python benchmarks/interleaved_steps.py --methods lora:all:16 meft:65536:bf16:rowwise \\
         --output /tmp/i2
 
-All methods' host state is resident at once (meft:16384 fp32 ~7 GB, meft:65536 bf16 with
-rowwise state ~7 GB on the embedded model): choose methods that fit in RAM together.
+Every method's process stays resident for the whole run: their peak memory adds up (on the
+embedded model, `meft bench`'s host GB: LoRA 2.4, meft:16384 9.6, meft:65536 with bf16 tables
+and rowwise state 13.6), so on a 24 GB machine compare LoRA with one large meft at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
+import multiprocessing as mp
 import os
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +53,7 @@ from meft.loading import load_model, load_tokenizer, resolve_model
 from meft.sysinfo import environment
 from meft.trainer import Trainer
 
-DEFAULT_METHODS = ["lora:all:16", "meft:16384", "meft:65536:bf16:rowwise"]
+DEFAULT_METHODS = ["lora:all:16", "meft:16384"]
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -78,12 +84,13 @@ def summarise(names: list[str], times: dict[str, list[float]], warmup: int
 def table(rows: list[dict[str, Any]], env: dict[str, Any], command: str, rounds: int,
           warmup: int) -> str:
     first = rows[0]["method"]
-    lines = ["# Step times, methods interleaved step by step in one process", "",
+    lines = ["# Step times, the methods' processes taking turns step by step", "",
              f"Machine: {env.get('cpu')}, {env.get('cpu_count')} cores, {env.get('threads')} "
              f"threads, torch {env.get('torch')}, commit {env.get('git_commit')}, "
              f"{env.get('date_utc')}, THP_MEM_ALLOC_ENABLE={env.get('THP_MEM_ALLOC_ENABLE')}.",
              "", f"command: `{command}`", "",
-             f"{rounds} rounds, one step of each method per round (order rotated each round); "
+             f"{rounds} rounds, one step of each method per round, one process per method, "
+             f"one running at a time (order rotated each round); "
              f"statistics over rounds {warmup + 1}-{rounds}.", "",
              f"| method | median step s | x {first} (per-round ratio: median) | quartiles of "
              f"the per-round ratio | ratio of the medians |",
@@ -92,6 +99,38 @@ def table(rows: list[dict[str, Any]], env: dict[str, Any], command: str, rounds:
         lines.append(f"| {r['method']} | {r['median_step_s']:.3f} | {r['ratio_median']:.3f} | "
                      f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | {r['ratio_of_medians']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _worker(name: str, options: dict[str, Any], conn: Connection) -> None:
+    """One method in its own process: build it, say "ready", then run one training step per
+    "step" message and answer with its seconds, until "stop"."""
+    try:
+        job = BenchJob.from_options(options)
+        source = resolve_model(None)
+        tokenizer = load_tokenizer(source)
+        splits = load_splits(None, None, seed=job.seed, dataset=options["dataset"])
+        train = encode_all(splits.train, tokenizer, job.train_config(1e-3).max_length,
+                           "training")
+        method = parse_method(name)
+        tconfig = job.train_config(method.default_lr)
+        torch.manual_seed(tconfig.seed)
+        trainable = build(method, load_model(source), job, torch.device("cpu"))
+        with tempfile.TemporaryDirectory(prefix="meft-interleaved-") as tmp:
+            trainer = Trainer(trainable, train, tconfig, tmp, pad_id=tokenizer.pad_token_id)
+            batches = trainer._batches()
+            conn.send(("ready", 0.0))
+            while conn.recv() == "step":
+                conn.send(("step", trainer.train_step(next(batches))["step_time_s"]))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+def _answer(name: str, conn: Connection, expected: str) -> float:
+    kind, value = conn.recv()
+    if kind != expected:
+        raise RuntimeError(f"{name}: {value}")
+    return float(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,34 +153,34 @@ def main(argv: list[str] | None = None) -> int:
                                "dataset": args.dataset, "progress": False}
     if args.batch_size is not None:
         options["batch_size"] = args.batch_size
-    job = BenchJob.from_options(options)
-    source = resolve_model(None)
-    tokenizer = load_tokenizer(source)
-    base = load_model(source)
-    splits = load_splits(None, None, seed=job.seed, dataset=args.dataset)
-    train = encode_all(splits.train, tokenizer, job.train_config(1e-3).max_length, "training")
+    job = BenchJob.from_options(options)  # checks the methods before any process starts
     names = list(args.methods)
     times: dict[str, list[float]] = {name: [] for name in names}
-    with contextlib.ExitStack() as stack:
-        trainers, batches = {}, {}
+    spawn = mp.get_context("spawn")
+    conns, procs = {}, []
+    try:
         for name in names:
-            method = parse_method(name)
-            tconfig = job.train_config(method.default_lr)
-            torch.manual_seed(tconfig.seed)
-            trainable = build(method, copy.deepcopy(base), job, torch.device("cpu"))
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="meft-interleaved-"))
-            trainers[name] = Trainer(trainable, train, tconfig, tmp,
-                                     pad_id=tokenizer.pad_token_id)
-            batches[name] = trainers[name]._batches()
+            here, there = spawn.Pipe()
+            proc = spawn.Process(target=_worker, args=(name, options, there), daemon=True)
+            proc.start()
+            conns[name] = here
+            procs.append(proc)
+        for name in names:
+            _answer(name, conns[name], "ready")
         start = time.perf_counter()
         for r in range(args.steps):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                out = trainers[name].train_step(next(batches[name]))
-                times[name].append(out["step_time_s"])
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                conns[name].send("step")
+                times[name].append(_answer(name, conns[name], "step"))
             print(f"round {r + 1}/{args.steps}: " + ", ".join(
                 f"{n} {times[n][-1]:.2f} s" for n in names)
                 + f" ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    finally:
+        for conn in conns.values():
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+        for proc in procs:
+            proc.join(timeout=60)
     rows = summarise(names, times, args.warmup)
     env = environment("cpu")
     command = "python benchmarks/interleaved_steps.py " + " ".join(
