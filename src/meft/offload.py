@@ -262,7 +262,7 @@ class OffloadedSparseAdapter(nn.Module):
 
         start = time.perf_counter()
         x_host = x2.detach().to(_HOST, route_dtype)
-        ids = self._route(x_host, probe_scores.to(_HOST, self.store.keys.dtype),
+        ids = self._route(x_host, probe_scores.to(_HOST, route_dtype),
                           probe_ids.to(_HOST))  # (T, K) on host
         if self.counter is not None:
             self.counter.add(ids, x_host, keep)

@@ -169,9 +169,9 @@ _SCRATCH = threading.local()  # per thread: {(dtype, device): reused flat buffer
 def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A flat buffer of ``numel`` elements, reused from call to call (per thread, dtype and
     device; it grows to the largest request, at most the E*B*d of one key table). Gathering
-    the probed key blocks into a fresh 27 MB tensor per layer at N=65,536 takes 3.1 ms with
-    PyTorch's huge-page allocator (page faults on first touch) against 1.5 ms into a reused
-    one (benchmarks/results/step-ratio-564dbbb)."""
+    the probed key blocks into a fresh 27 MB tensor per layer at N=65,536 pays page faults on
+    first touch, more with PyTorch's huge-page allocator (benchmarks/results/
+    step-ratio-5c1717f: gather_buf.txt)."""
     buffers = getattr(_SCRATCH, "buffers", None)
     if buffers is None:
         buffers = _SCRATCH.buffers = {}
