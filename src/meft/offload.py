@@ -15,10 +15,11 @@ module parameters or buffers, so ``model.to(device)`` and ``state_dict()`` leave
 trainer builds the :class:`~meft.store.HostStore` objects and the optimizer and passes them in.
 
 Half-precision tables (bf16) route in their dtype: the candidate scores multiply x and the
-keys in bf16, and so does probing: g = x W_g^T is computed in bf16 for the top-P (at E=1024,
-T=512 on the project CPU a bf16 matmul takes 0.6 ms against 2.6 in fp32), then the exact
-router scores of the P probed experts (T*P dots in x's dtype) give the gate values, so the
-output and every gradient keep x's precision; only the choice of experts sees bf16 rounding.
+keys in bf16, and so does probing: g = x W_g^T is computed in bf16 for the top-P, then the
+exact router scores of the P probed experts (T*P dots in x's dtype) give the gate values, so
+the output and every gradient keep x's precision; only the choice of experts sees bf16
+rounding. At E=1024, T=512 probing takes 1.5 ms per layer on the project CPU against 3.1-3.4
+in fp32 (benchmarks/results/step-ratio-5c1717f).
 
 Staged rows are gathered straight into reused host buffers (:class:`_StagingPool`). On CUDA
 those are pinned and copied with ``non_blocking=True``. On CPU (device == host) with tables in
