@@ -21,8 +21,9 @@ T tokens per micro-batch, U rows per layer per micro-batch (the union of the T*K
                                uniform routing (skewed routing probes fewer), and the U rows
                                of the values and of every per-row state array
     moved    host -> device    L * (2 * U * d * 4 + index bytes)            per micro-batch
-             device -> host    L * (T * d * 4 + T * P * 12 + 2 * U * d * 4)  (hidden states,
-                               probe scores and ids, row gradients: TransferStats' terms)
+             device -> host    L * (T * d * 4 + T * P * (8 + s) + 2 * U * d * 4)  (hidden
+                               states, probe ids and scores, row gradients: TransferStats'
+                               terms; s = 2 with bf16 tables, which probe in bf16, else 4)
     time     compute           6 * n_base * T / (tflops * mfu)   (forward + backward)
              host              routing T * P * (N/E) * d * 2 flops / host flops, plus
                                gathering and updating U rows (bytes / host GB/s)
@@ -124,7 +125,8 @@ def traffic(config: MeftConfig, d: int, layers: int, tokens: int, union: int) ->
     """Bytes each way per micro-batch, as :class:`~meft.store.TransferStats` counts them."""
     rows = 2 * union * d * 4
     h2d = layers * (rows + (union + tokens * config.top_k) * 8)
-    d2h = layers * (tokens * d * 4 + tokens * config.n_probe * 12 + rows)
+    score = torch.empty((), dtype=config.dtype).element_size()  # probes scored in its dtype
+    d2h = layers * (tokens * d * 4 + tokens * config.n_probe * (8 + score) + rows)
     return {"h2d": h2d, "d2h": d2h}
 
 
