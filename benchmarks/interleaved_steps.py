@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import tempfile
@@ -40,8 +39,6 @@ import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `meft bench` (meft.cli) sets it
 
 import torch
 

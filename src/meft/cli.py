@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -38,10 +37,6 @@ from meft.config import (
     split_options,
 )
 from meft.errors import ConfigError, UserError
-
-# PyTorch's CPU allocator: transparent huge pages for big buffers (fewer page faults when the
-# adapter's row buffers are allocated). Read when torch initialises, so set before importing it.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 EVAL_SECTIONS = (Section("run", RunConfig, only=("model", "max_new_tokens", "eval_batch_size",
                                                  "max_eval", "device", "trust_remote_code")),
