@@ -258,7 +258,7 @@ class MeftConfig:
     def host_bytes_per_layer(self, hidden_size: int) -> int:
         """Keys + values in the storage dtype and their two AdamW moments as ``optim_state``
         keeps them (per-row scales and step counts included)."""
-        item = torch.empty((), dtype=self.dtype).element_size()
+        item = self.dtype.itemsize
         n, d = self.neurons, hidden_size
         table = n * d * item + 8 * n  # the table and its per-row step counts (int64)
         if self.optim_state == "fp32" and self.dtype != torch.bfloat16:

@@ -121,7 +121,7 @@ class DiskArrays:
                     f"run needs {str(dtype)[6:]} {tuple(shape)} (another adapter's store?)")
             return self._map(name)
         file = f"{name}.bin"
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = int(np.prod(shape)) * dtype.itemsize
         with open(self.dir / file, "wb") as f:
             f.truncate(nbytes)
             if nbytes and hasattr(os, "posix_fallocate"):  # blocks reserved, read as zeros

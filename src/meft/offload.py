@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from meft.kernels import gate_values, gradient_carrier, pair_dots, sparse_rows
-from meft.routing import check_routing_sizes, probe, router_init, select
+from meft.routing import HALF_DTYPES, check_routing_sizes, probe, router_init, select
 from meft.store import HostStore, RowSparseGrad
 
 
@@ -61,7 +61,6 @@ class Counter(Protocol):
     def add(self, ids: Tensor, x: Tensor, keep: Tensor | None) -> None: ...
 
 _HOST = torch.device("cpu")
-_HALF = (torch.bfloat16, torch.float16)
 
 
 class TokenMask:
@@ -255,7 +254,7 @@ class OffloadedSparseAdapter(nn.Module):
         router = self.router.to(x2.dtype)
         route_dtype = self.store.keys.dtype  # routing runs in the tables' dtype
         with torch.no_grad():  # the gradient goes through gate_values, probed experts only
-            if route_dtype in _HALF and x2.dtype != route_dtype:
+            if route_dtype in HALF_DTYPES and x2.dtype != route_dtype:
                 g, probe_scores, probe_ids = self._probe_in_half(x2, router, route_dtype)
             else:
                 g = x2 @ router.T  # (T, E)

@@ -125,7 +125,7 @@ def traffic(config: MeftConfig, d: int, layers: int, tokens: int, union: int) ->
     """Bytes each way per micro-batch, as :class:`~meft.store.TransferStats` counts them."""
     rows = 2 * union * d * 4
     h2d = layers * (rows + (union + tokens * config.top_k) * 8)
-    score = torch.empty((), dtype=config.dtype).element_size()  # probes scored in its dtype
+    score = config.dtype.itemsize  # probes scored in its dtype
     d2h = layers * (tokens * d * 4 + tokens * config.n_probe * (8 + score) + rows)
     return {"h2d": h2d, "d2h": d2h}
 
@@ -153,7 +153,7 @@ def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, f
     if store == "ram":
         host = {"tables_and_moments": state, "staging_buffers": layers * 2 * u * d * 4}
     else:  # on disk: RAM holds the pages one step touches (module doc) and staging
-        keys = layers * config.neurons * d * torch.empty((), dtype=config.dtype).element_size()
+        keys = layers * config.neurons * d * config.dtype.itemsize
         host = {"probed_keys": round(keys * probed_experts(config, tokens) / config.n_experts),
                 "touched_rows": (state - keys) * u // config.neurons,
                 "staging_buffers": layers * 2 * u * d * 4}

@@ -427,7 +427,7 @@ def info_cli(info: InfoConfig) -> str:
     layers = config.layers or []
     from meft.plan import traffic, union_rows
 
-    item = torch.empty((), dtype=config.dtype).element_size()
+    item = config.dtype.itemsize
     table_bytes = 2 * config.neurons * d * item * len(layers)
     n, k, tokens = config.neurons, config.top_k, info.tokens
     union = union_rows(config, tokens)  # meft plan's assumption

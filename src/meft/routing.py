@@ -43,6 +43,9 @@ GATES = ("product", "none")
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# half-precision tables: their candidates are scored by batched matmuls (_grouped_scores),
+# and they probe in their dtype (meft.offload)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def check_adapter_args(
@@ -113,21 +116,18 @@ def _grouped_scores(xs: Tensor, key_blocks: Tensor, counts: Tensor) -> Tensor:
 
     key_blocks (E, B, d). Row r of group e gives xs[r] @ key_blocks[e].T -> (R, B).
     """
-    if xs.dtype in _BUCKETED_DTYPES and xs.device.type == "cpu":
+    # half-precision keys (bf16 tables): the CPU grouped matmul runs one small matmul per
+    # probed expert, ~13 us each in bf16 (7.6 in fp32); a few batched matmuls over padded
+    # groups take 3.1 against 7.0-7.3 ms per layer at N=65,536 with a real step's group sizes
+    # (368 of E=1024 experts probed, the largest group 302 rows; 6.6 against 8.1 inside a
+    # training step; benchmarks/results/step-ratio-b166f7c); in fp32 they are no faster
+    if xs.dtype in HALF_DTYPES and xs.device.type == "cpu":
         return bucketed_scores(xs, key_blocks, counts)
     if _grouped_mm is not None and xs.dtype in _GROUPED_MM_DTYPES and xs.device.type == "cpu":
         offs = torch.cumsum(counts, 0).to(torch.int32)
         out: Tensor = _grouped_mm(xs, key_blocks.transpose(1, 2), offs=offs)
         return out
     return grouped_scores_loop(xs, key_blocks, counts)
-
-
-# half-precision keys (bf16 tables): the CPU grouped matmul runs one small matmul per probed
-# expert, ~13 us each in bf16 (7.6 in fp32); a few batched matmuls over padded groups take
-# 3.1 against 7.0-7.3 ms per layer at N=65,536 with a real step's group sizes (368 of E=1024
-# experts probed, the largest group 302 rows; 6.6 against 8.1 inside a training step;
-# benchmarks/results/step-ratio-b166f7c); in fp32 they are no faster
-_BUCKETED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def bucketed_scores(xs: Tensor, key_blocks: Tensor, counts: Tensor) -> Tensor:
