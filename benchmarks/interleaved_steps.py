@@ -33,22 +33,16 @@ import json
 import multiprocessing as mp
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from meft.bench.methods import build, parse_method
 from meft.config import BenchJob
-from meft.data import encode_all
-from meft.datasets import load_splits
-from meft.loading import load_model, load_tokenizer, resolve_model
+from meft.loading import load_model
 from meft.sysinfo import environment
-from meft.trainer import Trainer
+from method_steps import embedded_training_set, method_steps
 
 DEFAULT_METHODS = ["lora:all:16", "meft:16384"]
 
@@ -103,18 +97,9 @@ def _worker(name: str, options: dict[str, Any], conn: Connection) -> None:
     "step" message and answer with its seconds, until "stop"."""
     try:
         job = BenchJob.from_options(options)
-        source = resolve_model(None)
-        tokenizer = load_tokenizer(source)
-        splits = load_splits(None, None, seed=job.seed, dataset=options["dataset"])
-        train = encode_all(splits.train, tokenizer, job.train_config(1e-3).max_length,
-                           "training")
-        method = parse_method(name)
-        tconfig = job.train_config(method.default_lr)
-        torch.manual_seed(tconfig.seed)
-        trainable = build(method, load_model(source), job, torch.device("cpu"))
-        with tempfile.TemporaryDirectory(prefix="meft-interleaved-") as tmp:
-            trainer = Trainer(trainable, train, tconfig, tmp, pad_id=tokenizer.pad_token_id)
-            batches = trainer._batches()
+        source, tokenizer, train = embedded_training_set(job, options["dataset"])
+        with method_steps(name, load_model(source), tokenizer, train, job) as (trainer,
+                                                                               batches):
             conn.send(("ready", 0.0))
             while conn.recv() == "step":
                 conn.send(("step", trainer.train_step(next(batches))["step_time_s"]))

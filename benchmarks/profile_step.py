@@ -23,7 +23,6 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from meft import trainer as trainer_module
-from meft.bench.methods import build, parse_method
 from meft.config import BenchJob
-from meft.data import encode_all
-from meft.datasets import load_splits
-from meft.loading import load_model, load_tokenizer, resolve_model
+from meft.loading import load_model
 from meft.sysinfo import environment
 from meft.trainer import Trainer
+from method_steps import embedded_training_set, method_steps
 
 TOP = 20
 PHASES = ("forward", "backward", "clip", "optimizer")
@@ -82,14 +79,7 @@ class PhaseClock:
 
 def profile_method(name: str, base: torch.nn.Module, tokenizer: Any, train: list[Any],
                    job: BenchJob, steps: int, profiled: int) -> dict[str, Any]:
-    method = parse_method(name)
-    tconfig = job.train_config(method.default_lr)
-    torch.manual_seed(tconfig.seed)
-    model = copy.deepcopy(base)
-    trainable = build(method, model, job, torch.device("cpu"))
-    with tempfile.TemporaryDirectory(prefix="meft-profile-") as tmp:
-        trainer = Trainer(trainable, train, tconfig, tmp, pad_id=tokenizer.pad_token_id)
-        batches = trainer._batches()
+    with method_steps(name, copy.deepcopy(base), tokenizer, train, job) as (trainer, batches):
         plain: list[float] = []
         phases: list[dict[str, float]] = []
         clock = PhaseClock(trainer)
@@ -112,7 +102,7 @@ def profile_method(name: str, base: torch.nn.Module, tokenizer: Any, train: list
     ops = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / profiled,
             "share": e.self_cpu_time_total / total if total else 0.0,
             "calls_per_step": e.count / profiled} for e in rows[:TOP]]
-    return {"method": name, "lr": tconfig.lr,
+    return {"method": name, "lr": trainer.config.lr,
             "step_s": statistics.median(plain[warm]),
             "phases_s": {k: statistics.median(p[k] for p in phases[warm])
                          for k in (*PHASES, "rest")},
@@ -167,11 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     job = BenchJob.from_options({"methods": args.methods, "steps": args.steps,
                                  "batch_size": args.batch_size, "dataset": args.dataset,
                                  "progress": False})
-    source = resolve_model(None)
-    tokenizer = load_tokenizer(source)
+    source, tokenizer, train = embedded_training_set(job, args.dataset)
     base = load_model(source)
-    splits = load_splits(None, None, seed=job.seed, dataset=args.dataset)
-    train = encode_all(splits.train, tokenizer, job.train_config(1e-3).max_length, "training")
     results = []
     for name in args.methods:
         print(f"profiling {name} ...", file=sys.stderr)
