@@ -50,8 +50,19 @@ def test_parse_method() -> None:
     # default rates as the tuned comparison chose them
     assert parse_method("lora:all:16").default_lr == 3e-3
     assert parse_method("lora:all:64").default_lr == 1e-3
+    # replay for every method; what only a sparse memory has is refused for the others
+    assert parse_method("lora:all:16+retain").name == "lora:all:16+retain"
+    assert parse_method("lora:all:16+retain").base_name == "lora:all:16"
+    assert parse_method("full+retain:rep2:answers").retain_overrides() == {
+        "retain_replay": 2, "retain_replay_target": "answers"}
+    assert parse_method("dense:8+retain").name == "dense:8+retain"
+    for bad in ("kl", "256", "all", "values", "frozen", "pen1", "hub0.5"):
+        with pytest.raises(ConfigError, match=f"'{bad}' is protection only meft's sparse"):
+            parse_method(f"lora:all:16+retain:{bad}")
+    with pytest.raises(ConfigError, match="'frozen' is protection only meft's sparse"):
+        parse_method("full+retain:rep2:frozen")
     for bad in ("lora:16", "dense", "meft:big", "sparse:10", "lora:xy:4", "meft:0", "full:8",
-                "dense:8+retain", "meft:+retain", "meft:64:fp16", "meft:64:8bit:rowwise",
+                "meft:+retain", "meft:64:fp16", "meft:64:8bit:rowwise",
                 "meft:64:bf16:bf16", "dense:64:bf16"):
         with pytest.raises(ConfigError, match="expected lora:qv:R"):
             parse_method(bad)
@@ -99,9 +110,9 @@ def test_targets_pass_fail_and_skip() -> None:
 
 
 KINDS = ["dense:32", "offload:32", "meft:64", "meft-noexperts:64", "full", "meft:64+retain",
-         "meft:64+retain:kl:3:values:frozen"]
+         "meft:64+retain:kl:3:values:frozen", "full+retain:rep2"]
 if importlib.util.find_spec("peft") is not None:
-    KINDS.append("lora:qv:4")
+    KINDS += ["lora:qv:4", "lora:qv:4+retain"]
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -119,7 +130,11 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
                         torch.device("cpu"), probe=probe, background=ks.eval)
     assert result["method"] == name and result["steps"] == 3
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
-    assert result["lr"] == {"lora": 3e-3, "full": 3e-4}.get(name.split(":")[0], 3e-3)
+    kind = name.split("+")[0].split(":")[0]
+    assert result["lr"] == {"lora": 3e-3, "full": 3e-4}.get(kind, 3e-3)
+    assert result["train_config"]["retain"] == ("on" if "+retain" in name else "off")
+    if "+retain" in name:  # every protected method replays (rep2: two examples per step)
+        assert result["train_config"]["retain_replay"] == (2 if "rep2" in name else 1)
     assert result["train_config"]["weight_decay"] == 0.0  # the loop's, not torch's default
     assert result["validation_n"] == result["test_n"] == 4
     assert 0 <= result["validation_em"] <= 1 and 0 <= result["test_em"] <= 1
@@ -132,7 +147,7 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     elif name.startswith("dense"):
         assert result["trainable_params"] == 2 * 32 * d * layers
         assert result["device_bytes_trainable"] == 4 * 2 * 32 * d * layers * 4
-    elif name == "full":  # every base weight trains: + gradients and two moments on device
+    elif kind == "full":  # every base weight trains: + gradients and two moments on device
         n_base = sum(p.numel() for p in base.parameters())
         assert result["trainable_params"] == n_base
         assert result["device_bytes_trainable"] == 3 * 4 * n_base
@@ -141,7 +156,6 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
         assert result["moved_bytes_per_step"] > 0 and result["union_mean"] > 0
         assert result["adapter_config"]["neurons"] == 64
         assert (result["retained_rows_mean"] is None) == ("+retain" not in name)
-        assert result["train_config"]["retain"] == ("on" if "+retain" in name else "off")
         if name.endswith("frozen"):
             assert result["retained_rows_mean"] <= 3
             assert result["train_config"]["retain_router"] == "frozen"
@@ -391,6 +405,12 @@ def test_bench_refuses_bad_methods_before_any_work(capsys: pytest.CaptureFixture
     assert main(["bench", "--methods", "meft:64", "--top-k", "99", "--experts", "8",
                  "--probe", "2"]) == 2
     assert "top_k=99" in capsys.readouterr().err
+    # a job-wide flag of the sparse memory's protection, refused for LoRA before any work
+    assert main(["bench", "--methods", "meft:4096+retain", "lora:qv:4+retain",
+                 "--retain-rows", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "lora:qv:4+retain: --retain-rows is protection only meft's sparse tables" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_bench_worker_reports_a_user_error_in_one_line(model_dir: Path, tmp_path: Path,

@@ -11,6 +11,7 @@ import torch
 
 from helpers import meft_config, tiny
 from meft.data import Encoded, collate
+from meft.errors import ConfigError
 from meft.evaluate import answer_loss, labelled_logits, token_loss_sum
 from meft.model import MeftModel, get_meft_model, tensor_name
 from meft.retain import (
@@ -611,7 +612,6 @@ def test_rehearsal_keeps_what_an_earlier_adapter_learned(tmp_path: Path) -> None
 
 def test_rehearse_needs_an_adapter_and_protection() -> None:
     from meft.config import REHEARSE, TrainJob
-    from meft.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--rehearse"):
         TrainJob.from_options({"rehearse": "a.jsonl"})
@@ -619,3 +619,86 @@ def test_rehearse_needs_an_adapter_and_protection() -> None:
         TrainJob.from_options({"rehearse": "a.jsonl", "adapter": "x", "retain": "off"})
     job = TrainJob.from_options({"rehearse": "a.jsonl", "adapter": "x"})
     assert job.run.rehearse == "a.jsonl" and job.train.retain_rehearse == REHEARSE
+
+
+def _lora(seed: int = 0):  # type: ignore[no-untyped-def]
+    """A tiny Llama with LoRA on every linear layer, as meft bench builds lora:all:4."""
+    from meft.bench.methods import build, parse_method
+    from meft.config import BenchJob
+
+    torch.manual_seed(seed)
+    model = tiny("llama", layers=2)
+    return build(parse_method("lora:all:4"), model, BenchJob.from_options({}),
+                 torch.device("cpu"))
+
+
+def _replaying(trainable, weight: float = 1.0) -> Retainer:  # type: ignore[no-untyped-def]
+    """Replay of one example per step from a background of 10 (no meft tables: replay only)."""
+    bg = Background.measure(trainable.model, examples(10, seed=6), pad_id=0, progress=False)
+    assert bg.counts == {} and bg.documents == 10  # nothing to count, no forward pass
+    bg.examples = examples(10, seed=6)
+    bg.keep_distributions(trainable.model, pad_id=0)
+    retainer = Retainer(trainable.model, bg, rows=0, replay=1, pad_id=0)
+    retainer.replay_weight = weight  # 0: the replayed examples ride along and add nothing
+    return retainer
+
+
+def test_lora_replay_with_weight_zero_is_plain_lora(tmp_path: Path) -> None:
+    """Replay works for a model without meft's tables (LoRA) through the one trainer; at
+    weight 0 it changes nothing: the same loss at every step and the same weights."""
+    pytest.importorskip("peft")
+    config = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.0, progress=False)
+    runs = []
+    for weight in (None, 0.0):
+        trainable = _lora()
+        retainer = _replaying(trainable, weight) if weight is not None else None
+        history = Trainer(trainable, examples(16), config, tmp_path / str(weight), pad_id=0,
+                          retainer=retainer).train().history
+        runs.append((trainable, history))
+    (plain, a), (replayed, b) = runs
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert "retain_replay_loss" in b[-1] and "retain_replay_loss" not in a[-1]
+    assert all(float(p.detach().abs().max()) > 1e-3 for n, p in plain.params.items()
+               if "lora_B" in n)  # it trained (B starts at 0): not a comparison of idle runs
+    for name, p in plain.params.items():
+        torch.testing.assert_close(replayed.params[name], p, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="need meft's sparse tables"):
+        Retainer(plain.model, None, rows=8)
+    with pytest.raises(ConfigError, match="need meft's sparse tables"):
+        Retainer(plain.model, None, rows=0, router=False)
+
+
+def test_lora_replay_loss_equals_an_independent_computation(tmp_path: Path) -> None:
+    """The replay loss a LoRA step records is KL(q || p) over the kept top-32 tokens and the
+    rest, q from the base model, p from the LoRA model as it is at that step, at the first
+    answer tokens of the fixed shuffle's next example: computed here from full forwards."""
+    pytest.importorskip("peft")
+    import copy
+
+    from meft.retain import REPLAY_SEED, REPLAY_TOKENS, REPLAY_TOP
+
+    trainable = _lora()
+    base = copy.deepcopy(trainable.model.get_base_model())  # LoRA starts as the base model
+    retainer = _replaying(trainable)
+    trainer = Trainer(trainable, examples(16), TrainConfig(
+        steps=3, batch_size=4, lr=3e-2, warmup_ratio=0.0, progress=False), tmp_path,
+        pad_id=0, retainer=retainer)
+    batches = trainer._batches()
+    first = trainer.train_step(next(batches))
+    assert first["retain_replay_loss"] == pytest.approx(0.0, abs=1e-6)  # nothing moved yet
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(REPLAY_SEED))
+    example = examples(10, seed=6)[int(order[1])]  # step 1 replays the second of the shuffle
+    answer = [i for i, y in enumerate(example.labels) if y != -100][:REPLAY_TOKENS]
+    ids = torch.tensor([example.input_ids])
+    with torch.no_grad():
+        q = torch.softmax(base(input_ids=ids).logits[0, [i - 1 for i in answer]].float(), -1)
+        logp = torch.log_softmax(
+            trainable.model(input_ids=ids).logits[0, [i - 1 for i in answer]].float(), -1)
+    top_q, top = q.topk(REPLAY_TOP, -1)
+    rest_q = 1 - top_q.sum(-1)
+    rest_p = 1 - logp.exp().gather(1, top).sum(-1)
+    kl = ((top_q * (top_q.log() - logp.gather(1, top))).sum(-1)
+          + rest_q * (rest_q.log() - rest_p.log())).mean()
+    second = trainer.train_step(next(batches))
+    assert float(kl) > 1e-4  # the step moved the model: a real comparison
+    assert second["retain_replay_loss"] == pytest.approx(float(kl), rel=1e-4)

@@ -64,6 +64,14 @@ accesses, and their gradient, like the step's own, reaches only the rows the ste
 selection (MeftTrainer uses it). The encoded examples and the kept distributions are saved
 with the background statistics, so a resumed run replays the same.
 
+Any model (``meft bench``'s ``lora:*+retain``, ``full+retain``): replay and rehearsal need
+nothing of meft's, so a :class:`Retainer` also takes a model without meft's tables. It then has
+no layers: nothing is counted (no background pass), selected or held, and the replay is the
+same as meft's: the same examples in the same order, distilled towards what the model did as
+training started, at the same weight, carried by the step's first forward. Row selection, the
+output penalty, hubs, values-only updates and frozen routers are refused for it
+(:func:`sparse_only` names the flags).
+
 Continual learning: rows whose values are already non-zero when the protection starts (an
 adapter trained before, ``meft train --adapter DIR``) are never trained, neither selected nor
 pulled by the penalty (with the selection off too), so what the adapter learned before keeps
@@ -106,7 +114,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from meft.background import replay_pool
@@ -194,7 +202,7 @@ class Background:
 
     @classmethod
     @torch.no_grad()
-    def measure(cls, model: MeftModel, encoded: Sequence[Encoded], pad_id: int, *,
+    def measure(cls, model: MeftModel | nn.Module, encoded: Sequence[Encoded], pad_id: int, *,
                 batch_size: int = 16, progress: bool = True, keep_inputs: int = 0,
                 seed: int = 0) -> Background:
         """Count the accesses of ``model``'s adapters over ``encoded`` (module doc); keep the
@@ -207,6 +215,8 @@ class Background:
             gen = torch.Generator().manual_seed(seed)
             chosen[torch.randperm(total, generator=gen)[:keep_inputs]] = True
         layers = _layers(model)
+        if not layers:  # a model without meft's tables: nothing to count
+            return cls({}, {}, len(encoded))
         previous = {k: a.counter for k, a in layers}
         counters = {k: AccessCounter(a.n_neurons) for k, a in layers}
         for k, a in layers:
@@ -350,11 +360,29 @@ def top_rows(scores: Tensor, rows: int) -> Tensor:
     return order[:n]
 
 
+def sparse_only(config: TrainConfig) -> list[str]:
+    """The flags of ``config`` that ask for protection only a sparse memory has (row
+    selection, output penalty, hubs, values only, frozen routers, rows written before kept):
+    a method without meft's tables refuses them (:class:`Retainer`)."""
+    asked = {"--retain-rows": config.retain_rows > 0,
+             "--retain-penalty": config.retain_penalty > 0,
+             "--retain-hubs": config.retain_hubs < 1,
+             "--retain-update": config.retain_update != "keys+values",
+             "--retain-router": config.retain_router != "trained",
+             "--retain-written": config.retain_written == "keep"}
+    return [flag for flag, on in asked.items() if on]
+
+
 class Retainer:
     """The protection during training: counts each step's accesses (:meth:`watch`), then keeps
-    the gradients of the selected rows only (:meth:`select_`)."""
+    the gradients of the selected rows only (:meth:`select_`).
 
-    def __init__(self, model: MeftModel, background: Background | None, *,
+    ``model`` may be any causal LM without meft's tables (LoRA, full fine-tuning: what
+    ``meft bench`` compares): it then has no layers to count, select or hold, and the
+    protection is replay and rehearsal alone, exactly as meft's (the same examples in the
+    same order, the same targets kept from the model as training starts, the same weight)."""
+
+    def __init__(self, model: MeftModel | nn.Module, background: Background | None, *,
                  score: str = "tfidf", rows: int = 512, keys: bool = True,
                  router: bool = True, penalty: float = 0.0,
                  penalty_tokens: int = PENALTY_TOKENS, hubs: float = 1.0, replay: int = 0,
@@ -371,7 +399,11 @@ class Retainer:
                              f">= 1, replay_weight > 0, got rows={rows}, penalty={penalty}, "
                              f"replay={replay}, rehearse={rehearse}, penalty_tokens="
                              f"{penalty_tokens}, replay_weight={replay_weight}")
-        self.parallel: DataParallel | None = model.parallel
+        self.parallel: DataParallel | None = getattr(model, "parallel", None)
+        if not _layers(model) and (rows or penalty or hubs < 1 or not keys or not router):
+            raise ConfigError("row selection, the output penalty, hubs, values-only updates "
+                              "and frozen routers need meft's sparse tables; this model has "
+                              "none (replay and rehearsal work for any model)")
         if self.parallel is not None and penalty:
             raise ConfigError("--retain-penalty is for one process (a distributed run shards "
                               "the rows it would pull back)")
@@ -606,7 +638,7 @@ class Retainer:
         return total
 
     @classmethod
-    def from_config(cls, model: MeftModel, config: TrainConfig,
+    def from_config(cls, model: MeftModel | nn.Module, config: TrainConfig,
                     background: Sequence[Sample] | None, tokenizer: Any, *,
                     progress: bool = True,
                     rehearsal: Sequence[Sample] | None = None) -> Retainer:
@@ -669,6 +701,8 @@ class Retainer:
         if n_re:
             assert bg is not None
             penalty += f", {n_re} of {bg.rehearsal} earlier examples rehearsed per step"
+        if not self.protected:  # no sparse tables: replay alone
+            return f"forgetting protection: replay{penalty}"
         return (f"forgetting protection: {selection}, {parts}, {router}{penalty}{kept}")
 
 
@@ -735,11 +769,14 @@ def _keeps_written(setting: str, rehearsal: Sequence[Sample] | None) -> bool:
     return setting == "keep" or (setting == "auto" and not rehearsal)
 
 
-def _layers(model: MeftModel) -> list[tuple[str, OffloadedSparseAdapter]]:
+def _layers(model: MeftModel | nn.Module) -> list[tuple[str, OffloadedSparseAdapter]]:
+    """meft's adapter layers of ``model`` (by layer id); none for a model without them."""
+    if not hasattr(model, "adapter_modules"):
+        return []
     return list(zip(model.adapters, model.adapter_modules, strict=True))
 
 
-def _attach(model: MeftModel) -> dict[str, AccessCounter]:
+def _attach(model: MeftModel | nn.Module) -> dict[str, AccessCounter]:
     """A fresh counter in every adapter of ``model`` (replacing any earlier one)."""
     counters = {}
     for layer, adapter in _layers(model):

@@ -11,6 +11,9 @@
                              factored moments (:mod:`meft.optim`), so one comparison holds
                              all stores
     meft-noexperts:N         meft with a single expert: every key scored (no Key-Experts)
+    METHOD+retain            any method with replay (the same examples, order, targets and
+                             weight as meft's: --retain-replay*); settings rep, repw,
+                             distill, answers, questions, whole may follow, as below
     meft:N+retain            meft with forgetting protection (:mod:`meft.retain`), set by the
                              --retain-* flags, against --background (default: the base
                              model's own answers to the shipped prompts); settings may follow,
@@ -53,6 +56,7 @@ from meft.config import (
 )
 from meft.errors import ConfigError
 from meft.model import get_meft_model
+from meft.retain import sparse_only
 from meft.trainer import StepTraffic, Trainable
 
 KINDS = ("lora", "dense", "offload", "meft", "meft-noexperts", "full")
@@ -74,13 +78,23 @@ class Method:
 
     @property
     def name(self) -> str:
-        if self.kind == "lora":
-            return f"lora:{self.targets}:{self.rank}"
-        if self.kind == "full":
-            return "full"
         protection = ":".join(("+retain", *self.retain_settings)) if self.retain else ""
+        if self.kind == "lora":
+            return f"lora:{self.targets}:{self.rank}{protection}"
+        if self.kind == "full":
+            return f"full{protection}"
         state = "".join(f":{token}" for token in self.state)
         return f"{self.kind}:{self.neurons}{state}{protection}"
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the method has meft's sparse tables (protection beyond replay needs them)."""
+        return self.kind.startswith("meft")
+
+    @property
+    def base_name(self) -> str:
+        """The method without its protection: ``lora:all:16+retain`` -> ``lora:all:16``."""
+        return dataclasses.replace(self, retain=False, retain_settings=()).name
 
     def state_overrides(self) -> dict[str, Any]:
         """The MeftConfig fields this method's state tokens (``:bf16``, ``:8bit`` ...) set."""
@@ -112,6 +126,10 @@ RETAIN_WORDS: dict[str, tuple[str, Any]] = {
     "questions": ("retain_replay_pool", "questions"), "whole": ("retain_replay_pool", "whole")}
 
 
+# the TrainConfig fields of replay: protection any model can have (the rest needs meft's tables)
+REPLAY_FIELDS = ("retain_replay", "retain_replay_weight", "retain_replay_target",
+                 "retain_replay_pool")
+
 STATE_SETTINGS = {"bf16": ("storage_dtype", "bfloat16"), "8bit": ("optim_state", "8bit"),
                   "rowwise": ("optim_state", "rowwise"), "factored": ("optim_state", "factored")}
 
@@ -138,9 +156,17 @@ def _retain_setting(token: str) -> tuple[str, Any] | None:
 
 def parse_method(text: str) -> Method:
     base, plus, settings = text.partition("+retain")
-    if plus and base.startswith("meft:") and (not settings or settings.startswith(":")):
+    if plus and (not settings or settings.startswith(":")):
+        method = parse_method(base)
         tokens = tuple(settings.split(":")[1:])
-        bad = [t for t in tokens if _retain_setting(t) is None]
+        settings = {t: _retain_setting(t) for t in tokens}
+        sparse = [t for t, setting in settings.items() if not method.sparse
+                  and setting is not None and setting[0] not in REPLAY_FIELDS]
+        if sparse:
+            raise ConfigError(f"method {text!r}: {sparse[0]!r} is protection only meft's "
+                              f"sparse tables have; {method.name} takes replay settings "
+                              f"only (repR, repwW, distill, answers, questions, whole)")
+        bad = [t for t, setting in settings.items() if setting is None]
         if bad:
             raise ConfigError(f"method {text!r}: unknown protection setting {bad[0]!r} "
                               f"(expected tfidf, kl, rows as a positive integer or all, "
@@ -149,7 +175,7 @@ def parse_method(text: str) -> Method:
                               f"background reads, repR to replay R background examples "
                               f"per step, repwW to weigh their loss W, questions or whole "
                               f"for what they are drawn from)")
-        return dataclasses.replace(parse_method(base), retain=True, retain_settings=tokens)
+        return dataclasses.replace(method, retain=True, retain_settings=tokens)
     parts = text.split(":")
     if text == "full":
         return Method("full")
@@ -169,7 +195,7 @@ def parse_method(text: str) -> Method:
         pass
     raise ConfigError(f"method {text!r}: expected lora:qv:R, lora:all:R, dense:N, offload:N, "
                       "meft:N, meft:N:bf16:8bit (bf16, 8bit, rowwise or factored, each at "
-                      "most once), meft:N+retain, meft-noexperts:N (R, N positive integers) "
+                      "most once), meft-noexperts:N, any of them +retain (R, N positive integers) "
                       "or full")
 
 
@@ -191,9 +217,20 @@ def parse_entry(text: str) -> tuple[Method, list[float] | None]:
 
 
 def check_method(method: Method, job: BenchJob) -> None:
-    """Refuse, before any work, a meft method whose adapter flags do not fit its N."""
-    if method.kind.startswith("meft"):
+    """Refuse, before any work, a meft method whose adapter flags do not fit its N, and
+    protection a method without meft's tables cannot have (``--retain-rows`` ... given
+    for every method)."""
+    if method.sparse:
         meft_config(method, job)
+    elif method.retain:
+        tconfig = dataclasses.replace(job.train_config(method.default_lr), retain="on",
+                                      **method.retain_overrides())
+        flags = sparse_only(tconfig)
+        if flags:
+            raise ConfigError(f"{method.name}: {flags[0]} is protection only meft's sparse "
+                              f"tables have; {method.base_name} takes replay (--retain-replay"
+                              f"*) only: drop {flags[0]} or run it in a comparison of meft "
+                              f"methods")
 
 
 def meft_config(method: Method, job: BenchJob) -> MeftConfig:

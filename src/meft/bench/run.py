@@ -70,10 +70,12 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     if not method.retain:  # meft:N is meft without protection; meft:N+retain adds it
         tconfig = dataclasses.replace(tconfig, retain="off")
     else:
-        if background is None or trainable.adapter is None:
+        if background is None:
             raise ValueError(f"{method.name} needs background samples")
         tconfig = dataclasses.replace(tconfig, retain="on", **method.retain_overrides())
-        retainer = Retainer.from_config(trainable.adapter, tconfig, background, tokenizer,
+        # meft's tables when it has them; any other model gets replay alone (meft.retain)
+        protected = trainable.adapter if trainable.adapter is not None else trainable.model
+        retainer = Retainer.from_config(protected, tconfig, background, tokenizer,
                                         progress=tconfig.progress)
     curve = (encode_all(list(validation), tokenizer, tconfig.max_length, "validation")
              if tconfig.eval_every and validation else None)
@@ -118,7 +120,8 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         "moved_bytes_d2h_per_step": statistics.mean(r["mb_d2h"] * 1e6 for r in history),
         "union_mean": statistics.mean(r["union_mean"] for r in history),
         "retained_rows_mean": (statistics.mean(statistics.mean(r["retained_rows_per_layer"])
-                                               for r in history) if retainer else None),
+                                               for r in history)
+                               if retainer and trainable.adapter is not None else None),
         "trainable_params": trainable.count(),
         # tables + their AdamW state as configured (--host-dtype, --optim-state), exact
         "host_state_bytes": (trainable.adapter.meft_config.host_bytes_per_layer(
