@@ -475,6 +475,16 @@ class BenchConfig:
                                          "none with --data")
     overwrite: bool = option(False, "allow writing into an existing non-empty --output (runs "
                              "already there stay in the table)")
+    seeds: list[int] | None = option(None, "seeds, e.g. 0,1,2: every (method, rate) runs once "
+                                     "per seed (each draws the built-in facts, the data order "
+                                     "and the initialisation); the tables give mean and "
+                                     "standard deviation, and rates are chosen by the mean "
+                                     "validation exact match", default_text="one run at --seed")
+    matched_em: float | None = option(None, "the learning level of the matched-learning table "
+                                      "(a validation exact match in [0, 1)): each method's "
+                                      "least-forgetting rate that reaches it",
+                                      check="fraction", default_text="90% of the best "
+                                      "method's mean validation exact match")
     lr: float | None = option(None, "learning rate of every method", check="positive",
                               default_text=f"each method's own: LoRA {LORA_LR:g} (rank >= "
                               f"{LORA_HIGH_RANK}: {LORA_LR_HIGH_RANK:g}), full "
@@ -739,6 +749,10 @@ class BenchJob:
     @property
     def seed(self) -> int:
         return int(self.train.get("seed", TrainConfig.seed))
+
+    def with_seed(self, seed: int) -> BenchJob:
+        """This job at ``seed`` (one run of ``--seeds``)."""
+        return BenchJob(dict(self.adapter), {**self.train, "seed": seed}, self.run, self.bench)
 
     @property
     def chooses_rates(self) -> bool:

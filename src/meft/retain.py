@@ -124,9 +124,9 @@ from meft.data import Encoded, Sample, collate, encode_all, to_record
 from meft.distributed import DataParallel, ShardedSparseAdapter
 from meft.errors import ConfigError, DataError, SerializationError
 from meft.evaluate import labelled_logits
+from meft.model import MeftModel
 
 if TYPE_CHECKING:
-    from meft.model import MeftModel
     from meft.offload import OffloadedSparseAdapter
 
 SCORES = ("tfidf", "kl")
@@ -215,7 +215,7 @@ class Background:
             gen = torch.Generator().manual_seed(seed)
             chosen[torch.randperm(total, generator=gen)[:keep_inputs]] = True
         layers = _layers(model)
-        if not layers:  # a model without meft's tables: nothing to count
+        if not layers or not isinstance(model, MeftModel):  # no meft tables: nothing to count
             return cls({}, {}, len(encoded))
         previous = {k: a.counter for k, a in layers}
         counters = {k: AccessCounter(a.n_neurons) for k, a in layers}
@@ -771,7 +771,7 @@ def _keeps_written(setting: str, rehearsal: Sequence[Sample] | None) -> bool:
 
 def _layers(model: MeftModel | nn.Module) -> list[tuple[str, OffloadedSparseAdapter]]:
     """meft's adapter layers of ``model`` (by layer id); none for a model without them."""
-    if not hasattr(model, "adapter_modules"):
+    if not isinstance(model, MeftModel):
         return []
     return list(zip(model.adapters, model.adapter_modules, strict=True))
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from meft.background import load_background
 from meft.bench.methods import DEFAULT_METHODS, QUICK_METHODS, check_method, parse_entry
-from meft.bench.report import pct, read_results, run_name, write_report, write_result
+from meft.bench.report import pct, read_results, write_report, write_result
 from meft.config import BenchJob
 from meft.console import say
 from meft.data import write_jsonl
@@ -51,41 +51,45 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
             raise RunDirectoryError(f"--report-only needs --output DIR holding run files "
                                     f"(<method>@<lr>.json); {bench.output or 'no --output'} "
                                     "has none")
-        return {"fresh": [], **write_report(Path(bench.output), command)}
+        return {"fresh": [], **write_report(Path(bench.output), command,
+                                            matched_em=bench.matched_em)}
     names = bench.methods or (QUICK_METHODS if bench.quick else DEFAULT_METHODS)
     entries = [parse_entry(m) for m in names]
     for method, _ in entries:
         check_method(method, job)
     device = pick_device(run.device)
     source = resolve_model(run.model)
-    splits = load_splits(run.data, run.eval_data, bench.validation_data, seed=job.seed,
-                         people=run.people, dataset=run.dataset)
-    if job.chooses_rates and not splits.validation:
+    seeds = bench.seeds or [job.seed]
+    # the seed draws the built-in facts, the data order and the adapter's initialisation
+    splits = {seed: load_splits(run.data, run.eval_data, bench.validation_data, seed=seed,
+                                people=run.people, dataset=run.dataset) for seed in seeds}
+    if job.chooses_rates and not splits[seeds[0]].validation:
         raise DataError("choosing rates (--lr-grid, method@rates) needs validation questions; "
                         "the data has none (pass --validation-data)")
     output = prepare_output(bench.output, overwrite=bench.overwrite, prefix="bench-",
                             hint=" to add runs to it,")
-    config = job.to_dict()
     progress = job.train.get("progress", True)
     fresh = []
     with tempfile.TemporaryDirectory(prefix="meft-bench-") as tmp:
         # every run loads this copy of the base model, saved once as safetensors (fast to
-        # load, unlike de-quantising a GGUF), and these splits
-        say(f"bench: {splits.description}")
+        # load, unlike de-quantising a GGUF), and its seed's splits
+        say(f"bench: {splits[seeds[0]].description}"
+            + (f" (seeds {','.join(map(str, seeds))})" if bench.seeds else ""))
         say(f"bench: preparing {source.name} -> {output}")
         tokenizer = load_tokenizer(source, trust_remote_code=run.trust_remote_code)
         base = load_model(source, trust_remote_code=run.trust_remote_code)
-        if run.data is None and run.dataset == "airports":  # only what the model lacks
-            splits = drop_known(splits, answered(
-                base, tokenizer, splits.test, max_new_tokens=run.max_new_tokens,
-                batch_size=run.eval_batch_size, desc="known facts",
-                progress=progress))
-            say(f"bench: {splits.description}")
+        for seed in seeds:
+            if run.data is None and run.dataset == "airports":  # only what the model lacks
+                splits[seed] = drop_known(splits[seed], answered(
+                    base, tokenizer, splits[seed].test, max_new_tokens=run.max_new_tokens,
+                    batch_size=run.eval_batch_size, desc="known facts",
+                    progress=progress))
+                say(f"bench: seed {seed}: {splits[seed].description}")
+            for name in ("train", "validation", "test"):
+                write_jsonl(getattr(splits[seed], name),
+                            Path(tmp) / f"data-{seed}" / f"{name}.jsonl")
         tokenizer.save_pretrained(tmp)
         save_plain_copy(base, tmp)
-        data = Path(tmp) / "data"
-        for name in ("train", "validation", "test"):
-            write_jsonl(getattr(splits, name), data / f"{name}.jsonl")
         worker_args: list[str] = []
         if run.retention and bench.evaluate:
             probe = RetentionProbe.build(base, tokenizer, max_new_tokens=run.max_new_tokens,
@@ -101,32 +105,37 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
             worker_args += ["--background", str(Path(tmp) / "background.jsonl")]
             say(f"bench: background for +retain: {desc}")
         del base
-        for method, own in entries:
-            rates: list[float | None] = list(own or bench.lr_grid or []) or [None]
-            for lr in rates:
-                shown = f"lr {lr:g}" if lr is not None else f"lr {bench.lr or method.default_lr:g}"
-                say(f"bench: {method.name}, {shown} ({bench.steps} steps of "
-                    f"{bench.batch_size} examples)")
-                result_path = Path(tmp) / "result.json"
-                cmd = [sys.executable, "-m", "meft.bench.run", "--method", method.name,
-                       "--model-dir", tmp, "--job", json.dumps(config), "--data", str(data),
-                       "--result", str(result_path), "--device", str(device), *worker_args]
-                if lr is not None:
-                    cmd += ["--lr", repr(lr)]
-                proc = subprocess.run(cmd, check=False)
-                if proc.returncode != 0:
-                    why = ("killed: out of memory?" if proc.returncode == -9
-                           else f"exit {proc.returncode}")
-                    say(f"  {method.name} failed ({why}); skipped")
-                    continue
-                result = json.loads(result_path.read_text())
-                result.update(model=source.name, data=splits.description, command=command)
-                path = write_result(result, output, config, str(device))
-                fresh.append(run_name(result["method"], result["lr"]))
-                say(f"  {result['step_time_s']:.2f} s/step, {result['tokens_per_s']:.0f} "
-                    f"tok/s, validation EM {pct(result['validation_em'], '%')}, test EM "
-                    f"{pct(result['test_em'], '%')}, retention {pct(result['retention'], '%')} -> "
-                    f"{path}")
-    report = write_report(output, command)
+        grid: list[float | None] = list(bench.lr_grid or []) or [None]
+        runs = [(seed, method, lr) for seed in seeds for method, own in entries
+                for lr in (list(own) if own else grid)]
+        for i, (seed, method, lr) in enumerate(runs):
+            shown = f"lr {lr:g}" if lr is not None else f"lr {bench.lr or method.default_lr:g}"
+            say(f"bench [{i + 1}/{len(runs)}]: {method.name}, {shown}"
+                + (f", seed {seed}" if bench.seeds else "")
+                + f" ({bench.steps} steps of {bench.batch_size} examples)")
+            config = job.with_seed(seed).to_dict()
+            result_path = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "meft.bench.run", "--method", method.name,
+                   "--model-dir", tmp, "--job", json.dumps(config),
+                   "--data", str(Path(tmp) / f"data-{seed}"),
+                   "--result", str(result_path), "--device", str(device), *worker_args]
+            if lr is not None:
+                cmd += ["--lr", repr(lr)]
+            proc = subprocess.run(cmd, check=False)
+            if proc.returncode != 0:
+                why = ("killed: out of memory?" if proc.returncode == -9
+                       else f"exit {proc.returncode}")
+                say(f"  {method.name} failed ({why}); skipped")
+                continue
+            result = json.loads(result_path.read_text())
+            result.update(model=source.name, data=splits[seed].description, command=command)
+            path = write_result(result, output, config, str(device),
+                                with_seed=bench.seeds is not None)
+            fresh.append(path.stem)
+            say(f"  {result['step_time_s']:.2f} s/step, {result['tokens_per_s']:.0f} "
+                f"tok/s, validation EM {pct(result['validation_em'], '%')}, test EM "
+                f"{pct(result['test_em'], '%')}, retention {pct(result['retention'], '%')} -> "
+                f"{path}")
+    report = write_report(output, command, matched_em=bench.matched_em)
     return {"fresh": fresh, **report}
 

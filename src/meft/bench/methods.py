@@ -159,14 +159,14 @@ def parse_method(text: str) -> Method:
     if plus and (not settings or settings.startswith(":")):
         method = parse_method(base)
         tokens = tuple(settings.split(":")[1:])
-        settings = {t: _retain_setting(t) for t in tokens}
-        sparse = [t for t, setting in settings.items() if not method.sparse
+        parsed = {t: _retain_setting(t) for t in tokens}
+        sparse = [t for t, setting in parsed.items() if not method.sparse
                   and setting is not None and setting[0] not in REPLAY_FIELDS]
         if sparse:
             raise ConfigError(f"method {text!r}: {sparse[0]!r} is protection only meft's "
                               f"sparse tables have; {method.name} takes replay settings "
                               f"only (repR, repwW, distill, answers, questions, whole)")
-        bad = [t for t, setting in settings.items() if setting is None]
+        bad = [t for t, setting in parsed.items() if setting is None]
         if bad:
             raise ConfigError(f"method {text!r}: unknown protection setting {bad[0]!r} "
                               f"(expected tfidf, kl, rows as a positive integer or all, "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,27 +31,38 @@ from meft.bench.methods import DEFAULT_METHODS
 from meft.plots import pyplot
 from meft.sysinfo import environment
 
-SUMMARY_FIELDS = ("method", "lr", "selected", "lr_at_grid_edge", "lr_grid", "validation_em",
-                  "test_em", "test_f1", "retention", "general_loss_delta", "step_time_s",
-                  "tokens_per_s", "device_bytes", "host_bytes", "moved_bytes_per_step",
-                  "trainable_params")
+# the fields that vary with the seed: each a mean over a (method, rate)'s seeds, with its
+# sample standard deviation beside it (``<field>_std``; None for one seed)
+QUALITY_FIELDS = ("validation_em", "validation_f1", "test_em", "test_f1", "test_contains",
+                  "retention", "retention_seen_kinds", "general_loss_delta", "final_loss")
+SUMMARY_FIELDS = ("method", "lr", "seeds", "selected", "lr_at_grid_edge", "lr_grid",
+                  *(f for q in ("validation_em", "test_em", "test_f1", "retention",
+                                "retention_seen_kinds", "general_loss_delta")
+                    for f in (q, f"{q}_std")),
+                  "step_time_s", "tokens_per_s", "device_bytes", "host_bytes",
+                  "moved_bytes_per_step", "trainable_params")
 
 
-def run_name(method: str, lr: float) -> str:
-    return f"{method.replace(':', '_')}@{lr:g}"
+def run_name(method: str, lr: float, seed: int | None = None) -> str:
+    """A run file's stem: ``meft_4096@0.003``, or ``meft_4096@0.003@seed1`` with ``--seeds``."""
+    name = f"{method.replace(':', '_')}@{lr:g}"
+    return name if seed is None else f"{name}@seed{seed}"
 
 
 def write_result(result: dict[str, Any], directory: Path, config: dict[str, Any],
-                 device: str) -> Path:
+                 device: str, *, with_seed: bool = False) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    path: Path = directory / f"{run_name(result['method'], result['lr'])}.json"
-    payload = {**result, "config": config, "environment": environment(device)}
+    stem = run_name(result["method"], result["lr"], result.get("seed") if with_seed else None)
+    path: Path = directory / f"{stem}.json"
+    payload = {**result, "file": path.name, "config": config,
+               "environment": environment(device)}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 
 def read_results(directory: Path) -> list[dict[str, Any]]:
-    """Every run file in ``directory``, in the order of the default method list, then lr."""
+    """Every run file in ``directory``, in the order of the default method list, then lr,
+    then seed; each knows its file (``file``)."""
     results = []
     for path in sorted(directory.glob("*@*.json")):
         try:
@@ -58,22 +70,51 @@ def read_results(directory: Path) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
         if isinstance(result, dict) and result.get("method") and "step_time_s" in result:
+            result["file"] = path.name
             results.append(result)
     order = {m: i for i, m in enumerate(DEFAULT_METHODS)}
-    results.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["lr"]))
+    results.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["lr"],
+                                r.get("seed") or 0))
     return results
 
 
-def _key(r: dict[str, Any]) -> tuple[float, float, float]:
-    def val(x: float | None) -> float:
-        return -math.inf if x is None else x
+def _num(x: float | None) -> float:
+    return -math.inf if x is None else x
 
-    return (val(r.get("validation_em")), val(r.get("validation_f1")), -r["final_loss"])
+
+def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, rate): the :data:`QUALITY_FIELDS` as means over its seeds with
+    their standard deviations (``<field>_std``), step time and tokens/s as medians, memory as
+    the largest; the rest as its first run has them; ``runs`` holds the runs themselves."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    rows = []
+    for runs in groups.values():
+        row = {k: v for k, v in runs[0].items() if k not in QUALITY_FIELDS}
+        row["runs"] = runs
+        row["seeds"] = [r.get("seed") for r in runs]
+        for f in QUALITY_FIELDS:
+            values = [r[f] for r in runs if r.get(f) is not None]
+            row[f] = statistics.mean(values) if values else None
+            row[f"{f}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        for f in ("step_time_s", "tokens_per_s"):
+            row[f] = statistics.median(r[f] for r in runs)
+        for f in ("device_bytes", "host_bytes"):
+            values = [r[f] for r in runs if r.get(f) is not None]
+            row[f] = max(values) if values else None
+        rows.append(row)
+    return rows
+
+
+def _key(r: dict[str, Any]) -> tuple[float, float, float]:
+    return (_num(r.get("validation_em")), _num(r.get("validation_f1")), -r["final_loss"])
 
 
 def select(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mark each method's run with the best validation score ``selected`` (and where its rate
-    sits in the method's grid); return the selected runs, one per method."""
+    """Mark each method's row (a run, or a (method, rate) of :func:`aggregate`: its mean over
+    seeds) with the best validation score ``selected`` (and where its rate sits in the
+    method's grid), its runs too; return the selected rows, one per method."""
     chosen = []
     for method in dict.fromkeys(r["method"] for r in results):
         runs = [r for r in results if r["method"] == method]
@@ -84,8 +125,53 @@ def select(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             r["lr_grid"] = grid
             r["lr_at_grid_edge"] = (None if len(grid) < 2 or grid[0] < r["lr"] < grid[-1]
                                     else "lowest" if r["lr"] == grid[0] else "highest")
+            for run in r.get("runs", []):
+                run.update(selected=r["selected"], lr_grid=grid,
+                           lr_at_grid_edge=r["lr_at_grid_edge"])
         chosen.append(best)
     return chosen
+
+
+MATCHED_FIELDS = ("method", "lr", "reached", "validation_em", "validation_em_std", "test_em",
+                  "test_em_std", "retention", "retention_std", "retention_seen_kinds",
+                  "retention_seen_kinds_std", "general_loss_delta", "general_loss_delta_std")
+
+
+def matched(rows: Sequence[dict[str, Any]], target: float | None = None
+            ) -> tuple[float | None, list[dict[str, Any]]]:
+    """Learning against forgetting at one level of learning: per method, of its rates whose
+    mean validation exact match reaches ``target`` (default: 90% of the best (method, rate)'s),
+    the one that forgets least (highest mean retention, then the smallest general-loss
+    change). Validation chooses, as it chooses rates; test and retention are reported.
+    Returns the target and one row per method (``reached`` False: none of its rates got
+    there)."""
+    scored = [r for r in rows if r.get("validation_em") is not None]
+    if not scored:
+        return None, []
+    level = 0.9 * max(r["validation_em"] for r in scored) if target is None else target
+    out = []
+    for method in dict.fromkeys(r["method"] for r in scored):
+        reach = [r for r in scored if r["method"] == method and r["validation_em"] >= level]
+        if not reach:
+            out.append({"method": method, "lr": None, "reached": False})
+            continue
+        pick = max(reach, key=lambda r: (_num(r.get("retention")),
+                                         -abs(_num(r.get("general_loss_delta")))))
+        out.append({**{k: pick.get(k) for k in MATCHED_FIELDS}, "reached": True})
+    return level, out
+
+
+def matched_table(level: float, rows: Sequence[dict[str, Any]]) -> str:
+    out = ["| method | lr | val EM | test EM | retention | retention, seen kinds | "
+           "Δ general loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if not r["reached"]:
+            out.append(f"| {r['method']} | does not reach {pct(level)} | | | | | |")
+            continue
+        out.append(f"| {r['method']} | {r['lr']:g} | {pm(r, 'validation_em')} | "
+                   f"{pm(r, 'test_em')} | {pm(r, 'retention')} | "
+                   f"{pm(r, 'retention_seen_kinds')} | {pm(r, 'general_loss_delta')} |")
+    return "\n".join(out)
 
 
 def summary(selected: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -103,19 +189,34 @@ def pct(v: float | None, unit: str = "") -> str:
     return "–" if v is None else f"{100 * v:.1f}{unit}"
 
 
+def pm(r: dict[str, Any], field: str) -> str:
+    """A row's mean with its standard deviation over seeds when it has one: ``70.8 ± 3.1``
+    (a percentage), or ``+0.021 ± 0.004`` for the general-loss change."""
+    v, sd = r.get(field), r.get(f"{field}_std")
+    loss = field == "general_loss_delta"
+    text = ("–" if v is None else f"{v:+.3f}") if loss else pct(v)
+    if v is None or sd is None:
+        return text
+    return f"{text} ± {sd:.3f}" if loss else f"{text} ± {100 * sd:.1f}"
+
+
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
-    """One row per run given (usually the selected ones)."""
-    head = ("| method | lr | val EM | test EM | test F1 | retention | Δ general loss | "
-            "trainable | step s | tok/s | device MB | host GB | moved MB/step |")
-    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """One row per run or (method, rate) given (usually the selected ones); with several
+    seeds, quality is mean ± standard deviation."""
+    head = ("| method | lr | seeds | val EM | test EM | test F1 | retention | retention, seen "
+            "kinds | Δ general loss | trainable | step s | tok/s | device MB | host GB | "
+            "moved MB/step |")
+    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         host = r.get("host_bytes")
-        delta = r.get("general_loss_delta")
         edge = " (edge)" if r.get("lr_at_grid_edge") else ""
+        seeds = r.get("seeds") or [r.get("seed")]
         rows.append(
-            f"| {r['method']} | {r['lr']:g}{edge} | {pct(r.get('validation_em'))} | "
-            f"{pct(r.get('test_em'))} | {pct(r.get('test_f1'))} | "
-            f"{pct(r.get('retention'))} | {'–' if delta is None else f'{delta:+.3f}'} | "
+            f"| {r['method']} | {r['lr']:g}{edge} | "
+            f"{','.join('–' if x is None else str(x) for x in seeds)} | "
+            f"{pm(r, 'validation_em')} | {pm(r, 'test_em')} | {pm(r, 'test_f1')} | "
+            f"{pm(r, 'retention')} | {pm(r, 'retention_seen_kinds')} | "
+            f"{pm(r, 'general_loss_delta')} | "
             f"{r['trainable_params'] / 1e6:.1f}M | {r['step_time_s']:.2f} | "
             f"{r['tokens_per_s']:.0f} | {r['device_bytes'] / 1e6:.0f} | "
             f"{'–' if host is None else f'{host / 1e9:.2f}'} | "
@@ -124,7 +225,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def grid_table(results: Sequence[dict[str, Any]]) -> str:
-    """Validation / test exact match of every (method, rate) run."""
+    """Validation / test exact match of every (method, rate) (means over seeds)."""
     rates = sorted({r["lr"] for r in results})
     rows = ["| method | " + " | ".join(f"lr {x:g}" for x in rates) + " |",
             "|---|" + "---:|" * len(rates)]
@@ -136,6 +237,58 @@ def grid_table(results: Sequence[dict[str, Any]]) -> str:
             cells.append(f"**{cell}**" if r is not None and r.get("selected") else cell)
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _base(method: str) -> tuple[str, bool]:
+    """(the method without protection, whether it has it): one colour per method."""
+    name, plus, _ = method.partition("+retain")
+    return name, bool(plus)
+
+
+def plot_pareto(rows: Sequence[dict[str, Any]], directory: Path) -> Path | None:
+    """Held-out exact match against retention and against the general-loss change, one curve
+    per method over its rates (solid: with protection, dashed: without; error bars: the
+    standard deviation over seeds): the Pareto view of learning against forgetting."""
+    pts = [r for r in rows if r.get("test_em") is not None
+           and (r.get("retention") is not None or r.get("general_loss_delta") is not None)]
+    if not pts:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    colours: dict[str, Any] = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for method in dict.fromkeys(r["method"] for r in pts):
+        base, protected = _base(method)
+        colour = colours.setdefault(base, cycle[len(colours) % len(cycle)])
+        curve = sorted((r for r in pts if r["method"] == method), key=lambda r: r["lr"])
+        for ax, field, scale in ((axes[0], "retention", 100), (axes[1], "general_loss_delta", 1)):
+            got = [r for r in curve if r.get(field) is not None]
+            if not got:
+                continue
+            xs = [scale * r[field] for r in got]
+            ys = [100 * r["test_em"] for r in got]
+            ax.errorbar(xs, ys, xerr=[scale * (r.get(f"{field}_std") or 0) for r in got],
+                        yerr=[100 * (r.get("test_em_std") or 0) for r in got],
+                        fmt="o-" if protected else "s--", color=colour, capsize=2, lw=1.2,
+                        label=method)
+            for r, x, y in zip(got, xs, ys, strict=True):
+                ax.annotate(f"{r['lr']:g}", (x, y), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+    axes[0].set_xlim(0, 100)
+    axes[0].set_ylim(0, 100)
+    axes[0].set_xlabel("retention: questions of kinds replay never trains, still answered (%)")
+    axes[0].set_ylabel("exact match on held-out questions (%)")
+    axes[1].set_xlabel("general text loss, after - before")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("learning against forgetting, each method over its rates (labels: lr; "
+                 "solid: +retain)", fontsize=10)
+    fig.tight_layout()
+    path = directory / "pareto.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_results(results: Sequence[dict[str, Any]], directory: Path) -> list[Path]:
@@ -288,17 +441,24 @@ def machines(results: Sequence[dict[str, Any]]) -> list[str]:
             for (cpu, threads, commit, torch_), runs in groups.items()]
 
 
-def write_report(output: Path, command: str | None = None) -> dict[str, Any]:
-    """From every run file in ``output``: mark the selection in each, write summary.json,
-    table.md and the plots; return them. ``command`` joins the runs' own commands in the
-    header (the invocation that wrote the report)."""
+def write_report(output: Path, command: str | None = None, *,
+                 matched_em: float | None = None) -> dict[str, Any]:
+    """From every run file in ``output``: mean and spread over seeds per (method, rate), mark
+    the selection (by mean validation exact match) in each run, write summary.json,
+    matched.json, table.md and the plots; return them. ``command`` joins the runs' own
+    commands in the header (the invocation that wrote the report); ``matched_em``: the
+    learning level of the matched-learning table (None: 90% of the best)."""
     results = read_results(output)
-    chosen = select(results)
+    rows = aggregate(results)
+    chosen = select(rows)
     for r in results:  # record the selection in every run file
-        path = output / f"{run_name(r['method'], r['lr'])}.json"
-        path.write_text(json.dumps(r, indent=2) + "\n")
-    rows = summary(chosen)
-    (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (output / r["file"]).write_text(json.dumps(r, indent=2) + "\n")
+    summary_rows = summary(chosen)
+    (output / "summary.json").write_text(json.dumps(summary_rows, indent=2) + "\n")
+    level, matched_rows = matched(rows, matched_em)
+    (output / "matched.json").write_text(json.dumps(
+        {"validation_em_target": level, "default_target": matched_em is None,
+         "methods": matched_rows}, indent=2) + "\n")
     targets = evaluate_targets(chosen)
     lines = [f"{'PASS' if t['passed'] else 'FAIL'} {t['target']}: {t['detail']}"
              for t in targets if t["passed"] is not None]  # only what these runs can check
@@ -306,11 +466,13 @@ def write_report(output: Path, command: str | None = None) -> dict[str, Any]:
         lines.insert(0, "meft 0.1's targets, where these runs have what they need:\n")
     first = results[0] if results else {}  # none: every method failed, nothing before
     tc = first.get("train_config") or {}
+    seeds = sorted({r.get("seed", tc.get("seed")) for r in results}, key=str)
     where = machines(results)
     setups = {(env.get("cpu"), env.get("threads"))
               for env in ((r.get("environment") or {}) for r in results)}
     header = (f"{first.get('model')}, {first.get('data')}; {first.get('steps')} steps x "
-              f"{tc.get('batch_size')} examples, seed {tc.get('seed')}\n\n"
+              f"{tc.get('batch_size')} examples, seed{'s' if len(seeds) > 1 else ''} "
+              f"{','.join(map(str, seeds))}\n\n"
               + "".join(f"command: {c}\n" for c in dict.fromkeys(
                   [*(r["command"] for r in results if r.get("command")),
                    *([command] if command else [])]))
@@ -319,12 +481,21 @@ def write_report(output: Path, command: str | None = None) -> dict[str, Any]:
         header += ("\n\nWARNING: these runs come from different CPUs or thread counts; step "
                    "times and tokens/s compare only between runs of one CPU and thread count")
     warnings = edge_warnings(chosen)
-    text = (f"{header}\n\nEach method at its chosen rate (best validation exact match):\n\n"
-            f"{markdown_table(chosen)}\n\n" + "".join(w + "\n" for w in warnings)
-            + f"\nEvery run (validation EM / test EM, %; bold: chosen):\n\n"
-            f"{grid_table(results)}\n" + "".join(f"\n{line}" for line in lines) + "\n")
+    spread = " (mean ± standard deviation over seeds)" if len(seeds) > 1 else ""
+    match = ("" if level is None else
+             f"\nAt matched learning{spread}: each method's least-forgetting rate whose mean "
+             f"validation EM reaches {pct(level, '%')}"
+             f"{' (90% of the best)' if matched_em is None else ''}:\n\n"
+             f"{matched_table(level, matched_rows)}\n")
+    text = (f"{header}\n\nEach method at its chosen rate (best mean validation exact match)"
+            f"{spread}:\n\n{markdown_table(chosen)}\n\n" + "".join(w + "\n" for w in warnings)
+            + match
+            + f"\nEvery (method, rate) (validation EM / test EM, %; bold: chosen):\n\n"
+            f"{grid_table(rows)}\n" + "".join(f"\n{line}" for line in lines) + "\n")
     (output / "table.md").write_text(text)
-    plots = plot_results(results, output)
+    plots = plot_results(rows, output)
+    pareto = plot_pareto(rows, output)
     print(text)
-    return {"output": str(output), "results": results, "summary": rows, "targets": targets,
-            "plots": [str(p) for p in plots]}
+    return {"output": str(output), "results": results, "summary": summary_rows,
+            "matched": matched_rows, "targets": targets,
+            "plots": [str(p) for p in [*plots, *([pareto] if pareto else [])]]}

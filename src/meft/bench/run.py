@@ -101,6 +101,7 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         "rank": method.rank or None,
         "steps": len(history),
         "lr": tconfig.lr,
+        "seed": tconfig.seed,
         "train_config": asdict(tconfig),
         "adapter_config": adapter,
         "losses": [r["loss"] for r in history],
