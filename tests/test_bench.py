@@ -382,6 +382,71 @@ def test_selection_looks_at_validation_only() -> None:
     assert select(runs)[0]["lr_at_grid_edge"] == "lowest"
 
 
+def _seed_run(method: str, lr: float, seed: int, val: float, ret: float,
+              loss: float = 0.01) -> dict:
+    return {"method": method, "kind": method, "lr": lr, "seed": seed, "validation_em": val,
+            "validation_f1": val, "test_em": val - 0.05, "final_loss": 1.0, "retention": ret,
+            "retention_seen_kinds": ret + 0.1, "general_loss_delta": loss, "step_time_s": 1.0,
+            "tokens_per_s": 500.0, "device_bytes": 1e6, "host_bytes": 2e6,
+            "moved_bytes_per_step": 0.0, "trainable_params": 10}
+
+
+def test_seeds_give_means_and_spreads_and_choose_by_the_mean(tmp_path: Path) -> None:
+    """Per (method, rate): the mean and sample standard deviation of every quality field over
+    its seeds; the rate is chosen by the mean validation EM, not by one lucky seed."""
+    import statistics
+
+    from meft.bench.report import aggregate, select, write_report
+
+    runs = [_seed_run("m", 1e-3, 0, 0.50, 0.9), _seed_run("m", 1e-3, 1, 0.60, 0.8),
+            _seed_run("m", 1e-3, 2, 0.70, 0.7),
+            _seed_run("m", 3e-3, 0, 0.95, 0.2), _seed_run("m", 3e-3, 1, 0.30, 0.3),
+            _seed_run("m", 3e-3, 2, 0.35, 0.4)]  # one lucky seed at 3e-3
+    rows = aggregate(runs)
+    assert [(r["lr"], r["seeds"]) for r in rows] == [(1e-3, [0, 1, 2]), (3e-3, [0, 1, 2])]
+    assert rows[0]["validation_em"] == pytest.approx(0.6)
+    assert rows[0]["validation_em_std"] == pytest.approx(statistics.stdev([0.5, 0.6, 0.7]))
+    assert rows[0]["retention_seen_kinds"] == pytest.approx(0.9)
+    (chosen,) = select(rows)
+    assert chosen["lr"] == 1e-3  # mean 0.60 against 0.533
+    assert [r["selected"] for r in runs] == [True] * 3 + [False] * 3
+    assert aggregate(runs[:1])[0]["validation_em_std"] is None  # one seed: no spread
+    for r in runs:  # as run files of --seeds
+        (tmp_path / f"m@{r['lr']:g}@seed{r['seed']}.json").write_text(json.dumps(r))
+    report = write_report(tmp_path)
+    (row,) = report["summary"]
+    assert row["lr"] == 1e-3 and row["seeds"] == [0, 1, 2]
+    assert row["test_em"] == pytest.approx(0.55) and row["retention_std"] > 0
+    table = (tmp_path / "table.md").read_text()
+    assert "seeds 0,1,2" in table and "55.0 ± 10.0" in table
+    assert json.loads((tmp_path / "m@0.001@seed1.json").read_text())["selected"] is True
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_matched_learning_picks_the_least_forgetting_rate_that_learns_enough(
+        tmp_path: Path) -> None:
+    """At a level of validation EM (default 90% of the best), each method's rate that
+    forgets least among those reaching it; a method none of whose rates reach it says so."""
+    from meft.bench.report import aggregate, matched, write_report
+
+    runs = [_seed_run("a", 1e-3, 0, 0.80, 0.9), _seed_run("a", 3e-3, 0, 1.00, 0.1),
+            _seed_run("b", 1e-4, 0, 0.92, 0.5), _seed_run("b", 3e-4, 0, 0.95, 0.6),
+            _seed_run("c", 1e-3, 0, 0.50, 1.0)]
+    level, rows = matched(aggregate(runs))
+    assert level == pytest.approx(0.9)
+    picked = {r["method"]: (r["reached"], r["lr"]) for r in rows}
+    # a's 1e-3 forgets least but learns 0.80 < 0.9; b's 3e-4 reaches it and keeps more
+    assert picked == {"a": (True, 3e-3), "b": (True, 3e-4), "c": (False, None)}
+    level, rows = matched(aggregate(runs), 0.75)
+    assert {r["method"]: r["lr"] for r in rows}["a"] == 1e-3
+    for r in runs:
+        (tmp_path / f"{r['method']}@{r['lr']:g}.json").write_text(json.dumps(r))
+    write_report(tmp_path, matched_em=0.75)
+    saved = json.loads((tmp_path / "matched.json").read_text())
+    assert saved["validation_em_target"] == 0.75 and not saved["default_target"]
+    assert "| c | does not reach 75.0 |" in (tmp_path / "table.md").read_text()
+
+
 def test_lr_grid_refusals(capsys: pytest.CaptureFixture[str], data_file: Path) -> None:
     assert main(["bench", "--data", str(data_file), "--lr-grid", "1e-3,1e-2"]) == 2
     assert "--lr-grid and method@rates need validation questions" in capsys.readouterr().err

@@ -274,7 +274,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], directory: Path) -> Path | None:
             for r, x, y in zip(got, xs, ys, strict=True):
                 ax.annotate(f"{r['lr']:g}", (x, y), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
-    axes[0].set_xlim(0, 100)
+    axes[0].set_xlim(0, 101)
     axes[0].set_ylim(0, 100)
     axes[0].set_xlabel("retention: questions of kinds replay never trains, still answered (%)")
     axes[0].set_ylabel("exact match on held-out questions (%)")
