@@ -62,7 +62,7 @@ def _pick(flags: list[str], names: dict[str, int], keep: bool) -> list[str]:
 # what meft eval shares with meft train; the adapter's shape, which --adapter fixes
 EVAL_FLAGS = {"--model": 1, "--max-new-tokens": 1, "--eval-batch-size": 1, "--device": 1,
               "--trust-remote-code": 0}
-SHAPE_FLAGS = {f: 1 for f in ("--neurons", "--top-k", "--experts", "--probe", "--gate",
+SHAPE_FLAGS = {f: 1 for f in ("--neurons", "--top-k", "--experts", "--n-probe", "--gate",
                               "--layers", "--router-init", "--init-std", "--host-dtype",
                               "--optim-state")}
 

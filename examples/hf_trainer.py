@@ -28,14 +28,14 @@ default = MeftConfig()  # meft train's defaults
 ap.add_argument("--neurons", type=int, default=default.neurons)
 ap.add_argument("--top-k", type=int, default=default.top_k)
 ap.add_argument("--experts", type=int)
-ap.add_argument("--probe", type=int, default=default.n_probe)
+ap.add_argument("--n-probe", type=int, default=default.n_probe)
 ap.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order")
 ap.add_argument("--store", help="a new directory: tables and their state on disk (bigger than RAM)")
 a = ap.parse_args()
 
 base, tokenizer, _ = load_model_and_tokenizer(a.model)
 model = get_meft_model(base, MeftConfig(neurons=a.neurons, top_k=a.top_k, experts=a.experts,
-                                        n_probe=a.probe, seed=a.seed),
+                                        n_probe=a.n_probe, seed=a.seed),
                        arrays=DiskArrays(a.store) if a.store else None)
 if a.data:
     train = load_dataset("json", data_files=a.data, split="train")

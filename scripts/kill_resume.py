@@ -66,7 +66,7 @@ def main() -> int:
         first = [sys.executable, "-m", "meft.cli", "train", "--model", str(tmp_path / "model"),
                  "--data", str(data), "--output", str(run), "--steps", str(args.steps),
                  "--batch-size", "2", "--save-every", "1", "--keep-checkpoints", "3",
-                 "--neurons", "64", "--top-k", "4", "--experts", "8", "--probe", "2",
+                 "--neurons", "64", "--top-k", "4", "--experts", "8", "--n-probe", "2",
                  "--no-progress", "--no-plots", "--no-eval-before", "--max-new-tokens", "2",
                  # kills come within seconds: no background to generate first (protection's
                  # checkpoints are tested bitwise in tests/test_background.py)

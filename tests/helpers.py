@@ -15,7 +15,7 @@ from meft.config import MeftConfig
 VOCAB = 97
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
 # adapter flags for the tiny models (hidden size 32): N=64, K=4, E=8, P=2
-TINY = ["--neurons", "64", "--top-k", "4", "--experts", "8", "--probe", "2"]
+TINY = ["--neurons", "64", "--top-k", "4", "--experts", "8", "--n-probe", "2"]
 
 
 def tiny(arch: str = "llama", hidden: int = 32, layers: int = 3, vocab: int = VOCAB,

@@ -56,7 +56,7 @@ def test_meft_train_on_airports_removes_what_the_base_model_answers(
     out = tmp_path / "run"
     assert main(["train", "--dataset", "airports", "--model", str(model_dir), "--steps", "1",
                  "--max-eval", "4", "--no-progress", "--no-plots", "--no-eval-before",
-                 "--no-retention", "--neurons", "64", "--top-k", "4", "--probe", "2",
+                 "--no-retention", "--neurons", "64", "--top-k", "4", "--n-probe", "2",
                  "--output", str(out)]) == 0
     assert "10 facts the base model already answered removed, 890 left" in \
         capsys.readouterr().err

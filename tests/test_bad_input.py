@@ -120,7 +120,7 @@ def test_adapter_made_for_another_model(model_dir: Path, data_file: Path,
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
-        (["--neurons", "64", "--top-k", "40", "--experts", "8", "--probe", "2"], "top_k=40"),
+        (["--neurons", "64", "--top-k", "40", "--experts", "8", "--n-probe", "2"], "top_k=40"),
         (["--neurons", "64", "--experts", "7"], "must divide"),
         (["--weight-decay", "-1"], "weight_decay"),
         (["--warmup-ratio", "1.5"], "warmup_ratio"),
@@ -172,7 +172,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 def test_tables_that_cannot_fit_are_refused_before_allocating(
         model_dir: Path, data_file: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    flags = ["--neurons", str(2**28), "--experts", str(2**14), "--top-k", "4", "--probe", "2"]
+    flags = ["--neurons", str(2**28), "--experts", str(2**14), "--top-k", "4", "--n-probe", "2"]
     code, err = run([*train(model_dir, data_file, tmp_path / "run"), *flags], capsys)
     line = one_error(err)
     assert code == 2 and "GB of host memory" in line and "available" in line

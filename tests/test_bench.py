@@ -191,7 +191,7 @@ def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Pat
     """Three methods, JSON per run, summary and table; meft:64's losses are those of meft
     train --retain off, meft:64+retain's those of meft train's default protection."""
     common = ["--model", str(model_dir), "--steps", "3", "--batch-size", "4", "--top-k", "4",
-              "--experts", "8", "--probe", "2", "--no-progress"]
+              "--experts", "8", "--n-probe", "2", "--no-progress"]
     out = tmp_path / "bench"
     assert main(["bench", "--methods", "meft:64", "dense:32", "meft:64+retain", "--no-eval",
                  "--output", str(out), *common]) == 0
@@ -204,7 +204,19 @@ def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Pat
     bench = json.loads((out / "meft_64@0.003.json").read_text())
     assert bench["config"]["bench"]["steps"] == 3 and bench["environment"]["torch"]
     assert bench["adapter_config"]["experts"] == 8 and len(bench["losses"]) == 3
-    assert bench["selected"] is True and bench["lr_at_grid_edge"] is None
+    assert bench["selected"] is True and bench["lr_at_grid_edge"] is None and bench["seed"] == 0
+    # continue the comparison with seeds: the runs already there are not run again
+    capsys.readouterr()
+    assert main(["bench", "--methods", "meft:64", "--no-eval", "--output", str(out),
+                 "--skip-done", "--seeds", "0,1", *common]) == 0
+    err = capsys.readouterr().err
+    assert "bench [2/2]: meft:64, lr 0.003, seed 1" in err and err.count("skipped") == 0
+    assert main(["bench", "--methods", "meft:64", "--no-eval", "--output", str(out),
+                 "--skip-done", "--seeds", "0,1", *common]) == 0
+    assert capsys.readouterr().err.count("skipped (--skip-done)") == 2
+    seeded = [json.loads((out / f"meft_64@0.003@seed{s}.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in seeded] == [0, 1] and seeded[0]["losses"] == bench["losses"]
+    assert seeded[1]["losses"] != bench["losses"]  # another seed: other facts, order, init
 
     run = tmp_path / "train"
     assert main(["train", "--neurons", "64", "--output", str(run), "--no-eval-before",
@@ -282,7 +294,7 @@ def test_bench_retain_method_equals_meft_train_with_protection(
         model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEFT_CACHE", str(tmp_path / "cache"))
     common = ["--model", str(model_dir), "--steps", "3", "--batch-size", "4", "--top-k", "4",
-              "--experts", "8", "--probe", "2", "--no-progress", "--retain-rows", "5",
+              "--experts", "8", "--n-probe", "2", "--no-progress", "--retain-rows", "5",
               "--retain-update", "values", "--retain-router", "frozen"]
     out = tmp_path / "bench"
     assert main(["bench", "--methods", "meft:64+retain", "--no-eval", "--output", str(out),
@@ -301,7 +313,7 @@ def test_bench_retain_method_equals_meft_train_with_protection(
 def test_bench_compact_method_equals_meft_train_with_compact_state(
         model_dir: Path, tmp_path: Path) -> None:
     common = ["--model", str(model_dir), "--steps", "3", "--batch-size", "4", "--top-k", "4",
-              "--experts", "8", "--probe", "2", "--no-progress"]
+              "--experts", "8", "--n-probe", "2", "--no-progress"]
     out = tmp_path / "bench"
     assert main(["bench", "--methods", "meft:64", "meft:64:bf16:8bit", "--no-eval", "--output",
                  str(out), *common]) == 0
@@ -347,7 +359,7 @@ def test_lr_grid_chooses_on_validation_and_never_on_test(model_dir: Path, tmp_pa
                      str(model_dir),
                      "--data", str(data), "--validation-data", str(val), "--eval-data",
                      str(test_file), "--lr-grid", "1e-3,3e-2,3e-1", "--steps", "4",
-                     "--batch-size", "4", "--top-k", "4", "--experts", "8", "--probe", "2",
+                     "--batch-size", "4", "--top-k", "4", "--experts", "8", "--n-probe", "2",
                      "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
         summaries.append(json.loads((out / "summary.json").read_text()))
         assert len(list(out.glob("*@*.json"))) == 5  # meft: the grid's 3; dense: its own 2
@@ -468,7 +480,7 @@ def test_bench_refuses_bad_methods_before_any_work(capsys: pytest.CaptureFixture
     assert main(["bench", "--methods", "meft:64", "lora:16"]) == 2
     assert "method 'lora:16'" in capsys.readouterr().err
     assert main(["bench", "--methods", "meft:64", "--top-k", "99", "--experts", "8",
-                 "--probe", "2"]) == 2
+                 "--n-probe", "2"]) == 2
     assert "top_k=99" in capsys.readouterr().err
     # a job-wide flag of the sparse memory's protection, refused for LoRA before any work
     assert main(["bench", "--methods", "meft:4096+retain", "lora:qv:4+retain",

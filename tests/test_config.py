@@ -127,7 +127,7 @@ def test_run_directory_records_the_resolved_config(model_dir: Path, data_file: P
     out = tmp_path / "run"
     assert main(["train", "--model", str(model_dir), "--data", str(data_file), "--output",
                  str(out), "--steps", "1", "--no-progress", "--no-plots", "--no-eval-before",
-                 "--max-new-tokens", "2", "--neurons", "64", "--top-k", "4", "--probe",
+                 "--max-new-tokens", "2", "--neurons", "64", "--top-k", "4", "--n-probe",
                  "2"]) == 0
     recorded = json.loads((out / "run_config.json").read_text())
     assert recorded["adapter"]["experts"] == 32  # resolved from N=64

@@ -248,7 +248,7 @@ def test_the_example_script_runs(model_dir: Path, data_file: Path, tmp_path: Pat
                                "--model", str(model_dir), "--data", str(data_file),
                                "--eval-data", str(data_file), "--max-steps", "2",
                                "--output", str(out), "--neurons", "64", "--top-k", "4",
-                               "--experts", "8", "--probe", "2", *extra],
+                               "--experts", "8", "--n-probe", "2", *extra],
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -77,14 +77,14 @@ def test_sizes_and_the_command(tmp_path: Path, model_dir: Path,
     assert parse_bytes("1e9") == 1e9
     monkeypatch.setenv("MEFT_CACHE", str(tmp_path))
     assert main(["plan", "--model", str(model_dir), "--neurons", "64", "--top-k", "4",
-                 "--experts", "8", "--probe", "2", "--json"]) == 0
+                 "--experts", "8", "--n-probe", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["hidden_size"] == 32 and out["adapter_layers"] == 2
     assert out["adapter_parameters"] == 2 * 64 * 32 * 2
     config = tiny("llama").config.to_dict()
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["plan", "--model", str(tmp_path / "config.json"), "--neurons", "64",
-                 "--top-k", "4", "--experts", "8", "--probe", "2", "--gpu-memory", "1GB"]) == 0
+                 "--top-k", "4", "--experts", "8", "--n-probe", "2", "--gpu-memory", "1GB"]) == 0
     assert "device" in capsys.readouterr().out
     assert main(["plan", "--model", str(model_dir), "--gpu-memory", "lots"]) == 2
     assert "expected a size like 24GB" in capsys.readouterr().err

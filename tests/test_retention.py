@@ -26,9 +26,15 @@ def test_the_builtin_set_has_200_questions_in_6_domains() -> None:
     assert len(general_text_samples()) >= 5
 
 
-def _answering(correct: set[int]):  # type: ignore[no-untyped-def]
-    """A stand-in for greedy generation that knows exactly the questions in ``correct``."""
-    index = {q.messages[0]["content"]: i for i, q in enumerate(general_questions())}
+def _answering(correct: set[int], headline: list | None = None):  # type: ignore[no-untyped-def]
+    """A stand-in for greedy generation that knows exactly the questions in ``correct``:
+    indices into ``headline`` (default: the shipped unseen kinds) as they are, and into
+    general_questions() as 1000 + index."""
+    from meft.general import unseen_questions
+
+    heads = headline if headline is not None else unseen_questions()
+    index = {q.messages[0]["content"]: i for i, q in enumerate(heads)}
+    index.update({q.messages[0]["content"]: 1000 + i for i, q in enumerate(general_questions())})
 
     def fake(model, tokenizer, samples, **kw):  # type: ignore[no-untyped-def]
         return [f"Surely {s.answers[-1]}." if index.get(s.messages[0]["content"]) in correct
@@ -37,32 +43,74 @@ def _answering(correct: set[int]):  # type: ignore[no-untyped-def]
     return fake
 
 
+def _mine() -> list:  # type: ignore[type-arg]
+    from meft.data import Sample
+
+    return [Sample("qa", ({"role": "user", "content": f"What is thing {i}?"},
+                          {"role": "assistant", "content": f"thing{i}"}), "",
+                   (f"thing{i}", f"t{i}"), f"mine:{i}") for i in range(6)]
+
+
 def test_probe_keeps_what_the_base_answers_and_scores_what_survives(
         tokenizer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two sets: the headline (here the user's own) and the kinds replay trains; each keeps
+    what the base model answers and is scored on those alone."""
     model = tiny_for(tokenizer)
-    knows = {0, 3, 41, 100, 150, 214}
-    monkeypatch.setattr(evaluate, "generate_answers", _answering(knows))
-    probe = RetentionProbe.build(model, tokenizer, progress=False)
-    assert probe.kept == sorted(knows) and probe.asked == len(general_questions())
+    mine = _mine()
+    knows = {0, 3, 4, 1000, 1041, 1214}
+    monkeypatch.setattr(evaluate, "generate_answers", _answering(knows, mine))
+    probe = RetentionProbe.build(model, tokenizer, progress=False, questions=mine,
+                                 source="mine.jsonl")
+    assert probe.kept_headline == [0, 3, 4] and probe.kept == [0, 41, 214]
+    assert probe.asked == len(general_questions()) and len(probe.questions) == 6
     probe.save(tmp_path / "probe.json")
     assert RetentionProbe.load(tmp_path / "probe.json") == probe
+    assert probe.headline() == mine  # the questions ride in the probe (sources aside)
 
-    monkeypatch.setattr(evaluate, "generate_answers", _answering({0, 41, 150, 7, 8}))
+    monkeypatch.setattr(evaluate, "generate_answers", _answering({3, 1000, 1041, 1007}, mine))
     result = probe.measure(model, tokenizer, progress=False)
-    assert (result["retained"], result["kept"]) == (3, 6) and result["retention"] == 0.5
+    assert (result["retained"], result["kept"]) == (1, 3) and result["retention"] == 1 / 3
+    assert (result["retained_seen_kinds"], result["kept_seen_kinds"]) == (2, 3)
+    assert result["retention_seen_kinds"] == 2 / 3
+    assert result["forgotten"] == ["What is thing 0?", "What is thing 4?"]
     qs = general_questions()
-    assert result["forgotten"] == [qs[i].messages[0]["content"] for i in (3, 100, 214)]
+    assert result["forgotten_seen_kinds"] == [qs[214].messages[0]["content"]]
     assert result["general_loss_delta"] == 0.0  # the model did not change
     assert result["general_loss"] == probe.base_general_loss > 0
-    assert describe(result).startswith("retention 50.0% (3 of the 6 general questions")
+    line = describe(result)
+    assert line.startswith("retention on the questions of mine.jsonl: 33.3% (1 of the 3")
+    assert "on the kinds replay trains: 66.7% (2 of the 3" in line
+
+
+def test_the_shipped_headline_is_the_unseen_kinds(tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from meft.general import unseen_questions
+
+    monkeypatch.setattr(evaluate, "generate_answers", _answering({1, 2, 1005}))
+    probe = RetentionProbe.build(tiny_for(tokenizer), tokenizer, progress=False)
+    assert probe.source == "shipped" and probe.headline() == unseen_questions()
+    assert probe.kept_headline == [1, 2] and probe.kept == [5]
+    assert "2 of " in probe.summary() and "kinds replay never trains" in probe.summary()
 
 
 def test_a_model_that_answered_nothing_has_no_retention(tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(evaluate, "generate_answers", _answering(set()))
     probe = RetentionProbe.build(tiny_for(tokenizer), tokenizer, progress=False)
     result = probe.measure(tiny_for(tokenizer), tokenizer, progress=False)
-    assert probe.kept == [] and result["retention"] is None
+    assert probe.kept == probe.kept_headline == [] and result["retention"] is None
+    assert result["retention_seen_kinds"] is None
     assert "n/a" in describe(result)
+
+
+def test_probe_questions_refuse_what_is_not_a_question(tmp_path: Path) -> None:
+    from meft.errors import DataError
+    from meft.retention import probe_questions
+
+    with pytest.raises(DataError, match=r"--probe 8: no such file; .* --n-probe"):
+        probe_questions("8")
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"question": "Q?", "answer": ["a", "b"]}\n{"text": "prose"}\n')
+    with pytest.raises(DataError, match=r"text\.jsonl:2: a retention question needs"):
+        probe_questions(text)
 
 
 def test_meft_train_reports_retention_and_can_skip_it(model_dir: Path, data_file: Path,
@@ -70,20 +118,29 @@ def test_meft_train_reports_retention_and_can_skip_it(model_dir: Path, data_file
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]
                                                       ) -> None:
-    monkeypatch.setattr(evaluate, "generate_answers", _answering({1, 2, 3, 4}))
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"question": s.messages[0]["content"],
+                                        "answer": list(s.answers)}) + "\n" for s in _mine()))
+    monkeypatch.setattr(evaluate, "generate_answers",
+                        _answering({0, 1, 1001, 1002, 1003, 1004}, _mine()))
     common = ["train", "--model", str(model_dir), "--data", str(data_file), "--steps", "1",
               "--no-progress", "--no-plots", "--no-eval-before", "--max-new-tokens", "2",
-              "--neurons", "64", "--top-k", "4", "--probe", "2"]
+              "--neurons", "64", "--top-k", "4", "--n-probe", "2"]
     out = tmp_path / "run"
-    assert main([*common, "--output", str(out)]) == 0
+    assert main([*common, "--output", str(out), "--probe", str(mine)]) == 0
     err = capsys.readouterr().err
-    assert "retention probe: the base model answers 4 of 215" in err
-    assert "retention 100.0% (4 of the 4 general questions" in err
-    assert json.loads((out / "eval.json").read_text())["retention"]["kept"] == 4
+    assert (f"retention probe: the base model answers 2 of 6 questions of {mine} and 4 of "
+            "215" in err)
+    assert f"retention on the questions of {mine}: 100.0% (2 of the 2" in err
+    assert json.loads((out / "eval.json").read_text())["retention"]["kept_seen_kinds"] == 4
     run = json.loads((out / "run.json").read_text())
     assert run["retention"]["retention"] == 1.0 and "forgotten" not in run["retention"]
+    assert run["retention"]["retention_seen_kinds"] == 1.0
     assert RetentionProbe.load(out / "retention_probe.json").kept == [1, 2, 3, 4]
     skipped = tmp_path / "skipped"
     assert main([*common, "--output", str(skipped), "--no-retention"]) == 0
     assert "retention" not in json.loads((skipped / "eval.json").read_text())
     assert not (skipped / "retention_probe.json").exists()
+    assert main([*common, "--output", str(tmp_path / "both"), "--no-retention", "--probe",
+                 str(mine)]) == 2
+    assert "--probe gives retention questions and --no-retention" in capsys.readouterr().err

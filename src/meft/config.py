@@ -206,7 +206,7 @@ class MeftConfig:
     top_k: int = option(64, "neurons used per token K", check="positive")
     experts: int | None = option(None, "experts per layer E, must divide N", check="positive",
                                  default_text="the divisor of N nearest 4*sqrt(N)")
-    n_probe: int = option(8, "experts probed per token P", flag="--probe", check="positive")
+    n_probe: int = option(8, "experts probed per token P", check="positive")
     gate: str = option("product", "candidate score: router gate x key score (product), or "
                        "key score only (none)", choices=GATES)
     layers: list[int] | None = option(None, "decoder layers with an adapter, e.g. 0,5,9 or "
@@ -417,6 +417,11 @@ class RunConfig:
                                     "reads): what the model should keep doing as before",
                                     default_text="the base model's own answers to 672 "
                                     "prompts shipped with meft (generated once, cached)")
+    probe: str | None = option(None, "retention questions of your own (JSONL of question/"
+                               "answer records, as --data; an answer may list aliases): the "
+                               "headline retention asks those of them the base model answers",
+                               default_text="the shipped general questions of kinds replay "
+                               "never trains")
     output: str | None = option(None, "run directory", default_text="runs/<timestamp>")
     max_new_tokens: int = option(16, "generation length at evaluation", check="positive")
     eval_batch_size: int = option(32, "prompts per generate call", check="positive")
@@ -448,6 +453,9 @@ class RunConfig:
         check_fields(self)
         if self.store != "ram" and not (self.store.startswith("disk:") and self.store[5:]):
             raise ConfigError(f"store must be ram or disk:DIR, got {self.store!r}")
+        if self.probe is not None and not self.retention:
+            raise ConfigError("--probe gives retention questions and --no-retention turns "
+                              "the retention probe off: give one")
 
 
 @dataclass
@@ -494,6 +502,8 @@ class BenchConfig:
     output: str | None = option(None, "directory for one JSON per run, table.md and plots; "
                                 "runs already there stay in the table",
                                 default_text="a new runs/bench-<timestamp>")
+    skip_done: bool = option(False, "continue a comparison in --output: a (method, rate, "
+                             "seed) whose run file is already there is not run again")
     report_only: bool = option(False, "train nothing: rebuild summary.json, table.md and the "
                                "plots from the run files already in --output (a comparison "
                                "run a few methods at a time, or stopped half-way)")
@@ -712,7 +722,7 @@ class BenchJob:
         Section("run", RunConfig, only=("model", "data", "eval_data", "dataset", "people",
                                         "device", "background",
                                         "max_eval", "max_new_tokens", "eval_batch_size",
-                                        "trust_remote_code", "retention")),
+                                        "trust_remote_code", "retention", "probe")),
         Section("bench", BenchConfig),
     )
 

@@ -50,7 +50,7 @@ from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, r
 from meft.model import MeftModel, get_meft_model, read_adapter
 from meft.optim import ROW_LOCAL_STATE
 from meft.retain import Retainer, protection
-from meft.retention import PROBE_FILE, RetentionProbe
+from meft.retention import PROBE_FILE, RetentionProbe, probe_questions
 from meft.retention import describe as describe_retention
 from meft.serialization import prepare_output
 from meft.sysinfo import environment, pick_device
@@ -229,7 +229,8 @@ def train(job: TrainJob) -> dict[str, Any]:
         "losses": [r["loss"] for r in result.history],
         "scores": {k: {m: v[m] for m in ("exact_match", "f1", "contains", "n")}
                    for k, v in results.items() if k != "retention"},
-        "retention": ({k: v for k, v in results["retention"].items() if k != "forgotten"}
+        "retention": ({k: v for k, v in results["retention"].items()
+                       if not k.startswith("forgotten")}
                       if "retention" in results else None),
         "plots": plots,
         "environment": environment(device),
@@ -248,8 +249,10 @@ def _retention_probe(model: MeftModel, tokenizer: Any, run: RunConfig, output: P
     path = output / PROBE_FILE
     if resumed and path.is_file():
         return RetentionProbe.load(path)
+    questions = probe_questions(run.probe) if run.probe is not None else None
     with model.disable_adapter():  # every process builds it (the same): no collectives
-        probe = RetentionProbe.build(model, tokenizer, **gen_kw)
+        probe = RetentionProbe.build(model, tokenizer, questions=questions,
+                                     source=run.probe or "shipped", **gen_kw)
     if model.parallel is None or model.parallel.is_main:
         probe.save(path)
     say(f"retention probe: {probe.summary()}")

@@ -1,42 +1,44 @@
 """Retention: how much of what the base model knew a fine-tuned model still knows.
 
 Learning new facts is half of the story; the other half is what training breaks. Before
-training, :meth:`RetentionProbe.build` asks the base model the 215 general-knowledge questions
-of :mod:`meft.general` (greedy decoding, as the evaluation does) and keeps the ones it answers
-correctly, and measures its mean token loss on the general text shipped with meft. After
-training, :meth:`RetentionProbe.measure` asks the kept questions again:
+training, :meth:`RetentionProbe.build` asks the base model two sets of general questions
+(greedy decoding, as the evaluation does), keeps the ones it answers correctly in each, and
+measures its mean token loss on the general text shipped with meft. After training,
+:meth:`RetentionProbe.measure` asks the kept questions again:
 
-    retention          = kept questions still answered correctly / kept questions
-    general_loss_delta = mean token loss on the general text, after - before
+    retention             = kept questions still answered / kept questions, on the headline
+                            set: :func:`meft.general.unseen_questions`, kinds whose templates
+                            and domains forgetting protection's replay pool never contains
+                            (or the user's own, ``--probe FILE``)
+    retention_seen_kinds  = the same on :func:`meft.general.general_questions`, whose kinds
+                            (capitals, chemical symbols, sums ...) the replay pool trains on
+                            with other entities: replay protects them directly, so they
+                            flatter it, and are reported apart
+    general_loss_delta    = mean token loss on the general text, after - before
 
 A question counts as answered when an alias appears in the output as whole words after SQuAD
 normalisation (the ``contains`` metric, the paper's EM): small chat models answer in sentences
 ("The capital of France is Paris."), which exact match would count as wrong before and after
-alike. The probe (kept question indices, the base loss) is plain JSON, so a resumed run or a
-benchmark worker reuses the one built from the untouched base model.
+alike. The probe (the headline questions themselves, the kept indices, the base loss) is plain
+JSON, so a resumed run or a benchmark worker reuses the one built from the untouched base
+model.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meft import evaluate
-from meft.data import Encoded, encode
+from meft.data import Encoded, Sample, encode, load_samples, parse_record, to_record
+from meft.errors import DataError, SerializationError
 from meft.evaluate import answer_loss
-from meft.general import general_questions, general_text_samples
+from meft.general import general_questions, general_text_samples, unseen_questions
 
 PROBE_FILE = "retention_probe.json"
-
-
-def _correct(model: Any, tokenizer: Any, indices: list[int], *, max_new_tokens: int,
-             batch_size: int, progress: bool, desc: str) -> list[bool]:
-    questions = general_questions()
-    return evaluate.answered(model, tokenizer, [questions[i] for i in indices],
-                             max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             progress=progress, desc=desc)
 
 
 def general_loss(model: Any, tokenizer: Any, *, window: int = 256) -> float:
@@ -53,45 +55,86 @@ def general_loss(model: Any, tokenizer: Any, *, window: int = 256) -> float:
     return answer_loss(model, encoded, pad)
 
 
+def probe_questions(path: str | Path) -> list[Sample]:
+    """A user's own retention questions (``--probe FILE``): question/answer records as
+    ``--data`` reads them (an answer may be a list of aliases, any of which counts)."""
+    if not Path(path).exists() and str(path).strip().isdigit():
+        raise DataError(f"--probe {path}: no such file; --probe takes a JSONL of your own "
+                        "retention questions (the experts probed per token are --n-probe)")
+    samples = load_samples(path)
+    bad = [s for s in samples if s.kind != "qa"]
+    if bad:
+        raise DataError(f"{bad[0].source}: a retention question needs a question and an "
+                        f"answer ({{\"question\": ..., \"answer\": ...}}), got a {bad[0].kind} "
+                        "record")
+    return samples
+
+
 @dataclass
 class RetentionProbe:
     """The general questions a base model answers correctly, and its general-text loss."""
 
-    kept: list[int]  # indices into general_questions()
-    asked: int  # questions asked of the base model
+    kept: list[int]  # indices into general_questions(): the seen kinds
+    asked: int  # seen-kind questions asked of the base model
     base_general_loss: float
+    questions: list[dict[str, Any]] = field(default_factory=list)  # the headline set (records)
+    kept_headline: list[int] = field(default_factory=list)  # indices into questions
+    source: str = "shipped"  # where the headline questions come from: shipped or a file
 
     @classmethod
     def build(cls, model: Any, tokenizer: Any, *, max_new_tokens: int = 16,
-              batch_size: int = 32, progress: bool = True) -> RetentionProbe:
-        """Ask ``model`` (the base model: call it before training) every question."""
-        everything = list(range(len(general_questions())))
-        ok = _correct(model, tokenizer, everything, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, progress=progress, desc="retention probe")
-        return cls([i for i, good in zip(everything, ok, strict=True) if good],
-                   len(everything), general_loss(model, tokenizer))
+              batch_size: int = 32, progress: bool = True,
+              questions: Sequence[Sample] | None = None, source: str = "shipped"
+              ) -> RetentionProbe:
+        """Ask ``model`` (the base model: call it before training) every question of both
+        sets; ``questions``: the headline set (default: the shipped unseen kinds)."""
+        headline = list(questions) if questions is not None else unseen_questions()
+        seen = general_questions()
+        ok = evaluate.answered(model, tokenizer, [*headline, *seen],
+                               max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=progress, desc="retention probe")
+        mine, theirs = ok[:len(headline)], ok[len(headline):]
+        return cls([i for i, good in enumerate(theirs) if good], len(seen),
+                   general_loss(model, tokenizer), [to_record(q) for q in headline],
+                   [i for i, good in enumerate(mine) if good], source)
+
+    def headline(self) -> list[Sample]:
+        return [parse_record(r, f"{self.source}:{i + 1}") for i, r in enumerate(self.questions)]
 
     def measure(self, model: Any, tokenizer: Any, *, max_new_tokens: int = 16,
                 batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
-        """Retention and general-loss change of ``model`` (the trained one)."""
-        ok = _correct(model, tokenizer, self.kept, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, progress=progress, desc="retention")
+        """Retention on both sets and the general-loss change of ``model`` (the trained
+        one)."""
+        headline, seen = self.headline(), general_questions()
+        asked = [headline[i] for i in self.kept_headline] + [seen[i] for i in self.kept]
+        ok = evaluate.answered(model, tokenizer, asked, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, progress=progress, desc="retention")
+        mine, theirs = ok[:len(self.kept_headline)], ok[len(self.kept_headline):]
         loss = general_loss(model, tokenizer)
-        questions = general_questions()
         return {
-            "retention": sum(ok) / len(ok) if ok else None,
-            "retained": sum(ok),
-            "kept": len(self.kept),
-            "asked": self.asked,
+            "retention": sum(mine) / len(mine) if mine else None,
+            "retained": sum(mine),
+            "kept": len(mine),
+            "asked": len(self.questions),
+            "probe": self.source,
+            "retention_seen_kinds": sum(theirs) / len(theirs) if theirs else None,
+            "retained_seen_kinds": sum(theirs),
+            "kept_seen_kinds": len(theirs),
+            "asked_seen_kinds": self.asked,
             "general_loss_before": self.base_general_loss,
             "general_loss": loss,
             "general_loss_delta": loss - self.base_general_loss,
-            "forgotten": [questions[i].messages[0]["content"]
-                          for i, good in zip(self.kept, ok, strict=True) if not good],
+            "forgotten": [q.messages[0]["content"] for q, good in zip(
+                asked[:len(mine)], mine, strict=True) if not good],
+            "forgotten_seen_kinds": [q.messages[0]["content"] for q, good in zip(
+                asked[len(mine):], theirs, strict=True) if not good],
         }
 
     def summary(self) -> str:
-        return (f"the base model answers {len(self.kept)} of {self.asked} general questions; "
+        what = ("general questions of kinds replay never trains" if self.source == "shipped"
+                else f"questions of {self.source}")
+        return (f"the base model answers {len(self.kept_headline)} of {len(self.questions)} "
+                f"{what} and {len(self.kept)} of {self.asked} of the kinds replay trains; "
                 f"general text loss {self.base_general_loss:.3f}")
 
     def save(self, path: str | Path) -> None:
@@ -100,15 +143,26 @@ class RetentionProbe:
     @classmethod
     def load(cls, path: str | Path) -> RetentionProbe:
         data = json.loads(Path(path).read_text())
-        return cls(list(data["kept"]), int(data["asked"]), float(data["base_general_loss"]))
+        if "questions" not in data:
+            raise SerializationError(f"{path}: a retention probe of an older meft (seen kinds "
+                                     "only); rerun without --resume, or with --no-retention")
+        return cls(list(data["kept"]), int(data["asked"]), float(data["base_general_loss"]),
+                   list(data["questions"]), list(data["kept_headline"]), str(data["source"]))
 
 
 def describe(result: dict[str, Any]) -> str:
-    """One line for the terminal."""
-    if result["retention"] is None:
-        kept = "n/a: the base model answered none of the general questions"
-    else:
-        kept = (f"{100 * result['retention']:.1f}% ({result['retained']} of the "
-                f"{result['kept']} general questions the base model answered)")
-    return (f"retention {kept}; general text loss {result['general_loss_before']:.3f} -> "
-            f"{result['general_loss']:.3f} ({result['general_loss_delta']:+.3f})")
+    """Two lines for the terminal: the headline, then the seen kinds and the text loss."""
+    def share(rate: float | None, kept: int, retained: int) -> str:
+        if rate is None:
+            return "n/a: the base model answered none"
+        return f"{100 * rate:.1f}% ({retained} of the {kept} the base model answered)"
+
+    what = ("general questions of kinds replay never trains" if result["probe"] == "shipped"
+            else f"the questions of {result['probe']}")
+    seen = share(result["retention_seen_kinds"], result["kept_seen_kinds"],
+                 result["retained_seen_kinds"])
+    return (f"retention on {what}: "
+            f"{share(result['retention'], result['kept'], result['retained'])}\n"
+            f"on the kinds replay trains: {seen}; general text loss "
+            f"{result['general_loss_before']:.3f} -> {result['general_loss']:.3f} "
+            f"({result['general_loss_delta']:+.3f})")

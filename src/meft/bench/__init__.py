@@ -25,7 +25,7 @@ from typing import Any
 
 from meft.background import load_background
 from meft.bench.methods import DEFAULT_METHODS, QUICK_METHODS, check_method, parse_entry
-from meft.bench.report import pct, read_results, write_report, write_result
+from meft.bench.report import pct, read_results, run_name, write_report, write_result
 from meft.config import BenchJob
 from meft.console import say
 from meft.data import write_jsonl
@@ -33,7 +33,7 @@ from meft.datasets import drop_known, load_splits
 from meft.errors import DataError, RunDirectoryError
 from meft.evaluate import answered
 from meft.loading import load_model, load_tokenizer, resolve_model, save_plain_copy
-from meft.retention import RetentionProbe
+from meft.retention import RetentionProbe, probe_questions
 from meft.serialization import prepare_output
 from meft.sysinfo import pick_device
 
@@ -66,7 +66,8 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
     if job.chooses_rates and not splits[seeds[0]].validation:
         raise DataError("choosing rates (--lr-grid, method@rates) needs validation questions; "
                         "the data has none (pass --validation-data)")
-    output = prepare_output(bench.output, overwrite=bench.overwrite, prefix="bench-",
+    output = prepare_output(bench.output, overwrite=bench.overwrite or bench.skip_done,
+                            prefix="bench-",
                             hint=" to add runs to it,")
     progress = job.train.get("progress", True)
     fresh = []
@@ -92,9 +93,11 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         save_plain_copy(base, tmp)
         worker_args: list[str] = []
         if run.retention and bench.evaluate:
-            probe = RetentionProbe.build(base, tokenizer, max_new_tokens=run.max_new_tokens,
-                                         batch_size=run.eval_batch_size,
-                                         progress=progress)
+            probe = RetentionProbe.build(
+                base, tokenizer, max_new_tokens=run.max_new_tokens,
+                batch_size=run.eval_batch_size, progress=progress,
+                questions=probe_questions(run.probe) if run.probe is not None else None,
+                source=run.probe or "shipped")
             probe.save(Path(tmp) / "probe.json")
             worker_args = ["--probe", str(Path(tmp) / "probe.json")]
             say(f"bench: retention probe: {probe.summary()}")
@@ -109,10 +112,14 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         runs = [(seed, method, lr) for seed in seeds for method, own in entries
                 for lr in (list(own) if own else grid)]
         for i, (seed, method, lr) in enumerate(runs):
-            shown = f"lr {lr:g}" if lr is not None else f"lr {bench.lr or method.default_lr:g}"
-            say(f"bench [{i + 1}/{len(runs)}]: {method.name}, {shown}"
+            rate = lr if lr is not None else bench.lr or method.default_lr
+            say(f"bench [{i + 1}/{len(runs)}]: {method.name}, lr {rate:g}"
                 + (f", seed {seed}" if bench.seeds else "")
                 + f" ({bench.steps} steps of {bench.batch_size} examples)")
+            done = output / f"{run_name(method.name, rate, seed if bench.seeds else None)}.json"
+            if bench.skip_done and done.is_file():
+                say(f"  already in {done}; skipped (--skip-done)")
+                continue
             config = job.with_seed(seed).to_dict()
             result_path = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "meft.bench.run", "--method", method.name,

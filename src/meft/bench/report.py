@@ -456,9 +456,10 @@ def write_report(output: Path, command: str | None = None, *,
     summary_rows = summary(chosen)
     (output / "summary.json").write_text(json.dumps(summary_rows, indent=2) + "\n")
     level, matched_rows = matched(rows, matched_em)
-    (output / "matched.json").write_text(json.dumps(
-        {"validation_em_target": level, "default_target": matched_em is None,
-         "methods": matched_rows}, indent=2) + "\n")
+    if level is not None:  # (runs without evaluation have nothing to match)
+        (output / "matched.json").write_text(json.dumps(
+            {"validation_em_target": level, "default_target": matched_em is None,
+             "methods": matched_rows}, indent=2) + "\n")
     targets = evaluate_targets(chosen)
     lines = [f"{'PASS' if t['passed'] else 'FAIL'} {t['target']}: {t['detail']}"
              for t in targets if t["passed"] is not None]  # only what these runs can check

@@ -146,9 +146,10 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         result[f"{split}_n"] = 0 if scores is None else scores["n"]
     measured = (probe.measure(trainable.model, tokenizer, **gen)
                 if probe is not None and job.bench.evaluate else None)
-    result["retention"] = None if measured is None else measured["retention"]
-    result["general_loss_delta"] = None if measured is None else measured["general_loss_delta"]
-    result["forgotten"] = None if measured is None else measured["forgotten"]
+    for key in ("retention", "retention_seen_kinds", "general_loss_delta", "forgotten",
+                "forgotten_seen_kinds", "retained", "kept", "retained_seen_kinds",
+                "kept_seen_kinds", "probe"):
+        result[key] = None if measured is None else measured[key]
     result["host_bytes"] = result["host_peak_rss_bytes"] = peak_rss_bytes()
     return result
 
