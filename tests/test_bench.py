@@ -123,9 +123,11 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     before = {k: v.clone() for k, v in base.state_dict().items()}
     job = BenchJob.from_options({"steps": 3, "batch_size": 4, "top_k": 4, "n_probe": 2,
                                  "max_eval": 4, "max_new_tokens": 3, "progress": False})
+    from meft.data import to_record
     from meft.retention import RetentionProbe, general_loss
 
-    probe = RetentionProbe([0, 1, 2], 215, general_loss(base, tokenizer))
+    probe = RetentionProbe([0, 1, 2], 215, general_loss(base, tokenizer),
+                           [to_record(q) for q in ks.eval[:3]], [0, 1, 2], "eval")
     result = run_method(parse_method(name), base, tokenizer, train, ks.validation, ks.eval, job,
                         torch.device("cpu"), probe=probe, background=ks.eval)
     assert result["method"] == name and result["steps"] == 3
@@ -138,7 +140,8 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     assert result["train_config"]["weight_decay"] == 0.0  # the loop's, not torch's default
     assert result["validation_n"] == result["test_n"] == 4
     assert 0 <= result["validation_em"] <= 1 and 0 <= result["test_em"] <= 1
-    assert result["retention"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert result["retention"] in (0.0, 1 / 3, 2 / 3, 1.0) and result["probe"] == "eval"
+    assert result["retention_seen_kinds"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert result["general_loss_delta"] != 0.0  # every method changed the model somewhat
     d, layers = 32, 2
     if name.startswith("offload"):

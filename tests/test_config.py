@@ -68,6 +68,9 @@ def test_flag_names_and_field_names_are_both_accepted() -> None:
     a = TrainJob.from_options({"probe": 4, "top-k": 16, "layers": "1-3", "lr": "1e-3"})
     b = TrainJob.from_options({"n_probe": 4, "top_k": 16, "layers": [1, 2, 3], "lr": 1e-3})
     assert a == b and a.adapter.n_probe == 4 and a.train.lr == 1e-3
+    # probe: an integer is P (its flag until --probe FILE took the name), text a file
+    mine = TrainJob.from_options({"probe": "mine.jsonl", "n-probe": 4})
+    assert mine.run.probe == "mine.jsonl" and mine.adapter.n_probe == 4
     assert a.adapter.seed == a.train.seed  # one seed
     with pytest.raises(ConfigError, match="unknown key 'nprobe'"):
         TrainJob.from_options({"nprobe": 4})

@@ -624,6 +624,8 @@ def split_options(sections: Iterable[Section], options: Mapping[str, Any], *,
     out: dict[str, dict[str, Any]] = {s.name: {} for s in sections}
     for key, value in options.items():
         name = str(key).replace("-", "_")
+        if name == "probe" and isinstance(value, int) and not isinstance(value, bool):
+            name = "n_probe"  # P's flag was --probe before 0.2 (YAML files, recorded runs)
         if name not in aliases:
             raise ConfigError(f"{source}: unknown key {key!r}")
         section, f = aliases[name]

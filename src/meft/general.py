@@ -1,17 +1,32 @@
 """General knowledge shipped with meft, to measure what fine-tuning makes a model forget.
 
-Two things, neither of which any training set of meft's contains:
+Three things, none of which any training set of meft's contains:
 
-* :func:`general_questions`: 215 short questions in 7 domains (capitals, chemical symbols,
-  arithmetic, calendar order, opposites, languages, science and the world), each with the
-  aliases that count as correct. A retention probe (:mod:`meft.retention`) keeps those a base
-  model answers correctly and asks them again after training.
+* :func:`unseen_questions`: the headline probe, 277 short questions in 7 domains (grammar:
+  irregular plurals and comparatives; landmarks: the city or country of a famous place;
+  materials: what a thing is made of or from; currencies; units: unit symbols and
+  conversions; the body: what we do with which part, which organ does what; abbreviations).
+  Each is a template of :data:`UNSEEN_TEMPLATES` (two at most per domain, one ``{}`` slot)
+  filled with one item. Forgetting protection replays short general questions
+  (:func:`meft.background.general_prompts`); none of these templates or domains is among
+  them, so this set measures what a model keeps of what replay never trains: the
+  ``retention`` of :mod:`meft.retention`. SmolLM2-135M-Instruct (the embedded default)
+  answers 166 of them, 15 or more in every domain.
+* :func:`general_questions`: the seen kinds, 215 short questions in 7 domains (capitals,
+  chemical symbols, arithmetic, calendar order, opposites, languages, science and the world).
+  Replay trains on other questions from the same templates (other countries, elements, words,
+  sums, trivia), so their score is reported apart as ``retention_seen_kinds``: it tells how
+  well replay protects the kinds it trains, and would flatter replay as the headline.
 * :data:`GENERAL_TEXT`: a few paragraphs of plain encyclopedic prose written for meft; the
   change of a model's mean token loss on it measures drift on ordinary text.
 
-Arithmetic questions are drawn from ``random.Random(0)``, so the set is the same everywhere. No
-alias is a word a model says when it does not know ("I": iodine is left out), since an answer
-counts when an alias appears in it.
+A retention probe (:mod:`meft.retention`) keeps the questions a base model answers correctly
+and asks them again after training. Each question comes with the aliases that count as
+correct, the first the canonical answer (spelling variants, digits and words for numbers).
+Arithmetic questions are drawn from ``random.Random(0)``, so the sets are the same everywhere.
+No alias is a word a model says when it does not know ("I": iodine is left out; "US", "won",
+"real" and "more" neither), and none appears in its own question, since an answer counts when
+an alias appears in it.
 """
 
 from __future__ import annotations
@@ -102,6 +117,202 @@ WORLD = [
     ("What is the chemical formula of water?", "H2O"),
 ]
 
+
+# The headline set (unseen_questions): kinds of question the replay pool never asks. One list
+# of (slot, aliases) per template of UNSEEN_TEMPLATES, in the same order.
+PLURALS = [
+    ("mouse", "mice"), ("child", "children"), ("woman", "women"), ("tooth", "teeth"),
+    ("foot", "feet"), ("goose", "geese"), ("person", "people|persons"), ("knife", "knives"),
+    ("leaf", "leaves"), ("wolf", "wolves"), ("life", "lives"), ("shelf", "shelves"),
+    ("thief", "thieves"), ("cactus", "cacti|cactuses"), ("ox", "oxen"), ("crisis", "crises"),
+    ("analysis", "analyses"), ("phenomenon", "phenomena"), ("criterion", "criteria"),
+    ("fungus", "fungi|funguses"), ("nucleus", "nuclei"), ("radius", "radii|radiuses"),
+    ("louse", "lice"), ("dwarf", "dwarfs|dwarves"), ("lady", "ladies"), ("fox", "foxes"),
+    ("index", "indices|indexes"),
+]
+COMPARATIVES = [
+    ("good", "better"), ("bad", "worse"), ("far", "farther|further"), ("big", "bigger"),
+    ("happy", "happier"), ("small", "smaller"), ("tall", "taller"), ("easy", "easier"),
+    ("hot", "hotter"),
+]
+NEW_YORK = "New York|New York City|NYC"
+USA = "United States|USA|America|United States of America"
+LANDMARK_CITIES = [
+    ("the Eiffel Tower", "Paris"), ("the Colosseum", "Rome"), ("Big Ben", "London"),
+    ("the Statue of Liberty", NEW_YORK), ("the Golden Gate Bridge", "San Francisco"),
+    ("the Kremlin", "Moscow"), ("the Brandenburg Gate", "Berlin"), ("the Acropolis", "Athens"),
+    ("the Taj Mahal", "Agra"), ("the Sagrada Familia", "Barcelona"), ("the Burj Khalifa", "Dubai"),
+    ("the Christ the Redeemer statue", "Rio de Janeiro|Rio"), ("the Space Needle", "Seattle"),
+    ("the Forbidden City", "Beijing|Peking"),
+    ("the White House", "Washington|Washington DC|Washington, D.C.|Washington D.C."),
+    ("the Petronas Towers", "Kuala Lumpur"), ("the Alhambra", "Granada"),
+    ("Red Square", "Moscow"), ("the Trevi Fountain", "Rome"), ("Westminster Abbey", "London"),
+    ("the Hagia Sophia", "Istanbul|Constantinople"), ("the Prado Museum", "Madrid"),
+    ("the Rijksmuseum", "Amsterdam"), ("the Uffizi Gallery", "Florence|Firenze"),
+    ("St Mark's Basilica", "Venice|Venezia"), ("the Hollywood sign", "Los Angeles|LA"),
+]
+LANDMARK_COUNTRIES = [
+    ("Machu Picchu", "Peru"), ("the Great Wall", "China"),
+    ("Stonehenge", "England|United Kingdom|UK|Britain|Great Britain"),
+    ("Angkor Wat", "Cambodia"), ("Petra", "Jordan"), ("Chichen Itza", "Mexico"),
+    ("Mount Fuji", "Japan"), ("the Taj Mahal", "India"), ("Uluru", "Australia"),
+    ("Table Mountain", "South Africa"), ("Mount Kilimanjaro", "Tanzania"),
+    ("the Grand Canyon", USA), ("Easter Island", "Chile"),
+    ("Neuschwanstein Castle", "Germany"), ("the Leaning Tower of Pisa", "Italy"),
+    ("Mount Everest", "Nepal|China|Tibet"), ("Christ the Redeemer", "Brazil"),
+    ("the Blue Mosque", "Turkey|Türkiye"), ("the Great Barrier Reef", "Australia"),
+    ("Loch Ness", "Scotland|United Kingdom|UK|Britain|Great Britain"),
+    ("Mount Vesuvius", "Italy"), ("the Suez Canal", "Egypt"),
+]
+MADE_OF = [
+    ("a window pane", "glass"), ("a candle", "wax|paraffin|paraffin wax|beeswax"),
+    ("a car tyre", "rubber"), ("a brick", "clay"), ("a wedding ring", "gold|platinum"),
+    ("a pencil lead", "graphite"), ("a pair of jeans", "denim|cotton"),
+    ("a cricket bat", "willow|wood"), ("a teacup", "porcelain|ceramic|clay"),
+    ("a nail", "steel|iron|metal"), ("an igloo", "snow|ice"),
+    ("a bar of soap", "fat|fats|oil|oils|lye"), ("a tennis ball", "rubber"),
+    ("a pencil", "wood|graphite"), ("an envelope", "paper"), ("a balloon", "rubber|latex"),
+    ("a sail", "canvas|cloth|fabric|sailcloth|nylon|polyester"),
+    ("a horseshoe", "iron|steel|metal"), ("a banknote", "paper|cotton|polymer|plastic"),
+]
+MADE_FROM = [
+    ("cheese", "milk"), ("bread", "flour|wheat|dough"), ("butter", "milk|cream"),
+    ("wine", "grapes|grape"), ("glass", "sand|silica"),
+    ("chocolate", "cocoa|cocoa beans|cacao|cacao beans"),
+    ("beer", "barley|malt|hops|grain|grains|wheat"), ("popcorn", "corn|maize"),
+    ("tofu", "soybeans|soybean|soy|soya|soya beans|soy beans"), ("cider", "apples|apple"),
+    ("ketchup", "tomatoes|tomato"), ("a raisin", "grape|grapes"),
+    ("wool", "sheep|fleece|hair"), ("silk", "silkworms|silkworm|cocoons|silkworm cocoons"),
+    ("leather", "animal skin|animal skins|skin|skins|hides"), ("steel", "iron"),
+    ("honey", "nectar"), ("pasta", "flour|wheat|durum wheat|semolina"),
+    ("maple syrup", "sap|maple sap"), ("charcoal", "wood"),
+    ("paper", "wood|wood pulp|pulp|trees|cellulose"), ("bronze", "copper|tin"),
+    ("flour", "wheat|grain|grains|cereal"),
+    ("sugar", "sugar cane|sugarcane|sugar beet|sugar beets|beet|beets|cane"),
+    ("an omelette", "eggs|egg"), ("hummus", "chickpeas|chickpea|garbanzo beans"),
+    ("marmalade", "oranges|orange|citrus|citrus fruit|citrus fruits|Seville oranges"),
+    ("tequila", "agave|blue agave"), ("sake", "rice"), ("a pickle", "cucumber|cucumbers"),
+    ("sauerkraut", "cabbage"), ("concrete", "cement|sand|gravel"),
+]
+EURO = "euro|euros"
+CURRENCIES = [
+    ("Mexico", "peso|Mexican peso|pesos"),
+    ("the United States", "dollar|US dollar|United States dollar|dollars"),
+    ("the United Kingdom", "pound|pound sterling|British pound|sterling|pounds"),
+    ("India", "rupee|Indian rupee|rupees"), ("China", "yuan|renminbi|Chinese yuan|RMB"),
+    ("Russia", "ruble|rouble|Russian ruble|Russian rouble|rubles|roubles"),
+    ("Germany", EURO), ("France", EURO), ("the Netherlands", EURO), ("Greece", EURO),
+    ("Switzerland", "franc|Swiss franc|francs"),
+    ("South Korea", "South Korean won|Korean won"), ("Brazil", "Brazilian real|reais"),
+    ("South Africa", "rand|South African rand"), ("Canada", "Canadian dollar|dollar|dollars"),
+    ("Australia", "Australian dollar|dollar|dollars"),
+    ("Sweden", "krona|Swedish krona|kronor"), ("Norway", "krone|Norwegian krone|kroner"),
+    ("Denmark", "krone|Danish krone|kroner"), ("Poland", "zloty|złoty|Polish zloty"),
+    ("Turkey", "lira|Turkish lira"), ("Israel", "shekel|new shekel|Israeli new shekel|shekels"),
+    ("Thailand", "baht|Thai baht"), ("Vietnam", "dong|Vietnamese dong"),
+    ("Indonesia", "rupiah|Indonesian rupiah"), ("Egypt", "Egyptian pound|pound|pounds"),
+    ("Argentina", "peso|Argentine peso|pesos"), ("Hungary", "forint|Hungarian forint"),
+    ("the Czech Republic", "koruna|Czech koruna|Czech crown|crown"),
+    ("Saudi Arabia", "riyal|Saudi riyal"), ("the Philippines", "peso|Philippine peso|pesos"),
+    ("Chile", "peso|Chilean peso|pesos"), ("Pakistan", "rupee|Pakistani rupee|rupees"),
+    ("Nigeria", "naira|Nigerian naira"), ("Malaysia", "ringgit|Malaysian ringgit"),
+    ("Kenya", "shilling|Kenyan shilling|shillings"), ("Iran", "rial|Iranian rial"),
+    ("Morocco", "dirham|Moroccan dirham"),
+    ("Iceland", "krona|króna|Icelandic krona|Icelandic króna"),
+]
+UNIT_SYMBOLS = [
+    ("km", "kilometre|kilometer|kilometres|kilometers"),
+    ("kg", "kilogram|kilograms|kilogramme|kilogrammes"),
+    ("cm", "centimetre|centimeter|centimetres|centimeters"),
+    ("mm", "millimetre|millimeter|millimetres|millimeters"),
+    ("ml", "millilitre|milliliter|millilitres|milliliters"),
+    ("mg", "milligram|milligrams|milligramme|milligrammes"),
+    ("mph", "miles per hour|mile per hour"),
+    ("kWh", "kilowatt hour|kilowatt-hour|kilowatt hours|kilowatt-hours"),
+    ("Hz", "hertz"), ("lb", "pound|pounds"), ("oz", "ounce|ounces"), ("ft", "foot|feet"),
+    ("mi", "mile|miles"), ("yd", "yard|yards"), ("W", "watt|watts"), ("V", "volt|volts"),
+    ("J", "joule|joules"), ("N", "newton|newtons"), ("Pa", "pascal|pascals"),
+    ("GB", "gigabyte|gigabytes"), ("MB", "megabyte|megabytes"),
+]
+HUNDRED = "100|one hundred|a hundred"
+THOUSAND = "1000|1,000|one thousand|a thousand"
+CONVERSIONS = [
+    ("centimetres are in one metre", HUNDRED), ("grams are in one kilogram", THOUSAND),
+    ("metres are in one kilometre", THOUSAND), ("millimetres are in one centimetre", "10|ten"),
+    ("millilitres are in one litre", THOUSAND), ("seconds are in one minute", "60|sixty"),
+    ("inches are in one foot", "12|twelve"), ("feet are in one yard", "3|three"),
+    ("ounces are in one pound", "16|sixteen"),
+    ("days are in a leap year", "366|three hundred and sixty-six|three hundred sixty-six"),
+    ("years are in a century", HUNDRED), ("years are in a decade", "10|ten"),
+    ("years are in a millennium", THOUSAND), ("weeks are in a year", "52|fifty-two|fifty two"),
+    ("cents are in one dollar", HUNDRED), ("bits are in a byte", "8|eight"),
+]
+BODY_USES = [
+    ("see", "eyes|eye"), ("hear", "ears|ear"), ("smell", "nose"), ("taste", "tongue|mouth"),
+    ("walk", "legs|feet|leg|foot"), ("think", "brain|head"), ("breathe", "lungs|nose|mouth"),
+    ("kick a ball", "foot|feet|leg|legs"), ("hold a pen", "hand|hands|fingers"),
+    ("nod", "head|neck"), ("blink", "eyes|eyelids|eye|eyelid"), ("clap", "hands|hand"),
+    ("whistle", "lips|mouth"), ("kneel", "knees|knee"),
+]
+ORGANS = [
+    ("pumps blood around the body", "heart"), ("controls thinking", "brain"),
+    ("filters blood to make urine", "kidneys|kidney"), ("makes insulin", "pancreas"),
+    ("cleans poisons from the blood", "liver|kidneys|kidney"),
+    ("stores bile", "gallbladder|gall bladder"), ("covers the outside of the body", "skin"),
+    ("takes oxygen from the air we breathe", "lungs|lung"),
+    ("digests food after we swallow it", "stomach"), ("stores urine", "bladder|urinary bladder"),
+    ("carries food from the mouth to the stomach", "oesophagus|esophagus|gullet"),
+    ("holds a baby during pregnancy", "uterus|womb"),
+]
+ABBREVIATIONS = [
+    ("UN", "United Nations"), ("NASA", "National Aeronautics and Space Administration"),
+    ("DNA", "deoxyribonucleic acid"), ("CEO", "chief executive officer"),
+    ("ATM", "automated teller machine|automatic teller machine"), ("EU", "European Union"),
+    ("NATO", "North Atlantic Treaty Organization|North Atlantic Treaty Organisation"),
+    ("FBI", "Federal Bureau of Investigation"), ("BBC", "British Broadcasting Corporation"),
+    ("TV", "television"), ("PC", "personal computer"),
+    ("FAQ", "frequently asked questions|frequently asked question"),
+    ("ASAP", "as soon as possible"), ("UFO", "unidentified flying object"),
+    ("CIA", "Central Intelligence Agency"),
+    ("WHO", "World Health Organization|World Health Organisation"),
+    ("GPS", "Global Positioning System"), ("CPU", "central processing unit"),
+    ("USB", "Universal Serial Bus"), ("PDF", "Portable Document Format"),
+    ("HTML", "HyperText Markup Language"), ("URL", "Uniform Resource Locator"),
+    ("WWW", "World Wide Web"), ("AI", "artificial intelligence"),
+    ("VIP", "very important person"), ("DIY", "do it yourself|do-it-yourself"),
+    ("IQ", "intelligence quotient"), ("PIN", "personal identification number"),
+    ("LED", "light-emitting diode|light emitting diode|light-emitting diodes|"
+            "light emitting diodes"),
+    ("NBA", "National Basketball Association"), ("PhD", "Doctor of Philosophy"),
+    ("ICU", "intensive care unit"),
+    ("DVD", "digital versatile disc|digital video disc|digital versatile disk|"
+            "digital video disk"),
+    ("RAM", "random access memory|random-access memory"),
+    ("USSR", "Union of Soviet Socialist Republics"), ("UAE", "United Arab Emirates"),
+    ("UNESCO", "United Nations Educational, Scientific and Cultural Organization|"
+               "United Nations Educational, Scientific and Cultural Organisation"),
+    ("NHS", "National Health Service"), ("IT", "information technology"),
+    ("ISS", "International Space Station"),
+]
+UNSEEN_TEMPLATES: dict[str, list[str]] = {
+    "grammar": ["What is the plural of {}?", "What is the comparative form of {}?"],
+    "landmarks": ["In which city is {}?", "In which country is {}?"],
+    "materials": ["What is {} usually made of?", "What is {} usually made from?"],
+    "currencies": ["Which currency is used in {}?"],
+    "units": ["What does the unit symbol {} stand for?", "Unit conversion: how many {}?"],
+    "body": ["Which part of the body do you use to {}?", "Name the organ that {}."],
+    "abbreviations": ["What does the abbreviation {} stand for?"],
+}
+_UNSEEN_ITEMS: dict[str, list[list[tuple[str, str]]]] = {
+    "grammar": [PLURALS, COMPARATIVES],
+    "landmarks": [LANDMARK_CITIES, LANDMARK_COUNTRIES],
+    "materials": [MADE_OF, MADE_FROM],
+    "currencies": [CURRENCIES],
+    "units": [UNIT_SYMBOLS, CONVERSIONS],
+    "body": [BODY_USES, ORGANS],
+    "abbreviations": [ABBREVIATIONS],
+}
+
 GENERAL_TEXT = """\
 Water moves between the sea, the air and the land in a cycle that has no beginning and no end. \
 The sun warms the surface of oceans and lakes, and some of the water evaporates into the air as \
@@ -172,6 +383,16 @@ def general_questions() -> list[Sample]:
     out += [_qa(f"What language is mainly spoken in {c}?", lang, "languages")
             for c, lang in LANGUAGES]
     out += [_qa(q, a, "world") for q, a in WORLD]
+    return out
+
+
+def unseen_questions() -> list[Sample]:
+    """The headline probe's questions, in a fixed order: each domain of
+    :data:`UNSEEN_TEMPLATES`, each template's items in turn (``source`` names the domain)."""
+    out = []
+    for domain, templates in UNSEEN_TEMPLATES.items():
+        for template, items in zip(templates, _UNSEEN_ITEMS[domain], strict=True):
+            out += [_qa(template.format(slot), aliases, domain) for slot, aliases in items]
     return out
 
 
