@@ -281,7 +281,9 @@ def plot_pareto(rows: Sequence[dict[str, Any]], directory: Path) -> Path | None:
     axes[1].set_xlabel("general text loss, after - before")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    labelled = next((ax for ax in axes if ax.get_legend_handles_labels()[0]), None)
+    if labelled is not None:
+        labelled.legend(fontsize=7)
     fig.suptitle("learning against forgetting, each method over its rates (labels: lr; "
                  "solid: +retain)", fontsize=10)
     fig.tight_layout()
