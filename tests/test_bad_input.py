@@ -192,3 +192,41 @@ def test_config_validation_property(n: int, e: int, k: int, p: int) -> None:
     else:
         assert valid
         assert MeftConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------------------------ issue 35: the first hour
+def test_yaml_and_flags_take_the_same_spellings(model_dir: Path, data_file: Path,
+                                               tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """YAML 1.1 reads ``retain: off`` as false and ``no-retention: true`` names the flag;
+    the command line takes underscores as YAML does (``--top_k``)."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("retain: off\nno-retention: true\nno_plots: true\n")
+    out = tmp_path / "run"
+    code, err = run([*train(model_dir, data_file, out, "--config", str(cfg)), "--top_k", "4"],
+                    capsys)
+    assert code == 0, err
+    recorded = json.loads((out / "run_config.json").read_text())
+    assert recorded["train"]["retain"] == "off" and recorded["run"]["retention"] is False
+    assert recorded["adapter"]["top_k"] == 4 and recorded["run"]["plots"] is False
+    cfg.write_text("no-retention: maybe\n")
+    code, err = run([*train(model_dir, data_file, tmp_path / "r2"), "--config", str(cfg)],
+                    capsys)
+    assert code == 2 and "no-retention must be true or false, got 'maybe'" in one_error(err)
+
+
+def test_a_closed_pipe_is_no_traceback(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``meft info --json | head``: the reader goes away; meft stops quietly with SIGPIPE's
+    status instead of a BrokenPipeError traceback."""
+    import io
+    import sys
+
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    old = Path(__file__).parent / "data" / "adapter-0.1.0"
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(["info", "--adapter", str(old), "--json"]) == 141
+    assert capsys.readouterr().err == ""

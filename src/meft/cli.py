@@ -11,7 +11,9 @@ status 2, anything else (a bug) keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -164,9 +166,21 @@ def _split(args: argparse.Namespace, sections: Sequence[Section]) -> dict[str, d
     return split_options(sections, _options(args, sections), source="options")
 
 
+def _dashes(argv: Sequence[str]) -> list[str]:
+    """``--top_k 8`` as ``--top-k 8``: flags take underscores as YAML keys do (values and
+    everything after a bare ``--`` are left as typed)."""
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return [*out, *argv[i:]]
+        name, eq, value = token.partition("=")
+        out.append(name.replace("_", "-") + eq + value if token.startswith("--") else token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_dashes(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 0
@@ -206,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("meft: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (meft info --json | head): no traceback
+        with contextlib.suppress(OSError, ValueError):  # nor one when Python flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a command killed by SIGPIPE
     except TrainingInterrupted as stop:
         return 130 if stop.by_signal else 0
     except UserError as err:

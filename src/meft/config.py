@@ -122,8 +122,12 @@ def parse_floats(text: str) -> list[float]:
 
 
 def _coerce(f: Any, value: Any) -> Any:
-    """Strings from a YAML file for numeric fields, as the CLI would parse them."""
+    """Strings from a YAML file for numeric fields, as the CLI would parse them; YAML's
+    booleans for an on/off choice (YAML 1.1 reads ``retain: off`` as false)."""
     kind, _ = kind_of(f)
+    choices = f.metadata.get("choices") or ()
+    if kind == "str" and isinstance(value, bool) and {"on", "off"} <= set(choices):
+        return "on" if value else "off"
     if isinstance(value, str):
         if kind == "list[int]":
             return parse_layers(value)
@@ -621,11 +625,19 @@ def split_options(sections: Iterable[Section], options: Mapping[str, Any], *,
     """Sort a flat mapping of options (flag or field names) into per-section kwargs."""
     sections = list(sections)
     aliases = _aliases(sections)
+    negated = {flag_of(f)[2:].replace("-", "_"): (s.name, f) for s in sections
+               for f in s.fields() if flag_of(f).startswith("--no-")}
     out: dict[str, dict[str, Any]] = {s.name: {} for s in sections}
     for key, value in options.items():
         name = str(key).replace("-", "_")
         if name == "probe" and isinstance(value, int) and not isinstance(value, bool):
             name = "n_probe"  # P's flag was --probe before 0.2 (YAML files, recorded runs)
+        if name in negated:  # no-retention: true, as the flag --no-retention says
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+            section, f = negated[name]
+            out[section][f.name] = not value
+            continue
         if name not in aliases:
             raise ConfigError(f"{source}: unknown key {key!r}")
         section, f = aliases[name]
