@@ -10,8 +10,10 @@ import torch
 
 from helpers import meft_config, tiny
 from meft.cli import main
+from meft.errors import ConfigError
 from meft.model import get_meft_model
 from meft.plan import PROFILES, Shape, calibrate, fit_neurons, parse_bytes, plan, probed_experts
+from meft.sysinfo import total_host_bytes
 from meft.trainer import TrainConfig, Trainer
 from test_retain import examples
 
@@ -55,6 +57,7 @@ def test_fit_finds_the_largest_n_that_fits() -> None:
     assert n % 1024 == 0 and n > 0
     fits = plan(meft_config(neurons=n, experts=None, top_k=64, n_probe=8), shape, **kw)
     assert all(fits["fits"].values())
+    assert fits["host_total"] <= 128e9 - fits["host_reserve"] and fits["host_reserve"] == 12.8e9
     beyond = plan(meft_config(neurons=n + 1024, experts=None, top_k=64, n_probe=8), shape,
                   **kw)
     assert not all(beyond["fits"].values())
@@ -74,7 +77,12 @@ def test_sizes_and_the_command(tmp_path: Path, model_dir: Path,
                                capsys: pytest.CaptureFixture[str],
                                monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_bytes("24GB") == 24e9 and parse_bytes("2 GiB") == 2 * 2**30
-    assert parse_bytes("1e9") == 1e9
+    # one meaning: a bare number counts GB (it read 24 bytes before), G is GB
+    assert parse_bytes("24") == parse_bytes("24G") == parse_bytes("24gb") == 24e9
+    assert parse_bytes("512MB") == parse_bytes("512m") == 512e6
+    for bad in ("0", "-3GB", "24 GiG", "lots"):
+        with pytest.raises(ConfigError, match="expected a size like 24, 24GB or 128GiB"):
+            parse_bytes(bad)
     monkeypatch.setenv("MEFT_CACHE", str(tmp_path))
     assert main(["plan", "--model", str(model_dir), "--neurons", "64", "--top-k", "4",
                  "--experts", "8", "--n-probe", "2", "--json"]) == 0
@@ -87,7 +95,16 @@ def test_sizes_and_the_command(tmp_path: Path, model_dir: Path,
                  "--top-k", "4", "--experts", "8", "--n-probe", "2", "--gpu-memory", "1GB"]) == 0
     assert "device" in capsys.readouterr().out
     assert main(["plan", "--model", str(model_dir), "--gpu-memory", "lots"]) == 2
-    assert "expected a size like 24GB" in capsys.readouterr().err
+    assert "--gpu-memory: expected a size like 24" in capsys.readouterr().err
+    # --gpu-memory 24 is 24 GB; the host memory is this machine's, less a stated reserve
+    assert main(["plan", "--model", str(model_dir), "--neurons", "64", "--top-k", "4",
+                 "--experts", "8", "--n-probe", "2", "--gpu-memory", "24", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hardware"]["gpu_memory"] == 24e9 and out["fits"]["device"]
+    assert out["hardware"]["host_memory"] == total_host_bytes()
+    assert out["host_reserve"] == max(2e9, 0.1 * total_host_bytes())
+    assert main(["plan", "--model", str(model_dir), "--profile", "h100-80g", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hardware"]["gpu_memory"] == 80e9
     rates = calibrate(tmp_path / "calibration.json", d=16, rows=64)
     assert rates["host_gflops"] > 0 and rates["host_gbps"] > 0
     assert json.loads((tmp_path / "calibration.json").read_text())["threads"] >= 1

@@ -569,14 +569,18 @@ class PlanConfig:
     tokens: int = option(512, "tokens per micro-batch T (batch x length)", check="positive")
     profile: str = option("a10-24g", "hardware: GPU memory, bf16 TFLOPS and host link of a "
                           "named GPU (datasheet numbers); the flags below override",
-                          choices=("a10-24g", "l4-24g", "rtx4090-24g", "a100-40g", "a100-80g"))
-    gpu_memory: str | None = option(None, "device memory, e.g. 24GB",
+                          choices=("a10-24g", "l4-24g", "rtx4090-24g", "a100-40g", "a100-80g",
+                                   "h100-80g"))
+    gpu_memory: str | None = option(None, "device memory, e.g. 24 or 24GB (a bare number "
+                                    "counts GB; GiB for powers of 1024)",
                                     default_text="the profile's")
     gpu_tflops: float | None = option(None, "device bf16 TFLOPS", check="positive",
                                       default_text="the profile's")
     pcie_gbps: float | None = option(None, "host-device link GB/s", check="positive",
                                      default_text="the profile's")
-    host_memory: str = option("128GB", "host memory, e.g. 128GB")
+    host_memory: str | None = option(None, "host memory, e.g. 128 or 128GB (a bare number "
+                                     "counts GB); a plan leaves 10%, at least 2 GB, to the OS "
+                                     "and everything else", default_text="this machine's")
     dtype: str = option("bf16", "dtype of the base weights on the device",
                         choices=("bf16", "fp32"))
     union: int | None = option(None, "rows per layer per micro-batch U", check="positive",

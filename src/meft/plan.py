@@ -60,21 +60,35 @@ PROFILES: dict[str, dict[str, float]] = {  # vendor datasheet numbers (dense bf1
     "rtx4090-24g": {"gpu_memory": 24e9, "gpu_tflops": 165.0, "pcie_gbps": 25.0},
     "a100-40g": {"gpu_memory": 40e9, "gpu_tflops": 312.0, "pcie_gbps": 25.0},
     "a100-80g": {"gpu_memory": 80e9, "gpu_tflops": 312.0, "pcie_gbps": 25.0},
+    "h100-80g": {"gpu_memory": 80e9, "gpu_tflops": 989.0, "pcie_gbps": 50.0},  # SXM, PCIe 5
 }
 DEFAULT_HOST = {"host_gflops": 200.0, "host_gbps": 10.0}  # a workstation CPU, conservative
 MFU = 0.4  # fraction of peak a small-batch fine-tuning step reaches (assumption)
 
 
-def parse_bytes(text: str) -> float:
-    """``24GB``, ``128 GiB``, ``512MB``, ``1e9`` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMGT]?i?B?)?\s*", text)
-    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10,
-             "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+SIZE_HELP = ("a bare number counts GB (24 = 24G = 24GB = 24e9 bytes); K, M, G, T with or "
+             "without B are powers of 1000, KiB, MiB, GiB, TiB powers of 1024")
+
+
+def parse_bytes(text: str, *, flag: str = "size") -> float:
+    """``24``, ``24G``, ``24GB``, ``128 GiB``, ``512MB`` -> bytes (:data:`SIZE_HELP`: a bare
+    number is GB, as GPU and RAM sizes are spoken of)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?(?:I?B)?)\s*", text.upper())
+    units = {"": 1e9, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
+             "T": 1e12, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     try:
         assert m is not None
-        return float(m.group(1)) * units[(m.group(2) or "").upper()]
+        value = float(m.group(1)) * units[m.group(2)]
+        assert value > 0
+        return value
     except (AssertionError, KeyError, ValueError):
-        raise ConfigError(f"expected a size like 24GB or 128GiB, got {text!r}") from None
+        raise ConfigError(f"{flag}: expected a size like 24, 24GB or 128GiB ({SIZE_HELP}), "
+                          f"got {text!r}") from None
+
+
+def host_reserve(host_memory: float) -> float:
+    """Host memory a plan leaves to the OS and everything else: 10%, at least 2 GB."""
+    return max(2e9, 0.1 * host_memory)
 
 
 @dataclass
@@ -176,8 +190,10 @@ def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, f
         "seconds": {"compute": compute, "host": routing + rows_work, "transfer": transfer,
                     "step": compute + routing + rows_work + transfer},
         "hardware": hardware, "host_rates": host_rates,
+        "host_reserve": host_reserve(hardware["host_memory"]),
         "fits": {"device": sum(device.values()) <= hardware["gpu_memory"],
-                 "host": sum(host.values()) <= hardware["host_memory"]},
+                 "host": sum(host.values()) <= hardware["host_memory"]
+                 - host_reserve(hardware["host_memory"])},
     }
 
 
@@ -245,7 +261,8 @@ def describe(p: dict[str, Any]) -> str:
         f"device  {p['device_total'] / gb:7.2f} GB of {hw['gpu_memory'] / gb:.0f} GB  "
         + ", ".join(f"{k.replace('_', ' ')} {v / gb:.2f}" for k, v in p["device_bytes"].items())
         + ("" if p["fits"]["device"] else "   DOES NOT FIT"),
-        f"host    {p['host_total'] / gb:7.2f} GB of {hw['host_memory'] / gb:.0f} GB  "
+        f"host    {p['host_total'] / gb:7.2f} GB of {hw['host_memory'] / gb:.0f} GB "
+        f"({p['host_reserve'] / gb:.0f} GB left to the rest)  "
         + ", ".join(f"{k.replace('_', ' ')} {v / gb:.2f}" for k, v in p["host_bytes"].items())
         + ("" if p["fits"]["host"] else "   DOES NOT FIT"),
         *([f"disk    {p['disk_bytes'] / gb:7.2f} GB  tables and moments (--store disk)"]

@@ -53,7 +53,7 @@ from meft.retain import Retainer, protection
 from meft.retention import PROBE_FILE, RetentionProbe, probe_questions
 from meft.retention import describe as describe_retention
 from meft.serialization import prepare_output
-from meft.sysinfo import environment, pick_device
+from meft.sysinfo import environment, pick_device, total_host_bytes
 from meft.trainer import Trainer, TrainingInterrupted, TrainResult
 
 RUN_CONFIG = "run_config.json"
@@ -487,11 +487,16 @@ def plan_cli(adapter: MeftConfig, options: PlanConfig) -> str:
         rates = dict(DEFAULT_HOST)
     hardware = dict(PROFILES[options.profile])
     if options.gpu_memory is not None:
-        hardware["gpu_memory"] = parse_bytes(options.gpu_memory)
+        hardware["gpu_memory"] = parse_bytes(options.gpu_memory, flag="--gpu-memory")
     for key in ("gpu_tflops", "pcie_gbps"):
         if getattr(options, key) is not None:
             hardware[key] = getattr(options, key)
-    hardware["host_memory"] = parse_bytes(options.host_memory)
+    machine = total_host_bytes()
+    if options.host_memory is None and machine is None:
+        raise ConfigError("this machine's memory is unknown (no /proc/meminfo): pass "
+                          "--host-memory")
+    hardware["host_memory"] = (parse_bytes(options.host_memory, flag="--host-memory")
+                               if options.host_memory is not None else float(machine or 0))
     shape = model_shape(options.model, trust_remote_code=options.trust_remote_code)
     kw: dict[str, Any] = {"tokens": options.tokens, "hardware": hardware, "host_rates": rates,
                           "dtype_bytes": 2 if options.dtype == "bf16" else 4,

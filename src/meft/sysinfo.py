@@ -41,6 +41,11 @@ def available_host_bytes() -> int | None:
     return _kib(_proc_field("/proc/meminfo", "MemAvailable"))
 
 
+def total_host_bytes() -> int | None:
+    """MemTotal (Linux), or None where unknown."""
+    return _kib(_proc_field("/proc/meminfo", "MemTotal"))
+
+
 def peak_rss_bytes() -> int | None:
     """Peak resident set of this process since start or :func:`reset_peak_rss`."""
     return _kib(_proc_field("/proc/self/status", "VmHWM"))
