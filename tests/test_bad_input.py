@@ -230,3 +230,34 @@ def test_a_closed_pipe_is_no_traceback(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(sys, "stdout", Closed())
     assert main(["info", "--adapter", str(old), "--json"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_eval_and_generate_load_the_model_the_adapter_was_trained_on(
+        model_dir: Path, data_file: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --model, eval and generate load the adapter's recorded base model (they loaded
+    the embedded default and failed on its hidden size); a run records its model by absolute
+    path, so this works from any directory; a base model that is gone is one line."""
+    import shutil
+
+    local = tmp_path / "models" / "tiny"
+    shutil.copytree(model_dir, local)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    args = train(Path("models/tiny"), data_file, out, "--no-retention", "--retain", "off")
+    code, err = run(args, capsys)
+    assert code == 0, err
+    recorded = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert recorded["base_model"] == str(local.resolve())
+    monkeypatch.chdir(out)
+    code, err = run(["generate", "--adapter", "adapter", "--prompt", "hi",
+                     "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
+    code, err = run(["eval", "--adapter", "adapter", "--data", str(data_file),
+                     "--max-eval", "2", "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
+    shutil.rmtree(local)
+    code, err = run(["generate", "--adapter", "adapter", "--prompt", "hi"], capsys)
+    assert code == 2
+    assert f"adapter adapter was trained on {local.resolve()}, which is not there: pass " \
+           "--model" in one_error(err)

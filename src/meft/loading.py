@@ -50,7 +50,7 @@ def default_model_source() -> ModelSource:
 
 def resolve_model(spec: str | None) -> ModelSource:
     """Turn a --model value into a :class:`ModelSource` (no loading yet)."""
-    if spec is None or spec == "default":
+    if spec is None or spec in ("default", DEFAULT_NAME):
         return default_model_source()
     path = Path(spec).expanduser()
     if path.is_file():
@@ -70,6 +70,30 @@ def resolve_model(spec: str | None) -> ModelSource:
     if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
         raise ModelLoadError(f"model {spec!r}: no such file or directory")
     return ModelSource(spec, None, spec)
+
+
+def recorded_name(source: ModelSource) -> str:
+    """What an adapter records as its base model (``MeftConfig.base_model``): a name
+    :func:`resolve_model` reads back from any directory: the embedded default's name, a
+    local model's absolute path, or a hub id."""
+    if source.name == DEFAULT_NAME:
+        return DEFAULT_NAME
+    local = Path(source.path).expanduser()
+    if local.is_dir():
+        return str((local / source.gguf if source.gguf else local).resolve())
+    return source.name
+
+
+def adapter_base(recorded: str | None, adapter: str | Path) -> str | None:
+    """The ``--model`` to load for an adapter trained on ``recorded`` (its config's
+    ``base_model``; None: the embedded default). A local path that is gone is a one-line
+    error naming it."""
+    if recorded is None or recorded == DEFAULT_NAME:
+        return None
+    if recorded.startswith("/") and not Path(recorded).exists():
+        raise ModelLoadError(f"adapter {adapter} was trained on {recorded}, which is not "
+                             "there: pass --model")
+    return recorded
 
 
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> Any:

@@ -46,7 +46,14 @@ from meft.disk import DiskArrays
 from meft.distributed import DataParallel, world_size
 from meft.errors import DataError, RunDirectoryError, TrainingDiverged
 from meft.evaluate import answered, evaluate
-from meft.loading import load_model, load_model_and_tokenizer, load_tokenizer, resolve_model
+from meft.loading import (
+    adapter_base,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    recorded_name,
+    resolve_model,
+)
 from meft.model import MeftModel, get_meft_model, read_adapter
 from meft.optim import ROW_LOCAL_STATE
 from meft.retain import Retainer, protection
@@ -143,7 +150,7 @@ def train(job: TrainJob) -> dict[str, Any]:
             (output / RUN_CONFIG).write_text(json.dumps(job.to_dict(), indent=2) + "\n")
         say(f"starting from the adapter in {run.adapter}")
     else:
-        config.base_model = source.name
+        config.base_model = recorded_name(source)
         meft_model = get_meft_model(model, config, device=device,
                                     arrays=_disk_store(run, resumed=checkpoint is not None),
                                     parallel=parallel)
@@ -383,8 +390,10 @@ def _report(results: dict[str, Any], train_s: float, total_s: float, output: Pat
 def _load_adapted(run: RunConfig, adapter: str | None) -> tuple[Any, Any]:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     dev = pick_device(run.device)
-    base, tokenizer, _ = load_model_and_tokenizer(run.model,
-                                                  trust_remote_code=run.trust_remote_code)
+    spec = run.model
+    if spec is None and adapter:  # the model the adapter was trained on
+        spec = adapter_base(MeftConfig.load(adapter).base_model, adapter)
+    base, tokenizer, _ = load_model_and_tokenizer(spec, trust_remote_code=run.trust_remote_code)
     base.to(dev)
     wrapped = MeftModel.from_pretrained(base, adapter, device=dev) if adapter else base
     return wrapped, tokenizer
