@@ -261,3 +261,28 @@ def test_eval_and_generate_load_the_model_the_adapter_was_trained_on(
     assert code == 2
     assert f"adapter adapter was trained on {local.resolve()}, which is not there: pass " \
            "--model" in one_error(err)
+
+
+def test_a_run_records_absolute_paths_and_resumes_from_anywhere(
+        model_dir: Path, data_file: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Paths typed relative to one directory are recorded absolute: --resume works from
+    another directory, and naming the same file by its absolute path is no change."""
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(data_file, work / "qa.jsonl")
+    monkeypatch.chdir(work)
+    code, err = run(["train", "--model", str(model_dir), "--data", "qa.jsonl", "--output",
+                     "run", "--steps", "4", "--stop-after", "2", "--batch-size", "2",
+                     "--no-retention", "--retain", "off", *FAST, *TINY], capsys)
+    assert code == 0, err
+    recorded = json.loads((work / "run" / "run_config.json").read_text())
+    assert recorded["run"]["data"] == str(work / "qa.jsonl")
+    assert recorded["run"]["output"] == str(work / "run")
+    monkeypatch.chdir(tmp_path)
+    code, err = run(["train", "--resume", "work/run", "--data", str(work / "qa.jsonl"),
+                     "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((work / "run" / "run.json").read_text())["steps"] == 4

@@ -649,6 +649,32 @@ def split_options(sections: Iterable[Section], options: Mapping[str, Any], *,
     return out
 
 
+# options that name files or directories: recorded absolute (``model`` only when it is a
+# local path; ``store`` as disk:DIR)
+PATH_OPTIONS = ("data", "eval_data", "adapter", "rehearse", "background", "probe", "output",
+                "validation_data")
+
+
+def absolute_paths(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with their local paths made absolute (relative to the working directory);
+    hub ids and other values as they are."""
+    out = dict(options)
+
+    def absolute(text: str) -> str:
+        return str(Path(text).expanduser().absolute())
+
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        if not isinstance(value, str):
+            continue
+        local = name == "model" and Path(value).expanduser().exists()  # not a hub id
+        if name in PATH_OPTIONS or local:
+            out[key] = absolute(value)
+        elif name == "store" and value.startswith("disk:") and value[5:]:
+            out[key] = "disk:" + absolute(value[5:])
+    return out
+
+
 @dataclass
 class TrainJob:
     """What ``meft train`` runs: the adapter, the training and the run around it."""
@@ -684,9 +710,10 @@ class TrainJob:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved configuration, as run directories record it."""
-        run = {f.name: getattr(self.run, f.name) for f in fields(self.run)
-               if f.metadata["record"]}
+        """The resolved configuration, as run directories record it (local paths absolute,
+        so ``--resume`` works from any directory)."""
+        run = absolute_paths({f.name: getattr(self.run, f.name) for f in fields(self.run)
+                              if f.metadata["record"]})
         return {"adapter": self.adapter.to_dict(), "train": asdict(self.train), "run": run}
 
     # defaults that changed: a record written before has no such key (every record written
@@ -708,7 +735,8 @@ class TrainJob:
     def resume(self, explicit: Mapping[str, Any], *, source: str) -> TrainJob:
         """This (recorded) job with the explicitly given options a resume may change;
         a ConfigError naming each other option whose resolved value would differ."""
-        options = self.options()
+        options = absolute_paths(self.options())
+        explicit = absolute_paths(explicit)  # the same file named from another directory
         allowed = {k: v for k, v in explicit.items() if k in self.RESUME_OVERRIDES}
         resumed = TrainJob.from_options({**options, **allowed}, source=source)
         trial = TrainJob.from_options({**options, **explicit}, source=source).options()
