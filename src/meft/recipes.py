@@ -86,7 +86,8 @@ def resume_job(directory: Path, explicit: dict[str, Any]) -> TrainJob:
         raise ConfigError(f"{path}: invalid JSON ({err})") from None
     if not isinstance(recorded, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    _newest_checkpoint(directory)
+    newest = _newest_checkpoint(directory)
+    _check_steps(directory, newest, explicit.get("steps"))
     if set(recorded) != {"adapter", "train", "run"}:  # meft 0.1's flat options
         missing = sorted(LEGACY_RUN_KEYS - set(recorded))
         if missing:
@@ -338,6 +339,30 @@ def _open_run(job: TrainJob, parallel: DataParallel | None = None
         return output, None
     output = Path(job.run.resume)
     return output, _newest_checkpoint(output)
+
+
+def _check_steps(run_dir: Path, checkpoint: Path, steps: int | None) -> None:
+    """Refuse a ``--resume --steps`` that cannot mean what it says: fewer steps than the run
+    has done, or more steps for a run that finished (its learning rate decayed to 0: more
+    steps would reshape a schedule already spent); say so when an unfinished run's schedule
+    changes length."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        done, total = int(state["step"]), int(state["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the trainer reads it again and names what is wrong
+    if steps is None or steps == total:
+        return
+    if steps < done:
+        raise ConfigError(f"--resume {run_dir} --steps {steps}: the run is already at step "
+                          f"{done}; --steps is the total to reach (its schedule ends at "
+                          f"{total})")
+    if done >= total:
+        raise ConfigError(f"--resume {run_dir} --steps {steps}: the run finished its {total} "
+                          "steps (its learning rate decayed to 0); to train further, start a "
+                          f"new run from its adapter: meft train --adapter {run_dir / 'adapter'}")
+    say(f"--steps {steps}: the learning-rate schedule of this run now ends at step {steps} "
+        f"instead of {total}")
 
 
 def _newest_checkpoint(run_dir: Path) -> Path:
