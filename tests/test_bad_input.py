@@ -306,3 +306,19 @@ def test_resume_refuses_steps_it_cannot_honour(model_dir: Path, data_file: Path,
     code, err = run(["train", "--resume", str(out), "--steps", "9"], capsys)
     assert code == 2 and "the run finished its 7 steps" in one_error(err)
     assert f"meft train --adapter {out / 'adapter'}" in err
+
+
+def test_eval_data_without_answers_is_refused_before_training(
+        model_dir: Path, data_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Text-only --eval-data printed an empty table and wrote {} with exit 0 (meft eval
+    refuses the same file)."""
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "Varnel Okasu was born in Teluvia."}\n')
+    code, err = run(train(model_dir, data_file, tmp_path / "run", "--eval-data", str(text)),
+                    capsys)
+    assert code == 2
+    assert f"--eval-data {text}: no examples with reference answers" in one_error(err)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # before any training
+    code, err = run(["eval", "--model", str(model_dir), "--data", str(text)], capsys)
+    assert code == 2 and "no examples with reference answers" in one_error(err)

@@ -120,6 +120,9 @@ def train(job: TrainJob) -> dict[str, Any]:
     source = resolve_model(run.model)  # fail fast on a bad --model, before any work
     splits = load_splits(run.data, run.eval_data, seed=tconfig.seed, people=run.people,
                          dataset=run.dataset)
+    if run.eval_data is not None and not any(s.answers for s in splits.test):
+        raise DataError(f"--eval-data {run.eval_data}: no examples with reference answers to "
+                        "evaluate (question/answer records; text has none)")
     say("loading model ...")
     tokenizer = load_tokenizer(source, trust_remote_code=run.trust_remote_code)
     model = load_model(source, trust_remote_code=run.trust_remote_code)
