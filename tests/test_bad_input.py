@@ -322,3 +322,30 @@ def test_eval_data_without_answers_is_refused_before_training(
     assert not (tmp_path / "run" / "checkpoints").exists()  # before any training
     code, err = run(["eval", "--model", str(model_dir), "--data", str(text)], capsys)
     assert code == 2 and "no examples with reference answers" in one_error(err)
+
+
+def test_an_unknown_model_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A hub id in no local cache, with the hub unreachable, is one line before any
+    download attempt (transformers retried it for 30-50 s); ``dir/name`` with ``dir`` a local
+    directory is a mistyped path, not a hub id."""
+    import meft.loading as loading
+
+    tried: list[dict] = []
+    real = loading.from_hub_or_local
+
+    def spy(source, load, **kw):  # type: ignore[no-untyped-def]
+        def recording(path, **kwargs):  # type: ignore[no-untyped-def]
+            tried.append(kwargs)
+            return load(path, **kwargs)
+        return real(source, recording, **kw)
+
+    monkeypatch.setattr(loading, "from_hub_or_local", spy)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    code, err = run(["eval", "--model", "nobody/no-such-model"], capsys)
+    assert code == 2 and "not in the Hugging Face cache, and the hub does not answer" in err
+    assert tried and all(kw.get("local_files_only") for kw in tried)  # no hub attempt
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, err = run(["eval", "--model", "models/tny"], capsys)
+    assert code == 2 and "model 'models/tny': no such file or directory" in one_error(err)

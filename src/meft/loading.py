@@ -66,10 +66,44 @@ def resolve_model(spec: str | None) -> ModelSource:
             raise ModelLoadError(f"model {spec!r}: directory has no config.json "
                                  "(not a Hugging Face model directory)")
         return ModelSource(str(path), None, spec)
-    # a hub id is "name" or "org/name"; anything else that does not exist is a bad path
-    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+    # a hub id is "name" or "org/name"; anything else that does not exist is a bad path, and
+    # so is "dir/name" where dir is a local directory (a mistyped path, not an organisation)
+    if (spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+            or (spec.count("/") == 1 and path.parent.is_dir())):
         raise ModelLoadError(f"model {spec!r}: no such file or directory")
     return ModelSource(spec, None, spec)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (one TCP connection; False offline, at once
+    where name resolution fails, else within ``timeout``)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_hub_or_local(source: ModelSource, load: Any, **kwargs: Any) -> Any:
+    """``load(path, **kwargs)`` for a hub id: from the local cache when it is there; else
+    from the hub, unless the hub does not answer (transformers would retry it for 30-50 s
+    before failing)."""
+    if Path(source.path).expanduser().is_dir() or source.gguf:
+        return load(source.path, **kwargs)
+    try:
+        return load(source.path, local_files_only=True, **kwargs)
+    except Exception:
+        if not hub_reachable():
+            raise ModelLoadError(f"model {source.name!r}: not a local path, not in the Hugging "
+                                 "Face cache, and the hub does not answer (offline?)") from None
+    return load(source.path, **kwargs)
 
 
 def recorded_name(source: ModelSource) -> str:
@@ -103,7 +137,9 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> A
     if source.gguf:
         kwargs["gguf_file"] = source.gguf
     try:
-        tok = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        tok = from_hub_or_local(source, AutoTokenizer.from_pretrained, **kwargs)
+    except ModelLoadError:
+        raise
     except Exception as err:
         raise ModelLoadError(f"tokenizer for {source.name!r}: {_one_line(err)}") from None
     if tok.pad_token_id is None:
@@ -121,7 +157,9 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+            model = from_hub_or_local(source, AutoModelForCausalLM.from_pretrained, **kwargs)
+    except ModelLoadError:
+        raise
     except Exception as err:
         raise ModelLoadError(f"model {source.name!r}: {_one_line(err)}") from None
     model.eval()

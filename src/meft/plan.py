@@ -105,7 +105,7 @@ def model_shape(spec: str | None, *, trust_remote_code: bool = False) -> Shape:
     """The parameter count and sizes of a model, built on the meta device from its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from meft.loading import resolve_model
+    from meft.loading import from_hub_or_local, resolve_model
 
     try:
         if spec is not None and spec.endswith(".json"):
@@ -117,7 +117,7 @@ def model_shape(spec: str | None, *, trust_remote_code: bool = False) -> Shape:
             kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
             if source.gguf:
                 kwargs["gguf_file"] = source.gguf
-            config = AutoConfig.from_pretrained(source.path, **kwargs)
+            config = from_hub_or_local(source, AutoConfig.from_pretrained, **kwargs)
             name = source.name
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
