@@ -40,6 +40,7 @@ def test_remote_code_is_off_unless_asked(trust: bool, monkeypatch: pytest.Monkey
         raise OSError("stop here")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: True)  # past the cache
     source = loading.ModelSource("org/name", None, "org/name")
     with pytest.raises(ModelLoadError, match="stop here"):
         if trust:
