@@ -120,10 +120,11 @@ def test_adapter_made_for_another_model(model_dir: Path, data_file: Path,
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
-        (["--neurons", "64", "--top-k", "40", "--experts", "8", "--n-probe", "2"], "top_k=40"),
+        (["--neurons", "64", "--top-k", "40", "--experts", "8", "--n-probe", "2"],
+         "--top-k 40 must be"),
         (["--neurons", "64", "--experts", "7"], "must divide"),
-        (["--weight-decay", "-1"], "weight_decay"),
-        (["--warmup-ratio", "1.5"], "warmup_ratio"),
+        (["--weight-decay", "-1"], "--weight-decay must be"),
+        (["--warmup-ratio", "1.5"], "--warmup-ratio must be"),
     ],
 )
 def test_invalid_config_values(flags: list[str], needle: str, model_dir: Path,
@@ -136,7 +137,7 @@ def test_invalid_config_values(flags: list[str], needle: str, model_dir: Path,
 def test_non_positive_lr_is_one_line_naming_the_field(capsys: pytest.CaptureFixture[str]
                                                        ) -> None:
     code, err = run(["train", "--lr", "0"], capsys)
-    assert code == 2 and one_error(err) == "meft: error: lr must be a positive number, got 0.0"
+    assert code == 2 and one_error(err) == "meft: error: --lr must be a positive number, got 0.0"
 
 
 def test_non_numeric_flag_is_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:

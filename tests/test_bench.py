@@ -475,7 +475,7 @@ def test_lr_grid_refusals(capsys: pytest.CaptureFixture[str], data_file: Path) -
     assert main(["bench", "--lr", "1e-3", "--lr-grid", "1e-3,1e-2"]) == 2
     assert "--lr and --lr-grid" in capsys.readouterr().err
     assert main(["bench", "--lr-grid", "1e-3,-1"]) == 2
-    assert ("lr_grid must be a list of numbers, each positive, got [0.001, -1.0]"
+    assert ("--lr-grid must be a list of numbers, each positive, got [0.001, -1.0]"
             in capsys.readouterr().err)
 
 
@@ -484,7 +484,7 @@ def test_bench_refuses_bad_methods_before_any_work(capsys: pytest.CaptureFixture
     assert "method 'lora:16'" in capsys.readouterr().err
     assert main(["bench", "--methods", "meft:64", "--top-k", "99", "--experts", "8",
                  "--n-probe", "2"]) == 2
-    assert "top_k=99" in capsys.readouterr().err
+    assert "--top-k 99 must be in" in capsys.readouterr().err  # the flag, not the field
     # a job-wide flag of the sparse memory's protection, refused for LoRA before any work
     assert main(["bench", "--methods", "meft:4096+retain", "lora:qv:4+retain",
                  "--retain-rows", "8"]) == 2

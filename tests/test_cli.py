@@ -86,7 +86,7 @@ def test_output_directory_is_not_overwritten(model_dir: Path, data_file: Path, t
     ("args", "needle"),
     [
         (["--neurons", "100", "--experts", "7"], "must divide"),
-        (["--top-k", "999"], "top_k=999"),
+        (["--top-k", "999"], "--top-k 999 must be"),
         (["--model", "/no/such/model"], "no such file or directory"),
         (["--data", "/no/such.jsonl"], "no such file"),
     ],

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -166,6 +167,24 @@ def _split(args: argparse.Namespace, sections: Sequence[Section]) -> dict[str, d
     return split_options(sections, _options(args, sections), source="options")
 
 
+COMMAND_SECTIONS: dict[str, Sequence[Section]] = {
+    "train": TrainJob.SECTIONS, "bench": BenchJob.SECTIONS, "eval": EVAL_SECTIONS,
+    "generate": GENERATE_SECTIONS, "info": INFO_SECTIONS, "plan": PLAN_SECTIONS}
+
+
+def _as_flags(message: str, sections: Sequence[Section]) -> str:
+    """A config error in the words a person typed: ``top_k=99 must ...`` -> ``--top-k 99
+    must ...``, ``batch_size must ...`` -> ``--batch-size must ...`` (the checks name fields,
+    being shared with the Python API)."""
+    flags = {f.name: flag_of(f) for section in sections for f in section.fields()
+             if not flag_of(f).startswith("--no-")}
+    if not flags:
+        return message
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    message = re.sub(rf"(?<![\w.-])({names})=", lambda m: f"{flags[m.group(1)]} ", message)
+    return re.sub(rf"(?<![\w.-])({names})(?= must)", lambda m: flags[m.group(1)], message)
+
+
 def _dashes(argv: Sequence[str]) -> list[str]:
     """``--top_k 8`` as ``--top-k 8``: flags take underscores as YAML keys do (values and
     everything after a bare ``--`` are left as typed)."""
@@ -227,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         return 130 if stop.by_signal else 0
     except UserError as err:
-        print(f"meft: error: {err}", file=sys.stderr)
+        print(f"meft: error: {_as_flags(str(err), COMMAND_SECTIONS.get(args.command, ()))}",
+              file=sys.stderr)
         return 2
     return 0
 
