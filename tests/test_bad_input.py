@@ -350,3 +350,23 @@ def test_an_unknown_model_fails_at_once(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.chdir(tmp_path)
     code, err = run(["eval", "--model", "models/tny"], capsys)
     assert code == 2 and "model 'models/tny': no such file or directory" in one_error(err)
+
+
+def test_saved_directories_are_as_readable_as_mkdir_makes_them(tmp_path: Path) -> None:
+    """An adapter or checkpoint directory came out 0700 (mkdtemp's) while the rest of a run
+    was 0755 under the usual umask: another user could not read it."""
+    import os
+    import stat
+
+    from meft.serialization import atomic_directory
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "adapter") as tmp:
+            (tmp / "adapter_config.json").write_text("{}")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "adapter").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "adapter" / "adapter_config.json").stat().st_mode) == 0o644

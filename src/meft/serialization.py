@@ -53,6 +53,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _made_as_mkdir(path: Path) -> Path:
+    """``mkdtemp`` makes its directory 0700 (private); the directory it becomes (an adapter,
+    a checkpoint) gets the permissions ``mkdir`` would give it under the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o777 & ~mask)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` atomically when the block ends.
@@ -62,7 +71,8 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _made_as_mkdir(Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-",
+                                               dir=target.parent)))
     try:
         yield tmp
         commit_directory(tmp, target)
