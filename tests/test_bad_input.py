@@ -370,3 +370,22 @@ def test_saved_directories_are_as_readable_as_mkdir_makes_them(tmp_path: Path) -
     mode = stat.S_IMODE((tmp_path / "adapter").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "adapter" / "adapter_config.json").stat().st_mode) == 0o644
+
+
+def test_help_puts_common_flags_first_and_no_progress_means_none(
+        model_dir: Path, data_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``train --help``: a short usage, the common flags in their own group, the rest under
+    "advanced"; a negative flag says what it turns off. ``--no-progress`` silences the
+    libraries' bars too (transformers drew its weight-loading bar)."""
+    from meft.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # type: ignore[union-attr]
+    assert text.startswith("usage: meft train [options]")
+    common = text.index("common options:")
+    advanced = text.index("advanced: training:")
+    assert common < text.index("--neurons NEURONS") < advanced < text.index("--warmup-ratio")
+    assert "--no-plots            turn off: write PNG plots (on by default)" in text
+    code, err = run(train(model_dir, data_file, tmp_path / "run", "--no-retention",
+                          "--retain", "off"), capsys)
+    assert code == 0 and "it/s]" not in err and "%|" not in err

@@ -22,8 +22,10 @@ def test_train_eval_generate_info(model_dir: Path, data_file: Path, tmp_path: Pa
                  "--lr", "1e-2", "--max-new-tokens", "4", "--save-every", "2",
                  "--no-progress", *TINY])
     assert code == 0
-    err = capsys.readouterr().err
-    assert "before training: exact match" in err and "held-out, after" in err
+    captured = capsys.readouterr()
+    assert "before training: exact match" in captured.err  # a message, on stderr
+    assert "held-out, after" in captured.out and "trained in" in captured.out  # the result
+    assert "held-out, after" not in captured.err
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     lines = (out / "metrics.jsonl").read_text().splitlines()

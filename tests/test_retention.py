@@ -128,10 +128,10 @@ def test_meft_train_reports_retention_and_can_skip_it(model_dir: Path, data_file
               "--neurons", "64", "--top-k", "4", "--n-probe", "2"]
     out = tmp_path / "run"
     assert main([*common, "--output", str(out), "--probe", str(mine)]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
     assert (f"retention probe: the base model answers 2 of 6 questions of {mine} and 4 of "
-            "215" in err)
-    assert f"retention on the questions of {mine}: 100.0% (2 of the 2" in err
+            "215" in captured.err)
+    assert f"retention on the questions of {mine}: 100.0% (2 of the 2" in captured.out
     assert json.loads((out / "eval.json").read_text())["retention"]["kept_seen_kinds"] == 4
     run = json.loads((out / "run.json").read_text())
     assert run["retention"]["retention"] == 1.0 and "forgotten" not in run["retention"]

@@ -76,29 +76,53 @@ TITLES = {"adapter": "adapter (the MEFT adapter's shape)", "train": "training",
           "run": "model, data, evaluation, output", "bench": "comparison"}
 
 
-def add_section(parser: argparse.ArgumentParser, section: Section) -> None:
-    """One flag per user-settable field of the section's dataclass, in one help group."""
-    group = parser.add_argument_group(TITLES.get(section.name, section.name))
+# the flags most runs need, listed first in --help; the rest go under "advanced" groups
+COMMON: dict[str, tuple[str, ...]] = {
+    "train": ("model", "data", "eval_data", "output", "neurons", "top_k", "lr", "epochs",
+              "steps", "batch_size", "retain", "adapter", "resume", "device", "seed",
+              "progress"),
+    "bench": ("methods", "quick", "model", "data", "dataset", "steps", "batch_size", "lr_grid",
+              "seeds", "probe", "output", "skip_done", "report_only", "device"),
+}
+
+
+def add_section(parser: argparse.ArgumentParser, section: Section,
+                common: tuple[str, ...] | None = None,
+                groups: dict[str, Any] | None = None) -> None:
+    """One flag per user-settable field of the section's dataclass, in one help group (with
+    ``common``: those fields in the shared "common options" group of ``groups``, the others
+    in an "advanced" one)."""
+    title = TITLES.get(section.name, section.name)
+    group = parser.add_argument_group(f"advanced: {title}" if common else title)
     for f in section.fields():
-        kind, _ = kind_of(f)
-        help_text = f"{f.metadata['help']} (default: {_shown(f)})".replace("%", "%%")
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text,
-                              "metavar": flag_of(f)[2:].upper().replace("-", "_")}
-        if f.metadata["required"]:
-            kw.update(required=True, help=f.metadata["help"])
-        if kind == "bool":
-            del kw["metavar"]
-            kw["action"] = "store_false" if f.default else "store_true"
-            kw["help"] = f.metadata["help"].replace("%", "%%") + (
-                " (default: on; this flag turns it off)" if f.default else " (default: off)")
-        else:
-            kw["type"] = _TYPES[kind]
-            if f.metadata["choices"] is not None:
-                kw["choices"] = f.metadata["choices"]
-                kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-            if kind == "list[str]":
-                kw["nargs"] = "+"
-        group.add_argument(flag_of(f), **kw)
+        if common and f.name in common and groups is not None:
+            _add_flag(groups["common"], f)
+        elif not common or f.name not in common:
+            _add_flag(group, f)
+
+
+def _add_flag(group: Any, f: Any) -> None:
+    """The flag of field ``f`` in ``group``: its type, choices, help and shown default."""
+    kind, _ = kind_of(f)
+    help_text = f"{f.metadata['help']} (default: {_shown(f)})".replace("%", "%%")
+    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text,
+                          "metavar": flag_of(f)[2:].upper().replace("-", "_")}
+    if f.metadata["required"]:
+        kw.update(required=True, help=f.metadata["help"])
+    if kind == "bool":
+        del kw["metavar"]
+        kw["action"] = "store_false" if f.default else "store_true"
+        text = f.metadata["help"].replace("%", "%%")
+        kw["help"] = (f"turn off: {text} (on by default)" if f.default
+                      else f"{text} (default: off)")
+    else:
+        kw["type"] = _TYPES[kind]
+        if f.metadata["choices"] is not None:
+            kw["choices"] = f.metadata["choices"]
+            kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        if kind == "list[str]":
+            kw["nargs"] = "+"
+    group.add_argument(flag_of(f), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,12 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
          PLAN_SECTIONS, False),
     ]
     for name, short, description, sections, yaml_config in commands:
-        p = sub.add_parser(name, help=short, description=description)
+        common = COMMON.get(name)
+        p = sub.add_parser(name, help=short, description=description,
+                           usage=f"meft {name} [options]" if common else None)
+        groups = {"common": p.add_argument_group("common options")} if common else None
         if yaml_config:
             p.add_argument("--config", type=Path, help="YAML file whose keys are these flags "
                            "(dashes or underscores); command-line flags override it")
         for section in sections:
-            add_section(p, section)
+            add_section(p, section, common, groups)
     return parser
 
 

@@ -1,7 +1,9 @@
-"""What meft tells the person at the terminal: one function, lines on stderr.
+"""What meft tells the person at the terminal: messages on stderr, results on stdout.
 
-Progress bars (tqdm) and these messages go to stderr; stdout carries only results a script
-may parse (``meft eval``'s JSON, ``meft generate``'s text, ``meft info``).
+Progress bars (tqdm) and :func:`say`'s messages go to stderr; stdout carries only results
+(:func:`result`: ``meft train``'s closing table; ``meft eval``'s JSON, ``meft generate``'s text,
+``meft info``), so ``meft train > result.txt`` keeps the table and a terminal still shows the
+progress.
 """
 
 from __future__ import annotations
@@ -20,3 +22,9 @@ def quiet() -> None:
     """Say nothing from now on (the other processes of a distributed run: rank 0 speaks)."""
     global _quiet
     _quiet = True
+
+
+def result(message: str) -> None:
+    """A line of a command's result, on stdout."""
+    if not _quiet:
+        print(message, flush=True)

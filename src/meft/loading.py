@@ -74,6 +74,25 @@ def resolve_model(spec: str | None) -> ModelSource:
     return ModelSource(spec, None, spec)
 
 
+def hide_library_bars() -> None:
+    """No progress bars from transformers and huggingface_hub either (``--no-progress``:
+    the GGUF conversion and weight loading drew theirs)."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()  # type: ignore[attr-defined]
+    try:  # the GGUF conversion draws a plain tqdm bar that those switches do not reach
+        import functools
+
+        from tqdm.auto import tqdm
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[attr-defined]
+    except ImportError:
+        pass
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers (one TCP connection; False offline, at once
     where name resolution fails, else within ``timeout``)."""

@@ -38,7 +38,7 @@ from meft.config import (
     TrainConfig,
     TrainJob,
 )
-from meft.console import quiet, say
+from meft.console import quiet, result, say
 from meft.data import encode_all, load_samples
 from meft.datasets import drop_known, load_splits
 from meft.disk import INDEX as DISK_INDEX
@@ -48,6 +48,7 @@ from meft.errors import DataError, RunDirectoryError, TrainingDiverged
 from meft.evaluate import answered, evaluate
 from meft.loading import (
     adapter_base,
+    hide_library_bars,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -107,6 +108,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     run gives."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     config, tconfig, run = job.adapter, job.train, job.run
+    if not tconfig.progress:
+        hide_library_bars()
     started = time.perf_counter()
     torch.manual_seed(tconfig.seed)
     device = pick_device(run.device)
@@ -399,24 +402,27 @@ def _fmt(scores: dict[str, Any]) -> str:
 
 
 def _report(results: dict[str, Any], train_s: float, total_s: float, output: Path) -> None:
-    say("")
+    result("")
     names = {"before": "held-out, before", "after": "held-out, after",
              "after_seen_phrasing": "seen phrasing, after"}
     width = max(len(v) for v in names.values())
-    say(f"{'':{width}}  exact match    F1  contains     n")
+    result(f"{'':{width}}  exact match    F1  contains     n")
     for key, scores in results.items():
         if key == "retention":
             continue
-        say(f"{names.get(key, key):{width}}  {100 * scores['exact_match']:10.1f}% "
-            f"{100 * scores['f1']:5.1f}% {100 * scores['contains']:8.1f}% {scores['n']:5d}")
+        result(f"{names.get(key, key):{width}}  {100 * scores['exact_match']:10.1f}% "
+               f"{100 * scores['f1']:5.1f}% {100 * scores['contains']:8.1f}% "
+               f"{scores['n']:5d}")
     if "retention" in results:
-        say(describe_retention(results["retention"]))
-    say(f"\ntrained in {train_s / 60:.1f} min (total {total_s / 60:.1f} min); adapter: "
-        f"{output / 'adapter'}; metrics, plots, eval.json in {output}")
+        result(describe_retention(results["retention"]))
+    result(f"\ntrained in {train_s / 60:.1f} min (total {total_s / 60:.1f} min); adapter: "
+           f"{output / 'adapter'}; metrics, plots, eval.json in {output}")
 
 
 def _load_adapted(run: RunConfig, adapter: str | None) -> tuple[Any, Any]:
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if not sys.stderr.isatty():  # as the evaluation's own bar: none in a log file
+        hide_library_bars()
     dev = pick_device(run.device)
     spec = run.model
     if spec is None and adapter:  # the model the adapter was trained on

@@ -351,10 +351,12 @@ class Trainer:
                 self.history.append(record)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                moved = record["mb_h2d"] + record["mb_d2h"]  # 0 where rows are read in place
                 bar.set_postfix(loss=f"{record['loss']:.3f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}",
-                                U=f"{record['union_mean']:.0f}",
-                                MB=f"{record['mb_h2d'] + record['mb_d2h']:.0f}")
+                                **({"U": f"{record['union_mean']:.0f}"}
+                                   if record["union_mean"] else {}),
+                                **({"MB": f"{moved:.0f}"} if moved else {}))
                 bar.update(1)
                 if self.config.save_every and self.step % self.config.save_every == 0:
                     self.save_checkpoint()

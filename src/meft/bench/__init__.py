@@ -32,7 +32,13 @@ from meft.data import write_jsonl
 from meft.datasets import drop_known, load_splits
 from meft.errors import DataError, RunDirectoryError
 from meft.evaluate import answered
-from meft.loading import load_model, load_tokenizer, resolve_model, save_plain_copy
+from meft.loading import (
+    hide_library_bars,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    save_plain_copy,
+)
 from meft.retention import RetentionProbe, probe_questions
 from meft.serialization import prepare_output
 from meft.sysinfo import pick_device
@@ -70,6 +76,8 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
                             prefix="bench-",
                             hint=" to add runs to it,")
     progress = job.train.get("progress", True)
+    if not progress:
+        hide_library_bars()
     fresh = []
     with tempfile.TemporaryDirectory(prefix="meft-bench-") as tmp:
         # every run loads this copy of the base model, saved once as safetensors (fast to
