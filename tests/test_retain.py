@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import meft.retain as retain_module
 from helpers import meft_config, tiny
 from meft.data import Encoded, collate
 from meft.errors import ConfigError
@@ -702,3 +703,41 @@ def test_lora_replay_loss_equals_an_independent_computation(tmp_path: Path) -> N
     second = trainer.train_step(next(batches))
     assert float(kl) > 1e-4  # the step moved the model: a real comparison
     assert second["retain_replay_loss"] == pytest.approx(float(kl), rel=1e-4)
+
+
+def test_replay_alone_measures_no_statistics_and_trains_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default protection (replay, no selection) reads no access counts, so it skips
+    the forward pass over the background (minutes of the main job): no forward, the same
+    training as with the statistics measured, and checkpoints without them resume."""
+    from meft.data import Sample
+    from tokenizers_for_tests import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    background = [Sample("qa", ({"role": "user", "content": f"What is {i} plus {i}?"},
+                                {"role": "assistant", "content": str(2 * i)}), "",
+                         (str(2 * i),), f"bg:{i}") for i in range(6)]
+    train = examples(8, hi=len(tokenizer))
+    runs = []
+    for measure in (False, True):  # True: measured anyway, as before (the specification)
+        monkeypatch.setattr(retain_module, "uses_statistics", lambda config, m=measure: m)
+        model = get_meft_model(tiny("llama", vocab=len(tokenizer)), meft_config())
+        forwards = []
+        handle = model.base_model.register_forward_pre_hook(
+            lambda m, a, seen=forwards: seen.append(1))
+        config = TrainConfig(steps=2, batch_size=4, lr=1e-2, progress=False, retain="on",
+                             retain_replay=1)
+        retainer = Retainer.from_config(model, config, background, tokenizer, progress=False)
+        handle.remove()
+        # one forward keeps the replay's distributions; the statistics would need another
+        assert len(forwards) == (2 if measure else 1)
+        trainer = Trainer(model, train, config, tmp_path / str(measure), pad_id=0,
+                          retainer=retainer)
+        runs.append(trainer.train().history)
+        saved = retainer.tensors()
+        assert any(k.endswith(".counts") for k in saved) == measure
+        retainer.restore(saved)  # a checkpoint without statistics reads back
+    monkeypatch.undo()
+    assert not retain_module.uses_statistics(TrainConfig())  # the default: replay alone
+    assert retain_module.uses_statistics(TrainConfig(retain_rows=8))
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]

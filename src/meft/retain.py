@@ -8,10 +8,11 @@ the step's tokens, measured against background text.
 
 Notation: N neurons per layer, K neurons per token, T tokens, D background documents.
 
-Background statistics, once before training, fixed, saved with every checkpoint
-(:class:`Background`): the model with its adapter as training starts reads background text
-(generic text the user does not train on; :mod:`meft.background`), and per adapter layer and
-neuron i counts
+Background statistics, once before training when the protection reads them (the row
+selection, hubs, the output penalty; replay alone, the default, skips the pass:
+:func:`uses_statistics`), fixed, saved with every checkpoint (:class:`Background`): the
+model with its adapter as training starts reads background text (generic text the user does
+not train on; :mod:`meft.background`), and per adapter layer and neuron i counts
 
     C_bg(i)   accesses: tokens x K slots that chose i, padding excluded          (N,)
     df(i)     background documents (sequences) with at least one access to i     (N,)
@@ -297,8 +298,9 @@ class Background:
                 labels = tensors[f"{PREFIX}replay.labels"].split(lengths)
                 examples = [Encoded(i.tolist(), y.tolist(), False)
                             for i, y in zip(ids, labels, strict=True)]
-            return cls({k: tensors[f"{PREFIX}{k}.counts"].long() for k in layers},
-                       {k: tensors[f"{PREFIX}{k}.df"].long() for k in layers},
+            measured = [k for k in layers if f"{PREFIX}{k}.counts" in tensors]  # or none
+            return cls({k: tensors[f"{PREFIX}{k}.counts"].long() for k in measured},
+                       {k: tensors[f"{PREFIX}{k}.df"].long() for k in measured},
                        int(tensors[f"{PREFIX}documents"].item()),
                        {k: tensors[f"{PREFIX}{k}.inputs"] for k in layers
                         if f"{PREFIX}{k}.inputs" in tensors}, examples,
@@ -358,6 +360,13 @@ def top_rows(scores: Tensor, rows: int) -> Tensor:
     order = torch.sort(scores, descending=True, stable=True).indices
     n = min(rows, int(torch.isfinite(scores).sum()))
     return order[:n]
+
+
+def uses_statistics(config: TrainConfig) -> bool:
+    """Whether ``config``'s protection reads the background statistics (the row selection,
+    hubs, the output penalty's inputs); replay alone does not, and skips measuring them (a
+    forward pass over the whole background: 2-3.5 minutes of the default job)."""
+    return config.retain_rows > 0 or config.retain_hubs < 1 or config.retain_penalty > 0
 
 
 def sparse_only(config: TrainConfig) -> list[str]:
@@ -650,10 +659,13 @@ class Retainer:
         rehearsal = rehearsal if config.retain_rehearse else None
         if background is not None:
             encoded = encode_all(background, tokenizer, config.max_length, "background")
-            stats = Background.measure(model, encoded, tokenizer.pad_token_id,
-                                       progress=progress, seed=config.seed,
-                                       keep_inputs=PENALTY_INPUTS if config.retain_penalty
-                                       else 0)
+            if uses_statistics(config):
+                stats = Background.measure(model, encoded, tokenizer.pad_token_id,
+                                           progress=progress, seed=config.seed,
+                                           keep_inputs=PENALTY_INPUTS if config.retain_penalty
+                                           else 0)
+            else:  # replay alone (the default) reads no access counts: no background pass
+                stats = Background({}, {}, len(encoded))
             if config.retain_replay:
                 pool = (replay_pool(background) if config.retain_replay_pool ==
                         "questions" else range(len(background)))
