@@ -26,6 +26,10 @@ def test_train_eval_generate_info(model_dir: Path, data_file: Path, tmp_path: Pa
     assert "before training: exact match" in captured.err  # a message, on stderr
     assert "held-out, after" in captured.out and "trained in" in captured.out  # the result
     assert "held-out, after" not in captured.err
+    timings = json.loads((out / "run.json").read_text())["timings"]  # seconds per phase
+    assert list(timings) == ["load", "eval_before", "probe", "protection", "training",
+                             "eval_after", "retention"]
+    assert all(t >= 0 for t in timings.values()) and "time: load " in captured.out
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -127,6 +127,8 @@ def train(job: TrainJob) -> dict[str, Any]:
         raise DataError(f"--eval-data {run.eval_data}: no examples with reference answers to "
                         "evaluate (question/answer records; text has none)")
     say("loading model ...")
+    timings: dict[str, float] = {}  # seconds per phase of the job (run.json, printed at the end)
+    clock = time.perf_counter()
     tokenizer = load_tokenizer(source, trust_remote_code=run.trust_remote_code)
     model = load_model(source, trust_remote_code=run.trust_remote_code)
     model.to(device)
@@ -148,6 +150,7 @@ def train(job: TrainJob) -> dict[str, Any]:
         raise DataError("no training example has an answer token left to learn")
     eval_qa = [s for s in eval_samples if s.answers]
     eval_enc = encode_all(eval_samples, tokenizer, tconfig.max_length, "evaluation")
+    clock = _lap(timings, "load", clock)
 
     if run.adapter is not None:  # go on from a saved adapter: its shape, its rows
         meft_model = MeftModel.from_pretrained(model, run.adapter, device=device,
@@ -189,11 +192,14 @@ def train(job: TrainJob) -> dict[str, Any]:
         if main:
             before_path.write_text(json.dumps(results["before"]) + "\n")
         say(f"before training: {_fmt(results['before'])}")
+    clock = _lap(timings, "eval_before", clock)
 
     probe = _retention_probe(meft_model, tokenizer, run, output, resumed=checkpoint is not None,
                              **gen_kw) if run.retention else None
+    clock = _lap(timings, "probe", clock)
 
     retainer = _retainer(meft_model, tokenizer, tconfig, run, resumed=checkpoint is not None)
+    clock = _lap(timings, "protection", clock)
     trainer = Trainer(meft_model, train_enc, tconfig, output, pad_id=tokenizer.pad_token_id,
                       eval_encoded=eval_enc, retainer=retainer)
     trainer.stop_after = run.stop_after
@@ -208,6 +214,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     # with a disk store the adapter files hold the routers and name the store (committed at
     # this step by the checkpoint): an adapter bigger than RAM is not copied a second time
     meft_model.save_pretrained(output / "adapter", tables=meft_model.arrays is None)
+    clock = _lap(timings, "training", clock)
 
     if eval_qa:
         results["after"] = evaluate(meft_model, tokenizer, eval_qa, desc="eval after",
@@ -215,8 +222,10 @@ def train(job: TrainJob) -> dict[str, Any]:
     if seen_samples:
         results["after_seen_phrasing"] = evaluate(meft_model, tokenizer, seen_samples,
                                                   desc="eval seen", **gen_kw)
+    clock = _lap(timings, "eval_after", clock)
     if probe is not None:
         results["retention"] = probe.measure(meft_model, tokenizer, **gen_kw)
+    clock = _lap(timings, "retention", clock)
     if not main:  # rank 0 writes the results
         assert parallel is not None
         parallel.close()
@@ -238,6 +247,7 @@ def train(job: TrainJob) -> dict[str, Any]:
         "steps": result.steps,
         "train_seconds": result.seconds,
         "total_seconds": total_s,
+        "timings": timings,
         "tokens": result.tokens,
         "final_loss": result.final_loss,
         "losses": [r["loss"] for r in result.history],
@@ -251,7 +261,7 @@ def train(job: TrainJob) -> dict[str, Any]:
         "world_size": parallel.world if parallel is not None else 1,
     }
     (output / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _report(results, result.seconds, total_s, output)
+    _report(results, result.seconds, total_s, output, timings)
     if parallel is not None:
         parallel.close()
     return summary
@@ -401,7 +411,15 @@ def _fmt(scores: dict[str, Any]) -> str:
             f"contains {100 * scores['contains']:.1f}% (n={scores['n']})")
 
 
-def _report(results: dict[str, Any], train_s: float, total_s: float, output: Path) -> None:
+def _lap(timings: dict[str, float], phase: str, since: float) -> float:
+    """Add the seconds since ``since`` to ``phase``; return now."""
+    now = time.perf_counter()
+    timings[phase] = timings.get(phase, 0.0) + now - since
+    return now
+
+
+def _report(results: dict[str, Any], train_s: float, total_s: float, output: Path,
+            timings: dict[str, float]) -> None:
     result("")
     names = {"before": "held-out, before", "after": "held-out, after",
              "after_seen_phrasing": "seen phrasing, after"}
@@ -417,6 +435,8 @@ def _report(results: dict[str, Any], train_s: float, total_s: float, output: Pat
         result(describe_retention(results["retention"]))
     result(f"\ntrained in {train_s / 60:.1f} min (total {total_s / 60:.1f} min); adapter: "
            f"{output / 'adapter'}; metrics, plots, eval.json in {output}")
+    result("time: " + ", ".join(f"{name.replace('_', ' ')} {seconds:.0f} s"
+                                for name, seconds in timings.items()))
 
 
 def _load_adapted(run: RunConfig, adapter: str | None) -> tuple[Any, Any]:
