@@ -48,8 +48,12 @@ def test_every_setting_has_a_flag_whose_help_shows_the_dataclass_default(command
             assert flag_of(f) in text, f.name
             if f.metadata["default_text"] is not None:
                 shown = " ".join(str(f.metadata["default_text"]).split())
+            elif isinstance(f.default, bool) and f.default:  # a --no-... flag
+                help_text = " ".join(str(f.metadata["help"]).split())
+                assert f"turn off: {help_text} (on by default)" in text, f.name
+                continue
             elif isinstance(f.default, bool):
-                shown = "on; this flag turns it off" if f.default else "off"
+                shown = "off"
             elif isinstance(f.default, float):
                 shown = f"{f.default:g}"
             else:
