@@ -358,10 +358,9 @@ def _open_run(job: TrainJob, parallel: DataParallel | None = None
 
 
 def _check_steps(run_dir: Path, checkpoint: Path, steps: int | None) -> None:
-    """Refuse a ``--resume --steps`` that cannot mean what it says: fewer steps than the run
-    has done, or more steps for a run that finished (its learning rate decayed to 0: more
-    steps would reshape a schedule already spent); say so when an unfinished run's schedule
-    changes length."""
+    """Refuse a ``--resume --steps`` that cannot mean what it says (fewer steps than the run
+    has done); say what a changed total does to the learning-rate schedule (an unfinished
+    run's ends elsewhere; a finished run's, spent, rises again)."""
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         done, total = int(state["step"]), int(state["total_steps"])
@@ -373,10 +372,13 @@ def _check_steps(run_dir: Path, checkpoint: Path, steps: int | None) -> None:
         raise ConfigError(f"--resume {run_dir} --steps {steps}: the run is already at step "
                           f"{done}; --steps is the total to reach (its schedule ends at "
                           f"{total})")
-    if done >= total:
-        raise ConfigError(f"--resume {run_dir} --steps {steps}: the run finished its {total} "
-                          "steps (its learning rate decayed to 0); to train further, start a "
-                          f"new run from its adapter: meft train --adapter {run_dir / 'adapter'}")
+    if done >= total:  # allowed (several tools extend runs so), but not silently
+        say(f"--steps {steps}: the run finished its {total} steps with its learning rate "
+            f"decayed to 0; its schedule now ends at step {steps} instead, so the rate rises "
+            f"again to {100 * (steps - done) / steps:.0f}% of its peak and decays over the "
+            f"{steps - done} new steps (for a fresh schedule: meft train --adapter "
+            f"{run_dir / 'adapter'})")
+        return
     say(f"--steps {steps}: the learning-rate schedule of this run now ends at step {steps} "
         f"instead of {total}")
 
