@@ -117,9 +117,16 @@ def read_checkpoint(directory: str | Path, *, rows: RowSelector | None = None
                     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(optimizer and RNG tensors, trainer state) of one checkpoint directory; ``rows``: read
     only a row range of the per-row optimizer state (a distributed rank's)."""
+    state = read_trainer_state(directory)
+    return load_tensors(Path(directory), "optimizer", rows=rows), state
+
+
+def read_trainer_state(directory: str | Path) -> dict[str, Any]:
+    """The trainer state (step, schedule, data position) of one checkpoint directory, without
+    its tensors."""
     directory = Path(directory)
     try:
-        state = json.loads((directory / "trainer_state.json").read_text())
+        state: dict[str, Any] = json.loads((directory / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SerializationError(f"{directory / 'trainer_state.json'}: unreadable ({err})"
                                  ) from None
@@ -128,4 +135,4 @@ def read_checkpoint(directory: str | Path, *, rows: RowSelector | None = None
     if missing:
         raise SerializationError(f"{directory / 'trainer_state.json'}: missing "
                                  f"{', '.join(missing)}")
-    return load_tensors(directory, "optimizer", rows=rows), state
+    return state

@@ -87,18 +87,13 @@ COMMON: dict[str, tuple[str, ...]] = {
 
 
 def add_section(parser: argparse.ArgumentParser, section: Section,
-                common: tuple[str, ...] | None = None,
-                groups: dict[str, Any] | None = None) -> None:
+                common: tuple[str, ...] = (), common_group: Any = None) -> None:
     """One flag per user-settable field of the section's dataclass, in one help group (with
-    ``common``: those fields in the shared "common options" group of ``groups``, the others
-    in an "advanced" one)."""
+    ``common``: those fields in ``common_group``, the others in an "advanced" one)."""
     title = TITLES.get(section.name, section.name)
     group = parser.add_argument_group(f"advanced: {title}" if common else title)
     for f in section.fields():
-        if common and f.name in common and groups is not None:
-            _add_flag(groups["common"], f)
-        elif not common or f.name not in common:
-            _add_flag(group, f)
+        _add_flag(common_group if f.name in common else group, f)
 
 
 def _add_flag(group: Any, f: Any) -> None:
@@ -152,15 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
          PLAN_SECTIONS, False),
     ]
     for name, short, description, sections, yaml_config in commands:
-        common = COMMON.get(name)
+        common = COMMON.get(name, ())
         p = sub.add_parser(name, help=short, description=description,
                            usage=f"meft {name} [options]" if common else None)
-        groups = {"common": p.add_argument_group("common options")} if common else None
+        common_group = p.add_argument_group("common options") if common else None
         if yaml_config:
             p.add_argument("--config", type=Path, help="YAML file whose keys are these flags "
                            "(dashes or underscores); command-line flags override it")
         for section in sections:
-            add_section(p, section, common, groups)
+            add_section(p, section, common, common_group)
     return parser
 
 

@@ -176,6 +176,7 @@ def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, f
     routing = tokens * config.n_probe * b * d * 2 * layers / (host_rates["host_gflops"] * 1e9)
     rows_work = layers * u * 2 * d * (4 * 2 + 4 * 4) / (host_rates["host_gbps"] * 1e9)
     transfer = (moved["h2d"] + moved["d2h"]) / (hardware["pcie_gbps"] * 1e9)
+    reserve = host_reserve(hardware["host_memory"])
     return {
         "model": shape.name, "base_parameters": shape.n_params, "hidden_size": d,
         "adapter_layers": layers, "neurons": config.neurons, "top_k": config.top_k,
@@ -190,10 +191,9 @@ def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, f
         "seconds": {"compute": compute, "host": routing + rows_work, "transfer": transfer,
                     "step": compute + routing + rows_work + transfer},
         "hardware": hardware, "host_rates": host_rates,
-        "host_reserve": host_reserve(hardware["host_memory"]),
+        "host_reserve": reserve,
         "fits": {"device": sum(device.values()) <= hardware["gpu_memory"],
-                 "host": sum(host.values()) <= hardware["host_memory"]
-                 - host_reserve(hardware["host_memory"])},
+                 "host": sum(host.values()) <= hardware["host_memory"] - reserve},
     }
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from meft._version import __version__
-from meft.checkpoint import list_checkpoints
+from meft.checkpoint import list_checkpoints, read_trainer_state
 from meft.config import (
     BenchJob,
     ConfigError,
@@ -44,7 +44,7 @@ from meft.datasets import drop_known, load_splits
 from meft.disk import INDEX as DISK_INDEX
 from meft.disk import DiskArrays
 from meft.distributed import DataParallel, world_size
-from meft.errors import DataError, RunDirectoryError, TrainingDiverged
+from meft.errors import DataError, RunDirectoryError, SerializationError, TrainingDiverged
 from meft.evaluate import answered, evaluate
 from meft.loading import (
     adapter_base,
@@ -58,7 +58,7 @@ from meft.loading import (
 from meft.model import MeftModel, get_meft_model, read_adapter
 from meft.optim import ROW_LOCAL_STATE
 from meft.retain import Retainer, protection
-from meft.retention import PROBE_FILE, RetentionProbe, probe_questions
+from meft.retention import PROBE_FILE, RetentionProbe, headline_of
 from meft.retention import describe as describe_retention
 from meft.serialization import prepare_output
 from meft.sysinfo import environment, pick_device, total_host_bytes
@@ -273,10 +273,9 @@ def _retention_probe(model: MeftModel, tokenizer: Any, run: RunConfig, output: P
     path = output / PROBE_FILE
     if resumed and path.is_file():
         return RetentionProbe.load(path)
-    questions = probe_questions(run.probe) if run.probe is not None else None
+    headline = headline_of(run.probe)
     with model.disable_adapter():  # every process builds it (the same): no collectives
-        probe = RetentionProbe.build(model, tokenizer, questions=questions,
-                                     source=run.probe or "shipped", **gen_kw)
+        probe = RetentionProbe.build(model, tokenizer, **headline, **gen_kw)
     if model.parallel is None or model.parallel.is_main:
         probe.save(path)
     say(f"retention probe: {probe.summary()}")
@@ -362,9 +361,9 @@ def _check_steps(run_dir: Path, checkpoint: Path, steps: int | None) -> None:
     has done); say what a changed total does to the learning-rate schedule (an unfinished
     run's ends elsewhere; a finished run's, spent, rises again)."""
     try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = read_trainer_state(checkpoint)
         done, total = int(state["step"]), int(state["total_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (SerializationError, ValueError, KeyError, TypeError):
         return  # the trainer reads it again and names what is wrong
     if steps is None or steps == total:
         return

@@ -70,6 +70,14 @@ def probe_questions(path: str | Path) -> list[Sample]:
     return samples
 
 
+def headline_of(probe: str | Path | None) -> dict[str, Any]:
+    """:meth:`RetentionProbe.build`'s ``questions`` and ``source`` for ``--probe``: the
+    file's questions, or nothing (the shipped unseen kinds)."""
+    if probe is None:
+        return {}
+    return {"questions": probe_questions(probe), "source": str(probe)}
+
+
 @dataclass
 class RetentionProbe:
     """The general questions a base model answers correctly, and its general-text loss."""

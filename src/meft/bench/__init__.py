@@ -39,7 +39,7 @@ from meft.loading import (
     resolve_model,
     save_plain_copy,
 )
-from meft.retention import RetentionProbe, probe_questions
+from meft.retention import RetentionProbe, headline_of
 from meft.serialization import prepare_output
 from meft.sysinfo import pick_device
 
@@ -101,11 +101,9 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         save_plain_copy(base, tmp)
         worker_args: list[str] = []
         if run.retention and bench.evaluate:
-            probe = RetentionProbe.build(
-                base, tokenizer, max_new_tokens=run.max_new_tokens,
-                batch_size=run.eval_batch_size, progress=progress,
-                questions=probe_questions(run.probe) if run.probe is not None else None,
-                source=run.probe or "shipped")
+            probe = RetentionProbe.build(base, tokenizer, max_new_tokens=run.max_new_tokens,
+                                         batch_size=run.eval_batch_size, progress=progress,
+                                         **headline_of(run.probe))
             probe.save(Path(tmp) / "probe.json")
             worker_args = ["--probe", str(Path(tmp) / "probe.json")]
             say(f"bench: retention probe: {probe.summary()}")
