@@ -11,7 +11,6 @@ import torch
 from helpers import TINY, tiny_for
 from meft.background import (
     background_prompts,
-    fingerprint,
     general_prompts,
     load_background,
     model_background,
@@ -51,30 +50,18 @@ def test_the_model_background_is_generated_once_and_cached(
     monkeypatch.setenv("MEFT_CACHE", str(tmp_path))
     model = tiny_for(tokenizer)
     first = model_background(model, tokenizer, progress=False)
-    cached = list(tmp_path.glob("background-*.jsonl"))
-    assert len(cached) == 1 and fingerprint(model, tokenizer) in cached[0].name
+    assert len(list((tmp_path / "base").glob("answers-*.json"))) == 1
     assert len(first) == 672 and all(s.kind == "prompt" and s.answers[0] for s in first)
     assert [s.messages[0]["content"] for s in first] == background_prompts()
-    import meft.background as bg
+    # replay alone needs only the general questions: the same answers (the same batches of
+    # 32: the topic prompts are 15 whole batches), generated without the topic prompts
+    questions = model_background(model, tokenizer, progress=False, questions_only=True)
+    assert questions == first[480:]
+    import meft.evaluate as ev
 
-    monkeypatch.setattr(bg, "generate_answers", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr(ev, "_generate", lambda *a, **k: pytest.fail("regenerated"))
     assert model_background(model, tokenizer, progress=False) == first  # from the cache
-    other = tiny_for(tokenizer)
-    with torch.no_grad():
-        next(other.parameters()).add_(1.0)
-    assert fingerprint(other, tokenizer) != fingerprint(model, tokenizer)
-
-
-def test_an_unwritable_cache_costs_the_cache_not_the_run(
-        tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    monkeypatch.setenv("MEFT_CACHE", str(blocker / "cache"))  # a directory under a file
-    model = tiny_for(tokenizer)
-    samples = model_background(model, tokenizer, progress=False)
-    assert len(samples) == 672 and list(tmp_path.iterdir()) == [blocker]
-    assert "background text not cached" in capsys.readouterr().err
+    assert model_background(model, tokenizer, progress=False, questions_only=True) == questions
 
 
 def test_the_users_background_file(tokenizer, data_file: Path) -> None:  # type: ignore[no-untyped-def]
@@ -205,9 +192,10 @@ def test_protection_for_a_loop_of_your_own_is_meft_trains_default(
     for name, t in want.tensors().items():
         assert torch.equal(got.tensors()[name], t), name
     assert got.background.examples == want.background.examples  # type: ignore[union-attr]
-    # without a file: the base model's own answers to the shipped prompts
+    # without a file: the base model's own answers to the shipped prompts; replay alone (the
+    # default) reads only the general questions, so only those are generated
     own = protection(wrapped(), tokenizer, progress=False)
-    assert own.background is not None and own.background.documents == 672
+    assert own.background is not None and own.background.documents == 192
     # a file of the user's own is replayed whole; the shipped background, its questions only
     assert len(got.background.examples) == 12  # type: ignore[union-attr]
     assert len(own.background.examples) == len(general_prompts()) == 192

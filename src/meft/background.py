@@ -3,8 +3,8 @@
 :mod:`meft.retain` scores each step's rows against how often background text uses them, and
 may replay it. The background must be text the user does not train on, in the form the model
 is used in. By default it is the base model's own greedy answers to
-:func:`background_prompts`, generated once per base model and cached as JSONL under
-``$MEFT_CACHE`` (default ``~/.cache/meft``): 480 prompts on everyday topics (80 topics x 6
+:func:`background_prompts`, generated once per base model and cached (:mod:`meft.cache`; the
+embedded model's ship with meft): 480 prompts on everyday topics (80 topics x 6
 instructions, written for meft; two ask for a one-line answer) and 192 short general-knowledge
 questions of the kinds the retention probe asks (capitals, chemical symbols, languages,
 opposites, sums, the calendar, the world: :func:`general_prompts`), none of the probe's own
@@ -23,19 +23,13 @@ none of them is replayed whole.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from meft.console import say
-from meft.data import Sample, load_samples, write_jsonl
+from meft.cache import BaseCache
+from meft.data import Sample, load_samples
 from meft.evaluate import generate_answers
 
 TOPICS = [
@@ -132,50 +126,25 @@ def background_prompts() -> list[str]:
     return [i.format(t=t) for t in TOPICS for i in INSTRUCTIONS] + general_prompts()
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEFT_CACHE", Path.home() / ".cache" / "meft"))
-
-
-def fingerprint(model: Any, tokenizer: Any) -> str:
-    """Identifies a base model and tokenizer well enough to reuse its generated text."""
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    h.update(json.dumps(config.to_dict() if config is not None else {}, sort_keys=True,
-                        default=str).encode())
-    with torch.no_grad():
-        for p in list(model.parameters())[:4]:  # embeddings and the first block
-            h.update(repr(float(p.double().sum())).encode())
-    h.update(repr(getattr(tokenizer, "chat_template", None)).encode())
-    h.update(json.dumps([background_prompts(), MAX_NEW_TOKENS]).encode())
-    return h.hexdigest()[:16]
-
-
 def model_background(model: Any, tokenizer: Any, *, batch_size: int = 32,
-                     progress: bool = True) -> list[Sample]:
-    """The base model's own greedy answers to the shipped prompts (cached; module doc)."""
-    path = cache_dir() / f"background-{fingerprint(model, tokenizer)}.jsonl"
-    if path.is_file():
-        return load_samples(path)
-    prompts = [Sample("prompt", ({"role": "user", "content": p},
-                                 {"role": "assistant", "content": ""}), "", ("",),
-                      f"background:{i}") for i, p in enumerate(background_prompts())]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS,
-                               batch_size=batch_size, progress=progress, desc="background text")
-    samples = [Sample("prompt", ({"role": "user", "content": s.messages[0]["content"]},
-                                 {"role": "assistant", "content": a or "..."}), "",
-                      (a or "...",), s.source)
-               for s, a in zip(prompts, answers, strict=True)]
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(samples, tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
-    except OSError as err:  # an unwritable cache costs the next run the generation, no more
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        say(f"background text not cached ({err.strerror or err}: {path.parent}); set "
-            "MEFT_CACHE to a writable directory to keep it for the next run")
-    return samples
+                     progress: bool = True, questions_only: bool = False,
+                     cache: BaseCache | None = None) -> list[Sample]:
+    """The base model's own greedy answers to the shipped prompts (cached: :mod:`meft.cache`;
+    ``cache`` for ``model``, made here when not given). ``questions_only``: the short general
+    questions alone (all that replay draws from, :func:`replay_pool`), not the topic prompts
+    whose long answers only the background statistics read."""
+    prompts = background_prompts()
+    first = len(prompts) - len(general_prompts()) if questions_only else 0
+    asked = [Sample("prompt", ({"role": "user", "content": p},
+                               {"role": "assistant", "content": ""}), "", ("",),
+                    f"background:{i}") for i, p in enumerate(prompts) if i >= first]
+    answers = generate_answers(model, tokenizer, asked, max_new_tokens=MAX_NEW_TOKENS,
+                               batch_size=batch_size, progress=progress, desc="background text",
+                               cache=cache if cache is not None else BaseCache(model, tokenizer))
+    return [Sample("prompt", ({"role": "user", "content": s.messages[0]["content"]},
+                              {"role": "assistant", "content": a or "..."}), "",
+                   (a or "...",), s.source)
+            for s, a in zip(asked, answers, strict=True)]
 
 
 def replay_pool(samples: Sequence[Sample]) -> list[int]:
@@ -188,10 +157,13 @@ def replay_pool(samples: Sequence[Sample]) -> list[int]:
 
 
 def load_background(path: str | Path | None, model: Any, tokenizer: Any, *,
-                    progress: bool = True) -> tuple[list[Sample], str]:
-    """The background samples and a description: the user's file, or the model's own."""
+                    progress: bool = True, questions_only: bool = False,
+                    cache: BaseCache | None = None) -> tuple[list[Sample], str]:
+    """The background samples and a description: the user's file, or the model's own
+    (:func:`model_background`)."""
     if path is not None:
         samples = load_samples(path)
         return samples, f"{len(samples)} records of {path}"
-    samples = model_background(model, tokenizer, progress=progress)
+    samples = model_background(model, tokenizer, progress=progress,
+                               questions_only=questions_only, cache=cache)
     return samples, f"the base model's answers to {len(samples)} shipped prompts"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from meft.cache import BaseCache
 from meft.data import Encoded, Sample, collate, prompt_ids
 from meft.metrics import contains, score_predictions
 
@@ -29,10 +30,22 @@ from meft.metrics import contains, score_predictions
 @torch.no_grad()
 def generate_answers(model: Any, tokenizer: Any, samples: Sequence[Sample], *,
                      max_new_tokens: int = 24, batch_size: int = 16,
-                     progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy completions (stripped text) for each sample's prompt."""
+                     progress: bool = True, desc: str = "generate",
+                     cache: BaseCache | None = None) -> list[str]:
+    """Greedy completions (stripped text) for each sample's prompt. With ``cache`` (``model``
+    is that cache's base model, adapter off) the answers are looked up first and kept."""
     prompts = [prompt_ids(s, tokenizer) for s in samples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cache is not None:
+        inputs = {"prompts": prompts, "max_new_tokens": max_new_tokens,
+                  "batch_size": batch_size, "pad": pad, "eos": tokenizer.eos_token_id}
+        return cache.get("answers", inputs, lambda: _generate(
+            model, tokenizer, prompts, pad, max_new_tokens, batch_size, progress, desc))
+    return _generate(model, tokenizer, prompts, pad, max_new_tokens, batch_size, progress, desc)
+
+
+def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], pad: int,
+              max_new_tokens: int, batch_size: int, progress: bool, desc: str) -> list[str]:
     outputs: list[str] = []
     was_training = model.training
     model.eval()
@@ -133,10 +146,10 @@ def _logits_to_keep(model: Any) -> str | None:
 
 def evaluate(model: Any, tokenizer: Any, samples: Sequence[Sample], *,
              max_new_tokens: int = 24, batch_size: int = 16, progress: bool = True,
-             desc: str = "eval") -> dict[str, Any]:
+             desc: str = "eval", cache: BaseCache | None = None) -> dict[str, Any]:
     """Generate and score; returns metrics plus per-sample predictions."""
     preds = generate_answers(model, tokenizer, samples, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, progress=progress, desc=desc)
+                             batch_size=batch_size, progress=progress, desc=desc, cache=cache)
     scores: dict[str, Any] = dict(score_predictions(preds, [s.answers for s in samples]))
     scores["predictions"] = [
         {"prompt": _question(s), "prediction": p, "answers": list(s.answers)}
@@ -147,13 +160,13 @@ def evaluate(model: Any, tokenizer: Any, samples: Sequence[Sample], *,
 
 def answered(model: Any, tokenizer: Any, samples: Sequence[Sample], *,
              max_new_tokens: int = 16, batch_size: int = 32, progress: bool = True,
-             desc: str = "generate") -> list[bool]:
+             desc: str = "generate", cache: BaseCache | None = None) -> list[bool]:
     """Whether greedy generation answers each sample: an alias appears in the output as whole
     words (``contains``). The test for "the model knows this" (retention, known facts)."""
     if not samples:
         return []
     preds = generate_answers(model, tokenizer, samples, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, progress=progress, desc=desc)
+                             batch_size=batch_size, progress=progress, desc=desc, cache=cache)
     return [contains(p, s.answers) == 1.0 for p, s in zip(preds, samples, strict=True)]
 
 

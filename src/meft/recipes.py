@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from meft._version import __version__
+from meft.cache import BaseCache
 from meft.checkpoint import list_checkpoints, read_trainer_state
 from meft.config import (
     BenchJob,
@@ -132,13 +133,14 @@ def train(job: TrainJob) -> dict[str, Any]:
     tokenizer = load_tokenizer(source, trust_remote_code=run.trust_remote_code)
     model = load_model(source, trust_remote_code=run.trust_remote_code)
     model.to(device)
+    cache = BaseCache(model, tokenizer)  # the base model's results, computed once (meft.cache)
     say(f"model: {source.name} ({type(model).__name__}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) on {device}")
     gen_kw: dict[str, Any] = {"max_new_tokens": run.max_new_tokens,
                               "batch_size": run.eval_batch_size, "progress": tconfig.progress}
     if run.data is None and run.dataset == "airports":  # keep only what the model lacks
         splits = drop_known(splits, answered(model, tokenizer, splits.test,
-                                             desc="known facts", **gen_kw))
+                                             desc="known facts", cache=cache, **gen_kw))
     train_samples, eval_samples, seen_samples = splits.train, splits.test, splits.seen
     data_desc = splits.description
     if run.max_eval:
@@ -187,18 +189,24 @@ def train(job: TrainJob) -> dict[str, Any]:
     if checkpoint is not None and before_path.is_file():
         results["before"] = json.loads(before_path.read_text())
     elif run.eval_before and eval_qa:
-        results["before"] = evaluate(meft_model, tokenizer, eval_qa, desc="eval before",
-                                     **gen_kw)
+        if run.adapter is None:  # a fresh adapter adds exactly 0: the base model's answers
+            with meft_model.disable_adapter():
+                results["before"] = evaluate(meft_model, tokenizer, eval_qa,
+                                             desc="eval before", cache=cache, **gen_kw)
+        else:
+            results["before"] = evaluate(meft_model, tokenizer, eval_qa, desc="eval before",
+                                         **gen_kw)
         if main:
             before_path.write_text(json.dumps(results["before"]) + "\n")
         say(f"before training: {_fmt(results['before'])}")
     clock = _lap(timings, "eval_before", clock)
 
     probe = _retention_probe(meft_model, tokenizer, run, output, resumed=checkpoint is not None,
-                             **gen_kw) if run.retention else None
+                             cache=cache, **gen_kw) if run.retention else None
     clock = _lap(timings, "probe", clock)
 
-    retainer = _retainer(meft_model, tokenizer, tconfig, run, resumed=checkpoint is not None)
+    retainer = _retainer(meft_model, tokenizer, tconfig, run, resumed=checkpoint is not None,
+                         cache=cache)
     clock = _lap(timings, "protection", clock)
     trainer = Trainer(meft_model, train_enc, tconfig, output, pad_id=tokenizer.pad_token_id,
                       eval_encoded=eval_enc, retainer=retainer)
@@ -268,14 +276,14 @@ def train(job: TrainJob) -> dict[str, Any]:
 
 
 def _retention_probe(model: MeftModel, tokenizer: Any, run: RunConfig, output: Path, *,
-                     resumed: bool, **gen_kw: Any) -> RetentionProbe:
+                     resumed: bool, cache: BaseCache, **gen_kw: Any) -> RetentionProbe:
     """The probe of the base model: built now (adapter off) or, on resume, the run's own."""
     path = output / PROBE_FILE
     if resumed and path.is_file():
         return RetentionProbe.load(path)
     headline = headline_of(run.probe)
     with model.disable_adapter():  # every process builds it (the same): no collectives
-        probe = RetentionProbe.build(model, tokenizer, **headline, **gen_kw)
+        probe = RetentionProbe.build(model, tokenizer, cache=cache, **headline, **gen_kw)
     if model.parallel is None or model.parallel.is_main:
         probe.save(path)
     say(f"retention probe: {probe.summary()}")
@@ -299,14 +307,15 @@ def _disk_store(run: RunConfig, *, resumed: bool) -> DiskArrays | None:
 
 
 def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunConfig, *,
-              resumed: bool) -> Retainer | None:
+              resumed: bool, cache: BaseCache) -> Retainer | None:
     """Forgetting protection if asked for: background statistics measured now, or on resume
     read from the checkpoint (the ones the run started with)."""
     if tconfig.retain != "on":
         return None
     retainer = (Retainer.from_config(model, tconfig, None, tokenizer) if resumed
                 else protection(model, tokenizer, run.background, config=tconfig,
-                                progress=tconfig.progress, rehearse=run.rehearse))
+                                progress=tconfig.progress, rehearse=run.rehearse,
+                                cache=cache))
     say(retainer.summary())
     return retainer
 
@@ -529,7 +538,7 @@ def bench(job: BenchJob, command: str = "(called from Python)") -> dict[str, Any
 
 def plan_cli(adapter: MeftConfig, options: PlanConfig) -> str:
     """``meft plan``: the plan of one run (or of the largest N that fits, with --fit)."""
-    from meft.background import cache_dir
+    from meft.cache import cache_dir
     from meft.plan import (
         DEFAULT_HOST,
         PROFILES,

@@ -119,6 +119,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from meft.background import replay_pool
+from meft.cache import BaseCache
 from meft.config import TrainConfig
 from meft.console import say
 from meft.data import Encoded, Sample, collate, encode_all, to_record
@@ -250,9 +251,25 @@ class Background:
                    {k: c.df.clone() for k, c in counters.items()}, len(encoded), inputs)
 
     @torch.no_grad()
-    def keep_distributions(self, model: Any, pad_id: int, *, batch_size: int = 16) -> None:
+    def keep_distributions(self, model: Any, pad_id: int, *, batch_size: int = 16,
+                           cache: BaseCache | None = None) -> None:
         """Keep ``model``'s R likeliest next tokens and their probabilities at every answer
-        position of :attr:`examples` (the targets of distilling replay)."""
+        position of :attr:`examples` (the targets of distilling replay). ``cache``: given
+        only when ``model`` computes its base model exactly (a fresh adapter adds 0), whose
+        targets are then looked up first and kept (:mod:`meft.cache`)."""
+        if cache is not None:
+            inputs = {"examples": [[e.input_ids, e.labels] for e in self.examples],
+                      "pad": pad_id, "batch_size": batch_size, "top": REPLAY_TOP}
+
+            def compute() -> dict[str, list[list[float]]]:
+                self.keep_distributions(model, pad_id, batch_size=batch_size)
+                assert self.top_ids is not None and self.top_p is not None
+                return {"ids": self.top_ids.tolist(), "p": self.top_p.tolist()}
+
+            kept = cache.get("replay_targets", inputs, compute)
+            self.top_ids = torch.tensor(kept["ids"], dtype=torch.long)
+            self.top_p = torch.tensor(kept["p"], dtype=torch.float32)
+            return
         ids, ps = [], []
         was_training = model.training
         model.eval()
@@ -650,11 +667,12 @@ class Retainer:
     def from_config(cls, model: MeftModel | nn.Module, config: TrainConfig,
                     background: Sequence[Sample] | None, tokenizer: Any, *,
                     progress: bool = True,
-                    rehearsal: Sequence[Sample] | None = None) -> Retainer:
+                    rehearsal: Sequence[Sample] | None = None,
+                    cache: BaseCache | None = None) -> Retainer:
         """The protection ``config`` asks for (``retain_*`` fields); its statistics measured
         now over ``background`` samples, or None: restored from a checkpoint later.
         ``rehearsal``: earlier training data to rehearse (``config.retain_rehearse`` per
-        step)."""
+        step). ``cache``: the base model's results (the replay targets of a fresh adapter)."""
         stats = None
         rehearsal = rehearsal if config.retain_rehearse else None
         if background is not None:
@@ -681,7 +699,8 @@ class Retainer:
                 stats.examples += [e.first_targets(REPLAY_TOKENS) for e in earlier]
                 stats.rehearsal = len(earlier)
             if stats.examples and config.retain_replay_target == "distill":
-                stats.keep_distributions(model, tokenizer.pad_token_id or 0)
+                stats.keep_distributions(model, tokenizer.pad_token_id or 0,
+                                         cache=cache if _computes_base(model) else None)
         return cls(model, stats, score=config.retain_score, rows=config.retain_rows,
                    keys=config.retain_update == "keys+values",
                    router=config.retain_router == "trained", penalty=config.retain_penalty,
@@ -721,7 +740,8 @@ class Retainer:
 def protection(model: MeftModel, tokenizer: Any,
                background: str | Path | Sequence[Sample] | None = None, *,
                config: TrainConfig | None = None, progress: bool = True,
-               rehearse: str | Path | Sequence[Sample] | None = None) -> Retainer:
+               rehearse: str | Path | Sequence[Sample] | None = None,
+               cache: BaseCache | None = None) -> Retainer:
     """``meft train``'s default forgetting protection for a training loop of your own (pass it
     to ``MeftTrainer(retainer=...)``): ``config``'s ``retain_*`` settings (default: meft train's
     defaults), measured on ``background`` (a file ``--data`` reads, samples, or None: the base
@@ -734,8 +754,11 @@ def protection(model: MeftModel, tokenizer: Any,
     config = config if config is not None else TrainConfig()
     if background is None or isinstance(background, (str, Path)):
         with model.disable_adapter():
-            background, desc = load_background(background, model.base_model, tokenizer,
-                                               progress=progress)
+            # replay alone draws only the short general questions: generate only those
+            background, desc = load_background(
+                background, model.base_model, tokenizer, progress=progress, cache=cache,
+                questions_only=(not uses_statistics(config) and config.retain_replay_pool
+                                == "questions"))
         say(f"background: {desc}")
     if isinstance(rehearse, (str, Path)):
         rehearse = load_samples(rehearse)
@@ -743,7 +766,15 @@ def protection(model: MeftModel, tokenizer: Any,
         _same_on_every_rank(model.parallel, [*background, *(rehearse or [])])
     return Retainer.from_config(model, config, list(background), tokenizer,
                                 progress=progress,
-                                rehearsal=list(rehearse) if rehearse is not None else None)
+                                rehearsal=list(rehearse) if rehearse is not None else None,
+                                cache=cache)
+
+
+def _computes_base(model: Any) -> bool:
+    """Whether ``model`` computes exactly its base model: a meft model whose values are all
+    zero (a fresh adapter adds exactly 0 to every block)."""
+    stores = getattr(model, "stores", None) or []
+    return bool(stores) and not any(bool(s.values.any()) for s in stores)
 
 
 def _some_left(encoded: Sequence[Encoded], what: str, max_length: int, off: str) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from meft import evaluate
+from meft.cache import BaseCache
 from meft.data import Encoded, Sample, encode, load_samples, parse_record, to_record
 from meft.errors import DataError, SerializationError
 from meft.evaluate import answer_loss
@@ -41,9 +42,11 @@ from meft.general import general_questions, general_text_samples, unseen_questio
 PROBE_FILE = "retention_probe.json"
 
 
-def general_loss(model: Any, tokenizer: Any, *, window: int = 256) -> float:
+def general_loss(model: Any, tokenizer: Any, *, window: int = 256,
+                 cache: BaseCache | None = None) -> float:
     """Mean next-token loss of ``model`` on the general text (every token is labelled), each
-    paragraph cut into windows of at most ``window`` tokens."""
+    paragraph cut into windows of at most ``window`` tokens; with ``cache`` (``model`` is its
+    base model) looked up first and kept."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = []
     for sample in general_text_samples():
@@ -52,7 +55,10 @@ def general_loss(model: Any, tokenizer: Any, *, window: int = 256) -> float:
             ids = whole.input_ids[lo:lo + window]
             if len(ids) > 1:
                 encoded.append(Encoded(ids, whole.labels[lo:lo + window], False))
-    return answer_loss(model, encoded, pad)
+    if cache is None:
+        return answer_loss(model, encoded, pad)
+    inputs = {"windows": [[e.input_ids, e.labels] for e in encoded], "pad": pad}
+    return float(cache.get("general_loss", inputs, lambda: answer_loss(model, encoded, pad)))
 
 
 def probe_questions(path: str | Path) -> list[Sample]:
@@ -92,18 +98,19 @@ class RetentionProbe:
     @classmethod
     def build(cls, model: Any, tokenizer: Any, *, max_new_tokens: int = 16,
               batch_size: int = 32, progress: bool = True,
-              questions: Sequence[Sample] | None = None, source: str = "shipped"
-              ) -> RetentionProbe:
+              questions: Sequence[Sample] | None = None, source: str = "shipped",
+              cache: BaseCache | None = None) -> RetentionProbe:
         """Ask ``model`` (the base model: call it before training) every question of both
-        sets; ``questions``: the headline set (default: the shipped unseen kinds)."""
+        sets; ``questions``: the headline set (default: the shipped unseen kinds); ``cache``:
+        the base model's results kept from an earlier run (:mod:`meft.cache`)."""
         headline = list(questions) if questions is not None else unseen_questions()
         seen = general_questions()
         ok = evaluate.answered(model, tokenizer, [*headline, *seen],
                                max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               progress=progress, desc="retention probe")
+                               progress=progress, desc="retention probe", cache=cache)
         mine, theirs = ok[:len(headline)], ok[len(headline):]
         return cls([i for i, good in enumerate(theirs) if good], len(seen),
-                   general_loss(model, tokenizer), [to_record(q) for q in headline],
+                   general_loss(model, tokenizer, cache=cache), [to_record(q) for q in headline],
                    [i for i, good in enumerate(mine) if good], source)
 
     def headline(self) -> list[Sample]:

@@ -26,6 +26,7 @@ from typing import Any
 from meft.background import load_background
 from meft.bench.methods import DEFAULT_METHODS, QUICK_METHODS, check_method, parse_entry
 from meft.bench.report import pct, read_results, run_name, write_report, write_result
+from meft.cache import BaseCache
 from meft.config import BenchJob
 from meft.console import say
 from meft.data import write_jsonl
@@ -87,12 +88,13 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         say(f"bench: preparing {source.name} -> {output}")
         tokenizer = load_tokenizer(source, trust_remote_code=run.trust_remote_code)
         base = load_model(source, trust_remote_code=run.trust_remote_code)
+        cache = BaseCache(base, tokenizer)  # base-model results kept between runs (meft.cache)
         for seed in seeds:
             if run.data is None and run.dataset == "airports":  # only what the model lacks
                 splits[seed] = drop_known(splits[seed], answered(
                     base, tokenizer, splits[seed].test, max_new_tokens=run.max_new_tokens,
                     batch_size=run.eval_batch_size, desc="known facts",
-                    progress=progress))
+                    progress=progress, cache=cache))
                 say(f"bench: seed {seed}: {splits[seed].description}")
             for name in ("train", "validation", "test"):
                 write_jsonl(getattr(splits[seed], name),
@@ -103,13 +105,13 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         if run.retention and bench.evaluate:
             probe = RetentionProbe.build(base, tokenizer, max_new_tokens=run.max_new_tokens,
                                          batch_size=run.eval_batch_size, progress=progress,
-                                         **headline_of(run.probe))
+                                         cache=cache, **headline_of(run.probe))
             probe.save(Path(tmp) / "probe.json")
             worker_args = ["--probe", str(Path(tmp) / "probe.json")]
             say(f"bench: retention probe: {probe.summary()}")
         if any(method.retain for method, _ in entries):
             samples, desc = load_background(run.background, base, tokenizer,
-                                            progress=progress)
+                                            progress=progress, cache=cache)
             write_jsonl(samples, Path(tmp) / "background.jsonl")
             worker_args += ["--background", str(Path(tmp) / "background.jsonl")]
             say(f"bench: background for +retain: {desc}")
