@@ -294,3 +294,28 @@ def test_half_tables_probe_in_half_and_keep_exact_gate_values() -> None:
                       (mod.store.value_grad.to_dense(), v2.grad)):
         # fp32 sums in another order: relative to the tensor's scale
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("gate", ["product", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inference_without_the_union_equals_the_training_forward(
+        gate: str, dtype: torch.dtype) -> None:
+    """Under no_grad with the rows read in place (generation on CPU) the adapter skips the
+    union and its gradient carriers: the output and every transfer count stay bitwise
+    those of the forward that training runs."""
+    mod = _module(dtype, gate)
+    with torch.no_grad():  # values are zero at init: give the output something to show
+        mod.store.values.normal_(generator=torch.Generator().manual_seed(3))
+    for seed in range(3):  # fresh random inputs each time
+        x = make_inputs(CASE, dtype, 40 + seed, lead=(2,))[0]
+        before = dict(vars(mod.store.stats))
+        trained = mod(x.clone().requires_grad_(True)).detach()
+        counted = {k: v - before[k] for k, v in vars(mod.store.stats).items()
+                   if isinstance(v, int)}
+        before = dict(vars(mod.store.stats))
+        with torch.no_grad():
+            inferred = mod(x)
+        assert torch.equal(inferred, trained)
+        assert {k: v - before[k] for k, v in vars(mod.store.stats).items()
+                if isinstance(v, int)} == counted
+        assert counted["union_rows"] > 0 and counted["row_bytes_h2d"] > 0

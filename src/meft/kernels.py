@@ -144,6 +144,16 @@ def bag_sum_transposed(pattern: RowPattern, src: Tensor, weights: Tensor) -> Ten
                            per_sample_weights=weights.reshape(-1)[pattern.perm], mode="sum")
 
 
+def rows_output(x: Tensor, gsel: Tensor | None, keys: Tensor, values: Tensor, rows: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward of the module doc without autograd: y (T, d), a and s (T, K) from x (T, d),
+    gsel (T, K) or None, and the rows ``rows`` (T, K) of keys and values (staged (U, d) with
+    local positions, or whole tables with global ids). :func:`sparse_rows` runs exactly this."""
+    a = pair_dots(x, keys, rows)  # (T, K)
+    s = a * gsel if gsel is not None else a
+    return bag_sum(rows, values, torch.relu(s)), a, s
+
+
 class _SparseRows(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -151,12 +161,10 @@ class _SparseRows(torch.autograd.Function):
         keys: Tensor, values: Tensor, rows: Tensor,
     ) -> Tensor:
         # keys, values, rows: what is read (ku, vu, local, or the whole tables and global ids)
-        a = pair_dots(x, keys, rows)  # (T, K)
-        s = a * gsel if gsel is not None else a
-        w = torch.relu(s)
+        y, a, s = rows_output(x, gsel, keys, values, rows)
         ctx.n_rows = ku.shape[0]
         ctx.save_for_backward(x, gsel, keys, values, rows, local, a, s)  # type: ignore[arg-type]
-        return bag_sum(rows, values, w)
+        return y
 
     @staticmethod
     @once_differentiable

@@ -49,7 +49,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from meft.kernels import gate_values, gradient_carrier, pair_dots, sparse_rows
+from meft.kernels import gate_values, gradient_carrier, pair_dots, rows_output, sparse_rows
 from meft.routing import HALF_DTYPES, check_routing_sizes, probe, router_init, select
 from meft.store import HostStore, RowSparseGrad
 
@@ -112,6 +112,12 @@ class TokenMask:
         while len(seen) > self.REMEMBERED:
             seen.popitem(last=False)
         return keep
+
+
+def _distinct(ids: Tensor, n: int) -> int:
+    """How many distinct values in [0, n) ``ids`` holds (U, without sorting them)."""
+    seen = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    return int(seen.index_fill_(0, ids.reshape(-1), True).sum())
 
 
 class _StagingPool:
@@ -248,9 +254,7 @@ class OffloadedSparseAdapter(nn.Module):
     def _adapt(self, x2: Tensor, keep: Tensor | None) -> Tensor:
         """y (T, d) for the tokens x2 (T, d) to route; ``keep`` (T_all,) which of the call's
         tokens they are (None: all), for the access counter."""
-        d = self.store.dim
         stats = self.store.stats
-        t = x2.shape[0]
         router = self.router.to(x2.dtype)
         route_dtype = self.store.keys.dtype  # routing runs in the tables' dtype
         with torch.no_grad():  # the gradient goes through gate_values, probed experts only
@@ -266,10 +270,20 @@ class OffloadedSparseAdapter(nn.Module):
                           probe_ids.to(_HOST))  # (T, K) on host
         if self.counter is not None:
             self.counter.add(ids, x_host, keep)
+        tables = self._tables_in_place(x2.dtype)
+        b = self.n_neurons // self.n_experts
+        if tables is not None and not torch.is_grad_enabled():
+            # inference with the rows read in place (generation on CPU): nothing is staged
+            # and no gradient goes back, so the union U is needed only for its size; the
+            # output is bitwise the one sparse_rows gives (tested)
+            routed = time.perf_counter()
+            stats.route_s += routed - start
+            self._count(x2, _distinct(ids, self.n_neurons), probe_ids, probe_scores, ids.numel())
+            gsel = g.gather(1, ids // b) if self.gate == "product" else None
+            return rows_output(x2, gsel, tables[0], tables[1], ids)[0]
         uniq, local = torch.unique(ids, return_inverse=True)  # (U,), (T, K)
         routed = time.perf_counter()
 
-        tables = self._tables_in_place(x2.dtype)
         if tables is None:
             ku, vu = self._fetch(uniq, x2.dtype)  # (U, d) each, on the compute device
         else:  # read in place by the kernels; ku, vu only receive the (U, d) gradients
@@ -278,17 +292,7 @@ class OffloadedSparseAdapter(nn.Module):
         local_dev = local.to(self.device)
         stats.stage_s += time.perf_counter() - routed
         stats.route_s += routed - start
-
-        u = uniq.shape[0]
-        item = x2.element_size()
-        stats.forwards += 1
-        stats.tokens += t
-        stats.union_rows += u
-        stats.hidden_bytes_d2h += t * d * item
-        stats.index_bytes_d2h += probe_ids.numel() * probe_ids.element_size()
-        stats.index_bytes_d2h += probe_scores.numel() * probe_scores.element_size()
-        stats.row_bytes_h2d += 2 * u * d * item
-        stats.index_bytes_h2d += (uniq.numel() + local.numel()) * uniq.element_size()
+        self._count(x2, uniq.shape[0], probe_ids, probe_scores, local.numel())
 
         if torch.is_grad_enabled():
             key_acc, value_acc = self._accumulators()
@@ -297,11 +301,27 @@ class OffloadedSparseAdapter(nn.Module):
             ku.register_post_accumulate_grad_hook(self._grad_sink(key_acc, uniq))
             vu.register_post_accumulate_grad_hook(self._grad_sink(value_acc, uniq))
 
-        b = self.n_neurons // self.n_experts
         gsel = (gate_values(x2, router, g, probe_ids, uniq_dev[local_dev] // b)
                 if self.gate == "product" else None)
         return sparse_rows(x2, gsel, ku, vu, local_dev, tables=tables,
                            ids=None if tables is None else ids)
+
+    def _count(self, x2: Tensor, u: int, probe_ids: Tensor, probe_scores: Tensor,
+               tk: int) -> None:
+        """Add one forward of x2 (T, d) with a union of U rows and T*K = ``tk`` chosen slots
+        to the store's transfer counts: the bytes the real system moves (module doc), also
+        where the "copy" is free."""
+        stats = self.store.stats
+        t, d = x2.shape
+        item = x2.element_size()
+        stats.forwards += 1
+        stats.tokens += t
+        stats.union_rows += u
+        stats.hidden_bytes_d2h += t * d * item
+        stats.index_bytes_d2h += probe_ids.numel() * probe_ids.element_size()
+        stats.index_bytes_d2h += probe_scores.numel() * probe_scores.element_size()
+        stats.row_bytes_h2d += 2 * u * d * item
+        stats.index_bytes_h2d += (u + tk) * 8  # U ids and local (T, K), int64
 
     def _probe_in_half(self, x2: Tensor, router: Tensor, dtype: torch.dtype
                        ) -> tuple[Tensor, Tensor, Tensor]:
