@@ -23,6 +23,19 @@ def _meft_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["MEFT_CACHE"] = str(tmp_path_factory.mktemp("meft-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _half_matmul_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half tables route in their dtype in every test (as on a CPU with native bf16), whatever
+    this machine has; the tests of the float32 path (meft.sysinfo.half_matmul_native) set it
+    themselves."""
+    import torch
+
+    from meft import sysinfo
+
+    for dtype in (torch.bfloat16, torch.float16):
+        monkeypatch.setitem(sysinfo._HALF_NATIVE, dtype, True)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes seconds to minutes; deselect with "
                                        "-m 'not slow'")

@@ -319,3 +319,54 @@ def test_inference_without_the_union_equals_the_training_forward(
         assert {k: v - before[k] for k, v in vars(mod.store.stats).items()
                 if isinstance(v, int)} == counted
         assert counted["union_rows"] > 0 and counted["row_bytes_h2d"] > 0
+
+
+def test_half_tables_route_in_float32_where_half_matmuls_are_slow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU without native bf16 (meft.sysinfo.half_matmul_native) bf16 tables keep their
+    storage and route in fp32: probing from the fp32 router product, candidates scored with
+    the probed key blocks converted to fp32. The choice is the fp32 routing of the same
+    (bf16-valued) keys, the output the definition's."""
+    from meft import sysinfo
+
+    monkeypatch.setitem(sysinfo._HALF_NATIVE, torch.bfloat16, False)
+    _, keys, values, router, _ = make_inputs(CASE, torch.float32, 0)
+    mod = OffloadedSparseAdapter(HostStore(keys.bfloat16(), values.bfloat16()),
+                                 n_experts=CASE.experts, top_k=CASE.top_k,
+                                 n_probe=CASE.n_probe, router=router, dtype=torch.float32)
+    mod.counter = seen = _Ids()
+    assert mod.store.keys.dtype == torch.bfloat16  # compact storage kept
+    for seed in range(3):
+        x = make_inputs(CASE, torch.float32, 50 + seed)[0]
+        y = mod(x)
+        scores, probes = (x @ router.T).topk(CASE.n_probe, dim=1)
+        ids = select(x, mod.store.keys.float(), scores, probes, CASE.experts,
+                     top_k=CASE.top_k)  # fp32 routing of the bf16-valued keys
+        assert torch.equal(seen.ids[-1], ids)
+        b = CASE.neurons // CASE.experts
+        gsel = (x @ router.T).gather(1, ids // b)
+        a = (mod.store.keys.float()[ids] * x.unsqueeze(1)).sum(-1)
+        want = (torch.relu(gsel * a).unsqueeze(-1) * mod.store.values.float()[ids]).sum(1)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_half_matmul_native_is_decided_once_and_can_be_forced(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from meft import sysinfo
+    from meft.errors import ConfigError
+
+    monkeypatch.setattr(sysinfo, "_HALF_NATIVE", {})
+    for value, native in (("fp32", False), ("native", True)):
+        monkeypatch.setenv("MEFT_HALF_MATMUL", value)
+        sysinfo._HALF_NATIVE.clear()
+        assert sysinfo.half_matmul_native(torch.bfloat16) is native
+    monkeypatch.setenv("MEFT_HALF_MATMUL", "fp32")  # decided: the environment is not read again
+    assert sysinfo.half_matmul_native(torch.bfloat16) is True
+    monkeypatch.delenv("MEFT_HALF_MATMUL")
+    sysinfo._HALF_NATIVE.clear()
+    timed = sysinfo.half_matmul_native(torch.float16)  # measured: a bool either way
+    assert isinstance(timed, bool) and sysinfo._HALF_NATIVE == {torch.float16: timed}
+    monkeypatch.setenv("MEFT_HALF_MATMUL", "fast")
+    sysinfo._HALF_NATIVE.clear()
+    with pytest.raises(ConfigError, match="MEFT_HALF_MATMUL"):
+        sysinfo.half_matmul_native(torch.bfloat16)

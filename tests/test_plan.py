@@ -118,3 +118,19 @@ def test_probed_experts_is_the_expected_count_under_uniform_routing(experts: int
     counts = [len(torch.cat([torch.randperm(experts, generator=g)[:8] for _ in range(tokens)])
                   .unique()) for _ in range(50)]
     assert probed_experts(config, tokens) == pytest.approx(sum(counts) / 50, rel=0.02)
+
+
+def test_plan_says_which_dtype_half_tables_route_in(
+        model_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from meft import sysinfo
+
+    flags = ["plan", "--model", str(model_dir), "--neurons", "64", "--top-k", "4",
+             "--host-dtype", "bfloat16"]
+    for native, says in ((False, "route in float32 on this CPU (no native half matmul"),
+                         (True, "route in bfloat16 on this CPU (native half matmuls)")):
+        monkeypatch.setitem(sysinfo._HALF_NATIVE, torch.bfloat16, native)
+        assert main(flags) == 0
+        assert says in capsys.readouterr().out
+    assert main(["plan", "--model", str(model_dir), "--neurons", "64", "--top-k", "4"]) == 0
+    assert "route in" not in capsys.readouterr().out  # fp32 tables: nothing to say

@@ -50,7 +50,14 @@ import torch
 from torch import Tensor, nn
 
 from meft.kernels import gate_values, gradient_carrier, pair_dots, rows_output, sparse_rows
-from meft.routing import HALF_DTYPES, check_routing_sizes, probe, router_init, select
+from meft.routing import (
+    HALF_DTYPES,
+    check_routing_sizes,
+    probe,
+    router_init,
+    routing_dtype,
+    select,
+)
 from meft.store import HostStore, RowSparseGrad
 
 
@@ -256,7 +263,8 @@ class OffloadedSparseAdapter(nn.Module):
         tokens they are (None: all), for the access counter."""
         stats = self.store.stats
         router = self.router.to(x2.dtype)
-        route_dtype = self.store.keys.dtype  # routing runs in the tables' dtype
+        # routing runs in the tables' dtype (fp32 for half tables where half is slow)
+        route_dtype = routing_dtype(self.store.keys.dtype)
         with torch.no_grad():  # the gradient goes through gate_values, probed experts only
             if route_dtype in HALF_DTYPES and x2.dtype != route_dtype:
                 g, probe_scores, probe_ids = self._probe_in_half(x2, router, route_dtype)

@@ -51,6 +51,7 @@ import torch
 
 from meft.config import MeftConfig
 from meft.errors import ConfigError, ModelLoadError
+from meft.routing import routing_dtype
 
 ACTIVATION_FACTOR = 34
 UNION_RATIO = 0.044
@@ -183,6 +184,7 @@ def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, f
         "experts": config.n_experts, "probe": config.n_probe,
         "adapter_parameters": 2 * config.neurons * d * layers,
         "host_dtype": config.storage_dtype, "optim_state": config.optim_state,
+        "routing_dtype": str(routing_dtype(config.dtype)).removeprefix("torch."),
         "tokens": tokens, "union": u, "union_assumed": union is None,
         "device_bytes": device, "device_total": sum(device.values()),
         "host_bytes": host, "host_total": sum(host.values()),
@@ -255,6 +257,11 @@ def describe(p: dict[str, Any]) -> str:
         f"adapter N={p['neurons']} K={p['top_k']} E={p['experts']} P={p['probe']} on "
         f"{p['adapter_layers']} layers: {p['adapter_parameters'] / 1e9:.2f}B parameters "
         f"({p['host_dtype']} tables, {p['optim_state']} moments)",
+        *([f"routing {p['host_dtype']} tables route in {p['routing_dtype']} on this CPU "
+           + ("(native half matmuls)" if p["routing_dtype"] == p["host_dtype"] else
+              "(no native half matmul here: converted as gathered; MEFT_HALF_MATMUL=native "
+              "forces half)")] if p["host_dtype"] in ("bf16", "bfloat16", "fp16", "float16")
+          else []),
         f"per micro-batch of {p['tokens']} tokens: U = {p['union']} rows per layer"
         + (" (assumed: 0.044 T K, measured on the embedded model; --union to set)"
            if p["union_assumed"] else ""),

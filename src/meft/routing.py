@@ -38,14 +38,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from meft.kernels import put_rows
+from meft.sysinfo import half_matmul_native
 
 GATES = ("product", "none")
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # half-precision tables: their candidates are scored by batched matmuls (_grouped_scores),
-# and they probe in their dtype (meft.offload)
+# and they probe in their dtype (meft.offload) where the CPU has native half matmuls
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def routing_dtype(table_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the host routes tables of ``table_dtype`` in: their own, except half tables
+    on a CPU without native half matmuls (:func:`meft.sysinfo.half_matmul_native`), which
+    route in float32: the probed key blocks are converted as they are gathered
+    (:func:`bucketed_scores`), so the storage stays compact and only the arithmetic changes."""
+    if table_dtype in HALF_DTYPES and not half_matmul_native(table_dtype):
+        return torch.float32
+    return table_dtype
 
 
 def check_adapter_args(
@@ -121,8 +132,8 @@ def _grouped_scores(xs: Tensor, key_blocks: Tensor, counts: Tensor) -> Tensor:
     # groups take 3.1 against 7.0-7.3 ms per layer at N=65,536 with a real step's group sizes
     # (368 of E=1024 experts probed, the largest group 302 rows; 6.6 against 8.1 inside a
     # training step; benchmarks/results/step-ratio-b166f7c); in fp32 they are no faster
-    if xs.dtype in HALF_DTYPES and xs.device.type == "cpu":
-        return bucketed_scores(xs, key_blocks, counts)
+    if (xs.dtype in HALF_DTYPES or key_blocks.dtype != xs.dtype) and xs.device.type == "cpu":
+        return bucketed_scores(xs, key_blocks, counts)  # (half keys scored in fp32: converted)
     if _grouped_mm is not None and xs.dtype in _GROUPED_MM_DTYPES and xs.device.type == "cpu":
         offs = torch.cumsum(counts, 0).to(torch.int32)
         out: Tensor = _grouped_mm(xs, key_blocks.transpose(1, 2), offs=offs)
@@ -143,8 +154,9 @@ def bucketed_scores(xs: Tensor, key_blocks: Tensor, counts: Tensor) -> Tensor:
     n = counts.index_select(0, nonempty)  # (E',) rows per group
     start = (torch.cumsum(counts, 0) - counts).index_select(0, nonempty)  # (E',) first row
     size_class = torch.ceil(torch.log2(n.double())).long()  # (E',): padded to 2^k rows
-    # the probed experts' key blocks, gathered class after class into one reused buffer
-    blocks = _scratch(nonempty.numel() * b * d, key_blocks.dtype, key_blocks.device)
+    # the probed experts' key blocks, gathered class after class into one reused buffer, in
+    # xs's dtype (half keys scored in fp32 are converted here, block by block)
+    blocks = _scratch(nonempty.numel() * b * d, xs.dtype, key_blocks.device)
     first = 0  # of the class's blocks in the buffer
     for k in torch.unique(size_class).tolist():
         chosen = (size_class == k).nonzero().squeeze(1)
@@ -156,7 +168,10 @@ def bucketed_scores(xs: Tensor, key_blocks: Tensor, counts: Tensor) -> Tensor:
         rows = (start.index_select(0, chosen).unsqueeze(1) + slot).view(-1).index_select(0, pos)
         padded = xs.new_zeros(e_k << k, d).index_copy_(0, pos, xs.index_select(0, rows))
         class_keys = blocks[first * b * d:(first + e_k) * b * d].view(e_k, b, d)
-        torch.index_select(key_blocks, 0, experts, out=class_keys)
+        if key_blocks.dtype == xs.dtype:
+            torch.index_select(key_blocks, 0, experts, out=class_keys)
+        else:
+            class_keys.copy_(key_blocks.index_select(0, experts))
         first += e_k
         scores = torch.bmm(padded.view(e_k, 1 << k, d), class_keys.transpose(1, 2))
         out.index_copy_(0, rows, scores.view(-1, b).index_select(0, pos))

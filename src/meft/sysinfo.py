@@ -6,6 +6,15 @@ to the hardware, thread count, torch version and commit that produced it), ``Mem
 for the host-memory check before tables are allocated, and ``VmHWM`` (peak resident set) for
 the benchmarks, which reset it per method through ``/proc/self/clear_refs``. Off Linux the
 readers return None.
+
+Half-precision matmuls on the host: many CPUs have no native bf16 or fp16 arithmetic (AMD
+before Zen 4, Intel before Cooper Lake / Sapphire Rapids), and there torch's half matmul is
+emulated, 60x slower than fp32 on a 2-core Zen 2-era EPYC ((128x576)@(576x1024): 139 ms
+against 2.3 ms). :func:`half_matmul_native` decides once per process and dtype, from
+``MEFT_HALF_MATMUL`` (``native`` or ``fp32``) if set, else a micro-benchmark (a (64x576)@(576x512)
+product in each dtype, best of 3 after a warm-up: native when the half one takes at most twice
+the fp32 one's time; well under a second even where it is slow). Routing uses it
+(:func:`meft.routing.routing_dtype`), and ``meft plan`` says which path the machine takes.
 """
 
 from __future__ import annotations
@@ -14,12 +23,44 @@ import datetime
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from meft.errors import ConfigError
+
+_HALF_NATIVE: dict[torch.dtype, bool] = {}  # the decision per dtype, once per process
+
+
+def half_matmul_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bf16, fp16) matrices at native speed (module
+    doc); decided once per process."""
+    if dtype not in _HALF_NATIVE:
+        forced = os.environ.get("MEFT_HALF_MATMUL", "").strip().lower()
+        if forced in ("native", "fp32"):
+            _HALF_NATIVE[dtype] = forced == "native"
+        elif forced:
+            raise ConfigError(f"MEFT_HALF_MATMUL={forced!r}: use native or fp32 (or unset it "
+                              "to measure)")
+        else:
+            _HALF_NATIVE[dtype] = _half_time(dtype) <= 2.0 * _half_time(torch.float32)
+    return _HALF_NATIVE[dtype]
+
+
+def _half_time(dtype: torch.dtype) -> float:
+    """Best of 3 seconds for a (64x576)@(576x512) product in ``dtype``, after a warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 576, generator=gen).to(dtype)
+    b = torch.randn(576, 512, generator=gen).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _proc_field(path: str, prefix: str) -> str | None:
