@@ -365,7 +365,7 @@ def test_half_matmul_native_is_decided_once_and_can_be_forced(
     monkeypatch.delenv("MEFT_HALF_MATMUL")
     sysinfo._HALF_NATIVE.clear()
     timed = sysinfo.half_matmul_native(torch.float16)  # measured: a bool either way
-    assert isinstance(timed, bool) and sysinfo._HALF_NATIVE == {torch.float16: timed}
+    assert isinstance(timed, bool) and {torch.float16: timed} == sysinfo._HALF_NATIVE
     monkeypatch.setenv("MEFT_HALF_MATMUL", "fast")
     sysinfo._HALF_NATIVE.clear()
     with pytest.raises(ConfigError, match="MEFT_HALF_MATMUL"):
