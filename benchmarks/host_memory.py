@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, _ = load_model_and_tokenizer(None)
     train = encode_all(make_knowledge_set(30).train, tokenizer, 256, "train")
     record("base loaded")
-    cfg = MeftConfig(neurons=args.neurons, storage_dtype=args.host_dtype,
+    cfg = MeftConfig(neurons=args.neurons, host_dtype=args.host_dtype,
                      optim_state=args.optim_state)
     meft = get_meft_model(model, cfg)
     record("adapter built")

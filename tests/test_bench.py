@@ -45,7 +45,7 @@ def test_parse_method() -> None:
     compact = parse_method("meft:64:bf16:8bit+retain:kl")
     assert compact.state == ("bf16", "8bit") and compact.retain
     assert compact.name == "meft:64:bf16:8bit+retain:kl"
-    assert compact.state_overrides() == {"storage_dtype": "bfloat16", "optim_state": "8bit"}
+    assert compact.state_overrides() == {"host_dtype": "bfloat16", "optim_state": "8bit"}
     assert parse_method("meft:64:rowwise").state_overrides() == {"optim_state": "rowwise"}
     # default rates as the tuned comparison chose them
     assert parse_method("lora:all:16").default_lr == 3e-3
@@ -178,7 +178,7 @@ def test_eval_every_records_the_validation_curve_without_changing_training(token
     for every in (0, 2):
         job = BenchJob.from_options({"steps": 5, "batch_size": 4, "top_k": 4, "n_probe": 2,
                                      "eval_every": every, "progress": False,
-                                     "evaluate": False})
+                                     "eval": False})
         runs[every] = run_method(parse_method("meft:64"), base, tokenizer, train,
                                  ks.validation, ks.eval, job, torch.device("cpu"))
     assert runs[0]["validation_losses"] == []

@@ -8,6 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 from meft.cli import build_parser, main
 from meft.config import (
@@ -146,3 +147,28 @@ def test_run_directory_records_the_resolved_config(model_dir: Path, data_file: P
     assert final["adapter"]["hidden_size"] == 32 and final["adapter"]["num_layers"] == 2
     assert {k: v for k, v in final["adapter"].items() if k not in filled} == {
         k: v for k, v in recorded["adapter"].items() if k not in filled}
+
+
+def test_python_names_are_the_flag_names() -> None:
+    """Every option a user sets has one name: the Python keyword is the flag without its
+    dashes (booleans on by default: --no-<name>), and renamed fields still load."""
+    from meft.config import (
+        BenchConfig,
+        EvalConfig,
+        GenerateConfig,
+        MeftConfig,
+        PlanConfig,
+        RunConfig,
+        TrainConfig,
+        cli_fields,
+        flag_of,
+    )
+
+    for cls in (MeftConfig, TrainConfig, RunConfig, EvalConfig, GenerateConfig, PlanConfig,
+                BenchConfig):
+        for f in cli_fields(cls):
+            flag = flag_of(f)
+            assert flag in ("--" + f.name.replace("_", "-"),
+                            "--no-" + f.name.replace("_", "-")), (cls.__name__, f.name, flag)
+    assert MeftConfig(host_dtype="bfloat16").dtype == torch.bfloat16
+    assert MeftConfig.from_dict({"storage_dtype": "bfloat16"}).host_dtype == "bfloat16"

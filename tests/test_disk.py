@@ -165,8 +165,8 @@ def _model(path: Path | None, **kw: object) -> MeftModel:
     return get_meft_model(tiny("llama"), meft_config(**kw), arrays=arrays)
 
 
-@pytest.mark.parametrize("kw", [{}, {"storage_dtype": "bfloat16", "optim_state": "8bit"},
-                                {"storage_dtype": "bfloat16", "optim_state": "factored"}])
+@pytest.mark.parametrize("kw", [{}, {"host_dtype": "bfloat16", "optim_state": "8bit"},
+                                {"host_dtype": "bfloat16", "optim_state": "factored"}])
 def test_training_on_disk_equals_training_in_ram(kw: dict, tmp_path: Path) -> None:
     ram = _model(None, **kw)
     Trainer(ram, examples(), CFG, tmp_path / "ram", pad_id=0).train()

@@ -313,7 +313,7 @@ def test_factored_state_is_refused_by_the_python_api_across_processes() -> None:
     from meft.errors import ConfigError
 
     with pytest.raises(ConfigError, match="optim_state 'factored' is for one process"):
-        get_meft_model(tiny("llama"), meft_config(storage_dtype="bfloat16",
+        get_meft_model(tiny("llama"), meft_config(host_dtype="bfloat16",
                                                   optim_state="factored"),
                        parallel=DataParallel(0, 2))
 

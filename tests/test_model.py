@@ -296,8 +296,8 @@ def test_config_validation_and_unknown_fields(tmp_path: Path) -> None:
         MeftConfig(init_std=0)
     with pytest.raises(ConfigError, match="gate must be one of product, none, got 'max'"):
         MeftConfig(gate="max")
-    with pytest.raises(ConfigError, match="storage_dtype"):
-        MeftConfig(storage_dtype="int8")
+    with pytest.raises(ConfigError, match="host_dtype"):
+        MeftConfig(host_dtype="int8")
     assert MeftConfig(neurons=4096).experts == 256
     (tmp_path / "adapter_config.json").write_text(json.dumps({"neurons": 64, "bogus": 1}))
     with pytest.raises(ConfigError, match="unknown field"):

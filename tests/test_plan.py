@@ -31,7 +31,7 @@ def test_host_bytes_and_traffic_are_what_training_has(dtype: str, state: str,
                                                       tmp_path: Path) -> None:
     """Host bytes: exactly the tables and optimizer state a run allocates. Bytes moved: within
     1% of what TransferStats counted in a step, given the step's U (one micro-batch)."""
-    config = meft_config(storage_dtype=dtype, optim_state=state)
+    config = meft_config(host_dtype=dtype, optim_state=state)
     model = get_meft_model(tiny("llama"), config)
     trainer = Trainer(model, examples(4, pad=False), TrainConfig(steps=1, batch_size=4,
                                                                  progress=False),
@@ -68,7 +68,7 @@ def test_fit_finds_the_largest_n_that_fits() -> None:
     assert 0.9 * keys < on_disk["host_bytes"]["probed_keys"] <= keys
     assert on_disk["host_total"] < 0.25 * fits["host_total"]  # RAM: one step's pages
     compact = fit_neurons(meft_config(neurons=4096, experts=64, top_k=64, n_probe=8,
-                                      storage_dtype="bfloat16", optim_state="8bit"), shape,
+                                      host_dtype="bfloat16", optim_state="8bit"), shape,
                           **kw)
     assert compact > 2.5 * n  # 4 bytes per parameter instead of 12
 

@@ -224,7 +224,7 @@ def test_host_bytes_per_parameter() -> None:
             s.nbytes for t in tables for s in opt.state[t.data].values())
         per_param = nbytes / (2 * n * d)
         assert per_param <= most, (fmt, per_param)
-        config = meft_config(neurons=n, experts=16, storage_dtype=str(dtype)[6:],
+        config = meft_config(neurons=n, experts=16, host_dtype=str(dtype)[6:],
                              optim_state=fmt)
         assert config.host_bytes_per_layer(d) == nbytes  # the planner's count is exact
 
@@ -234,7 +234,7 @@ def test_resume_with_compact_state_is_bitwise(fmt: str, tmp_path: Path) -> None:
     cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, progress=False)
 
     def trainer(name: str) -> Trainer:
-        model = get_meft_model(tiny("llama"), meft_config(storage_dtype="bfloat16",
+        model = get_meft_model(tiny("llama"), meft_config(host_dtype="bfloat16",
                                                           optim_state=fmt))
         return Trainer(model, examples(), cfg, tmp_path / name, pad_id=0)
 

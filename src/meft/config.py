@@ -58,6 +58,9 @@ STORAGE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16"
 ROUTER_INITS = ("normal", "key_mean")
 # adapter_config.json fields written by meft 0.1.0 that now belong to TrainConfig; ignored
 LEGACY_ADAPTER_FIELDS = ("lr", "weight_decay")
+# fields renamed since, read under their new names (adapters, runs and YAML files written
+# before): the tables' dtype is named like its flag, --host-dtype
+RENAMED = {"storage_dtype": "host_dtype", "evaluate": "eval"}
 # meft bench: --quick runs fewer steps and questions; LoRA's own default learning rate
 BENCH_STEPS, QUICK_STEPS, QUICK_MAX_EVAL = 60, 20, 24
 # LoRA's default rates, by rank, from the tuned comparison
@@ -218,9 +221,8 @@ class MeftConfig:
     router_init: str = option("normal", "router initialisation: N(0, init_std) (normal) or "
                               "each expert's scaled mean key (key_mean)", choices=ROUTER_INITS)
     init_std: float = option(0.02, "std of the random keys and routers", check="positive")
-    storage_dtype: str = option("float32", "dtype of the host tables (bfloat16: updated in "
-                                "fp32 and rounded stochastically)", flag="--host-dtype",
-                                choices=tuple(STORAGE_DTYPES))
+    host_dtype: str = option("float32", "dtype of the host tables (bfloat16: updated in "
+                             "fp32 and rounded stochastically)", choices=tuple(STORAGE_DTYPES))
     optim_state: str = option("fp32", "AdamW moments of the host tables: fp32, rowwise (first "
                               "moment bf16, second one number per row), 8bit (log-scale "
                               "codes, a scale per row) or factored (first moment 8-bit, "
@@ -257,7 +259,7 @@ class MeftConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        return STORAGE_DTYPES[self.storage_dtype]
+        return STORAGE_DTYPES[self.host_dtype]
 
     def host_bytes_per_layer(self, hidden_size: int) -> int:
         """Keys + values in the storage dtype and their two AdamW moments as ``optim_state``
@@ -278,7 +280,7 @@ class MeftConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> MeftConfig:
         known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k not in LEGACY_ADAPTER_FIELDS}
+        data = {RENAMED.get(k, k): v for k, v in data.items() if k not in LEGACY_ADAPTER_FIELDS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
@@ -501,8 +503,8 @@ class BenchConfig:
                               default_text=f"each method's own: LoRA {LORA_LR:g} (rank >= "
                               f"{LORA_HIGH_RANK}: {LORA_LR_HIGH_RANK:g}), full "
                               f"{FULL_LR:g}, the others {TrainConfig.lr:g} as meft train")
-    evaluate: bool = option(True, "score held-out questions after training (off: timing "
-                            "only)", flag="--no-eval")
+    eval: bool = option(True, "score held-out questions after training (off: timing only)",
+                        flag="--no-eval")
     output: str | None = option(None, "directory for one JSON per run, table.md and plots; "
                                 "runs already there stay in the table",
                                 default_text="a new runs/bench-<timestamp>")
@@ -633,7 +635,7 @@ def split_options(sections: Iterable[Section], options: Mapping[str, Any], *,
                for f in s.fields() if flag_of(f).startswith("--no-")}
     out: dict[str, dict[str, Any]] = {s.name: {} for s in sections}
     for key, value in options.items():
-        name = str(key).replace("-", "_")
+        name = RENAMED.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
         if name == "probe" and isinstance(value, int) and not isinstance(value, bool):
             name = "n_probe"  # P's flag was --probe before 0.2 (YAML files, recorded runs)
         if name in negated:  # no-retention: true, as the flag --no-retention says

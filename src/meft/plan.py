@@ -183,7 +183,7 @@ def plan(config: MeftConfig, shape: Shape, *, tokens: int, hardware: dict[str, f
         "adapter_layers": layers, "neurons": config.neurons, "top_k": config.top_k,
         "experts": config.n_experts, "probe": config.n_probe,
         "adapter_parameters": 2 * config.neurons * d * layers,
-        "host_dtype": config.storage_dtype, "optim_state": config.optim_state,
+        "host_dtype": config.host_dtype, "optim_state": config.optim_state,
         "routing_dtype": str(routing_dtype(config.dtype)).removeprefix("torch."),
         "tokens": tokens, "union": u, "union_assumed": union is None,
         "device_bytes": device, "device_total": sum(device.values()),

@@ -102,7 +102,7 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         tokenizer.save_pretrained(tmp)
         save_plain_copy(base, tmp)
         worker_args: list[str] = []
-        if run.retention and bench.evaluate:
+        if run.retention and bench.eval:
             probe = RetentionProbe.build(base, tokenizer, max_new_tokens=run.max_new_tokens,
                                          batch_size=run.eval_batch_size, progress=progress,
                                          cache=cache, **headline_of(run.probe))

@@ -130,7 +130,7 @@ RETAIN_WORDS: dict[str, tuple[str, Any]] = {
 REPLAY_FIELDS = ("retain_replay", "retain_replay_weight", "retain_replay_target",
                  "retain_replay_pool")
 
-STATE_SETTINGS = {"bf16": ("storage_dtype", "bfloat16"), "8bit": ("optim_state", "8bit"),
+STATE_SETTINGS = {"bf16": ("host_dtype", "bfloat16"), "8bit": ("optim_state", "8bit"),
                   "rowwise": ("optim_state", "rowwise"), "factored": ("optim_state", "factored")}
 
 

@@ -139,13 +139,13 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     for split, samples in (("validation", validation), ("test", test)):
         scores = (evaluate(trainable.model, tokenizer, list(samples)[: job.run.max_eval],
                            desc=f"{split} {method.name}", **gen)
-                  if job.bench.evaluate and samples else None)
+                  if job.bench.eval and samples else None)
         for key in ("exact_match", "f1", "contains"):
             short = {"exact_match": "em"}.get(key, key)
             result[f"{split}_{short}"] = None if scores is None else scores[key]
         result[f"{split}_n"] = 0 if scores is None else scores["n"]
     measured = (probe.measure(trainable.model, tokenizer, **gen)
-                if probe is not None and job.bench.evaluate else None)
+                if probe is not None and job.bench.eval else None)
     for key in ("retention", "retention_seen_kinds", "general_loss_delta", "forgotten",
                 "forgotten_seen_kinds", "retained", "kept", "retained_seen_kinds",
                 "kept_seen_kinds", "probe"):
