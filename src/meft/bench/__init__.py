@@ -15,6 +15,7 @@ The package imports the trainer and the components, never the recipes or the CLI
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -40,6 +41,7 @@ from meft.loading import (
     resolve_model,
     save_plain_copy,
 )
+from meft.retain import uses_statistics
 from meft.retention import RetentionProbe, headline_of
 from meft.serialization import prepare_output
 from meft.sysinfo import pick_device
@@ -110,8 +112,15 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
             worker_args = ["--probe", str(Path(tmp) / "probe.json")]
             say(f"bench: retention probe: {probe.summary()}")
         if any(method.retain for method, _ in entries):
-            samples, desc = load_background(run.background, base, tokenizer,
-                                            progress=progress, cache=cache)
+            # replay alone draws only the short general questions: generate only those
+            # unless a method reads the background statistics or replays it whole
+            configs = [dataclasses.replace(job.train_config(m.default_lr),
+                                           **m.retain_overrides())
+                       for m, _ in entries if m.retain]
+            samples, desc = load_background(
+                run.background, base, tokenizer, progress=progress, cache=cache,
+                questions_only=not any(uses_statistics(c) or c.retain_replay_pool == "whole"
+                                       for c in configs))
             write_jsonl(samples, Path(tmp) / "background.jsonl")
             worker_args += ["--background", str(Path(tmp) / "background.jsonl")]
             say(f"bench: background for +retain: {desc}")
