@@ -1,14 +1,17 @@
 """Generation with an adapter attached against the base model alone, in one process.
 
-The main job generates a lot (evaluation after training, the retention probe), and every
-answer pays the adapter's routing per new token. This measures it as a ratio: the embedded
-model answers the first 64 shipped general questions greedily (batch 32, 16 new tokens),
-alternately with the adapter off (``disable_adapter``) and on, ``--rounds`` times after one
-warm-up of each; the adapter is meft train's default shape with small random values (as
-after training: the routing cost does not depend on them). Prints and writes one JSON record
-with the environment (commit, CPU, threads, torch).
+The main job generates a lot (evaluation after training, the retention probe), and every answer
+pays the adapter's routing per new token. This measures it as a ratio: the embedded model
+answers what ``meft eval`` asks on the default job, the 120 held-out questions of the built-in
+set (seed 0), greedily (batch 32, 16 new tokens: meft's evaluation settings), or with
+``--general`` the first 120 shipped general questions, alternately with the adapter off
+(``disable_adapter``) and on, ``--rounds`` times after one warm-up of each; the adapter is meft
+train's default shape with small random values (as after training: the routing cost does not
+depend on them). Prints and writes one JSON record with the environment (commit, CPU, threads,
+torch).
 
     python benchmarks/generation_speed.py --output benchmarks/results/generation-speed-COMMIT
+
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from meft.config import MeftConfig
+from meft.datasets import load_splits
 from meft.evaluate import generate_answers
 from meft.general import general_questions
 from meft.loading import load_model_and_tokenizer
@@ -32,13 +36,16 @@ from meft.sysinfo import environment
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--questions", type=int, default=64)
+    ap.add_argument("--questions", type=int, default=120)
+    ap.add_argument("--general", action="store_true",
+                    help="the shipped general questions instead of the held-out ones")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--output", type=Path, help="directory for result.json (fresh)")
     args = ap.parse_args()
     model, tokenizer, source = load_model_and_tokenizer(None)
-    questions = general_questions()[: args.questions]
+    questions = (general_questions() if args.general
+                 else load_splits(None, None, seed=0).test)[: args.questions]
     meft_model = get_meft_model(model, MeftConfig())
     gen = torch.Generator().manual_seed(0)
     for store in meft_model.stores:
@@ -64,7 +71,8 @@ def main() -> None:
     record = {
         "command": "python benchmarks/generation_speed.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k != "output" and v is not None),
+            if k not in ("output", "general") and v is not None)
+        + (" --general" if args.general else ""),
         "model": source.name, "adapter": meft_model.meft_config.to_dict(),
         "questions": len(questions), "batch_size": args.batch_size,
         "new_tokens": args.new_tokens, "base_s": base, "adapter_s": adapter,
