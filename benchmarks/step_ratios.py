@@ -2,7 +2,7 @@
 method's ratio to lora:all:16 of the same run (issue 12 measures steps after the first 3:
 ``step_times_s[3:]``). Prints a markdown table, one row per run directory.
 
-    python benchmarks/step_ratios.py benchmarks/results/step-ratio-b166f7c
+    python benchmarks/step_ratios.py benchmarks/results/step-time/ratio-b166f7c
 """
 import json
 import statistics
