@@ -1,14 +1,14 @@
 """CPU benchmark of the MEFT sparse adapter: fast op, dense reference, offloaded module, optimizer.
 
-For each adapter size N (experts E = ``meft.routing.default_experts(N)``) it measures, on CPU,
-the median over ``--repeats`` timed calls (after ``WARMUP`` untimed calls):
+For each adapter size N (experts E = ``meft.engine.routing.default_experts(N)``) it measures, on
+CPU, the median over ``--repeats`` timed calls (after ``WARMUP`` untimed calls):
 
-* ``fast``: forward + backward of ``meft.functional.sparse_adapter`` (``sparse_grad=True``);
+* ``fast``: forward + backward of ``meft.engine.functional.sparse_adapter`` (``sparse_grad=True``);
 * ``reference``: forward + backward of the dense ``sparse_adapter_reference``, and the speedup
   reference / fast;
-* ``module``: forward + backward of ``meft.offload.OffloadedSparseAdapter`` over a
-  ``meft.store.HostStore``, with its ``TransferStats``: mean union U, routing and staging time,
-  bytes host->device and device->host; the routing fraction is route time / module time;
+* ``module``: forward + backward of ``meft.engine.offload.OffloadedSparseAdapter`` over a
+  ``meft.engine.store.HostStore``, with its ``TransferStats``: mean union U, routing and staging
+  time, bytes host->device and device->host; the routing fraction is route time / module time;
 * ``optimizer``: one ``RowSparseAdamW(mode="lazy")`` step over the rows touched by one module
   backward, per touched row (rows of one table; each step updates keys and values), against a
   ``torch.optim.AdamW`` step over both full (N, d) tables with dense gradients, per row.
@@ -28,7 +28,7 @@ Targets, printed as PASS/FAIL (SKIP when the sizes involved were not run):
     (v)   lazy optimizer time per touched row at the largest N at most 1.5x that at N=4096
           (cost proportional to U, not N; cheaper per row at large N is fine)
 
-Results go to ``--json`` (default ``benchmarks/results/bench_adapter.json``) with the config,
+Results go to ``--json`` (default a new ``runs/bench_adapter-<timestamp>.json``) with the config,
 per-N results, targets and the environment; the environment is also the last stdout line.
 """
 
@@ -52,11 +52,11 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 from tqdm import tqdm
 
-from meft.functional import sparse_adapter, sparse_adapter_reference
-from meft.offload import OffloadedSparseAdapter
-from meft.optim import RowSparseAdamW
-from meft.routing import default_experts
-from meft.store import HostStore
+from meft.engine.functional import sparse_adapter, sparse_adapter_reference
+from meft.engine.offload import OffloadedSparseAdapter
+from meft.engine.optim import RowSparseAdamW
+from meft.engine.sizes import default_experts
+from meft.engine.store import HostStore
 from meft.sysinfo import environment
 
 torch.manual_seed(0)
@@ -240,8 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="small N and fewer repeats")
     ap.add_argument("--json", type=Path, default=None,
                     help="where to write the results (default: a new "
-                    "runs/bench_adapter-<timestamp>.json; the committed "
-                    "benchmarks/results/bench_adapter.json only when named)")
+                    "runs/bench_adapter-<timestamp>.json; a committed file under "
+                    "benchmarks/results/adapter-op/ only when named)")
     args = ap.parse_args(argv)
     if args.json is None:
         args.json = Path("runs") / time.strftime("bench_adapter-%Y%m%d-%H%M%S.json")

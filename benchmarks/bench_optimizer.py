@@ -5,7 +5,7 @@
 One (N, d) fp32 host table with its AdamW state (d = 576, SmolLM2-135M's hidden size), two
 copies: each step draws ``--rows`` random rows (R; the default is the union a meft:16384 step
 of the built-in set touches per layer), adds a random gradient on them, and updates each copy,
-one with ``meft.optim._lazy_update`` (torch's fused AdamW kernel on rows grouped by update
+one with ``meft.engine.optim._lazy_update`` (torch's fused AdamW kernel on rows grouped by update
 count) and one with ``_lazy_update_reference`` (the elementwise ops it is tested against),
 alternating which goes first. The rows are random, so the tables stay out of cache as in
 training (the update is memory-bound: gathering and scattering p, m and v). Reports the median
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from meft import optim
-from meft.store import HostTable, RowSparseGrad
+from meft.engine import optim
+from meft.engine.store import HostTable, RowSparseGrad
 from meft.sysinfo import environment
 
 D = 576

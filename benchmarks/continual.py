@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meft.synthetic import make_knowledge_set
+from meft.data.synthetic import make_knowledge_set
 from meft.sysinfo import environment
 
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meft.optim import STATE_FORMATS
+from meft.engine.optim import STATE_FORMATS
 
 
 def _hwm(pid: int) -> int | None:

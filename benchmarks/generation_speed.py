@@ -10,7 +10,7 @@ train's default shape with small random values (as after training: the routing c
 depend on them). Prints and writes one JSON record with the environment (commit, CPU, threads,
 torch).
 
-    python benchmarks/generation_speed.py --output benchmarks/results/generation-speed-COMMIT
+    python benchmarks/generation_speed.py --output benchmarks/results/generation-speed/COMMIT
 
 """
 
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
+from meft.adapter.loading import load_model_and_tokenizer
+from meft.adapter.model import get_meft_model
 from meft.config import MeftConfig
-from meft.datasets import load_splits
-from meft.evaluate import generate_answers
-from meft.general import general_questions
-from meft.loading import load_model_and_tokenizer
-from meft.model import get_meft_model
+from meft.data.datasets import load_splits
+from meft.data.general import general_questions
+from meft.evaluation.evaluate import generate_answers
 from meft.sysinfo import environment
 
 

@@ -3,8 +3,8 @@
     python benchmarks/hf_trainer_same_order.py OUTPUT_DIR
 
 With the same batches in the same order and meft's warmup + linear decay, transformers.Trainer
-driving meft (meft.integrations.MeftTrainer) should learn what `meft train` learns: prints the
-held-out exact match (compare with `meft train`'s default job, seed 0) as JSON.
+driving meft (meft.training.integrations.MeftTrainer) should learn what `meft train` learns: prints
+the held-out exact match (compare with `meft train`'s default job, seed 0) as JSON.
 """
 import json
 import sys
@@ -14,12 +14,12 @@ from torch.utils.data import SequentialSampler
 from transformers import TrainingArguments
 
 from meft import MeftConfig, get_meft_model
-from meft.data import encode_all, iterate_batches
-from meft.datasets import load_splits
-from meft.evaluate import evaluate
-from meft.integrations import MeftCollator, MeftOptimizer, MeftTrainer
-from meft.loading import load_model_and_tokenizer
-from meft.trainer import lr_multiplier
+from meft.adapter.loading import load_model_and_tokenizer
+from meft.data.datasets import load_splits
+from meft.data.records import encode_all, iterate_batches
+from meft.evaluation.evaluate import evaluate
+from meft.training.integrations import MeftCollator, MeftOptimizer, MeftTrainer
+from meft.training.trainer import lr_multiplier
 
 torch.manual_seed(0)
 base, tok, _ = load_model_and_tokenizer(None)

@@ -33,14 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meft.adapter.loading import load_model_and_tokenizer
+from meft.adapter.model import get_meft_model
 from meft.config import MeftConfig, TrainConfig
-from meft.data import encode_all
-from meft.loading import load_model_and_tokenizer
-from meft.model import get_meft_model
-from meft.optim import STATE_FORMATS
-from meft.synthetic import make_knowledge_set
+from meft.data.records import encode_all
+from meft.data.synthetic import make_knowledge_set
+from meft.engine.optim import STATE_FORMATS
 from meft.sysinfo import environment
-from meft.trainer import Trainer
+from meft.training.trainer import Trainer
 
 
 def _status(field: str) -> int:

@@ -12,7 +12,7 @@ that round) sees the same machine state, and the median of those ratios over the
 after ``--warmup`` is the figure to read; the medians of the step times are reported beside
 it. (One process per method, as `meft bench` runs them: with all methods in one process
 both LoRA's and meft's steps ran 3-8% slower and meft's ratio came out 1-3% lower than
-with a process each, benchmarks/results/step-ratio-5c1717f.)
+with a process each, benchmarks/results/step-time/ratio-5c1717f.)
 
 Run (from the repository root; writes a fresh directory, refusing an existing one)::
 
@@ -39,8 +39,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from meft.adapter.loading import load_model
 from meft.config import BenchJob
-from meft.loading import load_model
 from meft.sysinfo import environment
 from method_steps import embedded_training_set, method_steps
 

@@ -1,8 +1,8 @@
 """The training loss with logits at labelled positions only, against logits at every position.
 
 LoRA all-linear r=16 on the embedded model, one batch of 12 built-in synthetic training
-examples: forward + backward of :func:`meft.evaluate.token_loss_sum` (``logits_to_keep`` = the
-answer positions) and of the same loss over every position's logits, alternated, median over
+examples: forward + backward of :func:`meft.evaluation.evaluate.token_loss_sum` (``logits_to_keep``
+= the answer positions) and of the same loss over every position's logits, alternated, median over
 repetitions after the first. Prints a JSON line with the environment.
 
     python benchmarks/loss_positions.py [--reps 6]
@@ -19,10 +19,10 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 
-from meft.data import collate, encode
-from meft.evaluate import token_loss_sum
-from meft.loading import load_model_and_tokenizer
-from meft.synthetic import make_knowledge_set
+from meft.adapter.loading import load_model_and_tokenizer
+from meft.data.records import collate, encode
+from meft.data.synthetic import make_knowledge_set
+from meft.evaluation.evaluate import token_loss_sum
 from meft.sysinfo import environment
 
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from meft.bench.methods import build, parse_method
+from meft.adapter.loading import load_tokenizer, resolve_model
+from meft.cli.bench.methods import build, parse_method
 from meft.config import BenchJob
-from meft.data import Encoded, encode_all
-from meft.datasets import load_splits
-from meft.loading import load_tokenizer, resolve_model
-from meft.trainer import Trainer
+from meft.data.datasets import load_splits
+from meft.data.records import Encoded, encode_all
+from meft.training.trainer import Trainer
 
 
 def embedded_training_set(job: BenchJob, dataset: str) -> tuple[Any, Any, list[Encoded]]:

@@ -12,7 +12,7 @@ clipping, optimizer step, and the rest of the step.
 
 Run (from the repository root; writes a fresh file, refusing an existing one)::
 
-    python benchmarks/profile_step.py --output benchmarks/results/profile-before.md
+    python benchmarks/profile_step.py --output benchmarks/results/profiles/profile-COMMIT.md
     python benchmarks/profile_step.py --methods meft:65536 --steps 6 --output /tmp/p.md
 """
 
@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from meft import trainer as trainer_module
+from meft.adapter.loading import load_model
 from meft.config import BenchJob
-from meft.loading import load_model
 from meft.sysinfo import environment
-from meft.trainer import Trainer
+from meft.training import trainer as trainer_module
+from meft.training.trainer import Trainer
 from method_steps import embedded_training_set, method_steps
 
 TOP = 20

@@ -11,12 +11,12 @@ from datasets import Dataset, load_dataset
 from transformers import TrainingArguments
 
 from meft import MeftConfig, get_meft_model
-from meft.data import load_samples, to_record
-from meft.datasets import load_splits
-from meft.disk import DiskArrays
-from meft.evaluate import evaluate
-from meft.integrations import MeftCollator, MeftTrainer, encoder
-from meft.loading import load_model_and_tokenizer
+from meft.adapter.loading import load_model_and_tokenizer
+from meft.data.datasets import load_splits
+from meft.data.records import load_samples, to_record
+from meft.engine.disk import DiskArrays
+from meft.evaluation.evaluate import evaluate
+from meft.training.integrations import MeftCollator, MeftTrainer, encoder
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", help="HF id, model dir or .gguf (default: the embedded model)")

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny model and tokenizer of the t
 
 def newest_checkpoint(run: Path) -> tuple[int, str | None]:
     """(step, error) of the newest complete checkpoint; error is None if it loads."""
-    from meft.checkpoint import list_checkpoints, read_checkpoint
-    from meft.model import read_adapter
+    from meft.adapter.checkpoint import list_checkpoints, read_checkpoint
+    from meft.adapter.model import read_adapter
 
     found = list_checkpoints(run / "checkpoints")
     if not found:
@@ -63,7 +63,7 @@ def main() -> int:
                                             "answer": f"City{i % 5}"}) + "\n"
                                 for i in range(40)))
         run = tmp_path / "run"
-        first = [sys.executable, "-m", "meft.cli", "train", "--model", str(tmp_path / "model"),
+        first = [sys.executable, "-m", "meft", "train", "--model", str(tmp_path / "model"),
                  "--data", str(data), "--output", str(run), "--steps", str(args.steps),
                  "--batch-size", "2", "--save-every", "1", "--keep-checkpoints", "3",
                  "--neurons", "64", "--top-k", "4", "--experts", "8", "--n-probe", "2",
@@ -71,7 +71,7 @@ def main() -> int:
                  # kills come within seconds: no background to generate first (protection's
                  # checkpoints are tested bitwise in tests/test_background.py)
                  "--retain", "off"]
-        resume = [sys.executable, "-m", "meft.cli", "train", "--resume", str(run), "--steps",
+        resume = [sys.executable, "-m", "meft", "train", "--resume", str(run), "--steps",
                   str(args.steps), "--no-progress"]
         seen, kills, lost, finished = 0, 0, [], False
         for trial in range(1, args.trials + 1):

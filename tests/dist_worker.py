@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 
 from helpers import meft_config, tiny
+from meft.adapter.model import MeftModel, get_meft_model
 from meft.config import TrainConfig
-from meft.data import Encoded
-from meft.distributed import DataParallel
+from meft.data.records import Encoded
+from meft.engine.distributed import DataParallel
 from meft.errors import UserError
-from meft.model import MeftModel, get_meft_model
-from meft.retain import Background, Retainer
-from meft.trainer import Trainer, TrainingInterrupted
+from meft.training.protection import Background, Retainer
+from meft.training.trainer import Trainer, TrainingInterrupted
 
 WRITTEN = (3, 40)  # rows an earlier run wrote, one per rank's half of N=64: protection keeps them
 

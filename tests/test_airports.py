@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import meft.evaluate as evaluate
-from meft.airports import AIRPORTS, make_airports_set
-from meft.cli import main
-from meft.datasets import drop_known, load_splits
+import meft.evaluation.evaluate as evaluate
+from meft.cli.commands import main
+from meft.data.airports import AIRPORTS, make_airports_set
+from meft.data.datasets import drop_known, load_splits
 
 pytest.importorskip("airportsdata")
 

@@ -1,4 +1,4 @@
-"""Background text (meft.background) and ``meft train --retain on`` end to end."""
+"""Background text (meft.training.background) and ``meft train --retain on`` end to end."""
 
 from __future__ import annotations
 
@@ -9,21 +9,21 @@ import pytest
 import torch
 
 from helpers import TINY, tiny_for
-from meft.background import (
+from meft.cli.commands import main
+from meft.data.general import GENERAL_TEXT, general_questions
+from meft.training.background import (
     background_prompts,
     general_prompts,
     load_background,
     model_background,
     replay_pool,
 )
-from meft.cli import main
-from meft.general import GENERAL_TEXT, general_questions
-from meft.retain import REPLAY_TOKENS
+from meft.training.protection import REPLAY_TOKENS
 
 
 def test_prompts_are_many_and_share_nothing_with_the_probe() -> None:
-    from meft import general
-    from meft.background import COUNTRIES, MORE_ELEMENTS, MORE_WORDS, SPOKEN_IN
+    from meft.data import general
+    from meft.training.background import COUNTRIES, MORE_ELEMENTS, MORE_WORDS, SPOKEN_IN
 
     prompts = background_prompts()
     questions = general_prompts()
@@ -57,7 +57,7 @@ def test_the_model_background_is_generated_once_and_cached(
     # 32: the topic prompts are 15 whole batches), generated without the topic prompts
     questions = model_background(model, tokenizer, progress=False, questions_only=True)
     assert questions == first[480:]
-    import meft.evaluate as ev
+    import meft.evaluation.evaluate as ev
 
     monkeypatch.setattr(ev, "_generate", lambda *a, **k: pytest.fail("regenerated"))
     assert model_background(model, tokenizer, progress=False) == first  # from the cache
@@ -167,13 +167,13 @@ def test_train_from_a_saved_adapter_keeps_its_rows_under_protection(
 
 def test_protection_for_a_loop_of_your_own_is_meft_trains_default(
         tokenizer, data_file: Path) -> None:  # type: ignore[no-untyped-def]
-    """meft.retain.protection (what MeftTrainer users pass as retainer=) builds what meft
-    train builds by default: its settings and the statistics measured on the same text."""
+    """meft.training.protection.protection (what MeftTrainer users pass as retainer=) builds what
+    meft train builds by default: its settings and the statistics measured on the same text."""
     from helpers import meft_config
+    from meft.adapter.model import get_meft_model
     from meft.config import TrainConfig
-    from meft.data import load_samples
-    from meft.model import get_meft_model
-    from meft.retain import Retainer, protection
+    from meft.data.records import load_samples
+    from meft.training.protection import Retainer, protection
 
     def wrapped():  # type: ignore[no-untyped-def]
         torch.manual_seed(0)
@@ -207,7 +207,7 @@ def test_protection_for_a_loop_of_your_own_is_meft_trains_default(
 
 def test_replay_draws_from_the_general_questions_when_the_background_has_them(
         tokenizer, data_file: Path) -> None:  # type: ignore[no-untyped-def]
-    from meft.data import Sample
+    from meft.data.records import Sample
 
     def prompt(text: str) -> Sample:
         return Sample("prompt", ({"role": "user", "content": text},

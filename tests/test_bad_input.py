@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import TINY
-from meft.cli import main
+from meft.cli.commands import main
 from meft.config import ConfigError, MeftConfig
 
 FAST = ["--no-progress", "--no-plots", "--no-eval-before", "--max-new-tokens", "2"]
@@ -149,7 +149,7 @@ def test_non_numeric_flag_is_refused_by_the_parser(capsys: pytest.CaptureFixture
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         model_dir: Path, data_file: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import meft.optim as optim_module
+    import meft.engine.optim as optim_module
 
     real = optim_module.clip_grad_norm_
     calls = {"n": 0}
@@ -330,7 +330,7 @@ def test_an_unknown_model_fails_at_once(tmp_path: Path, monkeypatch: pytest.Monk
     """A hub id in no local cache, with the hub unreachable, is one line before any
     download attempt (transformers retried it for 30-50 s); ``dir/name`` with ``dir`` a local
     directory is a mistyped path, not a hub id."""
-    import meft.loading as loading
+    import meft.adapter.loading as loading
 
     tried: list[dict] = []
     real = loading.from_hub_or_local
@@ -358,7 +358,7 @@ def test_saved_directories_are_as_readable_as_mkdir_makes_them(tmp_path: Path) -
     import os
     import stat
 
-    from meft.serialization import atomic_directory
+    from meft.adapter.serialization import atomic_directory
 
     old = os.umask(0o022)
     try:
@@ -378,7 +378,7 @@ def test_help_puts_common_flags_first_and_no_progress_means_none(
     """``train --help``: a short usage, the common flags in their own group, the rest under
     "advanced"; a negative flag says what it turns off. ``--no-progress`` silences the
     libraries' bars too (transformers drew its weight-loading bar)."""
-    from meft.cli import build_parser
+    from meft.cli.commands import build_parser
 
     text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # type: ignore[union-attr]
     assert text.startswith("usage: meft train [options]")

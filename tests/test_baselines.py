@@ -6,8 +6,13 @@ from __future__ import annotations
 import torch
 
 from helpers import logits, tiny
-from meft.baselines import DenseHostTables, DenseOffloadAdapter, DenseParallelAdapter, attach_dense
-from meft.functional import sparse_adapter_reference
+from meft.adapter.baselines import (
+    DenseHostTables,
+    DenseOffloadAdapter,
+    DenseParallelAdapter,
+    attach_dense,
+)
+from meft.engine.functional import sparse_adapter_reference
 
 
 def test_dense_adapter_is_sparse_adapter_with_every_neuron() -> None:

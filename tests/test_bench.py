@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from helpers import tiny_for
-from meft.bench.methods import Method, parse_entry, parse_method
-from meft.bench.report import evaluate_targets, markdown_table
-from meft.bench.run import run_method
-from meft.cli import main
+from meft.cli.bench.methods import Method, parse_entry, parse_method
+from meft.cli.bench.report import evaluate_targets, markdown_table
+from meft.cli.bench.run import run_method
+from meft.cli.commands import main
 from meft.config import BenchJob, ConfigError
-from meft.data import encode
-from meft.synthetic import make_knowledge_set
+from meft.data.records import encode
+from meft.data.synthetic import make_knowledge_set
 
 
 def test_parse_method() -> None:
@@ -123,8 +123,8 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     before = {k: v.clone() for k, v in base.state_dict().items()}
     job = BenchJob.from_options({"steps": 3, "batch_size": 4, "top_k": 4, "n_probe": 2,
                                  "max_eval": 4, "max_new_tokens": 3, "progress": False})
-    from meft.data import to_record
-    from meft.retention import RetentionProbe, general_loss
+    from meft.data.records import to_record
+    from meft.evaluation.probe import RetentionProbe, general_loss
 
     probe = RetentionProbe([0, 1, 2], 215, general_loss(base, tokenizer),
                            [to_record(q) for q in ks.eval[:3]], [0, 1, 2], "eval")
@@ -368,7 +368,7 @@ def test_lr_grid_chooses_on_validation_and_never_on_test(model_dir: Path, tmp_pa
         assert len(list(out.glob("*@*.json"))) == 5  # meft: the grid's 3; dense: its own 2
         assert (out / "em_vs_lr.png").is_file()
     true, poisoned_rows = summaries
-    from meft.bench.report import SUMMARY_FIELDS
+    from meft.cli.bench.report import SUMMARY_FIELDS
 
     assert all(tuple(row) == SUMMARY_FIELDS for row in true)
     assert [r["method"] for r in true] == ["dense:32", "meft:64"] or \
@@ -383,7 +383,7 @@ def test_lr_grid_chooses_on_validation_and_never_on_test(model_dir: Path, tmp_pa
 
 
 def test_selection_looks_at_validation_only() -> None:
-    from meft.bench.report import select
+    from meft.cli.bench.report import select
 
     def run(lr: float, val: float, test: float) -> dict:
         return {"method": "m", "lr": lr, "validation_em": val, "validation_f1": val,
@@ -411,7 +411,7 @@ def test_seeds_give_means_and_spreads_and_choose_by_the_mean(tmp_path: Path) -> 
     its seeds; the rate is chosen by the mean validation EM, not by one lucky seed."""
     import statistics
 
-    from meft.bench.report import aggregate, select, write_report
+    from meft.cli.bench.report import aggregate, select, write_report
 
     runs = [_seed_run("m", 1e-3, 0, 0.50, 0.9), _seed_run("m", 1e-3, 1, 0.60, 0.8),
             _seed_run("m", 1e-3, 2, 0.70, 0.7),
@@ -442,7 +442,7 @@ def test_matched_learning_picks_the_least_forgetting_rate_that_learns_enough(
         tmp_path: Path) -> None:
     """At a level of validation EM (default 90% of the best), each method's rate that
     forgets least among those reaching it; a method none of whose rates reach it says so."""
-    from meft.bench.report import aggregate, matched, write_report
+    from meft.cli.bench.report import aggregate, matched, write_report
 
     runs = [_seed_run("a", 1e-3, 0, 0.80, 0.9), _seed_run("a", 3e-3, 0, 1.00, 0.1),
             _seed_run("b", 1e-4, 0, 0.92, 0.5), _seed_run("b", 3e-4, 0, 0.95, 0.6),
@@ -498,7 +498,7 @@ def test_bench_worker_reports_a_user_error_in_one_line(model_dir: Path, tmp_path
                                                         ) -> None:
     """A run that stops on the user's input (here a bad line in its data) says so in one line
     and exits 2, as the CLI does; meft bench then skips it. No traceback."""
-    from meft.bench.run import main as worker_main
+    from meft.cli.bench.run import main as worker_main
     from meft.config import BenchJob
 
     data = tmp_path / "data"

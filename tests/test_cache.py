@@ -1,4 +1,4 @@
-"""The base-model results cache (meft.cache): computed once, found again, never wrong."""
+"""The base-model results cache (meft.evaluation.cache): computed once, found again, never wrong."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from helpers import TINY, tiny_for
-from meft.cache import BaseCache, fingerprint, shipped_files
-from meft.cli import main
+from meft.adapter.model import get_meft_model
+from meft.cli.commands import main
 from meft.config import MeftConfig
-from meft.data import parse_record
-from meft.evaluate import generate_answers
-from meft.model import get_meft_model
-from meft.retention import general_loss
+from meft.data.records import parse_record
+from meft.evaluation.cache import BaseCache, fingerprint, shipped_files
+from meft.evaluation.evaluate import generate_answers
+from meft.evaluation.probe import general_loss
 
 
 def _questions(n: int = 5) -> list:  # type: ignore[type-arg]
@@ -46,7 +46,7 @@ def test_answers_are_computed_once_and_equal_a_fresh_generation(
     record = json.loads(files[0].read_text())
     assert record["value"] == fresh and record["model"] == cache.model
     assert record["inputs"]["batch_size"] == 2 and len(record["inputs"]["prompts"]) == 5
-    import meft.evaluate as ev
+    import meft.evaluation.evaluate as ev
 
     real = ev._generate
     monkeypatch.setattr(ev, "_generate", lambda *a, **k: pytest.fail("regenerated"))
@@ -101,7 +101,7 @@ def test_a_second_train_asks_the_base_model_nothing(
     """Evaluation before training, the retention probe and the background text come from the
     cache on the second run: only the trained model generates, and the results are equal."""
     monkeypatch.setenv("MEFT_CACHE", str(tmp_path / "cache"))
-    import meft.evaluate as ev
+    import meft.evaluation.evaluate as ev
 
     real, calls = ev._generate, []
 
@@ -128,10 +128,10 @@ def test_a_second_train_asks_the_base_model_nothing(
 @pytest.mark.slow
 def test_the_shipped_results_are_the_embedded_models() -> None:
     """Every shipped file recomputed from its own inputs on the embedded model."""
-    from meft.data import Encoded
-    from meft.evaluate import _generate, answer_loss
-    from meft.loading import load_model_and_tokenizer
-    from meft.retain import Background
+    from meft.adapter.loading import load_model_and_tokenizer
+    from meft.data.records import Encoded
+    from meft.evaluation.evaluate import _generate, answer_loss
+    from meft.training.protection import Background
 
     files = shipped_files()
     assert files, "no shipped base-model results"
@@ -165,7 +165,7 @@ def test_the_shipped_results_are_the_embedded_models() -> None:
 def test_replay_targets_of_a_fresh_adapter_are_cached_exactly(
         tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     from meft.config import TrainConfig
-    from meft.retain import protection
+    from meft.training.protection import protection
 
     monkeypatch.setenv("MEFT_CACHE", str(tmp_path))
     base = tiny_for(tokenizer)

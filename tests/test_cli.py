@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import TINY
-from meft.cli import main
-from meft.model import MeftModel
+from meft.adapter.model import MeftModel
+from meft.cli.commands import main
 
 
 def test_train_eval_generate_info(model_dir: Path, data_file: Path, tmp_path: Path,

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import tiny
-from meft.cli import main
+from meft.adapter.model import MeftModel
+from meft.cli.commands import main
 from meft.config import MeftConfig
-from meft.model import MeftModel
 
 DATA = Path(__file__).resolve().parent / "data"
 OLD = DATA / "adapter-0.1.0"

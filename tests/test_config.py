@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meft.cli import build_parser, main
+from meft.cli.commands import build_parser, main
 from meft.config import (
     BenchJob,
     ConfigError,

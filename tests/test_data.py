@@ -13,7 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meft.data import (
+from meft.data.records import (
     IGNORE_INDEX,
     DataError,
     Encoded,

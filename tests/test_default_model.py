@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from meft.cli import main
-from meft.loading import default_model_source, load_model_and_tokenizer
-from meft.model import get_meft_model
+from meft.adapter.loading import default_model_source, load_model_and_tokenizer
+from meft.adapter.model import get_meft_model
+from meft.cli.commands import main
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,4 +1,4 @@
-"""The disk store (meft.disk): round trips, recovery from any crash point, refusals."""
+"""The disk store (meft.engine.disk): round trips, recovery from any crash point, refusals."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from meft.disk import DiskArrays
+from meft.engine.disk import DiskArrays
 from meft.errors import RunDirectoryError, SerializationError
 
 
@@ -49,7 +49,7 @@ def _smaps(path: Path, field: str) -> list[str]:
 def test_maps_are_advised_random_access(tmp_path: Path) -> None:
     # without MADV_RANDOM each fault reads ahead around the row (up to the disk's
     # read_ahead_kb, 8 MB here): at N=262,144 that filled the page cache with rows no step
-    # used and made a step 2.5x slower (benchmarks/results/disk-store-*)
+    # used and made a step 2.5x slower (benchmarks/results/disk-store)
     store = DiskArrays(tmp_path)
     store.zeros("w", (1000, 64), torch.float32)
     assert "rr" in _smaps(tmp_path / "w.bin", "VmFlags")
@@ -118,7 +118,7 @@ def test_torn_journal_records_are_ignored(tmp_path: Path) -> None:
 
 CHILD = """
 import sys, torch
-from meft.disk import DiskArrays
+from meft.engine.disk import DiskArrays
 store = DiskArrays(sys.argv[1])
 w = store.zeros("w", (400, 64), torch.float32)
 s = store.step
@@ -152,9 +152,9 @@ def test_sigkill_at_any_moment_leaves_the_last_committed_step(tmp_path: Path) ->
 
 # ------------------------------------------------------------------ training on a disk store
 from helpers import TINY, meft_config, tiny  # noqa: E402
-from meft.cli import main  # noqa: E402
-from meft.model import MeftModel, get_meft_model  # noqa: E402
-from meft.trainer import TrainConfig, Trainer, TrainingInterrupted  # noqa: E402
+from meft.adapter.model import MeftModel, get_meft_model  # noqa: E402
+from meft.cli.commands import main  # noqa: E402
+from meft.training.trainer import TrainConfig, Trainer, TrainingInterrupted  # noqa: E402
 from test_retain import examples  # noqa: E402
 
 CFG = TrainConfig(steps=5, batch_size=4, lr=1e-2, progress=False)
@@ -231,7 +231,7 @@ def test_meft_train_with_a_disk_store(model_dir: Path, data_file: Path, tmp_path
     from safetensors.torch import load_file
 
     from helpers import tiny_for
-    from meft.model import MeftModel
+    from meft.adapter.model import MeftModel
     from tokenizers_for_tests import make_tokenizer
 
     # the final adapter of a disk-store run holds the routers and names the store

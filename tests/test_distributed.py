@@ -1,4 +1,4 @@
-"""Data parallelism with sharded host tables (meft.distributed): the one-process run is the
+"""Data parallelism with sharded host tables (meft.engine.distributed): the one-process run is the
 specification. Multi-process tests start 2 processes with gloo on CPU (torchrun, or by hand
 where a rank must die)."""
 
@@ -20,12 +20,12 @@ import torch
 from dist_worker import WRITTEN
 from dist_worker import run as run_one
 from helpers import TINY
-from meft.distributed import Comm, ShardedSparseAdapter, ShardPlan
+from meft.adapter.model import read_adapter
+from meft.adapter.serialization import load_tensors, save_rank_shard, save_shard_index, save_tensors
+from meft.engine.distributed import Comm, ShardedSparseAdapter, ShardPlan
+from meft.engine.routing import probe, select
+from meft.engine.store import HostStore
 from meft.errors import ConfigError, SerializationError
-from meft.model import read_adapter
-from meft.routing import probe, select
-from meft.serialization import load_tensors, save_rank_shard, save_shard_index, save_tensors
-from meft.store import HostStore
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "dist_worker.py"
@@ -295,7 +295,7 @@ def test_factored_state_is_refused_across_processes(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """Its column factor is shared by a table's rows, which a distributed run shards: one
     line, before any process group or model."""
-    from meft.cli import main
+    from meft.cli.commands import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--optim-state", "factored", "--host-dtype", "bfloat16",
@@ -309,7 +309,7 @@ def test_factored_state_is_refused_by_the_python_api_across_processes() -> None:
     model refuses before any exchange)."""
     from helpers import meft_config, tiny
     from meft import get_meft_model
-    from meft.distributed import DataParallel
+    from meft.engine.distributed import DataParallel
     from meft.errors import ConfigError
 
     with pytest.raises(ConfigError, match="optim_state 'factored' is for one process"):
@@ -325,9 +325,9 @@ def test_the_output_penalty_is_refused_across_processes(
     before any process group (meft train), and the same rule for a Retainer of your own."""
     from helpers import meft_config, tiny
     from meft import get_meft_model
-    from meft.cli import main
-    from meft.distributed import DataParallel
-    from meft.retain import Retainer
+    from meft.cli.commands import main
+    from meft.engine.distributed import DataParallel
+    from meft.training.protection import Retainer
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--retain-penalty", "10", "--output", str(tmp_path / "run"),
@@ -342,8 +342,8 @@ def test_the_output_penalty_is_refused_across_processes(
 def test_a_background_that_differs_between_processes_stops_the_run() -> None:
     """Every rank must measure the same statistics in the same forwards: the ranks compare
     digests of their background (and rehearsal) samples first."""
-    from meft.data import Sample
-    from meft.retain import _digest, _same_on_every_rank
+    from meft.data.records import Sample
+    from meft.training.protection import _digest, _same_on_every_rank
 
     def sample(answer: str) -> Sample:
         return Sample("qa", ({"role": "user", "content": "Capital of France?"},

@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from helpers import meft_config as config
 from helpers import tiny
-from meft.data import Encoded, collate
-from meft.evaluate import _logits_to_keep, token_loss_sum
-from meft.model import get_meft_model
+from meft.adapter.model import get_meft_model
+from meft.data.records import Encoded, collate
+from meft.evaluation.evaluate import _logits_to_keep, token_loss_sum
 
 
 def batch(seed: int = 0) -> dict[str, Tensor]:

@@ -10,15 +10,15 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import Case, ambiguous_tokens, grads_of, make_inputs
-from meft.functional import sparse_adapter, sparse_adapter_reference
-from meft.routing import (
+from meft.engine.functional import sparse_adapter, sparse_adapter_reference
+from meft.engine.routing import (
     bucketed_scores,
     candidate_scores,
-    default_experts,
     grouped_scores_loop,
     probe,
     select,
 )
+from meft.engine.sizes import default_experts
 
 CASES = [
     Case(tokens=37, dim=16, neurons=256, experts=16, top_k=8, n_probe=3),

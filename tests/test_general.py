@@ -1,14 +1,14 @@
-"""The shipped question sets (meft.general): the headline set shares no template, domain or
-question with what forgetting protection replays (meft.background.general_prompts)."""
+"""The shipped question sets (meft.data.general): the headline set shares no template, domain or
+question with what forgetting protection replays (meft.training.background.general_prompts)."""
 
 from __future__ import annotations
 
 import re
 import string
 
-from meft.background import general_prompts
-from meft.general import UNSEEN_TEMPLATES, general_questions, unseen_questions
-from meft.metrics import normalize_answer
+from meft.data.general import UNSEEN_TEMPLATES, general_questions, unseen_questions
+from meft.evaluation.metrics import normalize_answer
+from meft.training.background import general_prompts
 
 SEEN_DOMAINS = {"capitals", "elements", "arithmetic", "calendar", "opposites", "languages",
                 "world"}

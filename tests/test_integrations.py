@@ -16,10 +16,10 @@ pytest.importorskip("accelerate")
 from transformers import TrainingArguments
 
 from helpers import meft_config, tiny
-from meft.data import Encoded
-from meft.integrations import MeftCollator, MeftTrainer, encoder
-from meft.model import MeftModel, get_meft_model, read_adapter
-from meft.trainer import TrainConfig, Trainer
+from meft.adapter.model import MeftModel, get_meft_model, read_adapter
+from meft.data.records import Encoded
+from meft.training.integrations import MeftCollator, MeftTrainer, encoder
+from meft.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_losses_and_adapter_equal_meft_trains(tmp_path: Path) -> None:
 def test_protection_in_the_trainer_equals_meft_trains(tmp_path: Path) -> None:
     """The same protection (row selection, output penalty, replay, values only, frozen
     routers) through MeftTrainer and through meft's trainer: the same losses and tables."""
-    from meft.retain import Background, Retainer
+    from meft.training.protection import Background, Retainer
 
     data = examples()
     background = examples(10, seed=5)
@@ -205,7 +205,7 @@ def test_base_model_and_meft_config_and_misuse(tmp_path: Path) -> None:
 
 
 def test_encoder_matches_meft_train_encoding(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    from meft.data import encode, parse_record
+    from meft.data.records import encode, parse_record
 
     record = {"question": "Where was Ada born?", "answer": ["London"]}
     got = encoder(tokenizer, 64)(record)
@@ -218,7 +218,7 @@ def test_trl_sft_trainer_with_the_mixin(tokenizer, tmp_path: Path) -> None:  # t
     from datasets import Dataset
 
     from helpers import tiny_for
-    from meft.integrations import sft_trainer
+    from meft.training.integrations import sft_trainer
 
     model = get_meft_model(tiny_for(tokenizer), meft_config())
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Where is item {i}?"}],
@@ -276,7 +276,7 @@ def test_a_disk_store_trains_as_in_ram_and_resumes_after_a_crash(tmp_path: Path)
     the saved adapter names the store and loads from it."""
     from transformers import TrainerCallback
 
-    from meft.disk import DiskArrays
+    from meft.engine.disk import DiskArrays
     from meft.errors import ConfigError, SerializationError
 
     class StopAt5(TrainerCallback):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meft.kernels import (
+from meft.engine.kernels import (
     bag_sum,
     bag_sum_transposed,
     gate_values,

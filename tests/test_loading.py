@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from meft import loading
-from meft.loading import ModelLoadError, resolve_model
+from meft.adapter import loading
+from meft.adapter.loading import ModelLoadError, resolve_model
 
 
 def test_resolution_of_model_specs(tmp_path: Path) -> None:

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meft.metrics import contains, exact_match, f1_score, normalize_answer, score_predictions
+from meft.evaluation.metrics import (
+    contains,
+    exact_match,
+    f1_score,
+    normalize_answer,
+    score_predictions,
+)
 
 
 def test_normalize_answer_case_punctuation_articles_whitespace() -> None:

@@ -12,17 +12,17 @@ from torch import nn
 
 from helpers import IDS, logits, tiny
 from helpers import meft_config as config
-from meft.config import ConfigError, MeftConfig
-from meft.model import (
+from meft.adapter.model import (
     AdapterMismatchError,
     MeftModel,
     UnsupportedModelError,
     find_decoder_layers,
     get_meft_model,
 )
-from meft.offload import TokenMask
-from meft.optim import RowSparseAdamW
-from meft.serialization import SerializationError
+from meft.adapter.serialization import SerializationError
+from meft.config import ConfigError, MeftConfig
+from meft.engine.offload import TokenMask
+from meft.engine.optim import RowSparseAdamW
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 

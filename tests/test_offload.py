@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from helpers import Case, make_inputs
-from meft.functional import sparse_adapter
-from meft.offload import OffloadedSparseAdapter
-from meft.optim import RowSparseAdamW, clip_grad_norm_
-from meft.routing import select
-from meft.store import HostStore
+from meft.engine.functional import sparse_adapter
+from meft.engine.offload import OffloadedSparseAdapter
+from meft.engine.optim import RowSparseAdamW, clip_grad_norm_
+from meft.engine.routing import select
+from meft.engine.store import HostStore
 
 CASE = Case(tokens=24, dim=16, neurons=256, experts=16, top_k=8, n_probe=3)
 

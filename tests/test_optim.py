@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meft.optim import RowSparseAdamW, clip_grad_norm_
-from meft.store import HostTable, RowSparseGrad
+from meft.engine.optim import RowSparseAdamW, clip_grad_norm_
+from meft.engine.store import HostTable, RowSparseGrad
 
 N, D = 40, 6
 
@@ -139,7 +139,7 @@ def test_clipping_returns_non_finite_norm_without_touching_grads() -> None:
 
 def _optimizer_set_case(seed: int):  # type: ignore[no-untyped-def]
     """An OptimizerSet over all four kinds of tensor, and the same tensors' copies."""
-    from meft.optim import OptimizerSet
+    from meft.engine.optim import OptimizerSet
 
     gen = torch.Generator().manual_seed(seed)
     params = {"a": torch.nn.Parameter(torch.randn(3, 4, generator=gen, dtype=torch.float64))}
@@ -229,7 +229,7 @@ def test_optimizer_set_state_round_trips_by_name() -> None:
 def test_fused_lazy_update_equals_its_reference(dtype: torch.dtype, weight_decay: float) -> None:
     """The fused path (rows of a multiple of 32 elements) against the elementwise reference,
     over steps that touch varied rows, so rows carry different update counts."""
-    import meft.optim as optim
+    import meft.engine.optim as optim
 
     fast, slow = _table(4, dtype, 128), _table(4, dtype, 128)
     assert optim._fused_ok(fast.data)

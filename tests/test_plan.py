@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from helpers import meft_config, tiny
-from meft.cli import main
+from meft.adapter.model import get_meft_model
+from meft.cli.commands import main
+from meft.cli.plan import PROFILES, Shape, calibrate, fit_neurons, parse_bytes, plan, probed_experts
 from meft.errors import ConfigError
-from meft.model import get_meft_model
-from meft.plan import PROFILES, Shape, calibrate, fit_neurons, parse_bytes, plan, probed_experts
 from meft.sysinfo import total_host_bytes
-from meft.trainer import TrainConfig, Trainer
+from meft.training.trainer import TrainConfig, Trainer
 from test_retain import examples
 
 HOST = {"host_gflops": 100.0, "host_gbps": 5.0}

@@ -1,4 +1,4 @@
-"""Compact host state (meft.quant, the compact RowSparseAdamW): against fp32 references."""
+"""Compact host state (meft.engine.quant, the compact RowSparseAdamW): against fp32 references."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from helpers import meft_config, tiny
-from meft.model import get_meft_model
-from meft.optim import RowSparseAdamW
-from meft.quant import (
+from meft.adapter.model import get_meft_model
+from meft.engine.optim import RowSparseAdamW
+from meft.engine.quant import (
     RoundingNoise,
     decode_signed,
     decode_unsigned,
@@ -20,8 +20,8 @@ from meft.quant import (
     encode_unsigned,
     round_bf16_,
 )
-from meft.store import HostTable, RowSparseGrad
-from meft.trainer import TrainConfig, Trainer, TrainingInterrupted
+from meft.engine.store import HostTable, RowSparseGrad
+from meft.training.trainer import TrainConfig, Trainer, TrainingInterrupted
 from test_retain import examples
 
 
@@ -170,7 +170,7 @@ def test_compact_updates_stay_close_to_their_references() -> None:
 
 def test_factored_is_adamw_on_rank_one_gradients() -> None:
     """A meft row's gradient is its own scalar times a profile its table shares (module doc
-    of meft.optim): there the factored second moment is AdamW's exactly, and only the 8-bit
+    of meft.engine.optim): there the factored second moment is AdamW's exactly, and only the 8-bit
     first moment differs (within 8bit's tolerance); one v per row (rowwise) is not."""
     n, d = 64, 32
     profile = torch.logspace(-2, 0, d)  # columns 100x apart, as a model's hidden dimensions

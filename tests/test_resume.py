@@ -16,8 +16,8 @@ from typing import NoReturn
 import pytest
 
 from helpers import TINY
-from meft.cli import main
-from meft.serialization import load_tensors
+from meft.adapter.serialization import load_tensors
+from meft.cli.commands import main
 
 RUN = ["--steps", "6", "--batch-size", "4", "--save-every", "2", "--lr", "1e-2",
        "--no-progress", "--no-plots", "--no-eval-before", "--max-new-tokens", "2", *TINY]
@@ -70,7 +70,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir: Path, data_file: Pat
                                                  tmp_path: Path) -> None:
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
-    cmd = [sys.executable, "-m", "meft.cli", "train", "--model", str(model_dir), "--data",
+    cmd = [sys.executable, "-m", "meft.cli.commands", "train", "--model", str(model_dir), "--data",
            str(data_file), "--output", str(out), "--steps", "100000", "--batch-size", "2",
            "--no-progress", "--no-eval-before", *TINY]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,

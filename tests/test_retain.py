@@ -1,5 +1,5 @@
-"""Forgetting protection (meft.retain): scores against loops, the selection against plain
-training, untouched rows bit for bit, background statistics through checkpoints."""
+"""Forgetting protection (meft.training.protection): scores against loops, the selection against
+plain training, untouched rows bit for bit, background statistics through checkpoints."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import meft.retain as retain_module
+import meft.training.protection as retain_module
 from helpers import meft_config, tiny
-from meft.data import Encoded, collate
+from meft.adapter.model import MeftModel, get_meft_model, tensor_name
+from meft.data.records import Encoded, collate
 from meft.errors import ConfigError
-from meft.evaluate import answer_loss, labelled_logits, token_loss_sum
-from meft.model import MeftModel, get_meft_model, tensor_name
-from meft.retain import (
+from meft.evaluation.evaluate import answer_loss, labelled_logits, token_loss_sum
+from meft.training.protection import (
     AccessCounter,
     Background,
     Retainer,
@@ -24,7 +24,7 @@ from meft.retain import (
     row_scores,
     top_rows,
 )
-from meft.trainer import TrainConfig, Trainer
+from meft.training.trainer import TrainConfig, Trainer
 
 
 def examples(n: int = 8, seed: int = 0, lo: int = 2, hi: int = 97, *,
@@ -416,8 +416,8 @@ def test_distilling_replay_starts_at_zero_and_follows_the_examples() -> None:
     chosen = [bg.examples[int(i)] for i in order[4:8]]
     fresh = Background(bg.counts, bg.df, bg.documents, examples=chosen)
     fresh.keep_distributions(get_meft_model(tiny("llama"), meft_config()), pad_id=0)
-    from meft.data import collate
-    from meft.evaluate import labelled_logits
+    from meft.data.records import collate
+    from meft.evaluation.evaluate import labelled_logits
 
     with torch.no_grad():
         logits, _ = labelled_logits(model, collate(chosen, 0))
@@ -624,7 +624,7 @@ def test_rehearse_needs_an_adapter_and_protection() -> None:
 
 def _lora(seed: int = 0):  # type: ignore[no-untyped-def]
     """A tiny Llama with LoRA on every linear layer, as meft bench builds lora:all:4."""
-    from meft.bench.methods import build, parse_method
+    from meft.cli.bench.methods import build, parse_method
     from meft.config import BenchJob
 
     torch.manual_seed(seed)
@@ -676,7 +676,7 @@ def test_lora_replay_loss_equals_an_independent_computation(tmp_path: Path) -> N
     pytest.importorskip("peft")
     import copy
 
-    from meft.retain import REPLAY_SEED, REPLAY_TOKENS, REPLAY_TOP
+    from meft.training.protection import REPLAY_SEED, REPLAY_TOKENS, REPLAY_TOP
 
     trainable = _lora()
     base = copy.deepcopy(trainable.model.get_base_model())  # LoRA starts as the base model
@@ -710,7 +710,7 @@ def test_replay_alone_measures_no_statistics_and_trains_the_same(
     """The default protection (replay, no selection) reads no access counts, so it skips
     the forward pass over the background (minutes of the main job): no forward, the same
     training as with the statistics measured, and checkpoints without them resume."""
-    from meft.data import Sample
+    from meft.data.records import Sample
     from tokenizers_for_tests import make_tokenizer
 
     tokenizer = make_tokenizer()

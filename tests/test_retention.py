@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import meft.evaluate as evaluate
+import meft.evaluation.evaluate as evaluate
 from helpers import tiny_for
-from meft.cli import main
-from meft.general import general_questions, general_text_samples
-from meft.retention import RetentionProbe, describe
+from meft.cli.commands import main
+from meft.data.general import general_questions, general_text_samples
+from meft.evaluation.probe import RetentionProbe, describe
 
 
 def test_the_builtin_set_has_200_questions_in_6_domains() -> None:
@@ -30,7 +30,7 @@ def _answering(correct: set[int], headline: list | None = None):  # type: ignore
     """A stand-in for greedy generation that knows exactly the questions in ``correct``:
     indices into ``headline`` (default: the shipped unseen kinds) as they are, and into
     general_questions() as 1000 + index."""
-    from meft.general import unseen_questions
+    from meft.data.general import unseen_questions
 
     heads = headline if headline is not None else unseen_questions()
     index = {q.messages[0]["content"]: i for i, q in enumerate(heads)}
@@ -44,7 +44,7 @@ def _answering(correct: set[int], headline: list | None = None):  # type: ignore
 
 
 def _mine() -> list:  # type: ignore[type-arg]
-    from meft.data import Sample
+    from meft.data.records import Sample
 
     return [Sample("qa", ({"role": "user", "content": f"What is thing {i}?"},
                           {"role": "assistant", "content": f"thing{i}"}), "",
@@ -83,7 +83,7 @@ def test_probe_keeps_what_the_base_answers_and_scores_what_survives(
 
 
 def test_the_shipped_headline_is_the_unseen_kinds(tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from meft.general import unseen_questions
+    from meft.data.general import unseen_questions
 
     monkeypatch.setattr(evaluate, "generate_answers", _answering({1, 2, 1005}))
     probe = RetentionProbe.build(tiny_for(tokenizer), tokenizer, progress=False)
@@ -103,7 +103,7 @@ def test_a_model_that_answered_nothing_has_no_retention(tokenizer, monkeypatch) 
 
 def test_probe_questions_refuse_what_is_not_a_question(tmp_path: Path) -> None:
     from meft.errors import DataError
-    from meft.retention import probe_questions
+    from meft.evaluation.probe import probe_questions
 
     with pytest.raises(DataError, match=r"--probe 8: no such file; .* --n-probe"):
         probe_questions("8")

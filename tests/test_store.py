@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meft.routing import router_init
-from meft.store import HostStore, RowSparseGrad, TransferStats
+from meft.engine.routing import router_init
+from meft.engine.store import HostStore, RowSparseGrad, TransferStats
 
 
 def test_row_sparse_grad_accumulates_like_a_dense_index_add() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from meft.data import Sample, load_samples
-from meft.synthetic import ATTRIBUTES, KnowledgeSet, make_knowledge_set, write_jsonl
+from meft.data.records import Sample, load_samples
+from meft.data.synthetic import ATTRIBUTES, KnowledgeSet, make_knowledge_set, write_jsonl
 
 
 def question(s: Sample) -> str:

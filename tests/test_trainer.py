@@ -11,10 +11,10 @@ import torch
 
 from helpers import meft_config as config
 from helpers import tiny
-from meft.checkpoint import list_checkpoints, read_checkpoint
-from meft.data import Encoded
-from meft.model import get_meft_model
-from meft.trainer import TrainConfig, Trainer, TrainingDiverged, lr_multiplier
+from meft.adapter.checkpoint import list_checkpoints, read_checkpoint
+from meft.adapter.model import get_meft_model
+from meft.data.records import Encoded
+from meft.training.trainer import TrainConfig, Trainer, TrainingDiverged, lr_multiplier
 
 
 def examples(n: int = 8, seed: int = 0) -> list[Encoded]:

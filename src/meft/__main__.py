@@ -8,7 +8,7 @@ failed run."""
 import os
 import sys
 
-from meft.cli import main
+from meft.cli.commands import main
 
 code = main()
 if os.environ.get("WORLD_SIZE", "1") != "1":

@@ -28,13 +28,14 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from meft._version import __version__
+from meft.engine.sizes import GATES, check_routing_sizes, default_experts
 from meft.errors import ConfigError
-from meft.routing import GATES, check_routing_sizes, default_experts
 
 __all__ = [
     "BenchConfig",
@@ -54,7 +55,9 @@ __all__ = [
 ]
 
 CONFIG_NAME = "adapter_config.json"
-STORAGE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+# host table dtypes (names of torch dtypes: config imports no torch, so `meft --help` is fast)
+STORAGE_DTYPES = ("float32", "float64", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2}
 ROUTER_INITS = ("normal", "key_mean")
 # adapter_config.json fields written by meft 0.1.0 that now belong to TrainConfig; ignored
 LEGACY_ADAPTER_FIELDS = ("lr", "weight_decay")
@@ -64,11 +67,11 @@ RENAMED = {"storage_dtype": "host_dtype", "evaluate": "eval"}
 # meft bench: --quick runs fewer steps and questions; LoRA's own default learning rate
 BENCH_STEPS, QUICK_STEPS, QUICK_MAX_EVAL = 60, 20, 24
 # LoRA's default rates, by rank, from the tuned comparison
-# (benchmarks/results/compare-tuned-synthetic: r=16 best at 3e-3, r=64 at 1e-3)
+# (benchmarks/results/tuned-comparison-synthetic: r=16 best at 3e-3, r=64 at 1e-3)
 LORA_LR, LORA_LR_HIGH_RANK, LORA_HIGH_RANK = 3e-3, 1e-3, 32
 FULL_LR = 3e-4  # full fine-tuning's default rate: best of 1e-4,3e-4,1e-3 in the tuned comparison
-REPLAY = 1  # background examples replayed per step by default (results/retain-replay-questions*)
-REHEARSE = 16  # earlier examples rehearsed per step (--rehearse; results/continual-rehearse-*)
+REPLAY = 1  # background examples replayed per step by default (results/forgetting-protection)
+REHEARSE = 16  # earlier examples rehearsed per step (--rehearse; results/continual-learning)
 
 _CHECKS = {
     "positive": (lambda v: v > 0, "positive"),
@@ -222,7 +225,7 @@ class MeftConfig:
                               "each expert's scaled mean key (key_mean)", choices=ROUTER_INITS)
     init_std: float = option(0.02, "std of the random keys and routers", check="positive")
     host_dtype: str = option("float32", "dtype of the host tables (bfloat16: updated in "
-                             "fp32 and rounded stochastically)", choices=tuple(STORAGE_DTYPES))
+                             "fp32 and rounded stochastically)", choices=STORAGE_DTYPES)
     optim_state: str = option("fp32", "AdamW moments of the host tables: fp32, rowwise (first "
                               "moment bf16, second one number per row), 8bit (log-scale "
                               "codes, a scale per row) or factored (first moment 8-bit, "
@@ -259,15 +262,17 @@ class MeftConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        return STORAGE_DTYPES[self.host_dtype]
+        import torch
+
+        return getattr(torch, self.host_dtype)  # type: ignore[no-any-return]
 
     def host_bytes_per_layer(self, hidden_size: int) -> int:
         """Keys + values in the storage dtype and their two AdamW moments as ``optim_state``
         keeps them (per-row scales and step counts included)."""
-        item = self.dtype.itemsize
+        item = DTYPE_BYTES[self.host_dtype]
         n, d = self.neurons, hidden_size
         table = n * d * item + 8 * n  # the table and its per-row step counts (int64)
-        if self.optim_state == "fp32" and self.dtype != torch.bfloat16:
+        if self.optim_state == "fp32" and self.host_dtype != "bfloat16":
             return 2 * (table + 2 * n * d * item)
         moments = {"fp32": 2 * n * d * 4, "rowwise": n * d * 2 + n * 4,
                    "8bit": 2 * (n * d + n * 4),

@@ -14,7 +14,7 @@ against 2.3 ms). :func:`half_matmul_native` decides once per process and dtype, 
 ``MEFT_HALF_MATMUL`` (``native`` or ``fp32``) if set, else a micro-benchmark (a (64x576)@(576x512)
 product in each dtype, best of 3 after a warm-up: native when the half one takes at most twice
 the fp32 one's time; well under a second even where it is slow). Routing uses it
-(:func:`meft.routing.routing_dtype`), and ``meft plan`` says which path the machine takes.
+(:func:`meft.engine.routing.routing_dtype`), and ``meft plan`` says which path the machine takes.
 """
 
 from __future__ import annotations

@@ -1,0 +1,205 @@
+"""One method of ``meft bench``: train it through the one Trainer, measure it, score it.
+
+Measured per run: median step time (the Trainer's, steps after the first two) and tokens/s;
+peak host RSS (VmHWM, reset before the run); device-resident bytes = the frozen base weights +
+trainable device tensors with their gradients and two AdamW moments + the staged rows (and
+their gradients) at the peak of a step (activations excluded; on CUDA,
+``torch.cuda.max_memory_allocated`` is recorded too); bytes moved per step each way; trainable
+parameters; the loss of every step (and, with ``--eval-every S``, the validation answer loss
+every S steps: the curve that shows whether a budget of steps has plateaued); exact match /
+F1 / contains on the validation questions (which choose the rate) and on the test questions
+(which are reported); retention and the general-text loss change (:mod:`meft.evaluation.probe`)
+against a probe built from the base model.
+
+Each method runs in its own process (``python -m meft.cli.bench.run``) so its peak RSS is its own;
+:func:`run_method` is the same thing in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meft.cli.bench.methods import Method, build, parse_method
+from meft.config import BenchJob
+from meft.data.records import Encoded, Sample, encode_all, load_samples
+from meft.errors import UserError
+from meft.evaluation.evaluate import evaluate
+from meft.evaluation.probe import RetentionProbe
+from meft.sysinfo import peak_rss_bytes, reset_peak_rss
+from meft.training.protection import Retainer
+from meft.training.trainer import Trainer
+
+
+def _bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[Encoded],
+               validation: Sequence[Sample], test: Sequence[Sample], job: BenchJob,
+               device: torch.device, *, lr: float | None = None,
+               probe: RetentionProbe | None = None, copy_base: bool = True,
+               background: Sequence[Sample] | None = None) -> dict[str, Any]:
+    """Train one method for the job's steps at ``lr`` (None: the job's or the method's rate),
+    evaluate it, return its metrics.
+
+    ``copy_base=False`` trains ``base`` itself (a worker process that owns it); a
+    ``+retain`` method measures its background statistics over ``background``."""
+    reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tconfig = job.train_config(lr if lr is not None else method.default_lr)
+    torch.manual_seed(tconfig.seed)
+    model = copy.deepcopy(base) if copy_base else base
+    base_params = list(model.parameters())
+    base_bytes = _bytes(base_params)
+    trainable = build(method, model, job, device)
+    retainer = None
+    if not method.retain:  # meft:N is meft without protection; meft:N+retain adds it
+        tconfig = dataclasses.replace(tconfig, retain="off")
+    else:
+        if background is None:
+            raise ValueError(f"{method.name} needs background samples")
+        tconfig = dataclasses.replace(tconfig, retain="on", **method.retain_overrides())
+        # meft's tables when it has them; any other model gets replay alone
+        # (meft.training.protection)
+        protected = trainable.adapter if trainable.adapter is not None else trainable.model
+        retainer = Retainer.from_config(protected, tconfig, background, tokenizer,
+                                        progress=tconfig.progress)
+    curve = (encode_all(list(validation), tokenizer, tconfig.max_length, "validation")
+             if tconfig.eval_every and validation else None)
+    with tempfile.TemporaryDirectory(prefix="meft-bench-run-") as tmp:
+        trainer = Trainer(trainable, train, tconfig, tmp, pad_id=tokenizer.pad_token_id,
+                          eval_encoded=curve, retainer=retainer)
+        trainer.desc = method.name
+        history = trainer.train().history
+    times = [r["step_time_s"] for r in history]
+    step_time = statistics.median(times[2:] if len(times) > 2 else times)
+    staged = max(int(r["staged_mb"] * 1e6) for r in history)
+    # gradients + two AdamW moments of the trainable device tensors, and the tensors
+    # themselves unless they are base weights (counted in base_bytes: full fine-tuning)
+    in_base = {id(p) for p in base_params}
+    trainable_device = sum((3 if id(t) in in_base else 4) * _bytes([t])
+                           for t in trainable.device_tensors())
+    tokens = [r["tokens"] for r in history]
+    adapter = trainable.adapter.meft_config.to_dict() if trainable.adapter is not None else None
+    result: dict[str, Any] = {
+        "method": method.name,
+        "kind": method.kind,
+        "neurons": method.neurons or None,
+        "rank": method.rank or None,
+        "steps": len(history),
+        "lr": tconfig.lr,
+        "seed": tconfig.seed,
+        "train_config": asdict(tconfig),
+        "adapter_config": adapter,
+        "losses": [r["loss"] for r in history],
+        "validation_losses": [[r["step"], r["eval_loss"]] for r in history if "eval_loss" in r],
+        "step_times_s": times,
+        "step_time_s": step_time,
+        "tokens_per_s": statistics.mean(tokens) / step_time,
+        "tokens_per_step": statistics.mean(tokens),
+        "final_loss": statistics.mean(r["loss"] for r in history[-5:]),
+        "device_bytes": base_bytes + trainable_device + staged,
+        "device_bytes_trainable": trainable_device,
+        "device_bytes_staged_peak": staged,
+        "device_bytes_base": base_bytes,
+        "cuda_max_memory_allocated": (torch.cuda.max_memory_allocated(device)
+                                      if device.type == "cuda" else None),
+        "moved_bytes_h2d_per_step": statistics.mean(r["mb_h2d"] * 1e6 for r in history),
+        "moved_bytes_d2h_per_step": statistics.mean(r["mb_d2h"] * 1e6 for r in history),
+        "union_mean": statistics.mean(r["union_mean"] for r in history),
+        "retained_rows_mean": (statistics.mean(statistics.mean(r["retained_rows_per_layer"])
+                                               for r in history)
+                               if retainer and trainable.adapter is not None else None),
+        "trainable_params": trainable.count(),
+        # tables + their AdamW state as configured (--host-dtype, --optim-state), exact
+        "host_state_bytes": (trainable.adapter.meft_config.host_bytes_per_layer(
+            trainable.adapter.stores[0].dim) * len(trainable.adapter.stores)
+            if trainable.adapter is not None else None),
+    }
+    if device.type == "cuda":  # measured, not accounted
+        result["device_bytes"] = result["cuda_max_memory_allocated"]
+    result["moved_bytes_per_step"] = (result["moved_bytes_h2d_per_step"]
+                                      + result["moved_bytes_d2h_per_step"])
+    gen: dict[str, Any] = {"max_new_tokens": job.run.max_new_tokens,
+                           "batch_size": job.run.eval_batch_size,
+                           "progress": tconfig.progress}
+    for split, samples in (("validation", validation), ("test", test)):
+        scores = (evaluate(trainable.model, tokenizer, list(samples)[: job.run.max_eval],
+                           desc=f"{split} {method.name}", **gen)
+                  if job.bench.eval and samples else None)
+        for key in ("exact_match", "f1", "contains"):
+            short = {"exact_match": "em"}.get(key, key)
+            result[f"{split}_{short}"] = None if scores is None else scores[key]
+        result[f"{split}_n"] = 0 if scores is None else scores["n"]
+    measured = (probe.measure(trainable.model, tokenizer, **gen)
+                if probe is not None and job.bench.eval else None)
+    for key in ("retention", "retention_seen_kinds", "general_loss_delta", "forgotten",
+                "forgotten_seen_kinds", "retained", "kept", "retained_seen_kinds",
+                "kept_seen_kinds", "probe"):
+        result[key] = None if measured is None else measured[key]
+    result["host_bytes"] = result["host_peak_rss_bytes"] = peak_rss_bytes()
+    return result
+
+
+def worker(argv: Sequence[str] | None = None) -> int:
+    """One (method, rate) run in a fresh process: ``python -m meft.cli.bench.run``."""
+    from meft.adapter.loading import ModelSource, load_model, load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="python -m meft.cli.bench.run")
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--lr", type=float, help="the rate (default: the job's or the method's)")
+    ap.add_argument("--model-dir", required=True, help="a plain copy of the base model")
+    ap.add_argument("--job", required=True, help="the BenchJob as JSON")
+    ap.add_argument("--data", required=True, type=Path,
+                    help="directory with train.jsonl, validation.jsonl, test.jsonl")
+    ap.add_argument("--probe", type=Path, help="the retention probe of the base model")
+    ap.add_argument("--background", type=Path, help="background text for +retain methods")
+    ap.add_argument("--result", required=True, type=Path)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    job = BenchJob.from_dict(json.loads(args.job))
+    source = ModelSource(args.model_dir, None, args.model_dir)
+    tokenizer = load_tokenizer(source)
+    base = load_model(source)
+    method = parse_method(args.method)
+    splits = {name: load_samples(args.data / f"{name}.jsonl") if
+              (args.data / f"{name}.jsonl").stat().st_size else []
+              for name in ("train", "validation", "test")}
+    max_length = job.train_config(method.default_lr).max_length
+    train = encode_all(splits["train"], tokenizer, max_length, "training")
+    probe = RetentionProbe.load(args.probe) if args.probe is not None else None
+    reset_peak_rss()
+    background = load_samples(args.background) if args.background is not None else None
+    result = run_method(method, base, tokenizer, train, splits["validation"], splits["test"],
+                        job, torch.device(args.device), lr=args.lr, probe=probe,
+                        copy_base=False, background=background)
+    args.result.write_text(json.dumps(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """:func:`worker`, with a user error (a method that does not fit this machine, bad data)
+    as one line on stderr and exit 2, as the CLI does; ``meft bench`` then skips the run."""
+    try:
+        return worker(argv)
+    except UserError as err:
+        print(f"meft: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Which examples a job trains, chooses and is scored on: the built-in set or the user's files.
+
+:func:`load_splits` returns four lists of samples:
+
+    train        what the model trains on
+    validation   held-out questions for choosing settings (``meft bench --lr-grid``); never
+                 the test questions
+    test         held-out questions the reported scores come from
+    seen         training phrasings asked back (memorisation, for comparison; built-in only)
+
+With no data file: a built-in set, 3 training phrasings, 1 validation and 1 test phrasing per
+fact: ``dataset="synthetic"`` (:mod:`meft.data.synthetic`, ``people`` invented people x 4 facts) or
+``dataset="airports"`` (:mod:`meft.data.airports`, real airports and their cities; the caller then
+removes the facts its base model already answers with :func:`drop_known`). With
+``data``: that file; ``eval_data`` is the test set, or else 10% of ``data`` (at most 200,
+chosen by ``seed``) is held out as the test set; ``validation_data`` is the validation set, or
+else there is none.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from meft.data.airports import make_airports_set
+from meft.data.records import Sample, load_samples
+from meft.data.synthetic import make_knowledge_set
+
+
+@dataclass
+class Splits:
+    train: list[Sample]
+    validation: list[Sample]
+    test: list[Sample]
+    seen: list[Sample]
+    description: str
+
+
+DATASETS = ("synthetic", "airports")
+
+
+def load_splits(data: str | None, eval_data: str | None, validation_data: str | None = None,
+                *, seed: int = 0, people: int = 30, dataset: str = "synthetic") -> Splits:
+    validation = load_samples(validation_data) if validation_data else None
+    if data is None:
+        if dataset == "airports":
+            ks = make_airports_set(seed=seed)
+            what = f"built-in airports set: {len(ks.eval)} real facts (airport -> city)"
+        else:
+            ks = make_knowledge_set(people, seed=seed)
+            what = (f"built-in synthetic knowledge set: {len(ks.facts)} fictional people, "
+                    f"{len(ks.eval)} facts")
+        test = load_samples(eval_data) if eval_data else ks.eval
+        val = validation if validation is not None else ks.validation
+        return Splits(ks.train, val, test, ks.eval_seen, (
+            f"{what}, {len(ks.train)} training questions, {len(val)} validation and "
+            f"{len(test)} held-out test phrasings"))
+    train = load_samples(data)
+    val = validation or []
+    if eval_data:
+        return Splits(train, val, load_samples(eval_data), [],
+                      f"{data} ({len(train)} examples)")
+    if len(train) >= 10:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(200, max(1, len(train) // 10))
+        held = [train[i] for i in sorted(order[:n_eval])]
+        train = [train[i] for i in sorted(order[n_eval:])]
+        return Splits(train, val, held, [], (
+            f"{data}: {len(train)} training examples, {len(held)} held out for evaluation "
+            "(pass --eval-data to choose)"))
+    return Splits(train, val, [], [], f"{data} ({len(train)} examples; too few to hold some "
+                                       "out)")
+
+
+def drop_known(splits: Splits, known: list[bool]) -> Splits:
+    """Remove, from every split, each fact whose test question the model already answers
+    (``known``, aligned with ``splits.test``; a fact is identified by its samples' ``source``)."""
+    gone = {s.source for s, k in zip(splits.test, known, strict=True) if k}
+
+    def keep(samples: list[Sample]) -> list[Sample]:
+        return [s for s in samples if s.source not in gone]
+
+    return Splits(keep(splits.train), keep(splits.validation), keep(splits.test),
+                  keep(splits.seen), f"{splits.description}; {len(gone)} facts the base "
+                  f"model already answered removed, {len(splits.test) - len(gone)} left")

@@ -1,0 +1,2 @@
+"""Training: the one training loop, forgetting protection and its background text, and the
+transformers.Trainer / TRL integration."""
