@@ -8,7 +8,7 @@ part differs (:mod:`meft.cli.bench.methods`). ``meft bench --methods meft:N`` an
 
     methods.py   parse method names, build each as a Trainable
     run.py       train, measure and score one method (in its own process)
-    report.py    one JSON per run, the table, the plots, the targets
+    report.py    one JSON per run, the table, the plots
 
 The package imports the trainer and the components, never the recipes or the CLI.
 """

@@ -1,5 +1,5 @@
 """The comparison's outputs: one JSON per (method, rate) run, the selection of each method's
-rate on validation, ``summary.json``, the tables, the plots, and the issue's targets.
+rate on validation, ``summary.json``, the tables and the plots.
 
 A run file is ``<method>@<lr>.json`` (``:`` -> ``_``) holding the run's metrics at the top level
 (``losses`` per step included), the resolved configuration under ``config`` and the machine
@@ -383,53 +383,6 @@ def _find(results: Sequence[dict[str, Any]], name: str) -> dict[str, Any] | None
     return next((r for r in results if r["method"] == name), None)
 
 
-def evaluate_targets(results: Sequence[dict[str, Any]], neurons: int = 16384
-                     ) -> list[dict[str, Any]]:
-    """The issue's targets for meft at ``neurons``; each PASS, FAIL or SKIP with numbers."""
-    out: list[dict[str, Any]] = []
-    meft = _find(results, f"meft:{neurons}")
-    lora = _find(results, "lora:qv:16")
-    dense = _find(results, f"dense:{neurons}")
-    offload = _find(results, f"offload:{neurons}")
-
-    def add(name: str, ok: bool | None, detail: str) -> None:
-        out.append({"target": name, "passed": ok, "detail": detail})
-
-    if meft and lora:
-        ratio = meft["step_time_s"] / lora["step_time_s"]
-        add("meft step time <= 1.25x LoRA r=16", ratio <= 1.25, f"{ratio:.2f}x "
-            f"({meft['step_time_s']:.2f} s vs {lora['step_time_s']:.2f} s)")
-    else:
-        add("meft step time <= 1.25x LoRA r=16", None, "needs meft and lora:qv:16")
-    if meft and dense:
-        speed = dense["step_time_s"] / meft["step_time_s"]
-        add("meft >= 3x faster than dense, same N", speed >= 3, f"{speed:.2f}x")
-    else:
-        add("meft >= 3x faster than dense, same N", None, f"needs dense:{neurons}")
-    if meft and offload:
-        frac = meft["moved_bytes_per_step"] / offload["moved_bytes_per_step"]
-        add("meft bytes moved <= 0.3x dense offload", frac <= 0.3, f"{frac:.3f}x "
-            f"({meft['moved_bytes_per_step'] / 1e6:.0f} MB vs "
-            f"{offload['moved_bytes_per_step'] / 1e6:.0f} MB)")
-    else:
-        add("meft bytes moved <= 0.3x dense offload", None, f"needs offload:{neurons}")
-    if meft and dense and meft["test_em"] is not None and dense["test_em"] is not None:
-        gap = 100 * (meft["test_em"] - dense["test_em"])
-        add("meft EM >= dense EM - 3 points", gap >= -3, f"{gap:+.1f} points")
-    else:
-        add("meft EM >= dense EM - 3 points", None, "needs evaluated meft and dense runs")
-    loras = [r for r in results if r["kind"] == "lora" and r["test_em"] is not None]
-    if meft and loras and meft["test_em"] is not None:
-        near = min(loras, key=lambda r: abs(r["device_bytes"] - meft["device_bytes"]))
-        gap = 100 * (meft["test_em"] - near["test_em"])
-        add("meft EM >= LoRA (nearest device bytes) + 10 points", gap >= 10,
-            f"{gap:+.1f} points vs {near['method']} ({near['device_bytes'] / 1e6:.0f} MB "
-            f"vs {meft['device_bytes'] / 1e6:.0f} MB)")
-    else:
-        add("meft EM >= LoRA (nearest device bytes) + 10 points", None, "needs evaluated runs")
-    return out
-
-
 def machines(results: Sequence[dict[str, Any]]) -> list[str]:
     """One line per (CPU, threads, commit, torch) the runs were made on, with their names."""
     groups: dict[tuple[str, ...], list[str]] = {}
@@ -462,11 +415,6 @@ def write_report(output: Path, command: str | None = None, *,
         (output / "matched.json").write_text(json.dumps(
             {"validation_em_target": level, "default_target": matched_em is None,
              "methods": matched_rows}, indent=2) + "\n")
-    targets = evaluate_targets(chosen)
-    lines = [f"{'PASS' if t['passed'] else 'FAIL'} {t['target']}: {t['detail']}"
-             for t in targets if t["passed"] is not None]  # only what these runs can check
-    if lines:
-        lines.insert(0, "meft 0.1's targets, where these runs have what they need:\n")
     first = results[0] if results else {}  # none: every method failed, nothing before
     tc = first.get("train_config") or {}
     seeds = sorted({r.get("seed", tc.get("seed")) for r in results}, key=str)
@@ -494,11 +442,11 @@ def write_report(output: Path, command: str | None = None, *,
             f"{spread}:\n\n{markdown_table(chosen)}\n\n" + "".join(w + "\n" for w in warnings)
             + match
             + f"\nEvery (method, rate) (validation EM / test EM, %; bold: chosen):\n\n"
-            f"{grid_table(rows)}\n" + "".join(f"\n{line}" for line in lines) + "\n")
+            f"{grid_table(rows)}\n")
     (output / "table.md").write_text(text)
     plots = plot_results(rows, output)
     pareto = plot_pareto(rows, output)
     print(text)
     return {"output": str(output), "results": results, "summary": summary_rows,
-            "matched": matched_rows, "targets": targets,
+            "matched": matched_rows,
             "plots": [str(p) for p in [*plots, *([pareto] if pareto else [])]]}
