@@ -485,3 +485,15 @@ def test_bench_worker_reports_a_user_error_in_one_line(model_dir: Path, tmp_path
     ours = [line for line in err.splitlines() if line.startswith("meft:")]  # not the loading bar
     assert len(ours) == 1 and ours[0].startswith("meft: error: ") and "train.jsonl:2" in ours[0]
     assert "Traceback" not in err
+
+
+def test_runs_from_before_the_probe_split_count_their_retention_as_seen_kinds() -> None:
+    from meft.cli.bench.report import aggregate
+
+    old = {"method": "meft:64", "lr": 3e-3, "step_time_s": 1.0, "tokens_per_s": 1.0,
+           "validation_em": 0.5, "test_em": 0.5, "retention": 0.9}
+    new = {**old, "lr": 1e-3, "retention": 0.8, "retention_seen_kinds": 0.95}
+    rows = {r["lr"]: r for r in aggregate([old, new])}
+    assert rows[3e-3]["retention"] is None and rows[3e-3]["retention_seen_kinds"] == 0.9
+    assert rows[1e-3]["retention"] == 0.8 and rows[1e-3]["retention_seen_kinds"] == 0.95
+    assert old["retention"] == 0.9  # the run file itself is not rewritten

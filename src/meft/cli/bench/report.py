@@ -82,6 +82,15 @@ def _num(x: float | None) -> float:
     return -math.inf if x is None else x
 
 
+def quality(run: dict[str, Any], field: str) -> Any:
+    """A quality field of a run file. Files written before the retention probe was split
+    (no ``retention_seen_kinds``) asked their ``retention`` on the kinds replay trains: that
+    is today's ``retention_seen_kinds``, and they have no headline retention."""
+    if "retention_seen_kinds" not in run and field in ("retention", "retention_seen_kinds"):
+        return run.get("retention") if field == "retention_seen_kinds" else None
+    return run.get(field)
+
+
 def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, rate): the :data:`QUALITY_FIELDS` as means over its seeds with
     their standard deviations (``<field>_std``), step time and tokens/s as medians, memory as
@@ -95,7 +104,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row["runs"] = runs
         row["seeds"] = [r.get("seed") for r in runs]
         for f in QUALITY_FIELDS:
-            values = [r[f] for r in runs if r.get(f) is not None]
+            values = [v for r in runs if (v := quality(r, f)) is not None]
             row[f] = statistics.mean(values) if values else None
             row[f"{f}_std"] = statistics.stdev(values) if len(values) > 1 else None
         for f in ("step_time_s", "tokens_per_s"):
