@@ -36,6 +36,10 @@ def test_every_result_directory_has_a_readme_with_its_question_and_answer() -> N
         h = report.header(d)
         assert h["question"].strip() and h["answer"].strip(), d
     assert not list(report.RESULTS.rglob("*.py")), "no script lives inside a result directory"
+    # each question's studies have a README too (deeper: the raw outputs of one command,
+    # described by the README above them)
+    studies = [p for d in report.directories() for p in d.iterdir() if p.is_dir()]
+    assert [p for p in studies if not (p / "README.md").is_file()] == []
 
 
 def test_the_readme_table_is_a_section_of_the_results_doc() -> None:
