@@ -33,6 +33,20 @@ def test_the_fingerprint_follows_the_weights_not_the_adapter(tokenizer) -> None:
     assert fingerprint(model, tokenizer) != before
 
 
+def test_the_fingerprint_does_not_depend_on_where_the_model_was_loaded_from(
+        tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same weights loaded from two directories (two virtual environments hold the
+    embedded model at two paths) have one fingerprint, so the shipped results are found."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_for(tokenizer)
+    for where in ("a", "b"):
+        model.save_pretrained(tmp_path / where)
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / w) for w in "ab")
+    assert a.config._name_or_path != b.config._name_or_path
+    assert fingerprint(a, tokenizer) == fingerprint(b, tokenizer) == fingerprint(model, tokenizer)
+
+
 def test_answers_are_computed_once_and_equal_a_fresh_generation(
         tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("MEFT_CACHE", str(tmp_path))

@@ -18,7 +18,8 @@ token windows, the value the mean loss (:func:`meft.evaluation.probe.general_los
 kept in the file, so a file can be recomputed and checked (the slow test does that for the
 shipped ones).
 
-The model fingerprint (:func:`fingerprint`) hashes the configuration, every parameter's name,
+The model fingerprint (:func:`fingerprint`) hashes the configuration (less where the model was
+loaded from: ``_name_or_path``, private keys, the transformers version), every parameter's name,
 shape, dtype and the bytes of 65,536 of its elements, evenly spaced (all of a smaller one:
 exact bytes, so the same on every machine and thread count, unlike a float sum), and the
 tokenizer (vocabulary, chat template, special ids); adapters live outside the base model's
@@ -51,6 +52,9 @@ FORMAT = "meft-base-cache"
 VERSION = 1
 SHIPPED = Path(__file__).parents[1] / "shipped"
 SAMPLED = 1 << 16  # elements of each parameter hashed, evenly spaced (all of a smaller one)
+# configuration keys that say where and by what a model was loaded, not what it computes:
+# with them the key changed with the virtual environment's path (``_name_or_path``)
+WHERE_FROM = ("transformers_version", "name_or_path")
 V = TypeVar("V")
 
 
@@ -63,8 +67,9 @@ def fingerprint(model: Any, tokenizer: Any) -> str:
     """Identifies a base model's weights and its tokenizer (module doc)."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
-    h.update(json.dumps(config.to_dict() if config is not None else {}, sort_keys=True,
-                        default=str).encode())
+    shape = {k: v for k, v in (config.to_dict() if config is not None else {}).items()
+             if not k.startswith("_") and k not in WHERE_FROM}
+    h.update(json.dumps(shape, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
