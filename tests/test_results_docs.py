@@ -36,10 +36,10 @@ def test_every_result_directory_has_a_readme_with_its_question_and_answer() -> N
         h = report.header(d)
         assert h["question"].strip() and h["answer"].strip(), d
     assert not list(report.RESULTS.rglob("*.py")), "no script lives inside a result directory"
-    # each question's studies have a README too (deeper: the raw outputs of one command,
-    # described by the README above them)
-    studies = [p for d in report.directories() for p in d.iterdir() if p.is_dir()]
-    assert [p for p in studies if not (p / "README.md").is_file()] == []
+    # every directory below a question has one too: its studies, and the raw output of each
+    # command (saying what it holds and pointing up to the question's README)
+    below = [p for d in report.directories() for p in d.rglob("*") if p.is_dir()]
+    assert [p for p in below if not (p / "README.md").is_file()] == []
 
 
 def test_the_readme_table_is_a_section_of_the_results_doc() -> None:
