@@ -41,15 +41,17 @@ def main() -> None:
                     help="the shipped general questions instead of the held-out ones")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--host-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the adapter tables' dtype (bfloat16: half the bytes read per token)")
     ap.add_argument("--output", type=Path, help="directory for result.json (fresh)")
     args = ap.parse_args()
     model, tokenizer, source = load_model_and_tokenizer(None)
     questions = (general_questions() if args.general
                  else load_splits(None, None, seed=0).test)[: args.questions]
-    meft_model = get_meft_model(model, MeftConfig())
+    meft_model = get_meft_model(model, MeftConfig(host_dtype=args.host_dtype))
     gen = torch.Generator().manual_seed(0)
     for store in meft_model.stores:
-        store.values.normal_(0.0, 1e-3, generator=gen)
+        store.values.copy_(torch.randn(store.values.shape, generator=gen) * 1e-3)
 
     def seconds(adapter: bool) -> float:
         start = time.perf_counter()
