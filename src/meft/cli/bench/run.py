@@ -121,6 +121,11 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         "moved_bytes_h2d_per_step": statistics.mean(r["mb_h2d"] * 1e6 for r in history),
         "moved_bytes_d2h_per_step": statistics.mean(r["mb_d2h"] * 1e6 for r in history),
         "union_mean": statistics.mean(r["union_mean"] for r in history),
+        # the host's own seconds per step (routing, staging, the host optimizer update):
+        # what a GPU can wait on while they are not overlapped with its compute
+        "host_s_per_step": statistics.median(
+            r.get("route_s", 0.0) + r.get("stage_s", 0.0) + r.get("update_s", 0.0)
+            for r in (history[2:] if len(history) > 2 else history)),
         "retained_rows_mean": (statistics.mean(statistics.mean(r["retained_rows_per_layer"])
                                                for r in history)
                                if retainer and trainable.adapter is not None else None),
