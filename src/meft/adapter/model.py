@@ -51,6 +51,7 @@ from meft.engine.disk import DiskArrays
 from meft.engine.distributed import DataParallel, ShardedSparseAdapter
 from meft.engine.offload import OffloadedSparseAdapter, TokenMask
 from meft.engine.optim import ROW_LOCAL_STATE
+from meft.engine.pipeline import HostWorker
 from meft.engine.routing import router_init
 from meft.engine.store import HostStore, HostTable, TransferStats
 from meft.errors import (
@@ -274,10 +275,25 @@ class MeftModel(nn.Module):
             self._handles.append(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
             self._handles.append(pass_real_tokens(blocks[i], i, adapter, self.tokens))
         self._handles.extend(watch_attention_mask(base_model, self.tokens))
+        self.host_worker: HostWorker | None = None
+        self.use_host_worker(self.device_.type == "cuda")  # a CPU has nothing to overlap
         if fresh:
             assert arrays is not None
             arrays.index["initialized"] = True
             arrays.commit(0)
+
+    def use_host_worker(self, on: bool = True) -> None:
+        """Accumulate gradient rows on a host thread while the compute device goes on with
+        the backward pass (:mod:`meft.engine.pipeline`; bitwise the same sums), or inline.
+        On by default on CUDA; a sharded adapter (several processes) always adds inline."""
+        if on and self.host_worker is None:
+            self.host_worker = HostWorker()
+        for adapter in self.adapter_modules:
+            if on:
+                for acc in (adapter.store.key_grad, adapter.store.value_grad):
+                    acc.settle()
+            adapter.worker = (self.host_worker if on and not isinstance(
+                adapter, ShardedSparseAdapter) else None)
 
     # ----------------------------------------------------------------- plumbing
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from meft.engine.kernels import gate_values, gradient_carrier, pair_dots, rows_output, sparse_rows
+from meft.engine.pipeline import HostWorker
 from meft.engine.routing import HALF_DTYPES, probe, router_init, routing_dtype, select
 from meft.engine.sizes import check_routing_sizes
 from meft.engine.store import HostStore, RowSparseGrad
@@ -216,6 +217,13 @@ class OffloadedSparseAdapter(nn.Module):
         self.keep: Tensor | None = None  # (T,) real tokens of the block call, set by MeftModel
         # on CPU, kernels read rows in the tables (False: always stage, the reference path)
         self.read_in_place = True
+        # gradient rows accumulated on a host thread (meft.engine.pipeline; None: inline)
+        self.worker: HostWorker | None = None
+        for acc in (store.key_grad, store.value_grad):
+            acc.on_wait = self._waited
+
+    def _waited(self, seconds: float) -> None:
+        self.store.stats.wait_s += seconds
 
     @property
     def n_neurons(self) -> int:
@@ -370,7 +378,16 @@ class OffloadedSparseAdapter(nn.Module):
             if grad is None:
                 return
             rows.grad = None
-            acc.add(uniq, grad.to(_HOST, acc.rows.dtype), adopt=True)
             stats.grad_bytes_d2h += grad.numel() * grad.element_size()
+            if self.worker is None:  # synchronous: the reference the worker path equals
+                acc.add(uniq, grad.to(_HOST, acc.dtype), adopt=True)
+            elif grad.device.type == "cuda":  # copy started now, added once it has landed
+                host = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
+                host.copy_(grad, non_blocking=True)
+                landed = torch.cuda.Event()
+                landed.record()
+                acc.add_later(self.worker, uniq, host, ready=landed.synchronize, adopt=True)
+            else:
+                acc.add_later(self.worker, uniq, grad.to(_HOST, acc.dtype), adopt=True)
 
         return hook

@@ -19,10 +19,15 @@ time spent routing, staging and updating.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from meft.engine.pipeline import HostWorker
 
 
 class RowSparseGrad:
@@ -36,19 +41,56 @@ class RowSparseGrad:
         self._ids = torch.empty(0, dtype=torch.long, device=device)  # (capacity,)
         self._rows = torch.empty(0, dim, dtype=dtype, device=device)  # (capacity, d)
         self._count = 0
+        self._worker: HostWorker | None = None  # where adds are queued (add_later)
+        self._queued = 0
+        self.on_wait: Callable[[float], None] | None = None  # told the seconds settle waited
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype rows accumulate in (read without waiting for queued adds)."""
+        return self._rows.dtype
+
+    def settle(self) -> None:
+        """Wait for the adds queued on the host worker (:mod:`meft.engine.pipeline`); every
+        read and every other change of the accumulator calls it first."""
+        if self._queued and self._worker is not None:
+            waited = self._worker.drain()
+            if self.on_wait is not None:
+                self.on_wait(waited)
 
     @property
     def ids(self) -> Tensor:
         """Touched row ids (R,), in first-touched order."""
+        self.settle()
         return self._ids[: self._count]
 
     @property
     def rows(self) -> Tensor:
         """Accumulated gradient rows (R, d), aligned with :attr:`ids`."""
+        self.settle()
         return self._rows[: self._count]
 
     def __len__(self) -> int:
+        self.settle()
         return self._count
+
+    def add_later(self, worker: HostWorker, ids: Tensor, rows: Tensor, *,
+                  ready: Callable[[], object] | None = None, adopt: bool = False) -> None:
+        """:meth:`add` on ``worker``'s thread, after ``ready()`` (e.g. a CUDA event's
+        ``synchronize``: the copy of ``rows`` to the host has landed). Queued adds run in
+        submission order, so the sum is bitwise the one of calling :meth:`add` now."""
+        self._worker = worker
+        self._queued += 1
+
+        def job() -> None:
+            try:
+                if ready is not None:
+                    ready()
+                self._add(ids, rows, adopt=adopt)
+            finally:
+                self._queued -= 1
+
+        worker.submit(job)
 
     def add(self, ids: Tensor, rows: Tensor, *, adopt: bool = False) -> None:
         """Accumulate rows (R, d) into table rows ids (R,); ids may repeat.
@@ -57,6 +99,10 @@ class RowSparseGrad:
         the ids are distinct, the tensor becomes the buffer instead of being copied (the first
         micro-batch of a step then costs no copy at all).
         """
+        self.settle()
+        self._add(ids, rows, adopt=adopt)
+
+    def _add(self, ids: Tensor, rows: Tensor, *, adopt: bool = False) -> None:
         if ids.dim() != 1 or rows.shape != (ids.shape[0], self.dim):
             raise ValueError(f"expected ids (R,) and rows (R, {self.dim}), got "
                              f"{tuple(ids.shape)} and {tuple(rows.shape)}")
@@ -91,13 +137,14 @@ class RowSparseGrad:
         new_cap = max(capacity, 2 * self._ids.shape[0])
         ids = self._ids.new_empty(new_cap)
         rows = self._rows.new_empty(new_cap, self.dim)
-        ids[: self._count] = self.ids
-        rows[: self._count] = self.rows
+        ids[: self._count] = self._ids[: self._count]  # (not the properties: the worker's
+        rows[: self._count] = self._rows[: self._count]  # thread calls this inside a job)
         self._ids, self._rows = ids, rows
 
     def keep_(self, keep: Tensor) -> None:
         """Keep only the touched rows where ``keep`` (R,) bool is true, in their order; the
         others are forgotten as if never touched (an optimizer step then skips them)."""
+        self.settle()
         if keep.shape != (self._count,):
             raise ValueError(f"keep must be ({self._count},), got {tuple(keep.shape)}")
         ids, rows = self.ids[keep], self.rows[keep]  # copies
@@ -110,6 +157,7 @@ class RowSparseGrad:
 
     def zero_(self) -> None:
         """Forget every touched row (keeps the buffer for the next step)."""
+        self.settle()
         self._slot[self.ids] = -1
         self._count = 0
 
@@ -124,6 +172,7 @@ class RowSparseGrad:
 
     def to_dense(self) -> Tensor:
         """The (N, d) dense gradient; for checking and the dense optimizer mode only."""
+        self.settle()
         dense = self._rows.new_zeros(self.n_rows, self.dim)
         dense[self.ids] = self.rows
         return dense
@@ -155,6 +204,7 @@ class TransferStats:
     route_s: float = 0.0
     stage_s: float = 0.0
     update_s: float = 0.0
+    wait_s: float = 0.0  # the compute device waiting for queued host work (engine.pipeline)
     touched_rows: int = 0  # rows the optimizer updated at the last step
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
 

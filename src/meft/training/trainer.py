@@ -89,6 +89,7 @@ class StepTraffic:
     route_s: float = 0.0
     stage_s: float = 0.0
     update_s: float = 0.0
+    wait_s: float = 0.0  # waiting for the host worker's queued gradient rows
 
 
 def _no_traffic() -> StepTraffic:
@@ -128,7 +129,7 @@ class Trainable:
                 union_per_layer=[s.mean_union for s in stats],
                 touched_rows_per_layer=[s.touched_rows for s in stats],
                 route_s=sum(s.route_s for s in stats), stage_s=sum(s.stage_s for s in stats),
-                update_s=sum(s.update_s for s in stats))
+                update_s=sum(s.update_s for s in stats), wait_s=sum(s.wait_s for s in stats))
             for s in stats:
                 s.reset()
             return out
@@ -306,6 +307,7 @@ class Trainer:
             "route_s": traffic.route_s,
             "stage_s": traffic.stage_s,
             "update_s": traffic.update_s,
+            "wait_s": traffic.wait_s,
         }
 
     def _forward_with_replay(self, chunk: list[Encoded], labelled: int) -> tuple[float, float]:

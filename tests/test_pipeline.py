@@ -1,0 +1,115 @@
+"""The host worker (meft.engine.pipeline): gradient rows accumulated on a host thread give
+bitwise what the synchronous path gives, and every reader waits for them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import Case, make_inputs
+from meft.engine.offload import OffloadedSparseAdapter
+from meft.engine.optim import RowSparseAdamW
+from meft.engine.pipeline import HostWorker
+from meft.engine.store import HostStore, RowSparseGrad
+
+CASE = Case(tokens=24, dim=16, neurons=256, experts=16, top_k=8, n_probe=3)
+
+
+def test_queued_adds_equal_adds_in_order() -> None:
+    """Fresh random (ids, rows) with repeats, some queued and some added directly: the sums
+    and the first-touched order are the synchronous ones, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 50, (20,), generator=gen), torch.randn(20, 8, generator=gen))
+               for _ in range(12)]
+    sync, queued = RowSparseGrad(50, 8), RowSparseGrad(50, 8)
+    worker = HostWorker()
+    waits: list[float] = []
+    queued.on_wait = waits.append
+    for i, (ids, rows) in enumerate(batches):
+        sync.add(ids, rows.clone())
+        if i % 4 == 3:
+            queued.add(ids, rows.clone())  # waits for what is queued, then adds here
+        else:
+            queued.add_later(worker, ids, rows.clone())
+    assert torch.equal(queued.ids, sync.ids) and torch.equal(queued.rows, sync.rows)
+    assert torch.equal(queued.to_dense(), sync.to_dense()) and waits
+
+
+def test_a_failing_job_raises_where_the_rows_are_read() -> None:
+    worker = HostWorker()
+    acc = RowSparseGrad(10, 4)
+    acc.add_later(worker, torch.tensor([1, 2]), torch.ones(3, 4))  # wrong shape
+    with pytest.raises(ValueError, match="expected ids"):
+        acc.rows  # noqa: B018
+    acc.add_later(worker, torch.tensor([1, 2]), torch.ones(2, 4))  # the worker goes on
+    assert torch.equal(acc.rows, torch.ones(2, 4))
+
+
+def _module(seed: int) -> OffloadedSparseAdapter:
+    _, keys, values, router, _ = make_inputs(CASE, torch.float32, seed)
+    return OffloadedSparseAdapter(HostStore(keys, values), n_experts=CASE.experts,
+                                  top_k=CASE.top_k, n_probe=CASE.n_probe, router=router)
+
+
+def test_the_worker_path_trains_like_the_synchronous_one_bit_for_bit() -> None:
+    """Three optimizer steps of two fresh random micro-batches each, the rows' gradients added
+    on the worker thread or inline: outputs, input gradients, tables and optimizer state equal
+    bit for bit, and the time waited for the worker is counted."""
+    runs = []
+    for worker in (None, HostWorker()):
+        mod = _module(5)
+        mod.worker = worker
+        opt = RowSparseAdamW(mod.store.tables, lr=1e-2, weight_decay=0.01)
+        outs, waited = [], 0.0
+        for step in range(3):
+            for micro in range(2):
+                x, _, _, _, dy = make_inputs(CASE, torch.float32, 60 + 2 * step + micro)
+                x = x.requires_grad_(True)
+                y = mod(x)
+                y.backward(dy)
+                outs += [y.detach(), x.grad]
+            opt.step()
+            opt.zero_grad()
+            waited += mod.store.stats.wait_s
+        runs.append((outs, mod.store.keys.clone(), mod.store.values.clone(),
+                     [v.clone() for t in mod.store.tables for v in opt.state[t.data].values()],
+                     waited))
+    (a, ka, va, sa, wa), (b, kb, vb, sb, wb) = runs
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
+    assert len(sa) == len(sb) and all(torch.equal(p, q) for p, q in zip(sa, sb, strict=True))
+    assert wa == 0.0 and wb > 0.0
+
+
+def test_meft_train_with_the_worker_equals_without(
+        model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    """The whole job (micro-batches, clipping, forgetting protection's replay, checkpoints)
+    with the worker on the CPU: the same losses and adapter files as inline, bit for bit."""
+    from safetensors.torch import load_file
+
+    import meft.adapter.model as model_module
+    from helpers import TINY
+    from meft.cli.commands import main
+
+    flags = ["--model", str(model_dir), "--data", str(data_file), "--steps", "3",
+             "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2",
+             "--no-progress", "--no-eval-before", "--no-retention", "--no-plots", *TINY]
+    original = model_module.MeftModel.use_host_worker
+    for name, on in (("inline", False), ("worker", True)):
+        model_module.MeftModel.use_host_worker = (  # type: ignore[method-assign]
+            lambda self, _on=True, force=on: original(self, force))
+        try:
+            assert main(["train", *flags, "--output", str(tmp_path / name)]) == 0
+        finally:
+            model_module.MeftModel.use_host_worker = original  # type: ignore[method-assign]
+    runs = [json.loads((tmp_path / n / "run.json").read_text()) for n in ("inline", "worker")]
+    assert runs[0]["losses"] == runs[1]["losses"]
+    a, b = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors")
+            for n in ("inline", "worker"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [json.loads(x) for x in (tmp_path / "worker" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert all(r["wait_s"] > 0 for r in metrics)
