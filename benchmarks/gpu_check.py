@@ -190,7 +190,8 @@ def step_checks(device: torch.device, cfg: dict[str, Any], dtype: torch.dtype,
         row = {k: result.get(k) for k in (
             "method", "step_time_s", "tokens_per_s", "cuda_max_memory_allocated",
             "device_bytes", "moved_bytes_h2d_per_step", "moved_bytes_d2h_per_step",
-            "union_mean", "host_s_per_step", "trainable_params", "host_state_bytes",
+            "union_mean", "host_s_per_step", "wait_s_per_step", "trainable_params",
+            "host_state_bytes",
             "final_loss")}
         row["step_times_s"] = times
         if method.kind == "meft":

@@ -126,6 +126,9 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         "host_s_per_step": statistics.median(
             r.get("route_s", 0.0) + r.get("stage_s", 0.0) + r.get("update_s", 0.0)
             for r in (history[2:] if len(history) > 2 else history)),
+        # of which the device waited for the host worker's gradient rows (engine.pipeline)
+        "wait_s_per_step": statistics.median(
+            r.get("wait_s", 0.0) for r in (history[2:] if len(history) > 2 else history)),
         "retained_rows_mean": (statistics.mean(statistics.mean(r["retained_rows_per_layer"])
                                                for r in history)
                                if retainer and trainable.adapter is not None else None),
