@@ -113,3 +113,39 @@ def test_meft_train_with_the_worker_equals_without(
     metrics = [json.loads(x) for x in (tmp_path / "worker" / "metrics.jsonl").read_text()
                .splitlines()]
     assert all(r["wait_s"] > 0 for r in metrics)
+
+
+def test_routing_begun_before_the_mlp_equals_routing_in_the_hook(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The MLP's pre-hook begins each adapter's routing (prepare) so that on a GPU the host
+    routes while the MLP computes; the logits, every gradient and the rows chosen are bitwise
+    those of routing inside the MLP's forward hook, with padding (real tokens only)."""
+    from helpers import meft_config, tiny_for
+    from meft.adapter.model import get_meft_model
+
+    runs = []
+    for begin_early in (True, False):
+        model = get_meft_model(tiny_for(tokenizer), meft_config())
+        if not begin_early:
+            for adapter in model.adapter_modules:
+                adapter.prepare = lambda x: None  # type: ignore[method-assign]
+        gen = torch.Generator().manual_seed(7)
+        ids = torch.randint(3, len(tokenizer), (3, 10), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0  # left padding
+        prepared = []
+        for adapter in model.adapter_modules:
+            original = adapter.forward
+            adapter.forward = (  # type: ignore[method-assign]
+                lambda x, a=adapter, f=original, seen=prepared: (
+                    seen.append(a._prepared is not None), f(x))[1])
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits.square().sum().backward()
+        runs.append((logits.detach(), [r.grad.clone() for r in model.router_parameters()],
+                     [a.store.key_grad.to_dense() for a in model.adapter_modules],
+                     [a.store.value_grad.to_dense() for a in model.adapter_modules], prepared))
+    (la, ra, ka, va, pa), (lb, rb, kb, vb, pb) = runs
+    assert all(pa) and not any(pb)  # the early path was taken, and the other was not
+    assert torch.equal(la, lb)
+    for xs, ys in ((ra, rb), (ka, kb), (va, vb)):
+        assert all(torch.equal(x, y) for x, y in zip(xs, ys, strict=True))
+    assert any(bool(v.abs().sum()) for v in va)

@@ -100,5 +100,5 @@ def attach_dense(model: nn.Module, neurons: int, *, offload: bool, seed: int = 0
         else:
             adapter = DenseParallelAdapter(neurons, d, generator=gen, device=device)
         adapters.append(adapter)
-        handles.append(attach_beside_mlp(blocks[i], adapter))
+        handles.extend(attach_beside_mlp(blocks[i], adapter))
     return adapters, handles

@@ -114,8 +114,10 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def attach_beside_mlp(block: nn.Module, adapter: nn.Module,
                       enabled: Callable[[], bool] = lambda: True
-                      ) -> torch.utils.hooks.RemovableHandle:
-    """Make ``block``'s MLP return ``mlp(x) + adapter(x)`` (while ``enabled()``)."""
+                      ) -> list[torch.utils.hooks.RemovableHandle]:
+    """Make ``block``'s MLP return ``mlp(x) + adapter(x)`` (while ``enabled()``); an adapter
+    with ``prepare`` (:class:`~meft.engine.offload.OffloadedSparseAdapter`) is told the MLP's
+    input before the MLP runs, so its routing overlaps the MLP on a GPU."""
     mlp = find_mlp(block)
     if mlp is None:
         raise UnsupportedModelError(f"{type(block).__name__}: no MLP child")
@@ -128,7 +130,15 @@ def attach_beside_mlp(block: nn.Module, adapter: nn.Module,
         out: Tensor = output + adapter(x).to(output.dtype)
         return out
 
-    return mlp.register_forward_hook(hook, with_kwargs=True)
+    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if enabled():  # the adapter's routing begins before the MLP runs (engine.offload)
+            prepare = getattr(adapter, "prepare")  # noqa: B009 (an nn.Module attribute)
+            prepare(args[0] if args else next(iter(kwargs.values())))
+
+    handles = [mlp.register_forward_hook(hook, with_kwargs=True)]
+    if hasattr(adapter, "prepare"):
+        handles.append(mlp.register_forward_pre_hook(before, with_kwargs=True))
+    return handles
 
 
 def watch_attention_mask(model: nn.Module, tokens: TokenMask
@@ -272,7 +282,7 @@ class MeftModel(nn.Module):
             else:
                 adapter = OffloadedSparseAdapter(store, n_experts=config.n_experts, **kwargs)
             self.adapters[str(i)] = adapter
-            self._handles.append(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
+            self._handles.extend(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
             self._handles.append(pass_real_tokens(blocks[i], i, adapter, self.tokens))
         self._handles.extend(watch_attention_mask(base_model, self.tokens))
         self.host_worker: HostWorker | None = None

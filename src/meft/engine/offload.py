@@ -22,6 +22,15 @@ the output and every gradient keep x's precision; only the choice of experts see
 rounding. At E=1024, T=512 probing takes 1.5 ms per layer on the project CPU against 3.1-3.4
 in fp32 (benchmarks/results/step-time/ratio-5c1717f).
 
+Overlap with the device (a GPU). The adapter sits beside the MLP, so the MLP does not need
+its output: the MLP's forward pre-hook calls :meth:`OffloadedSparseAdapter.prepare`, which
+probes the router and starts the copies of the tokens and probes to the host (pinned,
+``non_blocking``, an event recorded) before the MLP's kernels are queued; the forward hook then
+waits for those copies only and routes on the host while the device computes the MLP. In
+backward the rows' gradients go to the host accumulators through the host worker
+(:mod:`meft.engine.pipeline`). Both give bitwise the values of doing everything inline
+(tested on CPU, where the same code runs with no copy).
+
 Staged rows are gathered straight into reused host buffers (:class:`_StagingPool`). On CUDA
 those are pinned and copied with ``non_blocking=True``. On CPU (device == host) with tables in
 the compute dtype nothing is staged: the kernels read the rows of U in the tables in place
@@ -45,7 +54,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +124,28 @@ class TokenMask:
         while len(seen) > self.REMEMBERED:
             seen.popitem(last=False)
         return keep
+
+
+class _Front(NamedTuple):
+    """The device's share of one call's routing (:meth:`OffloadedSparseAdapter._front`)."""
+
+    g: Tensor  # (T, E) router scores (exact at the probed experts)
+    probe_scores: Tensor  # (T, P)
+    probe_ids: Tensor  # (T, P)
+    x_host: Tensor  # (T, d) the tokens on the host, in the routing dtype
+    scores_host: Tensor  # (T, P)
+    ids_host: Tensor  # (T, P)
+    landed: Any  # a CUDA event recorded after the copies (None: they are done)
+
+
+def _to_host(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as ``dtype`` on the host: on CUDA a non-blocking copy into a fresh pinned buffer
+    (valid once the caller's event has completed), elsewhere an ordinary conversion."""
+    if t.device.type != "cuda":
+        return t.to(_HOST, dtype)
+    out = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+    out.copy_(t.to(dtype), non_blocking=True)
+    return out
 
 
 def _distinct(ids: Tensor, n: int) -> int:
@@ -219,6 +250,7 @@ class OffloadedSparseAdapter(nn.Module):
         self.read_in_place = True
         # gradient rows accumulated on a host thread (meft.engine.pipeline; None: inline)
         self.worker: HostWorker | None = None
+        self._prepared: tuple[Tensor, _Front] | None = None  # (x, its routing begun)
         for acc in (store.key_grad, store.value_grad):
             acc.on_wait = self._waited
 
@@ -249,22 +281,40 @@ class OffloadedSparseAdapter(nn.Module):
             self._staging.record(name, buf)
         return moved
 
+    def prepare(self, x: Tensor) -> None:
+        """Start this call's routing before the base MLP runs on ``x`` (the MLP's forward
+        pre-hook, :func:`meft.adapter.model.attach_beside_mlp`): probe the router and start
+        copying to the host what it routes with, without blocking. On a GPU the host then
+        routes while the device computes the MLP beside it; :meth:`forward` on the same ``x``
+        finds the work begun. The same values in the same order as doing it all in forward."""
+        x2, real = self._tokens(x)
+        self._prepared = (x, self._front(x2 if real is None else x2.index_select(0, real)))
+
     def forward(self, x: Tensor) -> Tensor:
+        prepared, self._prepared = self._prepared, None
+        front = prepared[1] if prepared is not None and prepared[0] is x else None
+        x2, real = self._tokens(x)
+        if real is None:
+            return self._adapt(x2, None, front).reshape(x.shape)
+        assert self.keep is not None
+        y = self._adapt(x2.index_select(0, real), self.keep, front)  # (T', d)
+        return x2.new_zeros(x2.shape).index_copy(0, real, y.to(x2.dtype)).reshape(x.shape)
+
+    def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x as (T, d) and the positions (T',) of its real tokens (None: route them all)."""
         d = self.store.dim
         if x.shape[-1] != d:
             raise ValueError(f"adapter input must have last dimension {d}, got {tuple(x.shape)}")
         x2 = x.reshape(-1, d)  # (T, d)
         keep = self.keep
         if keep is None or keep.shape[0] != x2.shape[0]:
-            return self._adapt(x2, None).reshape(x.shape)
-        real = keep.to(x.device).nonzero().squeeze(1)  # (T',) positions of real tokens
-        y = self._adapt(x2.index_select(0, real), keep)  # (T', d)
-        return x2.new_zeros(x2.shape).index_copy(0, real, y.to(x2.dtype)).reshape(x.shape)
+            return x2, None
+        return x2, keep.to(x.device).nonzero().squeeze(1)
 
-    def _adapt(self, x2: Tensor, keep: Tensor | None) -> Tensor:
-        """y (T, d) for the tokens x2 (T, d) to route; ``keep`` (T_all,) which of the call's
-        tokens they are (None: all), for the access counter."""
-        stats = self.store.stats
+    def _front(self, x2: Tensor) -> _Front:
+        """The device's share of routing x2 (T, d): router scores, the top-P probes, and the
+        copies of the tokens and probes to the host, begun (on CUDA: into pinned buffers,
+        ``non_blocking``, with an event to wait for)."""
         router = self.router.to(x2.dtype)
         # routing runs in the tables' dtype (fp32 for half tables where half is slow)
         route_dtype = routing_dtype(self.store.keys.dtype)
@@ -274,11 +324,28 @@ class OffloadedSparseAdapter(nn.Module):
             else:
                 g = x2 @ router.T  # (T, E)
                 probe_scores, probe_ids = probe(g, self.n_probe)  # (T, P) each
+            start = time.perf_counter()
+            host = [_to_host(x2.detach(), route_dtype), _to_host(probe_scores, route_dtype),
+                    _to_host(probe_ids, probe_ids.dtype)]
+            landed = None
+            if x2.device.type == "cuda":
+                landed = torch.cuda.Event()
+                landed.record()
+            self.store.stats.route_s += time.perf_counter() - start
+        return _Front(g, probe_scores, probe_ids, host[0], host[1], host[2], landed)
 
+    def _adapt(self, x2: Tensor, keep: Tensor | None, front: _Front | None = None) -> Tensor:
+        """y (T, d) for the tokens x2 (T, d) to route; ``keep`` (T_all,) which of the call's
+        tokens they are (None: all), for the access counter; ``front`` from :meth:`prepare`."""
+        stats = self.store.stats
+        router = self.router.to(x2.dtype)
+        front = front if front is not None else self._front(x2)
+        g, probe_scores, probe_ids = front.g, front.probe_scores, front.probe_ids
         start = time.perf_counter()
-        x_host = x2.detach().to(_HOST, route_dtype)
-        ids = self._route(x_host, probe_scores.to(_HOST, route_dtype),
-                          probe_ids.to(_HOST))  # (T, K) on host
+        if front.landed is not None:
+            front.landed.synchronize()  # the copies only: the MLP's kernels go on
+        x_host = front.x_host
+        ids = self._route(x_host, front.scores_host, front.ids_host)  # (T, K) on host
         if self.counter is not None:
             self.counter.add(ids, x_host, keep)
         tables = self._tables_in_place(x2.dtype)
