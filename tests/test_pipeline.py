@@ -48,10 +48,11 @@ def test_a_failing_job_raises_where_the_rows_are_read() -> None:
     assert torch.equal(acc.rows, torch.ones(2, 4))
 
 
-def _module(seed: int) -> OffloadedSparseAdapter:
+def _module(seed: int, device: str = "cpu") -> OffloadedSparseAdapter:
     _, keys, values, router, _ = make_inputs(CASE, torch.float32, seed)
     return OffloadedSparseAdapter(HostStore(keys, values), n_experts=CASE.experts,
-                                  top_k=CASE.top_k, n_probe=CASE.n_probe, router=router)
+                                  top_k=CASE.top_k, n_probe=CASE.n_probe, router=router,
+                                  device=device)
 
 
 def test_the_worker_path_trains_like_the_synchronous_one_bit_for_bit() -> None:
@@ -149,3 +150,28 @@ def test_routing_begun_before_the_mlp_equals_routing_in_the_hook(tokenizer) -> N
     for xs, ys in ((ra, rb), (ka, kb), (va, vb)):
         assert all(torch.equal(x, y) for x, y in zip(xs, ys, strict=True))
     assert any(bool(v.abs().sum()) for v in va)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_overlapped_paths_equal_the_inline_ones() -> None:
+    """On a GPU: routing begun before the MLP with non-blocking pinned copies, and gradient
+    rows added on the host worker after their copies land, against the inline paths: the same
+    outputs and the same host sums (the host arithmetic is the same; only when it runs moves)."""
+    runs = []
+    for overlap in (True, False):
+        mod = _module(5, device="cuda")
+        mod.worker = HostWorker() if overlap else None
+        outs = []
+        for micro in range(3):
+            x, _, _, _, dy = make_inputs(CASE, torch.float32, 80 + micro)
+            x, dy = x.cuda().requires_grad_(True), dy.cuda()
+            if overlap:
+                mod.prepare(x)
+            y = mod(x)
+            y.backward(dy)
+            outs += [y.detach().cpu(), x.grad.cpu()]
+        runs.append((outs, mod.store.key_grad.to_dense(), mod.store.value_grad.to_dense()))
+    (a, ka, va), (b, kb, vb) = runs
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
