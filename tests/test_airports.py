@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,9 @@ def test_known_facts_leave_every_split() -> None:
     for part in (kept.train, kept.validation, kept.test, kept.seen):
         assert part and not {s.source for s in part} & known_sources
     assert len(kept.test) == len(splits.test) - len(known_sources)
+    assert set(kept.bits) == {s.source for s in kept.test}  # bits follow the facts kept
+    cities = {f["city"] for f in make_airports_set(seed=0).facts}
+    assert set(kept.bits.values()) == {math.log2(len(cities))}
     assert f"{len(known_sources)} facts the base model already answered removed" in \
         kept.description
 

@@ -99,7 +99,8 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     probe = RetentionProbe([0, 1, 2], 215, general_loss(base, tokenizer),
                            [to_record(q) for q in ks.eval[:3]], [0, 1, 2], "eval")
     result = run_method(parse_method(name), base, tokenizer, train, ks.validation, ks.eval, job,
-                        torch.device("cpu"), probe=probe, background=ks.eval)
+                        torch.device("cpu"), probe=probe, background=ks.eval,
+                        seen=ks.eval_seen, facts={"facts": 12, "bits": ks.bits})
     assert result["method"] == name and result["steps"] == 3
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
     kind = name.split("+")[0].split(":")[0]
@@ -108,7 +109,10 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     if "+retain" in name:  # every protected method replays (rep2: two examples per step)
         assert result["train_config"]["retain_replay"] == (2 if "rep2" in name else 1)
     assert result["train_config"]["weight_decay"] == 0.0  # the loop's, not torch's default
-    assert result["validation_n"] == result["test_n"] == 4
+    assert result["validation_n"] == result["test_n"] == result["seen_n"] == 4
+    assert result["facts"] == 12 and 0 <= result["seen_em"] <= 1
+    assert 0 <= result["bits_recalled"] <= sum(ks.bits[s.source] for s in ks.eval_seen[:4])
+    assert result["bits_per_param"] == result["bits_recalled"] / result["trainable_params"]
     assert 0 <= result["validation_em"] <= 1 and 0 <= result["test_em"] <= 1
     assert result["retention"] in (0.0, 1 / 3, 2 / 3, 1.0) and result["probe"] == "eval"
     assert result["retention_seen_kinds"] in (0.0, 1 / 3, 2 / 3, 1.0)
@@ -178,6 +182,7 @@ def test_bench_end_to_end_and_equal_to_meft_train(model_dir: Path, tmp_path: Pat
     assert bench["config"]["bench"]["steps"] == 3 and bench["environment"]["torch"]
     assert bench["adapter_config"]["experts"] == 8 and len(bench["losses"]) == 3
     assert bench["selected"] is True and bench["lr_at_grid_edge"] is None and bench["seed"] == 0
+    assert bench["facts"] == 120 and bench["seen_em"] is None  # --no-eval: nothing asked
     # continue the comparison with seeds: the runs already there are not run again
     capsys.readouterr()
     assert main(["bench", "--methods", "meft:64", "--no-eval", "--output", str(out),
@@ -497,3 +502,14 @@ def test_runs_from_before_the_probe_split_count_their_retention_as_seen_kinds() 
     assert rows[3e-3]["retention"] is None and rows[3e-3]["retention_seen_kinds"] == 0.9
     assert rows[1e-3]["retention"] == 0.8 and rows[1e-3]["retention_seen_kinds"] == 0.95
     assert old["retention"] == 0.9  # the run file itself is not rewritten
+
+
+def test_recalled_bits_count_the_exact_answers_only() -> None:
+    from meft.cli.bench.run import recalled_bits
+
+    ks = make_knowledge_set(4, seed=0)
+    seen = ks.eval_seen[:3]
+    predictions = [seen[0].answers[0], "nothing", f"{seen[2].answers[0]}."]
+    assert recalled_bits(seen, predictions, ks.bits) == ks.bits[seen[0].source] + \
+        ks.bits[seen[2].source]
+    assert recalled_bits(seen, ["x"] * 3, ks.bits) == 0.0

@@ -90,6 +90,7 @@ def test_flag_names_and_field_names_are_both_accepted() -> None:
     ({"eval_before": "yes"}, "eval_before must be true or false, got 'yes'"),
     ({"layers": []}, "layers must be a list of integers, got []"),
     ({"layers": "a-b"}, "layers: expected ids like 0,1,2 or a range like 10-29"),
+    ({"train_phrasings": 4}, "--train-phrasings must be 1, 2 or 3"),
 ])
 def test_bad_values_name_the_field_and_the_value(options: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:

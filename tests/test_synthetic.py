@@ -101,3 +101,28 @@ def test_validation_phrasing_is_held_out_and_distinct_from_the_test_phrasing() -
         assert val.messages[0]["content"] != test.messages[0]["content"]
         assert val.messages[0]["content"] not in trained
     assert make_knowledge_set(6, seed=3, train_phrasings=4).validation == []
+
+
+@pytest.mark.parametrize("people", [1, 7, 30])
+def test_every_fact_carries_the_bits_of_its_answer(people: int) -> None:
+    """bits: log2 of the values an attribute is drawn from (cities: one of ``people``), one
+    entry per fact, the same for all of a fact's phrasings."""
+    import math
+
+    from meft.data.synthetic import INSTRUMENTS, OCCUPATIONS
+
+    ks = make_knowledge_set(people, seed=2)
+    assert set(ks.bits) == {s.source for s in ks.train} == {s.source for s in ks.eval}
+    expect = {"city": math.log2(people), "occupation": math.log2(len(OCCUPATIONS)),
+              "year": math.log2(100), "instrument": math.log2(len(INSTRUMENTS))}
+    for source, bits in ks.bits.items():
+        assert bits == expect[source.rsplit(" ", 1)[1]]
+
+
+def test_one_training_phrasing_still_leaves_validation_and_test() -> None:
+    from meft.data.datasets import load_splits
+
+    splits = load_splits(None, None, seed=1, people=5, train_phrasings=1)
+    assert len(splits.train) == len(splits.test) == len(splits.validation) == 20
+    assert [s.messages for s in splits.train] == [s.messages for s in splits.seen]
+    assert splits.bits == make_knowledge_set(5, seed=1).bits

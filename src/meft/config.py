@@ -410,6 +410,9 @@ class RunConfig:
                           choices=("synthetic", "airports"))
     people: int = option(30, "invented people in the synthetic set (4 facts each)",
                          check="positive")
+    train_phrasings: int = option(3, "training phrasings of each fact in the built-in sets "
+                                  "(1-3; one more is held out for validation and one for "
+                                  "the test)", check="positive")
     eval_data: str | None = option(None, "held-out JSONL for evaluation",
                                    default_text="the built-in held-out phrasings, or 10% of "
                                    "--data")
@@ -467,6 +470,10 @@ class RunConfig:
         if self.probe is not None and not self.retention:
             raise ConfigError("--probe gives retention questions and --no-retention turns "
                               "the retention probe off: give one")
+        if not 1 <= self.train_phrasings <= 3:
+            raise ConfigError(f"--train-phrasings must be 1, 2 or 3 (of a fact's 5 phrasings, "
+                              f"one is kept for validation and one for the test), got "
+                              f"{self.train_phrasings}")
 
 
 @dataclass
@@ -773,7 +780,7 @@ class BenchJob:
         Section("train", TrainConfig, exclude=("steps", "epochs", "batch_size", "lr",
                                                "save_every", "keep_checkpoints", "retain")),
         Section("run", RunConfig, only=("model", "data", "eval_data", "dataset", "people",
-                                        "device", "background",
+                                        "train_phrasings", "device", "background",
                                         "max_eval", "max_new_tokens", "eval_batch_size",
                                         "trust_remote_code", "retention", "probe")),
         Section("bench", BenchConfig),

@@ -123,7 +123,7 @@ def train(job: TrainJob) -> dict[str, Any]:
 
     source = resolve_model(run.model)  # fail fast on a bad --model, before any work
     splits = load_splits(run.data, run.eval_data, seed=tconfig.seed, people=run.people,
-                         dataset=run.dataset)
+                         dataset=run.dataset, train_phrasings=run.train_phrasings)
     if run.eval_data is not None and not any(s.answers for s in splits.test):
         raise DataError(f"--eval-data {run.eval_data}: no examples with reference answers to "
                         "evaluate (question/answer records; text has none)")

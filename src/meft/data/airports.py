@@ -11,12 +11,14 @@ Each chosen airport gives two facts, both answered by its city:
 Airports are those with an IATA code, a city, a name that does not contain the city (else the
 question answers itself) and a city of at most three words, drawn by ``seed``. Each fact has
 five phrasings, split as in the synthetic set (3 train, 1 validation, 1 test, by rotation).
-Facts the base model already answers are removed by the caller
+A fact's ``bits`` are log2 of the number of distinct cities among the chosen airports' (the
+answers it is told apart from). Facts the base model already answers are removed by the caller
 (:func:`meft.data.datasets.drop_known`), so what remains is new to that model.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -67,4 +69,6 @@ def make_airports_set(n_airports: int = AIRPORTS, *, seed: int = 0,
     phrased = [(TEMPLATES[relation], {"code": f["code"], "name": f["name"]}, f["city"],
                 f"airports:{f['code']} {relation}", i + r)
                for i, f in enumerate(facts) for r, relation in enumerate(TEMPLATES)]
-    return split_phrasings(phrased, facts, train_phrasings)
+    city_bits = math.log2(len({f["city"] for f in facts}))
+    return split_phrasings(phrased, facts, train_phrasings,
+                           {source: city_bits for *_, source, _ in phrased})

@@ -8,10 +8,12 @@
     test         held-out questions the reported scores come from
     seen         training phrasings asked back (memorisation, for comparison; built-in only)
 
-With no data file: a built-in set, 3 training phrasings, 1 validation and 1 test phrasing per
-fact: ``dataset="synthetic"`` (:mod:`meft.data.synthetic`, ``people`` invented people x 4 facts) or
-``dataset="airports"`` (:mod:`meft.data.airports`, real airports and their cities; the caller then
-removes the facts its base model already answers with :func:`drop_known`). With
+With no data file: a built-in set, ``train_phrasings`` (default 3) training phrasings, 1
+validation and 1 test phrasing per fact, and each fact's ``bits`` (the information in its
+answer, by source): ``dataset="synthetic"`` (:mod:`meft.data.synthetic`, ``people`` invented
+people x 4 facts) or ``dataset="airports"`` (:mod:`meft.data.airports`, real airports and their
+cities; the caller then removes the facts its base model already answers with
+:func:`drop_known`). With
 ``data``: that file; ``eval_data`` is the test set, or else 10% of ``data`` (at most 200,
 chosen by ``seed``) is held out as the test set; ``validation_data`` is the validation set, or
 else there is none.
@@ -20,7 +22,7 @@ else there is none.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meft.data.airports import make_airports_set
 from meft.data.records import Sample, load_samples
@@ -34,27 +36,29 @@ class Splits:
     test: list[Sample]
     seen: list[Sample]
     description: str
+    bits: dict[str, float] = field(default_factory=dict)  # built-in: source -> answer bits
 
 
 DATASETS = ("synthetic", "airports")
 
 
 def load_splits(data: str | None, eval_data: str | None, validation_data: str | None = None,
-                *, seed: int = 0, people: int = 30, dataset: str = "synthetic") -> Splits:
+                *, seed: int = 0, people: int = 30, dataset: str = "synthetic",
+                train_phrasings: int = 3) -> Splits:
     validation = load_samples(validation_data) if validation_data else None
     if data is None:
         if dataset == "airports":
-            ks = make_airports_set(seed=seed)
+            ks = make_airports_set(seed=seed, train_phrasings=train_phrasings)
             what = f"built-in airports set: {len(ks.eval)} real facts (airport -> city)"
         else:
-            ks = make_knowledge_set(people, seed=seed)
+            ks = make_knowledge_set(people, seed=seed, train_phrasings=train_phrasings)
             what = (f"built-in synthetic knowledge set: {len(ks.facts)} fictional people, "
                     f"{len(ks.eval)} facts")
         test = load_samples(eval_data) if eval_data else ks.eval
         val = validation if validation is not None else ks.validation
         return Splits(ks.train, val, test, ks.eval_seen, (
             f"{what}, {len(ks.train)} training questions, {len(val)} validation and "
-            f"{len(test)} held-out test phrasings"))
+            f"{len(test)} held-out test phrasings"), ks.bits)
     train = load_samples(data)
     val = validation or []
     if eval_data:
@@ -83,4 +87,5 @@ def drop_known(splits: Splits, known: list[bool]) -> Splits:
 
     return Splits(keep(splits.train), keep(splits.validation), keep(splits.test),
                   keep(splits.seen), f"{splits.description}; {len(gone)} facts the base "
-                  f"model already answered removed, {len(splits.test) - len(gone)} left")
+                  f"model already answered removed, {len(splits.test) - len(gone)} left",
+                  {k: v for k, v in splits.bits.items() if k not in gone})

@@ -71,7 +71,8 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
     seeds = bench.seeds or [job.seed]
     # the seed draws the built-in facts, the data order and the adapter's initialisation
     splits = {seed: load_splits(run.data, run.eval_data, bench.validation_data, seed=seed,
-                                people=run.people, dataset=run.dataset) for seed in seeds}
+                                people=run.people, dataset=run.dataset,
+                                train_phrasings=run.train_phrasings) for seed in seeds}
     if job.chooses_rates and not splits[seeds[0]].validation:
         raise DataError("choosing rates (--lr-grid, method@rates) needs validation questions; "
                         "the data has none (pass --validation-data)")
@@ -98,9 +99,12 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
                     batch_size=run.eval_batch_size, desc="known facts",
                     progress=progress, cache=cache))
                 say(f"bench: seed {seed}: {splits[seed].description}")
-            for name in ("train", "validation", "test"):
+            for name in ("train", "validation", "test", "seen"):
                 write_jsonl(getattr(splits[seed], name),
                             Path(tmp) / f"data-{seed}" / f"{name}.jsonl")
+            (Path(tmp) / f"data-{seed}" / "facts.json").write_text(json.dumps(
+                {"facts": len({s.source for s in splits[seed].train}),
+                 "bits": splits[seed].bits}))
         tokenizer.save_pretrained(tmp)
         save_plain_copy(base, tmp)
         worker_args: list[str] = []

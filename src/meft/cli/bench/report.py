@@ -34,10 +34,12 @@ from meft.sysinfo import environment
 # the fields that vary with the seed: each a mean over a (method, rate)'s seeds, with its
 # sample standard deviation beside it (``<field>_std``; None for one seed)
 QUALITY_FIELDS = ("validation_em", "validation_f1", "test_em", "test_f1", "test_contains",
+                  "seen_em", "bits_recalled", "bits_per_param",
                   "retention", "retention_seen_kinds", "general_loss_delta", "final_loss")
-SUMMARY_FIELDS = ("method", "lr", "seeds", "selected", "lr_at_grid_edge", "lr_grid",
-                  *(f for q in ("validation_em", "test_em", "test_f1", "retention",
-                                "retention_seen_kinds", "general_loss_delta")
+SUMMARY_FIELDS = ("method", "lr", "seeds", "selected", "lr_at_grid_edge", "lr_grid", "facts",
+                  *(f for q in ("validation_em", "test_em", "test_f1", "seen_em",
+                                "bits_per_param", "retention", "retention_seen_kinds",
+                                "general_loss_delta")
                     for f in (q, f"{q}_std")),
                   "step_time_s", "tokens_per_s", "device_bytes", "host_bytes",
                   "moved_bytes_per_step", "trainable_params")
@@ -393,15 +395,19 @@ def _find(results: Sequence[dict[str, Any]], name: str) -> dict[str, Any] | None
 
 
 def machines(results: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per (CPU, threads, commit, torch) the runs were made on, with their names."""
-    groups: dict[tuple[str, ...], list[str]] = {}
+    """One line per (CPU, threads, commit, torch) the runs were made on, with their names
+    (``lora:all:16@0.003 (seeds 0,1,2)`` when a (method, rate) ran with several seeds)."""
+    groups: dict[tuple[str, ...], dict[str, list[str]]] = {}
     for r in results:
         env = r.get("environment") or {}
         key = (str(env.get("cpu")), str(env.get("threads")), str(env.get("git_commit"))[:7],
                str(env.get("torch")))
-        groups.setdefault(key, []).append(f"{r['method']}@{r['lr']:g}")
+        groups.setdefault(key, {}).setdefault(f"{r['method']}@{r['lr']:g}", []).append(
+            str(r.get("seed")))
     return [f"{cpu}, {threads} thread{'' if threads == '1' else 's'}, commit {commit}, "
-            f"torch {torch_}: {', '.join(runs)}"
+            f"torch {torch_}: "
+            + ", ".join(name + (f" (seeds {','.join(seeds)})" if len(seeds) > 1 else "")
+                        for name, seeds in runs.items())
             for (cpu, threads, commit, torch_), runs in groups.items()]
 
 

@@ -9,7 +9,10 @@ parameters; the loss of every step (and, with ``--eval-every S``, the validation
 every S steps: the curve that shows whether a budget of steps has plateaued); exact match /
 F1 / contains on the validation questions (which choose the rate) and on the test questions
 (which are reported); retention and the general-text loss change (:mod:`meft.evaluation.probe`)
-against a probe built from the base model.
+against a probe built from the base model. On the built-in sets, also what was stored: ``facts``
+(distinct facts trained), ``seen_em`` (exact match on each fact's first training phrasing),
+``bits_recalled`` (the summed answer bits of the facts recalled there,
+:mod:`meft.data.synthetic`) and ``bits_per_param`` (those over the trainable parameters).
 
 Each method runs in its own process (``python -m meft.cli.bench.run``) so its peak RSS is its own;
 :func:`run_method` is the same thing in-process.
@@ -37,6 +40,7 @@ from meft.config import BenchJob
 from meft.data.records import Encoded, Sample, encode_all, load_samples
 from meft.errors import UserError
 from meft.evaluation.evaluate import evaluate
+from meft.evaluation.metrics import exact_match
 from meft.evaluation.probe import RetentionProbe
 from meft.sysinfo import peak_rss_bytes, reset_peak_rss
 from meft.training.protection import Retainer
@@ -47,16 +51,25 @@ def _bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def recalled_bits(samples: Sequence[Sample], predictions: Sequence[str],
+                  bits: dict[str, float]) -> float:
+    """The summed answer bits (``bits``: source -> bits) of the samples answered exactly."""
+    return sum(bits.get(s.source, 0.0) for s, p in zip(samples, predictions, strict=True)
+               if exact_match(p, s.answers) == 1.0)
+
+
 def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[Encoded],
                validation: Sequence[Sample], test: Sequence[Sample], job: BenchJob,
                device: torch.device, *, lr: float | None = None,
                probe: RetentionProbe | None = None, copy_base: bool = True,
-               background: Sequence[Sample] | None = None) -> dict[str, Any]:
+               background: Sequence[Sample] | None = None, seen: Sequence[Sample] = (),
+               facts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one method for the job's steps at ``lr`` (None: the job's or the method's rate),
     evaluate it, return its metrics.
 
     ``copy_base=False`` trains ``base`` itself (a worker process that owns it); a
-    ``+retain`` method measures its background statistics over ``background``."""
+    ``+retain`` method measures its background statistics over ``background``. ``seen``: the
+    training phrasings asked back; ``facts``: ``{"facts": n, "bits": {source: bits}}``."""
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -145,14 +158,25 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     gen: dict[str, Any] = {"max_new_tokens": job.run.max_new_tokens,
                            "batch_size": job.run.eval_batch_size,
                            "progress": tconfig.progress}
-    for split, samples in (("validation", validation), ("test", test)):
-        scores = (evaluate(trainable.model, tokenizer, list(samples)[: job.run.max_eval],
-                           desc=f"{split} {method.name}", **gen)
-                  if job.bench.eval and samples else None)
+    seen_scores = None
+    for split, samples in (("validation", validation), ("test", test), ("seen", seen)):
+        asked = list(samples)[: job.run.max_eval]
+        scores = (evaluate(trainable.model, tokenizer, asked, desc=f"{split} {method.name}",
+                           **gen) if job.bench.eval and samples else None)
         for key in ("exact_match", "f1", "contains"):
             short = {"exact_match": "em"}.get(key, key)
             result[f"{split}_{short}"] = None if scores is None else scores[key]
         result[f"{split}_n"] = 0 if scores is None else scores["n"]
+        if split == "seen" and scores is not None:
+            seen_scores = (asked, scores["predictions"])
+    bits = (facts or {}).get("bits") or {}
+    result["facts"] = (facts or {}).get("facts")
+    result["bits_recalled"] = result["bits_per_param"] = None
+    if seen_scores is not None and bits:  # what the trained phrasings recall, in bits
+        recalled = recalled_bits(seen_scores[0], [p["prediction"] for p in seen_scores[1]],
+                                 bits)
+        result["bits_recalled"] = recalled
+        result["bits_per_param"] = recalled / max(1, result["trainable_params"])
     measured = (probe.measure(trainable.model, tokenizer, **gen)
                 if probe is not None and job.bench.eval else None)
     for key in ("retention", "retention_seen_kinds", "general_loss_delta", "forgotten",
@@ -185,8 +209,11 @@ def worker(argv: Sequence[str] | None = None) -> int:
     base = load_model(source)
     method = parse_method(args.method)
     splits = {name: load_samples(args.data / f"{name}.jsonl") if
-              (args.data / f"{name}.jsonl").stat().st_size else []
-              for name in ("train", "validation", "test")}
+              (args.data / f"{name}.jsonl").is_file()
+              and (args.data / f"{name}.jsonl").stat().st_size else []
+              for name in ("train", "validation", "test", "seen")}
+    facts_file = args.data / "facts.json"
+    facts = json.loads(facts_file.read_text()) if facts_file.is_file() else None
     max_length = job.train_config(method.default_lr).max_length
     train = encode_all(splits["train"], tokenizer, max_length, "training")
     probe = RetentionProbe.load(args.probe) if args.probe is not None else None
@@ -194,7 +221,8 @@ def worker(argv: Sequence[str] | None = None) -> int:
     background = load_samples(args.background) if args.background is not None else None
     result = run_method(method, base, tokenizer, train, splits["validation"], splits["test"],
                         job, torch.device(args.device), lr=args.lr, probe=probe,
-                        copy_base=False, background=background)
+                        copy_base=False, background=background, seen=splits["seen"],
+                        facts=facts)
     args.result.write_text(json.dumps(result))
     return 0
 
