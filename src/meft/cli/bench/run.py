@@ -12,7 +12,8 @@ F1 / contains on the validation questions (which choose the rate) and on the tes
 against a probe built from the base model. On the built-in sets, also what was stored: ``facts``
 (distinct facts trained), ``seen_em`` (exact match on each fact's first training phrasing),
 ``bits_recalled`` (the summed answer bits of the facts recalled there,
-:mod:`meft.data.synthetic`) and ``bits_per_param`` (those over the trainable parameters).
+:mod:`meft.data.synthetic`; with ``--max-eval``, of those asked, scaled to all facts) and
+``bits_per_param`` (those over the trainable parameters).
 
 Each method runs in its own process (``python -m meft.cli.bench.run``) so its peak RSS is its own;
 :func:`run_method` is the same thing in-process.
@@ -175,6 +176,8 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     if seen_scores is not None and bits:  # what the trained phrasings recall, in bits
         recalled = recalled_bits(seen_scores[0], [p["prediction"] for p in seen_scores[1]],
                                  bits)
+        # with --max-eval only some facts are asked: the rest recall as those asked do
+        recalled *= len(seen) / len(seen_scores[0])
         result["bits_recalled"] = recalled
         result["bits_per_param"] = recalled / max(1, result["trainable_params"])
     measured = (probe.measure(trainable.model, tokenizer, **gen)
