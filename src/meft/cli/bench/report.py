@@ -34,12 +34,13 @@ from meft.sysinfo import environment
 # the fields that vary with the seed: each a mean over a (method, rate)'s seeds, with its
 # sample standard deviation beside it (``<field>_std``; None for one seed)
 QUALITY_FIELDS = ("validation_em", "validation_f1", "test_em", "test_f1", "test_contains",
-                  "seen_em", "bits_recalled", "bits_per_param",
-                  "retention", "retention_seen_kinds", "general_loss_delta", "final_loss")
+                  "seen_em", "bits_recalled", "bits_per_param", "written_rows",
+                  "untouched_tokens", "exact_windows", "retention", "retention_seen_kinds",
+                  "general_loss_delta", "final_loss")
 SUMMARY_FIELDS = ("method", "lr", "seeds", "selected", "lr_at_grid_edge", "lr_grid", "facts",
                   *(f for q in ("validation_em", "test_em", "test_f1", "seen_em",
                                 "bits_per_param", "retention", "retention_seen_kinds",
-                                "general_loss_delta")
+                                "general_loss_delta", "written_rows", "untouched_tokens")
                     for f in (q, f"{q}_std")),
                   "step_time_s", "tokens_per_s", "device_bytes", "host_bytes",
                   "moved_bytes_per_step", "trainable_params")

@@ -9,7 +9,9 @@ parameters; the loss of every step (and, with ``--eval-every S``, the validation
 every S steps: the curve that shows whether a budget of steps has plateaued); exact match /
 F1 / contains on the validation questions (which choose the rate) and on the test questions
 (which are reported); retention and the general-text loss change (:mod:`meft.evaluation.probe`)
-against a probe built from the base model. On the built-in sets, also what was stored: ``facts``
+against a probe built from the base model; for meft, how much general text reaches the rows
+training wrote (``written_rows``, ``untouched_tokens``, ``exact_windows``:
+:mod:`meft.evaluation.exactness`). On the built-in sets, also what was stored: ``facts``
 (distinct facts trained), ``seen_em`` (exact match on each fact's first training phrasing),
 ``bits_recalled`` (the summed answer bits of the facts recalled there,
 :mod:`meft.data.synthetic`; with ``--max-eval``, of those asked, scaled to all facts) and
@@ -41,6 +43,7 @@ from meft.config import BenchJob
 from meft.data.records import Encoded, Sample, encode_all, load_samples
 from meft.errors import UserError
 from meft.evaluation.evaluate import evaluate
+from meft.evaluation.exactness import reach
 from meft.evaluation.metrics import exact_match
 from meft.evaluation.probe import RetentionProbe
 from meft.sysinfo import peak_rss_bytes, reset_peak_rss
@@ -186,6 +189,11 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
                 "forgotten_seen_kinds", "retained", "kept", "retained_seen_kinds",
                 "kept_seen_kinds", "probe"):
         result[key] = None if measured is None else measured[key]
+    # meft only: how much general text reaches the rows training wrote (evaluation.exactness)
+    reached = (reach(trainable.adapter, tokenizer)
+               if trainable.adapter is not None and job.bench.eval else None)
+    for key in ("written_rows", "untouched_token_layers", "untouched_tokens", "exact_windows"):
+        result[key] = None if reached is None else reached[key]
     result["host_bytes"] = result["host_peak_rss_bytes"] = peak_rss_bytes()
     return result
 
