@@ -192,10 +192,13 @@ def glance() -> str:
                      f"{host / 1e9:.2f} |")
     first = runs[0]
     tc = first.get("train_config") or {}
-    seeds = sorted({r.get("seed") for r in runs}, key=str)
+    seeds = sorted({r.get("seed", tc.get("seed")) for r in runs}, key=str)
     lines += ["", f"{first.get('model')}, {first.get('data')}; {first.get('steps')} steps of "
-              f"{tc.get('batch_size')}, seeds {','.join(map(str, seeds))} (mean ± standard "
-              "deviation), each method at the rate of its grid with the best mean validation "
+              f"{tc.get('batch_size')}, "
+              + (f"seeds {','.join(map(str, seeds))} (mean ± standard deviation)"
+                 if len(seeds) > 1 else "one seed (a 90-step run moves by up to 20 points "
+                 "with the seed)")
+              + ", each method at the rate of its grid with the best mean validation "
               f"exact match; {', '.join(p['dates'])}, commit {_commits(p['commits'])}, "
               f"{_machines(p)} (`benchmarks/results/{GLANCE}`). Retention: of the general "
               "questions the base model answered, of kinds replay never trains, the share "
