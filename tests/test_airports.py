@@ -40,6 +40,8 @@ def test_known_facts_leave_every_split() -> None:
         assert part and not {s.source for s in part} & known_sources
     assert len(kept.test) == len(splits.test) - len(known_sources)
     assert set(kept.bits) == {s.source for s in kept.test}  # bits follow the facts kept
+    # the facts the model knew become the probe of the same kind (retention_adjacent)
+    assert kept.adjacent == [s for s in splits.test if s.source in known_sources]
     cities = {f["city"] for f in make_airports_set(seed=0).facts}
     assert set(kept.bits.values()) == {math.log2(len(cities))}
     assert f"{len(known_sources)} facts the base model already answered removed" in \

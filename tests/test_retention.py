@@ -144,3 +144,45 @@ def test_meft_train_reports_retention_and_can_skip_it(model_dir: Path, data_file
     assert main([*common, "--output", str(tmp_path / "both"), "--no-retention", "--probe",
                  str(mine)]) == 2
     assert "--probe gives retention questions and --no-retention" in capsys.readouterr().err
+
+
+def test_adjacent_kinds_are_kept_and_scored_apart(tokenizer, monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The training data's own kinds (real people for the synthetic set) form a third set:
+    what the base model answers of them is kept and asked again, apart from the others; a
+    probe file written before them loads with none."""
+    import json
+
+    from meft.data.adjacent import real_people_questions
+
+    near = real_people_questions()[:5]
+    by_q = {q.messages[0]["content"]: i for i, q in enumerate(near)}
+
+    def knows(indices: set[int]):  # type: ignore[no-untyped-def]
+        plain = _answering({1000})
+
+        def fake(model, tokenizer, samples, **kw):  # type: ignore[no-untyped-def]
+            return [f"It is {s.answers[0]}." if by_q.get(s.messages[0]["content"]) in indices
+                    else p for s, p in zip(samples, plain(model, tokenizer, samples),
+                                           strict=True)]
+        return fake
+
+    monkeypatch.setattr(evaluate, "generate_answers", knows({0, 2, 3}))
+    probe = RetentionProbe.build(tiny_for(tokenizer), tokenizer, progress=False, adjacent=near)
+    assert probe.kept_adjacent == [0, 2, 3] and probe.kept == [0]
+    assert "3 of 5 of the training data's own kinds" in probe.summary()
+    probe.save(tmp_path / "probe.json")
+    assert RetentionProbe.load(tmp_path / "probe.json") == probe
+    monkeypatch.setattr(evaluate, "generate_answers", knows({2}))
+    result = probe.measure(tiny_for(tokenizer), tokenizer, progress=False)
+    assert result["retention_adjacent"] == 1 / 3 and result["kept_adjacent"] == 3
+    assert result["forgotten_adjacent"] == [near[0].messages[0]["content"],
+                                            near[3].messages[0]["content"]]
+    assert result["retention_seen_kinds"] == 1.0  # the seen kind still answered, apart
+    assert "training data's own kinds the base model knew: 33.3% (1 of the 3" in describe(result)
+    old = json.loads((tmp_path / "probe.json").read_text())
+    del old["adjacent"], old["kept_adjacent"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = RetentionProbe.load(tmp_path / "old.json")
+    assert loaded.adjacent == [] and loaded.kept_adjacent == []
+    result = loaded.measure(tiny_for(tokenizer), tokenizer, progress=False)
+    assert result["retention_adjacent"] is None and "own kinds" not in describe(result)

@@ -126,3 +126,18 @@ def test_one_training_phrasing_still_leaves_validation_and_test() -> None:
     assert len(splits.train) == len(splits.test) == len(splits.validation) == 20
     assert [s.messages for s in splits.train] == [s.messages for s in splits.seen]
     assert splits.bits == make_knowledge_set(5, seed=1).bits
+    from meft.data.adjacent import real_people_questions
+
+    assert splits.adjacent == real_people_questions()  # the same kinds, about real people
+
+
+def test_real_people_are_asked_in_the_training_templates() -> None:
+    from meft.data.adjacent import REAL_PEOPLE, real_people_questions
+    from meft.data.synthetic import TEMPLATES
+
+    questions = real_people_questions()
+    assert len(questions) == 2 * len(REAL_PEOPLE) >= 250
+    assert {a for _, a, _ in REAL_PEOPLE} == set(ATTRIBUTES)
+    for q, (name, attribute, answers) in zip(questions[::2], REAL_PEOPLE, strict=True):
+        assert q.messages[0]["content"] == TEMPLATES[attribute][0].format(name=name)
+        assert q.answers == answers and all(answers)

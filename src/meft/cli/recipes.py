@@ -51,7 +51,7 @@ from meft.config import (
 )
 from meft.console import quiet, result, say
 from meft.data.datasets import drop_known, load_splits
-from meft.data.records import encode_all, load_samples
+from meft.data.records import Sample, encode_all, load_samples
 from meft.engine.disk import INDEX as DISK_INDEX
 from meft.engine.disk import DiskArrays
 from meft.engine.distributed import DataParallel, world_size
@@ -202,7 +202,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     clock = _lap(timings, "eval_before", clock)
 
     probe = _retention_probe(meft_model, tokenizer, run, output, resumed=checkpoint is not None,
-                             cache=cache, **gen_kw) if run.retention else None
+                             cache=cache, adjacent=splits.adjacent,
+                             **gen_kw) if run.retention else None
     clock = _lap(timings, "probe", clock)
 
     retainer = _retainer(meft_model, tokenizer, tconfig, run, resumed=checkpoint is not None,
@@ -276,14 +277,17 @@ def train(job: TrainJob) -> dict[str, Any]:
 
 
 def _retention_probe(model: MeftModel, tokenizer: Any, run: RunConfig, output: Path, *,
-                     resumed: bool, cache: BaseCache, **gen_kw: Any) -> RetentionProbe:
-    """The probe of the base model: built now (adapter off) or, on resume, the run's own."""
+                     resumed: bool, cache: BaseCache, adjacent: list[Sample],
+                     **gen_kw: Any) -> RetentionProbe:
+    """The probe of the base model: built now (adapter off) or, on resume, the run's own;
+    ``adjacent``: questions of the training data's own kinds (the built-in sets')."""
     path = output / PROBE_FILE
     if resumed and path.is_file():
         return RetentionProbe.load(path)
     headline = headline_of(run.probe)
     with model.disable_adapter():  # every process builds it (the same): no collectives
-        probe = RetentionProbe.build(model, tokenizer, cache=cache, **headline, **gen_kw)
+        probe = RetentionProbe.build(model, tokenizer, cache=cache, adjacent=adjacent,
+                                     **headline, **gen_kw)
     if model.parallel is None or model.parallel.is_main:
         probe.save(path)
     say(f"retention probe: {probe.summary()}")

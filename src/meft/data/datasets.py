@@ -7,6 +7,9 @@
                  the test questions
     test         held-out questions the reported scores come from
     seen         training phrasings asked back (memorisation, for comparison; built-in only)
+    adjacent     questions like the set's own about what the base model may know, for the
+                 retention probe (:mod:`meft.data.adjacent`; built-in only: real people for
+                 the synthetic set, for airports the facts :func:`drop_known` removes)
 
 With no data file: a built-in set, ``train_phrasings`` (default 3) training phrasings, 1
 validation and 1 test phrasing per fact, and each fact's ``bits`` (the information in its
@@ -24,6 +27,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from meft.data.adjacent import real_people_questions
 from meft.data.airports import make_airports_set
 from meft.data.records import Sample, load_samples
 from meft.data.synthetic import make_knowledge_set
@@ -37,6 +41,7 @@ class Splits:
     seen: list[Sample]
     description: str
     bits: dict[str, float] = field(default_factory=dict)  # built-in: source -> answer bits
+    adjacent: list[Sample] = field(default_factory=list)
 
 
 DATASETS = ("synthetic", "airports")
@@ -58,7 +63,8 @@ def load_splits(data: str | None, eval_data: str | None, validation_data: str | 
         val = validation if validation is not None else ks.validation
         return Splits(ks.train, val, test, ks.eval_seen, (
             f"{what}, {len(ks.train)} training questions, {len(val)} validation and "
-            f"{len(test)} held-out test phrasings"), ks.bits)
+            f"{len(test)} held-out test phrasings"), ks.bits,
+            real_people_questions() if dataset != "airports" else [])
     train = load_samples(data)
     val = validation or []
     if eval_data:
@@ -79,7 +85,8 @@ def load_splits(data: str | None, eval_data: str | None, validation_data: str | 
 
 def drop_known(splits: Splits, known: list[bool]) -> Splits:
     """Remove, from every split, each fact whose test question the model already answers
-    (``known``, aligned with ``splits.test``; a fact is identified by its samples' ``source``)."""
+    (``known``, aligned with ``splits.test``; a fact is identified by its samples' ``source``);
+    their test questions join ``adjacent``: facts of the same kind the model knows."""
     gone = {s.source for s, k in zip(splits.test, known, strict=True) if k}
 
     def keep(samples: list[Sample]) -> list[Sample]:
@@ -88,4 +95,5 @@ def drop_known(splits: Splits, known: list[bool]) -> Splits:
     return Splits(keep(splits.train), keep(splits.validation), keep(splits.test),
                   keep(splits.seen), f"{splits.description}; {len(gone)} facts the base "
                   f"model already answered removed, {len(splits.test) - len(gone)} left",
-                  {k: v for k, v in splits.bits.items() if k not in gone})
+                  {k: v for k, v in splits.bits.items() if k not in gone},
+                  [*splits.adjacent, *(s for s in splits.test if s.source in gone)])

@@ -14,6 +14,11 @@ measures its mean token loss on the general text shipped with meft. After traini
                             (capitals, chemical symbols, sums ...) the replay pool trains on
                             with other entities: replay protects them directly, so they
                             flatter it, and are reported apart
+    retention_adjacent    = the same on questions like the training data's own about what
+                            the base model knows (:mod:`meft.data.adjacent`: real people for
+                            the synthetic set, known airports for airports): where new
+                            knowledge looks like old, forgetting concentrates; None when
+                            there are none (the user's own data)
     general_loss_delta    = mean token loss on the general text, after - before
 
 A question counts as answered when an alias appears in the output as whole words after SQuAD
@@ -94,24 +99,34 @@ class RetentionProbe:
     questions: list[dict[str, Any]] = field(default_factory=list)  # the headline set (records)
     kept_headline: list[int] = field(default_factory=list)  # indices into questions
     source: str = "shipped"  # where the headline questions come from: shipped or a file
+    adjacent: list[dict[str, Any]] = field(default_factory=list)  # adjacent kinds (records)
+    kept_adjacent: list[int] = field(default_factory=list)  # indices into adjacent
 
     @classmethod
     def build(cls, model: Any, tokenizer: Any, *, max_new_tokens: int = 16,
               batch_size: int = 32, progress: bool = True,
               questions: Sequence[Sample] | None = None, source: str = "shipped",
-              cache: BaseCache | None = None) -> RetentionProbe:
-        """Ask ``model`` (the base model: call it before training) every question of both
-        sets; ``questions``: the headline set (default: the shipped unseen kinds); ``cache``:
-        the base model's results kept from an earlier run (:mod:`meft.evaluation.cache`)."""
+              cache: BaseCache | None = None,
+              adjacent: Sequence[Sample] = ()) -> RetentionProbe:
+        """Ask ``model`` (the base model: call it before training) every question of the
+        sets; ``questions``: the headline set (default: the shipped unseen kinds);
+        ``adjacent``: questions of the training data's own kinds (:mod:`meft.data.adjacent`);
+        ``cache``: the base model's results kept from an earlier run
+        (:mod:`meft.evaluation.cache`)."""
         headline = list(questions) if questions is not None else unseen_questions()
         seen = general_questions()
         ok = evaluate.answered(model, tokenizer, [*headline, *seen],
                                max_new_tokens=max_new_tokens, batch_size=batch_size,
                                progress=progress, desc="retention probe", cache=cache)
+        near = (evaluate.answered(model, tokenizer, list(adjacent),
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  progress=progress, desc="retention probe, adjacent",
+                                  cache=cache) if adjacent else [])
         mine, theirs = ok[:len(headline)], ok[len(headline):]
         return cls([i for i, good in enumerate(theirs) if good], len(seen),
                    general_loss(model, tokenizer, cache=cache), [to_record(q) for q in headline],
-                   [i for i, good in enumerate(mine) if good], source)
+                   [i for i, good in enumerate(mine) if good], source,
+                   [to_record(q) for q in adjacent], [i for i, good in enumerate(near) if good])
 
     def headline(self) -> list[Sample]:
         return [parse_record(r, f"{self.source}:{i + 1}") for i, r in enumerate(self.questions)]
@@ -121,9 +136,11 @@ class RetentionProbe:
         """Retention on both sets and the general-loss change of ``model`` (the trained
         one)."""
         headline, seen = self.headline(), general_questions()
+        near = [parse_record(self.adjacent[i], f"adjacent:{i + 1}") for i in self.kept_adjacent]
         asked = [headline[i] for i in self.kept_headline] + [seen[i] for i in self.kept]
-        ok = evaluate.answered(model, tokenizer, asked, max_new_tokens=max_new_tokens,
+        ok = evaluate.answered(model, tokenizer, asked + near, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, progress=progress, desc="retention")
+        ok, close = ok[:len(asked)], ok[len(asked):]
         mine, theirs = ok[:len(self.kept_headline)], ok[len(self.kept_headline):]
         loss = general_loss(model, tokenizer)
         return {
@@ -143,14 +160,22 @@ class RetentionProbe:
                 asked[:len(mine)], mine, strict=True) if not good],
             "forgotten_seen_kinds": [q.messages[0]["content"] for q, good in zip(
                 asked[len(mine):], theirs, strict=True) if not good],
+            "retention_adjacent": sum(close) / len(close) if close else None,
+            "retained_adjacent": sum(close),
+            "kept_adjacent": len(close),
+            "asked_adjacent": len(self.adjacent),
+            "forgotten_adjacent": [q.messages[0]["content"] for q, good in zip(
+                near, close, strict=True) if not good],
         }
 
     def summary(self) -> str:
         what = ("general questions of kinds replay never trains" if self.source == "shipped"
                 else f"questions of {self.source}")
+        near = (f", {len(self.kept_adjacent)} of {len(self.adjacent)} of the training data's "
+                "own kinds" if self.adjacent else "")
         return (f"the base model answers {len(self.kept_headline)} of {len(self.questions)} "
-                f"{what} and {len(self.kept)} of {self.asked} of the kinds replay trains; "
-                f"general text loss {self.base_general_loss:.3f}")
+                f"{what} and {len(self.kept)} of {self.asked} of the kinds replay "
+                f"trains{near}; general text loss {self.base_general_loss:.3f}")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self)) + "\n")
@@ -162,7 +187,8 @@ class RetentionProbe:
             raise SerializationError(f"{path}: a retention probe of an older meft (seen kinds "
                                      "only); rerun without --resume, or with --no-retention")
         return cls(list(data["kept"]), int(data["asked"]), float(data["base_general_loss"]),
-                   list(data["questions"]), list(data["kept_headline"]), str(data["source"]))
+                   list(data["questions"]), list(data["kept_headline"]), str(data["source"]),
+                   list(data.get("adjacent", [])), list(data.get("kept_adjacent", [])))
 
 
 def describe(result: dict[str, Any]) -> str:
@@ -176,8 +202,12 @@ def describe(result: dict[str, Any]) -> str:
             else f"the questions of {result['probe']}")
     seen = share(result["retention_seen_kinds"], result["kept_seen_kinds"],
                  result["retained_seen_kinds"])
+    near = ("" if not result.get("asked_adjacent") else
+            "\non questions of the training data's own kinds the base model knew: "
+            + share(result["retention_adjacent"], result["kept_adjacent"],
+                    result["retained_adjacent"]))
     return (f"retention on {what}: "
             f"{share(result['retention'], result['kept'], result['retained'])}\n"
             f"on the kinds replay trains: {seen}; general text loss "
             f"{result['general_loss_before']:.3f} -> {result['general_loss']:.3f} "
-            f"({result['general_loss_delta']:+.3f})")
+            f"({result['general_loss_delta']:+.3f})" + near)

@@ -109,9 +109,11 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         save_plain_copy(base, tmp)
         worker_args: list[str] = []
         if run.retention and bench.eval:
+            # the first seed's adjacent kinds (real people; airports: the facts it knew)
             probe = RetentionProbe.build(base, tokenizer, max_new_tokens=run.max_new_tokens,
                                          batch_size=run.eval_batch_size, progress=progress,
-                                         cache=cache, **headline_of(run.probe))
+                                         cache=cache, adjacent=splits[seeds[0]].adjacent,
+                                         **headline_of(run.probe))
             probe.save(Path(tmp) / "probe.json")
             worker_args = ["--probe", str(Path(tmp) / "probe.json")]
             say(f"bench: retention probe: {probe.summary()}")

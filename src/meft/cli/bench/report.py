@@ -36,11 +36,12 @@ from meft.sysinfo import environment
 QUALITY_FIELDS = ("validation_em", "validation_f1", "test_em", "test_f1", "test_contains",
                   "seen_em", "bits_recalled", "bits_per_param", "written_rows",
                   "untouched_tokens", "exact_windows", "retention", "retention_seen_kinds",
-                  "general_loss_delta", "final_loss")
+                  "retention_adjacent", "general_loss_delta", "final_loss")
 SUMMARY_FIELDS = ("method", "lr", "seeds", "selected", "lr_at_grid_edge", "lr_grid", "facts",
                   *(f for q in ("validation_em", "test_em", "test_f1", "seen_em",
                                 "bits_per_param", "retention", "retention_seen_kinds",
-                                "general_loss_delta", "written_rows", "untouched_tokens")
+                                "retention_adjacent", "general_loss_delta", "written_rows",
+                                "untouched_tokens")
                     for f in (q, f"{q}_std")),
                   "step_time_s", "tokens_per_s", "device_bytes", "host_bytes",
                   "moved_bytes_per_step", "trainable_params")
@@ -146,7 +147,8 @@ def select(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 MATCHED_FIELDS = ("method", "lr", "reached", "validation_em", "validation_em_std", "test_em",
                   "test_em_std", "retention", "retention_std", "retention_seen_kinds",
-                  "retention_seen_kinds_std", "general_loss_delta", "general_loss_delta_std")
+                  "retention_seen_kinds_std", "retention_adjacent", "retention_adjacent_std",
+                  "general_loss_delta", "general_loss_delta_std")
 
 
 def matched(rows: Sequence[dict[str, Any]], target: float | None = None
@@ -216,9 +218,10 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     """One row per run or (method, rate) given (usually the selected ones); with several
     seeds, quality is mean ± standard deviation."""
     head = ("| method | lr | seeds | val EM | test EM | test F1 | retention | retention, seen "
-            "kinds | Δ general loss | trainable | step s | tok/s | device MB | host GB | "
-            "moved MB/step |")
-    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "kinds | retention, adjacent | Δ general loss | trainable | step s | tok/s | "
+            "device MB | host GB | moved MB/step |")
+    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "---:|"]
     for r in results:
         host = r.get("host_bytes")
         edge = " (edge)" if r.get("lr_at_grid_edge") else ""
@@ -228,7 +231,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
             f"{','.join('–' if x is None else str(x) for x in seeds)} | "
             f"{pm(r, 'validation_em')} | {pm(r, 'test_em')} | {pm(r, 'test_f1')} | "
             f"{pm(r, 'retention')} | {pm(r, 'retention_seen_kinds')} | "
-            f"{pm(r, 'general_loss_delta')} | "
+            f"{pm(r, 'retention_adjacent')} | {pm(r, 'general_loss_delta')} | "
             f"{r['trainable_params'] / 1e6:.1f}M | {r['step_time_s']:.2f} | "
             f"{r['tokens_per_s']:.0f} | {r['device_bytes'] / 1e6:.0f} | "
             f"{'–' if host is None else f'{host / 1e9:.2f}'} | "

@@ -185,10 +185,11 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         result["bits_per_param"] = recalled / max(1, result["trainable_params"])
     measured = (probe.measure(trainable.model, tokenizer, **gen)
                 if probe is not None and job.bench.eval else None)
-    for key in ("retention", "retention_seen_kinds", "general_loss_delta", "forgotten",
-                "forgotten_seen_kinds", "retained", "kept", "retained_seen_kinds",
-                "kept_seen_kinds", "probe"):
-        result[key] = None if measured is None else measured[key]
+    for key in ("retention", "retention_seen_kinds", "retention_adjacent", "general_loss_delta",
+                "forgotten", "forgotten_seen_kinds", "forgotten_adjacent", "retained", "kept",
+                "retained_seen_kinds", "kept_seen_kinds", "retained_adjacent", "kept_adjacent",
+                "probe"):
+        result[key] = None if measured is None else measured.get(key)
     # meft only: how much general text reaches the rows training wrote (evaluation.exactness)
     reached = (reach(trainable.adapter, tokenizer)
                if trainable.adapter is not None and job.bench.eval else None)
