@@ -32,7 +32,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from meft.cli.bench.report import aggregate, markdown_table, pm, read_results, select
+from meft.cli.bench.report import (
+    aggregate,
+    markdown_table,
+    matched,
+    pct,
+    pm,
+    read_results,
+    select,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -205,6 +213,33 @@ def glance() -> str:
               "still answered after training. `+retain`: the same replay for every method. "
               "Device bytes as a GPU would hold them (weights, trainable state, staged rows); "
               "host: meft's tables and moments."]
+    return "\n".join(lines) + matched_glance(runs)
+
+
+def matched_glance(runs: list[dict[str, Any]]) -> str:
+    """Where GLANCE has protected methods (``+retain``) on several rates: every method compared
+    at matched learning, at the highest level every protected method reaches (the lowest of
+    their best mean validation exact matches), each at its least-forgetting rate that reaches
+    it (:func:`meft.cli.bench.report.matched`)."""
+    every = aggregate(runs)
+    rows = [r for r in every if r["method"].endswith("+retain")]
+    methods = {r["method"] for r in rows}
+    if len(methods) < 2 or len({r["lr"] for r in rows}) < 2:
+        return ""
+    level = min(max(r["validation_em"] for r in rows if r["method"] == m) for m in methods)
+    _, picked = matched(every, level)
+    lines = ["", "", f"At matched learning: each method at its least-forgetting rate whose mean "
+             f"validation exact match reaches {pct(level)}% (the highest level every protected "
+             "method reaches):", "",
+             "| method | lr | val EM | test EM | retention | retention, seen kinds | "
+             "Δ general loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in picked:
+        if not r["reached"]:
+            lines.append(f"| {r['method']} | does not reach it | | | | | |")
+            continue
+        lines.append(f"| {r['method']} | {r['lr']:g} | {pm(r, 'validation_em')} | "
+                     f"{pm(r, 'test_em')} | {pm(r, 'retention')} | "
+                     f"{pm(r, 'retention_seen_kinds')} | {pm(r, 'general_loss_delta')} |")
     return "\n".join(lines)
 
 
