@@ -240,6 +240,9 @@ class MeftConfig:
                                       "files hold only the routers (--store disk:)", cli=False)
     tables_step: int | None = option(None, "the step of that store the adapter was saved at",
                                      cli=False)
+    novelty_gate: bool = option(False, "every layer routes only the tokens its novelty gate "
+                                "lets through (layers.<i>.novelty: w then b; fitted by "
+                                "--retain-gate)", cli=False)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -380,6 +383,11 @@ class TrainConfig:
                                  choices=("auto", "keep", "train"))
     retain_rehearse: int = option(REHEARSE, "examples of --rehearse (the earlier data) "
                                   "protection replays per step", check="nonneg")
+    retain_gate: float = option(0.0, "experimental novelty gate: before training, fit per "
+                                "layer a direction separating the training tokens from the "
+                                "background's, and route only tokens beyond a threshold that "
+                                "lets this share of the background tokens through; the others "
+                                "get no adapter output (0: off)", check="fraction")
     progress: bool = option(True, "progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:
@@ -712,6 +720,9 @@ class TrainJob:
         if run.rehearse is not None and (run.adapter is None or train.retain != "on"):
             raise ConfigError("--rehearse keeps what an earlier adapter learned: it needs "
                               "--adapter and --retain on")
+        if train.retain_gate and train.retain != "on":
+            raise ConfigError("--retain-gate is fitted on the protection's background: it "
+                              "needs --retain on")
         return cls(MeftConfig(**parts["adapter"], seed=train.seed), train, run)
 
     def options(self) -> dict[str, Any]:

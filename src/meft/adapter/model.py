@@ -17,7 +17,9 @@ The host tables (keys, values: N x d per layer) live in :class:`~meft.engine.sto
 objects, never in ``nn.Module`` parameters, so ``model.to(device)`` moves only the routers.
 ``save_pretrained`` writes ``adapter_config.json`` plus ``adapter_model.safetensors`` (sharded
 with an index when large), atomically; ``MeftModel.from_pretrained`` checks that the adapter
-fits the base model before loading it.
+fits the base model before loading it. An adapter with a novelty gate (``novelty_gate`` in its
+config; :meth:`MeftModel.set_novelty_gate`, :mod:`meft.training.gate`) also holds
+``layers.<i>.novelty`` (d+1,) per layer; one without loads as it always did.
 
 In a distributed run (``parallel``, :mod:`meft.engine.distributed`) each process's stores hold only
 its rows of every layer and its adapters are :class:`~meft.engine.distributed.ShardedSparseAdapter`;
@@ -208,6 +210,8 @@ class MeftModel(nn.Module):
         super().__init__()
         if parallel is not None and arrays is not None:
             raise ConfigError("--store disk: is not supported in a distributed run yet")
+        if parallel is not None and config.novelty_gate:
+            raise ConfigError("the novelty gate (--retain-gate) is for one process")
         if parallel is not None and config.optim_state not in ROW_LOCAL_STATE:
             raise ConfigError(f"optim_state {config.optim_state!r} is for one process (a "
                               "distributed run shards each table's rows, and its column "
@@ -281,6 +285,9 @@ class MeftModel(nn.Module):
                 adapter = ShardedSparseAdapter(store, plan=plan, comm=parallel.comm, **kwargs)
             else:
                 adapter = OffloadedSparseAdapter(store, n_experts=config.n_experts, **kwargs)
+            if config.novelty_gate:  # as saved, or open (w = 0, b = -inf) until it is set
+                adapter.novelty = (tensors[tensor_name(i, "novelty")].float().to(self.device_)
+                                   if tensors is not None else _open_gate(d, self.device_))
             self.adapters[str(i)] = adapter
             self._handles.extend(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
             self._handles.append(pass_real_tokens(blocks[i], i, adapter, self.tokens))
@@ -362,6 +369,24 @@ class MeftModel(nn.Module):
         return {f"{i}.{t.name}": t for i, s in zip(self.layer_ids, self.stores, strict=True)
                 for t in s.tables}
 
+    def set_novelty_gate(self, gates: Mapping[int, Tensor] | Mapping[str, Tensor]) -> None:
+        """Route, in every adapted layer, only the tokens x with x.w > b: ``gates`` maps each
+        layer id to its (d+1,) tensor, w then b (:func:`meft.training.gate.fit_novelty_gate`);
+        saved with the adapter from now on (``novelty_gate`` in its config)."""
+        if self.parallel is not None:
+            raise ConfigError("the novelty gate (--retain-gate) is for one process")
+        given = {str(k): v for k, v in gates.items()}
+        if sorted(given, key=int) != [str(i) for i in self.layer_ids]:
+            raise ValueError(f"novelty gates for layers {sorted(given, key=int)}, the adapter "
+                             f"has {self.layer_ids}")
+        for layer, adapter in zip(self.adapters, self.adapter_modules, strict=True):
+            gate = given[layer]
+            if tuple(gate.shape) != (adapter.store.dim + 1,):
+                raise ValueError(f"novelty gate of layer {layer}: shape {tuple(gate.shape)}, "
+                                 f"expected {(adapter.store.dim + 1,)}")
+            adapter.novelty = gate.detach().to(self.device_, torch.float32).clone()
+        self.meft_config.novelty_gate = True
+
     def transfer_stats(self) -> list[TransferStats]:
         return [s.stats for s in self.stores]
 
@@ -389,6 +414,9 @@ class MeftModel(nn.Module):
                 out[tensor_name(i, "keys")] = adapter.store.keys
                 out[tensor_name(i, "values")] = adapter.store.values
             out[tensor_name(i, "router")] = adapter.router.detach()
+            if self.meft_config.novelty_gate:
+                assert adapter.novelty is not None
+                out[tensor_name(i, "novelty")] = adapter.novelty
         return out
 
     def load_adapter_state(self, tensors: dict[str, Tensor], *, source: str = "adapter",
@@ -481,20 +509,30 @@ class MeftModel(nn.Module):
                 f"but this model has {len(blocks)}")
         layers = config.layers or list(range(len(blocks)))
         rows = config.neurons if plan is None else plan.rows[1] - plan.rows[0]
-        shapes = {tensor_name(i, part): shape for i in layers
+        shapes: dict[str, tuple[int, ...]] = {tensor_name(i, part): shape for i in layers
                   for part, shape in (("keys", (rows, d)), ("values", (rows, d)),
                                       ("router", (config.n_experts, d)))}
+        if config.novelty_gate:
+            shapes.update({tensor_name(i, "novelty"): (d + 1,) for i in layers})
         if config.tables_store is not None and tensor_name(layers[0], "keys") not in tensors:
             if parallel is not None:
                 raise ConfigError(f"{directory}: its tables are in the disk store "
                                   f"{config.tables_store}, which a distributed run cannot use")
-            shapes = {k: v for k, v in shapes.items() if k.endswith(".router")}
+            shapes = {k: v for k, v in shapes.items()
+                      if k.endswith((".router", ".novelty"))}
             check_adapter_tensors(tensors, shapes, str(directory))
             model = cls(base_model, config, device=device, arrays=_open_tables(config))
             model.load_adapter_state(tensors, source=str(directory), tables=False)
             return model
         check_adapter_tensors(tensors, shapes, str(directory))
         return cls(base_model, config, device=device, tensors=tensors, parallel=parallel)
+
+
+def _open_gate(d: int, device: torch.device) -> Tensor:
+    """A novelty gate every token passes (w = 0, b = -inf), (d+1,) fp32."""
+    gate = torch.zeros(d + 1, device=device)
+    gate[-1] = -torch.inf
+    return gate
 
 
 def _open_tables(config: MeftConfig) -> DiskArrays:

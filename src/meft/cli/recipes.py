@@ -51,7 +51,7 @@ from meft.config import (
 )
 from meft.console import quiet, result, say
 from meft.data.datasets import drop_known, load_splits
-from meft.data.records import Sample, encode_all, load_samples
+from meft.data.records import Encoded, Sample, encode_all, load_samples
 from meft.engine.disk import INDEX as DISK_INDEX
 from meft.engine.disk import DiskArrays
 from meft.engine.distributed import DataParallel, world_size
@@ -62,6 +62,7 @@ from meft.evaluation.evaluate import answered, evaluate
 from meft.evaluation.probe import PROBE_FILE, RetentionProbe, headline_of
 from meft.evaluation.probe import describe as describe_retention
 from meft.sysinfo import environment, pick_device, total_host_bytes
+from meft.training.gate import gate_for_training
 from meft.training.protection import Retainer, protection
 from meft.training.trainer import Trainer, TrainingInterrupted, TrainResult
 
@@ -207,7 +208,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     clock = _lap(timings, "probe", clock)
 
     retainer = _retainer(meft_model, tokenizer, tconfig, run, resumed=checkpoint is not None,
-                         cache=cache)
+                         cache=cache, train=train_enc)
     clock = _lap(timings, "protection", clock)
     trainer = Trainer(meft_model, train_enc, tconfig, output, pad_id=tokenizer.pad_token_id,
                       eval_encoded=eval_enc, retainer=retainer)
@@ -311,9 +312,10 @@ def _disk_store(run: RunConfig, *, resumed: bool) -> DiskArrays | None:
 
 
 def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunConfig, *,
-              resumed: bool, cache: BaseCache) -> Retainer | None:
+              resumed: bool, cache: BaseCache, train: list[Encoded]) -> Retainer | None:
     """Forgetting protection if asked for: background statistics measured now, or on resume
-    read from the checkpoint (the ones the run started with)."""
+    read from the checkpoint (the ones the run started with); with ``--retain-gate`` the
+    novelty gate fitted now on ``train`` and the background (on resume: the checkpoint's)."""
     if tconfig.retain != "on":
         return None
     retainer = (Retainer.from_config(model, tconfig, None, tokenizer) if resumed
@@ -321,6 +323,8 @@ def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunCo
                                 progress=tconfig.progress, rehearse=run.rehearse,
                                 cache=cache))
     say(retainer.summary())
+    if tconfig.retain_gate and not resumed:
+        gate_for_training(model, retainer, train, tconfig.retain_gate)
     return retainer
 
 
@@ -335,6 +339,8 @@ def _join(run: RunConfig, tconfig: TrainConfig, device: torch.device,
     if tconfig.retain == "on" and tconfig.retain_penalty:  # checked again by Retainer
         raise ConfigError("--retain-penalty is for one process (a distributed run shards the "
                           "rows it would pull back)")
+    if tconfig.retain == "on" and tconfig.retain_gate:  # checked again by MeftModel
+        raise ConfigError("--retain-gate is for one process (not a distributed run)")
     if optim_state not in ROW_LOCAL_STATE:  # checked again by MeftModel; here before joining
         raise ConfigError(f"--optim-state {optim_state} is for one process (a distributed run "
                           f"shards rows; use {', '.join(ROW_LOCAL_STATE)})")

@@ -46,6 +46,14 @@ returns 0 at padded positions. Padding therefore chooses no rows, moves no bytes
 (zero) gradient rows behind, so the lazy AdamW never gives a row a momentum-only step because
 a pad chose it, and training is the same however examples are padded into micro-batches.
 Without a mask (a direct call, packed inputs) every token is routed.
+
+The novelty gate (``novelty``, (d+1,): a direction w and a threshold b; None: off) routes
+only the tokens that look like the training data: a real token x is routed iff x.w > b
+(in fp32); every other token is treated as padding (output 0, no rows, no gradient rows,
+no access counts). :meth:`_tokens` combines the two, so :meth:`prepare`, :meth:`forward` and
+the access counter all see the same routed tokens. The gate is fitted before training
+(:mod:`meft.training.gate`) and saved with the adapter (``layers.<i>.novelty``). Zero routed
+tokens give a zero output. With ``novelty`` None nothing changes, bit for bit.
 """
 
 from __future__ import annotations
@@ -246,6 +254,7 @@ class OffloadedSparseAdapter(nn.Module):
         self._staging = _StagingPool(pinned=self.device.type == "cuda")
         self.counter: Counter | None = None  # set while protection counts accesses
         self.keep: Tensor | None = None  # (T,) real tokens of the block call, set by MeftModel
+        self.novelty: Tensor | None = None  # (d+1,) fp32 novelty gate: w then b (None: off)
         # on CPU, kernels read rows in the tables (False: always stage, the reference path)
         self.read_in_place = True
         # gradient rows accumulated on a host thread (meft.engine.pipeline; None: inline)
@@ -287,29 +296,41 @@ class OffloadedSparseAdapter(nn.Module):
         copying to the host what it routes with, without blocking. On a GPU the host then
         routes while the device computes the MLP beside it; :meth:`forward` on the same ``x``
         finds the work begun. The same values in the same order as doing it all in forward."""
-        x2, real = self._tokens(x)
+        x2, _, real = self._tokens(x)
         self._prepared = (x, self._front(x2 if real is None else x2.index_select(0, real)))
 
     def forward(self, x: Tensor) -> Tensor:
         prepared, self._prepared = self._prepared, None
         front = prepared[1] if prepared is not None and prepared[0] is x else None
-        x2, real = self._tokens(x)
+        x2, routed, real = self._tokens(x)
         if real is None:
             return self._adapt(x2, None, front).reshape(x.shape)
-        assert self.keep is not None
-        y = self._adapt(x2.index_select(0, real), self.keep, front)  # (T', d)
+        y = self._adapt(x2.index_select(0, real), routed, front)  # (T', d)
         return x2.new_zeros(x2.shape).index_copy(0, real, y.to(x2.dtype)).reshape(x.shape)
 
-    def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """x as (T, d) and the positions (T',) of its real tokens (None: route them all)."""
+    def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x as (T, d), the tokens to route (T,) bool and their positions (T',): the real
+        tokens that pass the novelty gate (None, None: route them all)."""
         d = self.store.dim
         if x.shape[-1] != d:
             raise ValueError(f"adapter input must have last dimension {d}, got {tuple(x.shape)}")
         x2 = x.reshape(-1, d)  # (T, d)
         keep = self.keep
-        if keep is None or keep.shape[0] != x2.shape[0]:
-            return x2, None
-        return x2, keep.to(x.device).nonzero().squeeze(1)
+        if keep is not None and keep.shape[0] != x2.shape[0]:
+            keep = None
+        if self.novelty is not None:
+            novel = self.novel(x2)  # (T,)
+            keep = novel if keep is None else keep.to(x.device) & novel
+        if keep is None:
+            return x2, None, None
+        return x2, keep, keep.to(x.device).nonzero().squeeze(1)
+
+    def novel(self, x2: Tensor) -> Tensor:
+        """(T,) bool: the tokens x2 (T, d) the novelty gate lets through, x.w > b in fp32."""
+        assert self.novelty is not None
+        w, b = self.novelty[:-1], self.novelty[-1]
+        with torch.no_grad():
+            return (x2.detach().float() @ w) > b
 
     def _front(self, x2: Tensor) -> _Front:
         """The device's share of routing x2 (T, d): router scores, the top-P probes, and the

@@ -35,14 +35,20 @@ from meft.data.records import encode
 
 class _Reach:
     """An adapter's access counter (the ``Counter`` protocol of :mod:`meft.engine.offload`):
-    per call, (T,) bool: the tokens whose K chosen rows are all unwritten."""
+    per call, (T,) bool: the tokens whose K chosen rows are all unwritten (a token the
+    novelty gate does not route reads no row)."""
 
     def __init__(self, written: Tensor) -> None:
         self.written = written  # (N,) bool
         self.calls: list[Tensor] = []
 
     def add(self, ids: Tensor, x: Tensor, keep: Tensor | None) -> None:
-        self.calls.append(~self.written[ids.cpu()].any(1))  # (T,) from ids (T, K)
+        untouched = ~self.written[ids.cpu()].any(1)  # (T',) from the routed tokens' ids (T', K)
+        if keep is not None:  # (T,) the routed ones
+            keep = keep.cpu()
+            untouched = torch.ones(keep.shape[0], dtype=torch.bool).masked_scatter_(keep,
+                                                                                   untouched)
+        self.calls.append(untouched)
 
 
 def written_rows(adapter: Any) -> Tensor:

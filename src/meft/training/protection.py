@@ -388,14 +388,16 @@ def uses_statistics(config: TrainConfig) -> bool:
 
 def sparse_only(config: TrainConfig) -> list[str]:
     """The flags of ``config`` that ask for protection only a sparse memory has (row
-    selection, output penalty, hubs, values only, frozen routers, rows written before kept):
+    selection, output penalty, hubs, values only, frozen routers, rows written before kept,
+    the novelty gate):
     a method without meft's tables refuses them (:class:`Retainer`)."""
     asked = {"--retain-rows": config.retain_rows > 0,
              "--retain-penalty": config.retain_penalty > 0,
              "--retain-hubs": config.retain_hubs < 1,
              "--retain-update": config.retain_update != "keys+values",
              "--retain-router": config.retain_router != "trained",
-             "--retain-written": config.retain_written == "keep"}
+             "--retain-written": config.retain_written == "keep",
+             "--retain-gate": config.retain_gate > 0}
     return [flag for flag, on in asked.items() if on]
 
 
@@ -464,10 +466,14 @@ class Retainer:
     def tensors(self) -> dict[str, Tensor]:
         """What a checkpoint keeps of the protection: the background statistics and, per
         layer, the rows written before it started (``retain.<layer>.protected``, (N,) uint8:
-        a resumed run must not count the rows it wrote itself as an earlier adapter's)."""
+        a resumed run must not count the rows it wrote itself as an earlier adapter's) and
+        the novelty gate fitted as it started (``retain.<layer>.gate``, (d+1,), if any: a
+        resumed run's model is built from the run's recorded config, which has none)."""
         out = self.background.tensors() if self.background is not None else {}
         out.update({f"{PREFIX}{layer}.protected": mask.to(torch.uint8)
                     for layer, mask in self.protected.items()})
+        out.update({f"{PREFIX}{layer}.gate": a.novelty.cpu() for layer, a in _layers(self.model)
+                    if a.novelty is not None})
         return out
 
     def restore(self, tensors: dict[str, Tensor]) -> None:
@@ -477,6 +483,11 @@ class Retainer:
         for layer in self.protected:
             if f"{PREFIX}{layer}.protected" in tensors:
                 self.protected[layer] = tensors[f"{PREFIX}{layer}.protected"].bool()
+        gates = {layer: tensors[f"{PREFIX}{layer}.gate"] for layer in self.protected
+                 if f"{PREFIX}{layer}.gate" in tensors}
+        if gates:
+            assert isinstance(self.model, MeftModel)
+            self.model.set_novelty_gate(gates)
 
     @contextlib.contextmanager
     def watch(self, attention_mask: Tensor) -> Iterator[None]:

@@ -47,6 +47,7 @@ from meft.evaluation.exactness import reach
 from meft.evaluation.metrics import exact_match
 from meft.evaluation.probe import RetentionProbe
 from meft.sysinfo import peak_rss_bytes, reset_peak_rss
+from meft.training.gate import gate_for_training
 from meft.training.protection import Retainer
 from meft.training.trainer import Trainer
 
@@ -95,6 +96,9 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         protected = trainable.adapter if trainable.adapter is not None else trainable.model
         retainer = Retainer.from_config(protected, tconfig, background, tokenizer,
                                         progress=tconfig.progress)
+        if tconfig.retain_gate and trainable.adapter is not None:  # others: check_method
+            gate_for_training(trainable.adapter, retainer, train,
+                              tconfig.retain_gate)
     curve = (encode_all(list(validation), tokenizer, tconfig.max_length, "validation")
              if tconfig.eval_every and validation else None)
     with tempfile.TemporaryDirectory(prefix="meft-bench-run-") as tmp:

@@ -1,0 +1,264 @@
+"""The novelty gate (meft.training.gate, OffloadedSparseAdapter.novelty): gated-out tokens are
+padding (no output, rows, gradient rows or counts), routed ones are the ungated adapter's bit
+for bit; an open gate is no gate; the fit equals a plain LDA; the gate rides with the adapter
+and through a stopped and resumed ``meft train``; bad settings are one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from helpers import IDS, TINY, Case, make_inputs, meft_config, tiny
+from meft.adapter.model import MeftModel, get_meft_model, tensor_name
+from meft.adapter.serialization import load_tensors
+from meft.cli.commands import main
+from meft.data.records import Encoded
+from meft.engine.offload import OffloadedSparseAdapter
+from meft.engine.store import HostStore
+from meft.errors import AdapterMismatchError
+from meft.evaluation.exactness import reach
+from meft.training.gate import fit_novelty_gate
+from meft.training.protection import AccessCounter
+
+CASE = Case(tokens=24, dim=16, neurons=256, experts=16, top_k=8, n_probe=3)
+
+
+def _adapter(novelty: Tensor | None = None) -> OffloadedSparseAdapter:
+    _, keys, values, router, _ = make_inputs(CASE, torch.float32, 0)
+    mod = OffloadedSparseAdapter(HostStore(keys, values), n_experts=CASE.experts,
+                                 top_k=CASE.top_k, n_probe=CASE.n_probe, router=router)
+    mod.novelty = novelty
+    return mod
+
+
+def _run(mod: OffloadedSparseAdapter, x: Tensor, dy: Tensor, keep: Tensor | None
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y, dx, dense key and value gradients, access counts of one forward and backward."""
+    counter = AccessCounter(CASE.neurons)
+    counter.docs = torch.zeros(x.shape[0], dtype=torch.long)
+    mod.counter, mod.keep = counter, keep
+    x = x.clone().requires_grad_(True)
+    y = mod(x)
+    y.backward(dy)
+    assert x.grad is not None
+    return (y.detach(), x.grad, mod.store.key_grad.to_dense(), mod.store.value_grad.to_dense(),
+            counter.counts)
+
+
+def test_gated_out_tokens_are_padding_and_routed_ones_are_the_ungated_adapter() -> None:
+    x, _, _, _, dy = make_inputs(CASE, torch.float32, 1)
+    w = torch.randn(CASE.dim, generator=torch.Generator().manual_seed(2))
+    b = (x @ w).median()
+    keep = torch.ones(CASE.tokens, dtype=torch.bool)
+    keep[-3:] = False  # padding too
+    routed = keep & (x @ w > b)
+    assert 0 < int(routed.sum()) < int(keep.sum())
+    y, dx, dk, dv, counts = _run(_adapter(torch.cat([w, b.reshape(1)])), x, dy, keep)
+    # the reference: the ungated adapter on the routed tokens alone
+    ry, rdx, rdk, rdv, rcounts = _run(_adapter(), x[routed], dy[routed], None)
+    assert torch.equal(y[routed], ry) and torch.equal(dx[routed], rdx)
+    assert not y[~routed].any() and not dx[~routed].any()
+    assert torch.equal(dk, rdk) and torch.equal(dv, rdv)  # no gradient row of a gated token
+    assert torch.equal(counts, rcounts)  # nor an access
+    # the ungated adapter on every token gives the routed ones the same output
+    full = _adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(full(x)[routed], ry, rtol=1e-6, atol=1e-6)
+
+
+def test_no_token_routed_gives_zeros() -> None:
+    x, _, _, _, dy = make_inputs(CASE, torch.float32, 1)
+    closed = torch.zeros(CASE.dim + 1)
+    closed[-1] = torch.inf
+    mod = _adapter(closed)
+    y, dx, dk, dv, counts = _run(mod, x, dy, None)
+    assert y.shape == x.shape and not y.any() and not dx.any()
+    assert not dk.any() and not dv.any() and not counts.any()
+    with torch.no_grad():
+        assert not mod(x).any()
+
+
+def _model(**kw: object) -> MeftModel:
+    model = get_meft_model(tiny(), meft_config(**kw))
+    gen = torch.Generator().manual_seed(5)
+    for store in model.stores:
+        store.values.normal_(0, 0.5, generator=gen)
+    return model
+
+
+def _gates(model: MeftModel, b: float, seed: int = 3) -> dict[int, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {i: torch.cat([torch.randn(32, generator=gen), torch.tensor([b])])
+            for i in model.layer_ids}
+
+
+def _step(model: MeftModel) -> tuple[Tensor, list[Tensor]]:
+    """Logits and every adapter gradient of one padded forward and backward."""
+    mask = torch.ones_like(IDS)
+    mask[1, 8:] = 0
+    out = model(input_ids=IDS, attention_mask=mask).logits
+    out.square().mean().backward()
+    grads = [g for a in model.adapter_modules for g in (a.store.key_grad.to_dense(),
+                                                        a.store.value_grad.to_dense(),
+                                                        a.router.grad)]
+    return out.detach(), grads
+
+
+def test_an_open_gate_is_no_gate() -> None:
+    want, want_grads = _step(_model())
+    gated = _model()
+    gated.set_novelty_gate(_gates(gated, -float("inf")))
+    got, grads = _step(gated)
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, h) for g, h in zip(grads, want_grads, strict=True))
+    closed = _model()
+    closed.set_novelty_gate(_gates(closed, float("inf")))
+    with torch.no_grad(), closed.disable_adapter():
+        base = closed(input_ids=IDS).logits
+    with torch.no_grad():
+        assert torch.equal(closed(input_ids=IDS).logits, base)  # nothing routed: the base model
+    assert reach(closed, None, windows=[IDS[0].tolist()])["untouched_tokens"] == 1.0
+
+
+def _examples(n: int, seed: int, lo: int, hi: int) -> list[Encoded]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(lo, hi, (5 + i % 4,), generator=gen).tolist()
+        out.append(Encoded(ids, [-100] * 2 + ids[2:], False))
+    return out
+
+
+def _reference_inputs(model: MeftModel, examples: list[Encoded]) -> dict[str, Tensor]:
+    """Per layer, the MLP inputs of every token, one example at a time (no padding)."""
+    from meft.adapter.model import find_decoder_layers, find_mlp
+
+    blocks = find_decoder_layers(model.base_model)
+    seen: dict[str, list[Tensor]] = {str(i): [] for i in model.layer_ids}
+    handles = []
+    for i in model.layer_ids:
+        mlp = find_mlp(blocks[i])
+        assert mlp is not None
+        handles.append(mlp.register_forward_pre_hook(
+            lambda m, args, i=i: seen[str(i)].append(args[0].reshape(-1, 32))))
+    with torch.no_grad():
+        for e in examples:
+            model(input_ids=torch.tensor([e.input_ids]))
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v).double() for k, v in seen.items()}
+
+
+def test_fit_equals_a_plain_lda_and_passes_the_share() -> None:
+    model = get_meft_model(tiny(), meft_config())  # fresh: the adapter adds nothing
+    train, background = _examples(10, 1, 2, 40), _examples(16, 2, 30, 97)
+    share, shrink = 0.2, 0.1
+    gates = fit_novelty_gate(model, train, background, share, shrink=shrink, batch_size=3)
+    xt, xb = _reference_inputs(model, train), _reference_inputs(model, background)
+    for layer in gates:
+        t, bg = xt[layer], xb[layer]
+        mt, mb = t.mean(0), bg.mean(0)
+        s = ((t - mt).T @ (t - mt) + (bg - mb).T @ (bg - mb)) / (len(t) + len(bg) - 2)
+        w = torch.linalg.solve(s + shrink * s.diagonal().mean() * torch.eye(32), mt - mb)
+        b = torch.quantile(bg @ w, 1 - share)
+        torch.testing.assert_close(gates[layer], torch.cat([w, b.reshape(1)]).float(),
+                                   rtol=1e-4, atol=1e-5)
+        passed = float((bg.float() @ gates[layer][:-1] > gates[layer][-1]).float().mean())
+        assert abs(passed - share) <= 1 / len(bg) + 1e-9
+        assert float((t.float() @ gates[layer][:-1] > gates[layer][-1]).float().mean()) > share
+    model.set_novelty_gate(gates)
+    assert model.meft_config.novelty_gate
+    with pytest.raises(ValueError, match="shape"):
+        model.set_novelty_gate({k: v[:-1] for k, v in gates.items()})
+
+
+def test_the_gate_rides_with_the_adapter(tmp_path: Path) -> None:
+    model = _model()
+    model.set_novelty_gate(_gates(model, 0.0))
+    want = IDS
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path / "gated")
+    saved = json.loads((tmp_path / "gated" / "adapter_config.json").read_text())
+    assert saved["novelty_gate"] is True
+    tensors = load_tensors(tmp_path / "gated", "adapter_model")
+    assert tensors[tensor_name(0, "novelty")].shape == (33,)
+    loaded = MeftModel.from_pretrained(tiny(), tmp_path / "gated")
+    assert all(a.novelty is not None and torch.equal(a.novelty, b.novelty)  # type: ignore[arg-type]
+               for a, b in zip(loaded.adapter_modules, model.adapter_modules, strict=True))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, want)
+    # an adapter without the gate: no flag's effect, no tensor, loads as before
+    plain = _model()
+    plain.save_pretrained(tmp_path / "plain")
+    assert tensor_name(0, "novelty") not in load_tensors(tmp_path / "plain", "adapter_model")
+    again = MeftModel.from_pretrained(tiny(), tmp_path / "plain")
+    assert all(a.novelty is None for a in again.adapter_modules)
+    assert not again.meft_config.novelty_gate
+    # a gate of the wrong size is refused like any other tensor
+    from safetensors.torch import save_file
+
+    tensors[tensor_name(0, "novelty")] = torch.zeros(5)
+    save_file(tensors, str(tmp_path / "gated" / "adapter_model.safetensors"),
+              metadata={"format": "meft"})
+    with pytest.raises(AdapterMismatchError, match="novelty has shape"):
+        MeftModel.from_pretrained(tiny(), tmp_path / "gated")
+
+
+RUN = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--lr", "1e-2",
+       "--no-progress", "--no-plots", "--no-eval-before", "--no-retention",
+       "--max-new-tokens", "2", "--retain-gate", "0.05", *TINY]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_train_with_a_gate_stops_and_resumes_bitwise(model_dir: Path, data_file: Path,
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    background = tmp_path / "background.jsonl"  # small, so that nothing is generated
+    background.write_text("".join(json.dumps({"question": f"What colour is thing {i}?",
+                                              "answer": ["blue" if i % 2 else "red"]}) + "\n"
+                                  for i in range(16)))
+    common = ["train", "--model", str(model_dir), "--data", str(data_file), "--background",
+              str(background)]
+    assert main([*common, "--output", str(whole), *RUN]) == 0
+    assert "novelty gate: " in capsys.readouterr().err
+    assert main([*common, "--output", str(split), *RUN, "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(split), "--no-progress"]) == 0
+    assert "novelty gate: " not in capsys.readouterr().err  # not fitted again: restored
+    assert _files(whole / "adapter") == _files(split / "adapter")
+    config = json.loads((whole / "adapter" / "adapter_config.json").read_text())
+    assert config["novelty_gate"] is True
+    assert tensor_name(0, "novelty") in load_tensors(whole / "adapter", "adapter_model")
+    ckpt = load_tensors(split / "checkpoints" / "step-00000004", "optimizer")
+    assert ckpt["retain.0.gate"].shape == (33,)
+    losses = [json.loads(x)["loss"] for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(x)["loss"] for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert losses == again and len(losses) == 4
+    assert json.loads((whole / "run.json").read_text())["config"]["train"]["retain_gate"] == 0.05
+
+
+def test_bad_gate_settings_are_one_line_errors(model_dir: Path, data_file: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["train", "--model", str(model_dir), "--data", str(data_file), *TINY]
+    assert main([*common, "--retain-gate", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--retain-gate must be a number in [0, 1), got 1.0" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main([*common, "--retain-gate", "0.1", "--retain", "off"]) == 2
+    err = capsys.readouterr().err
+    assert "--retain-gate is fitted on the protection's background" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["bench", "--methods", "meft:64+retain", "lora:qv:4+retain",
+                 "--retain-gate", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "lora:qv:4+retain: --retain-gate is protection only meft's sparse tables" in err
+    assert len(err.strip().splitlines()) == 1
