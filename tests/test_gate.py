@@ -257,8 +257,28 @@ def test_bad_gate_settings_are_one_line_errors(model_dir: Path, data_file: Path,
     err = capsys.readouterr().err
     assert "--retain-gate is fitted on the protection's background" in err
     assert len(err.strip().splitlines()) == 1
-    assert main(["bench", "--methods", "meft:64+retain", "lora:qv:4+retain",
+    assert main([*common, "--retain-gate", "0.1", "--retain-replay", "0"]) == 2
+    assert "needs --retain on and --retain-replay above 0" in capsys.readouterr().err
+    assert main(["bench", "--methods", "meft:4096+retain", "lora:qv:4+retain",
                  "--retain-gate", "0.1"]) == 2
     err = capsys.readouterr().err
     assert "lora:qv:4+retain: --retain-gate is protection only meft's sparse tables" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_bench_fits_the_gate_for_a_protected_meft_method(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from helpers import tiny_for
+    from meft.cli.bench.methods import parse_method
+    from meft.cli.bench.run import run_method
+    from meft.config import BenchJob
+    from meft.data.records import encode
+    from meft.data.synthetic import make_knowledge_set
+
+    ks = make_knowledge_set(3, seed=0)
+    train = [encode(s, tokenizer, 64) for s in ks.train]
+    job = BenchJob.from_options({"steps": 2, "batch_size": 4, "top_k": 4, "n_probe": 2,
+                                 "retain_gate": 0.1, "progress": False, "eval": False})
+    result = run_method(parse_method("meft:64+retain"), tiny_for(tokenizer), tokenizer, train,
+                        ks.validation, ks.eval, job, torch.device("cpu"), background=ks.eval)
+    assert result["adapter_config"]["novelty_gate"] is True
+    assert result["train_config"]["retain_gate"] == 0.1 and len(result["losses"]) == 2
