@@ -46,11 +46,11 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 def save_checkpoint(directory: str | Path, model: MeftModel,
                     optimizer_state: dict[str, Tensor], trainer_state: dict[str, Any], *,
                     rng: Tensor | None = None) -> Path:
-    """(With a disk store the adapter part holds the routers only: the tables and their
-    moments are the store's, committed at this step by the caller.)"""
     """Write one complete checkpoint directory atomically: the adapter as save_pretrained
-    writes it, the optimizer state (named by :class:`~meft.engine.optim.OptimizerSet`), the trainer
-    state and the RNG state."""
+    writes it, the optimizer state (named by :class:`~meft.engine.optim.OptimizerSet`), the
+    trainer state and the RNG state. (With a disk store the adapter part holds the routers
+    only: the tables and their moments are the store's, committed at this step by the
+    caller.)"""
     directory = Path(directory)
     tensors = dict(optimizer_state)
     if rng is not None:
