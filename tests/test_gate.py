@@ -244,6 +244,13 @@ def test_train_with_a_gate_stops_and_resumes_bitwise(model_dir: Path, data_file:
     again = [json.loads(x)["loss"] for x in (split / "metrics.jsonl").read_text().splitlines()]
     assert losses == again and len(losses) == 4
     assert json.loads((whole / "run.json").read_text())["config"]["train"]["retain_gate"] == 0.05
+    # the gate alone, nothing replayed (--retain-replay 0): fitted on the same background
+    alone = tmp_path / "alone"
+    assert main([*common, "--output", str(alone), *RUN, "--retain-replay", "0"]) == 0
+    assert "novelty gate: " in capsys.readouterr().err
+    metrics = [json.loads(x) for x in (alone / "metrics.jsonl").read_text().splitlines()]
+    assert all(not r.get("retain_replay_loss") for r in metrics)
+    assert json.loads((alone / "adapter" / "adapter_config.json").read_text())["novelty_gate"]
 
 
 def test_bad_gate_settings_are_one_line_errors(model_dir: Path, data_file: Path,
@@ -257,8 +264,6 @@ def test_bad_gate_settings_are_one_line_errors(model_dir: Path, data_file: Path,
     err = capsys.readouterr().err
     assert "--retain-gate is fitted on the protection's background" in err
     assert len(err.strip().splitlines()) == 1
-    assert main([*common, "--retain-gate", "0.1", "--retain-replay", "0"]) == 2
-    assert "needs --retain on and --retain-replay above 0" in capsys.readouterr().err
     assert main(["bench", "--methods", "meft:4096+retain", "lora:qv:4+retain",
                  "--retain-gate", "0.1"]) == 2
     err = capsys.readouterr().err

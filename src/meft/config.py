@@ -720,9 +720,9 @@ class TrainJob:
         if run.rehearse is not None and (run.adapter is None or train.retain != "on"):
             raise ConfigError("--rehearse keeps what an earlier adapter learned: it needs "
                               "--adapter and --retain on")
-        if train.retain_gate and (train.retain != "on" or not train.retain_replay):
+        if train.retain_gate and train.retain != "on":
             raise ConfigError("--retain-gate is fitted on the protection's background: it "
-                              "needs --retain on and --retain-replay above 0")
+                              "needs --retain on (with --retain-replay 0: the gate alone)")
         return cls(MeftConfig(**parts["adapter"], seed=train.seed), train, run)
 
     def options(self) -> dict[str, Any]:

@@ -66,7 +66,8 @@ def fit_novelty_gate(model: MeftModel, train: Sequence[Encoded], background: Seq
 def gate_for_training(model: MeftModel, retainer: Retainer, train: Sequence[Encoded],
                       share: float) -> None:
     """``--retain-gate share``: fit the gate on the training examples and the background
-    examples the protection replays (``retainer.background.examples``, rehearsal excluded),
+    examples of the replay pool (``retainer.background.examples``, rehearsal excluded; kept
+    for the gate with ``--retain-replay 0`` too, then not replayed),
     set it in ``model`` and say how many tokens of each pass. (The Retainer keeps it in its
     checkpoint tensors: a resumed run gets it back from there, not fitted again.)"""
     if model.parallel is not None:
@@ -74,8 +75,8 @@ def gate_for_training(model: MeftModel, retainer: Retainer, train: Sequence[Enco
     bg = retainer.background
     background = bg.examples[:len(bg.examples) - bg.rehearsal] if bg is not None else []
     if not background:
-        raise ConfigError("--retain-gate is fitted on the background examples replay uses: it "
-                          "needs --retain-replay above 0")
+        raise ConfigError("--retain-gate is fitted on the background's short general "
+                          "questions (the replay pool), and the background has none")
     gates = fit_novelty_gate(model, train, background, share, pad_id=retainer.pad_id)
     model.set_novelty_gate(gates)
     passed = {name: _passing(model, examples, retainer.pad_id)

@@ -695,7 +695,7 @@ class Retainer:
                                            else 0)
             else:  # replay alone (the default) reads no access counts: no background pass
                 stats = Background({}, {}, len(encoded))
-            if config.retain_replay:
+            if config.retain_replay or config.retain_gate:  # the gate is fitted on them
                 pool = (replay_pool(background) if config.retain_replay_pool ==
                         "questions" else range(len(background)))
                 # (encoded drops what truncation left without an answer: not index-aligned)
@@ -709,7 +709,8 @@ class Retainer:
                 _some_left(earlier, "--rehearse", config.max_length, "--retain-rehearse 0")
                 stats.examples += [e.first_targets(REPLAY_TOKENS) for e in earlier]
                 stats.rehearsal = len(earlier)
-            if stats.examples and config.retain_replay_target == "distill":
+            if (stats.examples and config.retain_replay_target == "distill"
+                    and (config.retain_replay or rehearsal)):
                 stats.keep_distributions(model, tokenizer.pad_token_id or 0,
                                          cache=cache if _computes_base(model) else None)
         return cls(model, stats, score=config.retain_score, rows=config.retain_rows,
