@@ -53,7 +53,7 @@ ORDER = ["default-job", "attribution-48cb08d", "tuned-comparison-synthetic",
          "compact-state", "disk-store", "step-time", "profiles", "adapter-op",
          "dense-comparison", "distributed", "hf-trainer", "loss-positions", "plan"]
 # where the README's at-a-glance table comes from (meft bench runs of one commit)
-GLANCE = "tuned-comparison-synthetic"
+GLANCE = "attribution-48cb08d/synthetic"
 BEGIN, END = "<!-- results:at-a-glance -->", "<!-- /results:at-a-glance -->"
 HEADER = re.compile(r"\A<!--\n(.*?)\n-->\n", re.S)
 
