@@ -19,6 +19,7 @@ time spent routing, staging and updating.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
@@ -42,7 +43,8 @@ class RowSparseGrad:
         self._rows = torch.empty(0, dim, dtype=dtype, device=device)  # (capacity, d)
         self._count = 0
         self._worker: HostWorker | None = None  # where adds are queued (add_later)
-        self._queued = 0
+        self._queued = 0  # adds queued on the worker and not yet run (under _lock: two threads)
+        self._lock = threading.Lock()
         self.on_wait: Callable[[float], None] | None = None  # told the seconds settle waited
 
     @property
@@ -80,7 +82,8 @@ class RowSparseGrad:
         ``synchronize``: the copy of ``rows`` to the host has landed). Queued adds run in
         submission order, so the sum is bitwise the one of calling :meth:`add` now."""
         self._worker = worker
-        self._queued += 1
+        with self._lock:
+            self._queued += 1
 
         def job() -> None:
             try:
@@ -88,7 +91,8 @@ class RowSparseGrad:
                     ready()
                 self._add(ids, rows, adopt=adopt)
             finally:
-                self._queued -= 1
+                with self._lock:
+                    self._queued -= 1
 
         worker.submit(job)
 
