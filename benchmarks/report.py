@@ -188,13 +188,14 @@ def glance() -> str:
     chosen = select(aggregate(runs))
     p = provenance(directory, {})
     lines = [
-        "| method | lr | test EM | retention | Δ general loss | trainable parameters | "
+        "| method | lr | seeds | test EM | retention | Δ general loss | trainable parameters | "
         "device MB | host GB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in chosen:
         host = r.get("host_state_bytes") or 0
-        lines.append(f"| {r['method']} | {r['lr']:g} | {pm(r, 'test_em')} | "
+        seeds = ",".join("–" if x is None else str(x) for x in r.get("seeds") or [])
+        lines.append(f"| {r['method']} | {r['lr']:g} | {seeds} | {pm(r, 'test_em')} | "
                      f"{pm(r, 'retention')} | {pm(r, 'general_loss_delta')} | "
                      f"{r['trainable_params'] / 1e6:.1f}M | {r['device_bytes'] / 1e6:.0f} | "
                      f"{host / 1e9:.2f} |")
@@ -203,7 +204,8 @@ def glance() -> str:
     seeds = sorted({r.get("seed", tc.get("seed")) for r in runs}, key=str)
     lines += ["", f"{first.get('model')}, {first.get('data')}; {first.get('steps')} steps of "
               f"{tc.get('batch_size')}, "
-              + (f"seeds {','.join(map(str, seeds))} (mean ± standard deviation)"
+              + (f"seeds {','.join(map(str, seeds))} (mean ± standard deviation over the "
+                 "seeds of each row)"
                  if len(seeds) > 1 else "one seed (a 90-step run moves by up to 20 points "
                  "with the seed)")
               + ", each method at the rate of its grid with the best mean validation "
