@@ -36,6 +36,7 @@ from meft.cli.bench.report import (
     aggregate,
     markdown_table,
     matched,
+    matched_table,
     pct,
     pm,
     read_results,
@@ -230,19 +231,9 @@ def matched_glance(runs: list[dict[str, Any]]) -> str:
         return ""
     level = min(max(r["validation_em"] for r in rows if r["method"] == m) for m in methods)
     _, picked = matched(every, level)
-    lines = ["", "", f"At matched learning: each method at its least-forgetting rate whose mean "
-             f"validation exact match reaches {pct(level)}% (the highest level every protected "
-             "method reaches):", "",
-             "| method | lr | val EM | test EM | retention | retention, seen kinds | "
-             "Δ general loss |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in picked:
-        if not r["reached"]:
-            lines.append(f"| {r['method']} | does not reach it | | | | | |")
-            continue
-        lines.append(f"| {r['method']} | {r['lr']:g} | {pm(r, 'validation_em')} | "
-                     f"{pm(r, 'test_em')} | {pm(r, 'retention')} | "
-                     f"{pm(r, 'retention_seen_kinds')} | {pm(r, 'general_loss_delta')} |")
-    return "\n".join(lines)
+    return ("\n\nAt matched learning: each method at its least-forgetting rate whose mean "
+            f"validation exact match reaches {pct(level)}% (the highest level every protected "
+            f"method reaches):\n\n{matched_table(level, picked)}")
 
 
 def results_md() -> str:
