@@ -29,8 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meft.data.general import general_text_samples
-from meft.data.records import encode
+from meft.evaluation.probe import general_windows
 
 
 class _Reach:
@@ -57,25 +56,17 @@ def written_rows(adapter: Any) -> Tensor:
     return values.abs().amax(1) > 0
 
 
-def general_windows(tokenizer: Any, window: int = 256) -> list[list[int]]:
-    """The general text as token windows of at most ``window`` tokens (longer than 1)."""
-    out = []
-    for sample in general_text_samples():
-        ids = encode(sample, tokenizer, 1 << 20).input_ids
-        out += [ids[lo:lo + window] for lo in range(0, len(ids), window)
-                if len(ids[lo:lo + window]) > 1]
-    return out
-
-
 @torch.no_grad()
 def reach(model: Any, tokenizer: Any, *, window: int = 256,
           windows: list[list[int]] | None = None) -> dict[str, Any] | None:
     """The shares of the module doc for ``model`` (a MeftModel) on ``windows`` (token id
-    lists; default :func:`general_windows`), or None for a model without meft's rows."""
+    lists; default the general text's, :func:`meft.evaluation.probe.general_windows`), or
+    None for a model without meft's rows."""
     adapters = list(getattr(model, "adapter_modules", []) or [])
     if not adapters:
         return None
-    windows = general_windows(tokenizer, window) if windows is None else windows
+    if windows is None:
+        windows = [e.input_ids for e in general_windows(tokenizer, window)]
     previous = [a.counter for a in adapters]
     counters = [_Reach(written_rows(a)) for a in adapters]
     device = next(model.parameters()).device

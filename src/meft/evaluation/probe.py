@@ -53,6 +53,17 @@ def general_loss(model: Any, tokenizer: Any, *, window: int = 256,
     paragraph cut into windows of at most ``window`` tokens; with ``cache`` (``model`` is its
     base model) looked up first and kept."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = general_windows(tokenizer, window)
+    if cache is None:
+        return answer_loss(model, encoded, pad)
+    inputs = {"windows": [[e.input_ids, e.labels] for e in encoded], "pad": pad}
+    return float(cache.get("general_loss", inputs, lambda: answer_loss(model, encoded, pad)))
+
+
+def general_windows(tokenizer: Any, window: int = 256) -> list[Encoded]:
+    """The general text, each paragraph cut into windows of at most ``window`` tokens (longer
+    than one), every token labelled: what :func:`general_loss` and
+    :func:`meft.evaluation.exactness.reach` read."""
     encoded = []
     for sample in general_text_samples():
         whole = encode(sample, tokenizer, 1 << 20)
@@ -60,10 +71,7 @@ def general_loss(model: Any, tokenizer: Any, *, window: int = 256,
             ids = whole.input_ids[lo:lo + window]
             if len(ids) > 1:
                 encoded.append(Encoded(ids, whole.labels[lo:lo + window], False))
-    if cache is None:
-        return answer_loss(model, encoded, pad)
-    inputs = {"windows": [[e.input_ids, e.labels] for e in encoded], "pad": pad}
-    return float(cache.get("general_loss", inputs, lambda: answer_loss(model, encoded, pad)))
+    return encoded
 
 
 def probe_questions(path: str | Path) -> list[Sample]:
