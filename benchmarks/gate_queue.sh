@@ -11,7 +11,8 @@
 # directory per setting. Built-in set, 90 steps of 12, seeds 0-2, meft:4096 (the main job's
 # size) at its tuned rate 3e-3; the references without the gate (meft:4096, meft:4096+retain)
 # are run again here, from the same commit, so every number compares within one commit and
-# one machine (their retention_adjacent did not exist before). About 1.5 hours on 2 cores.
+# one machine (their retention_adjacent did not exist before). 15 runs of 8-10 minutes on
+# 2 cores: about 2.25 hours.
 set -euo pipefail
 COMMIT=${1:?usage: gate_queue.sh COMMIT [RESULTS_DIR] [WORK_DIR]}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
