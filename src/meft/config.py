@@ -530,6 +530,12 @@ class BenchConfig:
                                 default_text="a new runs/bench-<timestamp>")
     skip_done: bool = option(False, "continue a comparison in --output: a (method, rate, "
                              "seed) whose run file is already there is not run again")
+    sets: int = option(1, "continual learning: every method learns this many disjoint "
+                       "built-in fact sets (--people people each) one after another, --steps "
+                       "each, a fresh optimizer and schedule per set and nothing of the earlier "
+                       "sets' data; after each set every set so far is scored on its held-out "
+                       "questions, and the table gives the share each earlier set keeps",
+                       check="positive", default_text="1: one set")
     report_only: bool = option(False, "train nothing: rebuild summary.json, table.md and the "
                                "plots from the run files already in --output (a comparison "
                                "run a few methods at a time, or stopped half-way)")
@@ -816,6 +822,10 @@ class BenchJob:
             raise ConfigError("--lr-grid and method@rates need validation questions to choose "
                               "by: pass --validation-data (test questions are never used to "
                               "choose)")
+        if bench.sets > 1 and (run.data is not None or run.dataset != "synthetic"):
+            raise ConfigError(f"--sets {bench.sets} splits the built-in synthetic set into "
+                              "disjoint sets of people; it does not take --data or --dataset "
+                              f"{run.dataset}")
         job.train_config(LORA_LR)  # validate now, before any work (adapters: per method)
         return job
 

@@ -97,3 +97,27 @@ def drop_known(splits: Splits, known: list[bool]) -> Splits:
                   f"model already answered removed, {len(splits.test) - len(gone)} left",
                   {k: v for k, v in splits.bits.items() if k not in gone},
                   [*splits.adjacent, *(s for s in splits.test if s.source in gone)])
+
+
+def split_sets(splits: Splits, parts: int) -> list[Splits]:
+    """``splits`` cut into ``parts`` disjoint fact sets of equal size, for continual learning
+    (``meft bench --sets``): the facts in the order of ``splits.test`` (the built-in set: person
+    by person, so a person's facts stay in one set), the i-th consecutive run of
+    ``len(test) / parts`` facts is set i; every split keeps only its set's facts (``adjacent``
+    is shared)."""
+    sources = list(dict.fromkeys(s.source for s in splits.test))
+    if parts < 1 or len(sources) % parts:
+        raise ValueError(f"{len(sources)} facts do not split into {parts} sets of equal size")
+    size = len(sources) // parts
+    out = []
+    for i in range(parts):
+        mine = set(sources[i * size:(i + 1) * size])
+
+        def keep(samples: list[Sample], mine: set[str] = mine) -> list[Sample]:
+            return [s for s in samples if s.source in mine]
+
+        out.append(Splits(keep(splits.train), keep(splits.validation), keep(splits.test),
+                          keep(splits.seen), f"set {i + 1} of {parts}: {size} facts",
+                          {k: v for k, v in splits.bits.items() if k in mine},
+                          splits.adjacent))
+    return out

@@ -36,7 +36,7 @@ from meft.cli.bench.methods import DEFAULT_METHODS, QUICK_METHODS, check_method,
 from meft.cli.bench.report import pct, read_results, run_name, write_report, write_result
 from meft.config import BenchJob
 from meft.console import say
-from meft.data.datasets import drop_known, load_splits
+from meft.data.datasets import drop_known, load_splits, split_sets
 from meft.data.records import write_jsonl
 from meft.errors import DataError, RunDirectoryError
 from meft.evaluation.cache import BaseCache
@@ -70,8 +70,9 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
     source = resolve_model(run.model)
     seeds = bench.seeds or [job.seed]
     # the seed draws the built-in facts, the data order and the adapter's initialisation
+    # with --sets S: S x --people people, cut into S disjoint sets learned one after another
     splits = {seed: load_splits(run.data, run.eval_data, bench.validation_data, seed=seed,
-                                people=run.people, dataset=run.dataset,
+                                people=run.people * bench.sets, dataset=run.dataset,
                                 train_phrasings=run.train_phrasings) for seed in seeds}
     if job.chooses_rates and not splits[seeds[0]].validation:
         raise DataError("choosing rates (--lr-grid, method@rates) needs validation questions; "
@@ -87,7 +88,8 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
         # every run loads this copy of the base model, saved once as safetensors (fast to
         # load, unlike de-quantising a GGUF), and its seed's splits
         say(f"bench: {splits[seeds[0]].description}"
-            + (f" (seeds {','.join(map(str, seeds))})" if bench.seeds else ""))
+            + (f" (seeds {','.join(map(str, seeds))})" if bench.seeds else "")
+            + (f", learned as {bench.sets} sets one after another" if bench.sets > 1 else ""))
         say(f"bench: preparing {source.name} -> {output}")
         tokenizer = load_tokenizer(source, trust_remote_code=run.trust_remote_code)
         base = load_model(source, trust_remote_code=run.trust_remote_code)
@@ -99,9 +101,12 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
                     batch_size=run.eval_batch_size, desc="known facts",
                     progress=progress, cache=cache))
                 say(f"bench: seed {seed}: {splits[seed].description}")
-            for name in ("train", "validation", "test", "seen"):
-                write_jsonl(getattr(splits[seed], name),
-                            Path(tmp) / f"data-{seed}" / f"{name}.jsonl")
+            sets = split_sets(splits[seed], bench.sets) if bench.sets > 1 else []
+            for where, part in [("", splits[seed]), *((f"set-{i}/", p)
+                                                      for i, p in enumerate(sets))]:
+                for name in ("train", "validation", "test", "seen"):
+                    write_jsonl(getattr(part, name),
+                                Path(tmp) / f"data-{seed}" / f"{where}{name}.jsonl")
             (Path(tmp) / f"data-{seed}" / "facts.json").write_text(json.dumps(
                 {"facts": len({s.source for s in splits[seed].train}),
                  "bits": splits[seed].bits}))
@@ -138,7 +143,8 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
             rate = lr if lr is not None else bench.lr or method.default_lr
             say(f"bench [{i + 1}/{len(runs)}]: {method.name}, lr {rate:g}"
                 + (f", seed {seed}" if bench.seeds else "")
-                + f" ({bench.steps} steps of {bench.batch_size} examples)")
+                + f" ({bench.steps} steps of {bench.batch_size} examples"
+            + (f" per set, {bench.sets} sets)" if bench.sets > 1 else ")"))
             done = output / f"{run_name(method.name, rate, seed if bench.seeds else None)}.json"
             if bench.skip_done and done.is_file():
                 say(f"  already in {done}; skipped (--skip-done)")
@@ -158,7 +164,10 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
                 say(f"  {method.name} failed ({why}); skipped")
                 continue
             result = json.loads(result_path.read_text())
-            result.update(model=source.name, data=splits[seed].description, command=command)
+            data = splits[seed].description + (
+                f"; learned as {bench.sets} sets of {run.people} people, one after another"
+                if bench.sets > 1 else "")
+            result.update(model=source.name, data=data, command=command)
             path = write_result(result, output, config, str(device),
                                 with_seed=bench.seeds is not None)
             fresh.append(path.stem)

@@ -36,12 +36,14 @@ from meft.sysinfo import environment
 QUALITY_FIELDS = ("validation_em", "validation_f1", "test_em", "test_f1", "test_contains",
                   "seen_em", "bits_recalled", "bits_per_param", "written_rows",
                   "untouched_tokens", "exact_windows", "retention", "retention_seen_kinds",
-                  "retention_adjacent", "general_loss_delta", "final_loss")
+                  "retention_adjacent", "general_loss_delta", "final_loss",
+                  "continual_kept_mean", "continual_kept_min")
 SUMMARY_FIELDS = ("method", "lr", "seeds", "selected", "lr_at_grid_edge", "lr_grid", "facts",
                   *(f for q in ("validation_em", "test_em", "test_f1", "seen_em",
                                 "bits_per_param", "retention", "retention_seen_kinds",
                                 "retention_adjacent", "general_loss_delta", "written_rows",
-                                "untouched_tokens")
+                                "untouched_tokens", "continual_kept_mean",
+                                "continual_kept_min")
                     for f in (q, f"{q}_std")),
                   "step_time_s", "tokens_per_s", "device_bytes", "host_bytes",
                   "moved_bytes_per_step", "trainable_params")
@@ -237,6 +239,32 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
             f"{'–' if host is None else f'{host / 1e9:.2f}'} | "
             f"{r['moved_bytes_per_step'] / 1e6:.0f} |")
     return "\n".join(rows)
+
+
+def continual_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Continual runs (``--sets``), one row per (method, rate) given: each set's test exact
+    match right after it was learned and after the last set (means over seeds), and the share
+    each earlier set keeps (mean and worst set, means over seeds); empty without such runs."""
+    rows = [r for r in rows if any(x.get("continual_test_em") for x in r.get("runs", [r]))]
+    if not rows:
+        return ""
+
+    def per_set(r: dict[str, Any], which: str) -> str:
+        grids = [x["continual_test_em"] for x in r.get("runs", [r]) if x.get("continual_test_em")]
+        n = len(grids[0])
+        cells = [statistics.mean((g[j][j] if which == "learned" else g[-1][j]) for g in grids)
+                 for j in range(n)]
+        return " / ".join(pct(c) for c in cells)
+
+    out = ["| method | lr | seeds | test EM of each set when learned | after the last set | "
+           "kept, mean of earlier sets | kept, worst set |", "|---|---:|---:|---|---|---:|---:|"]
+    for r in rows:
+        seeds = r.get("seeds") or [r.get("seed")]
+        out.append(f"| {r['method']} | {r['lr']:g} | "
+                   f"{','.join('–' if x is None else str(x) for x in seeds)} | "
+                   f"{per_set(r, 'learned')} | {per_set(r, 'last')} | "
+                   f"{pm(r, 'continual_kept_mean')} | {pm(r, 'continual_kept_min')} |")
+    return "\n".join(out)
 
 
 def grid_table(results: Sequence[dict[str, Any]]) -> str:
@@ -457,9 +485,14 @@ def write_report(output: Path, command: str | None = None, *,
              f"validation EM reaches {pct(level, '%')}"
              f"{' (90% of the best)' if matched_em is None else ''}:\n\n"
              f"{matched_table(level, matched_rows)}\n")
+    sets = continual_table(rows)
+    learning = ("" if not sets else
+                "\nContinual learning: the sets one after another (test EM %, sets in the order "
+                f"learned; kept: an earlier set's EM after the last set over its EM when "
+                f"learned){spread}:\n\n{sets}\n")
     text = (f"{header}\n\nEach method at its chosen rate (best mean validation exact match)"
             f"{spread}:\n\n{markdown_table(chosen)}\n\n" + "".join(w + "\n" for w in warnings)
-            + match
+            + match + learning
             + f"\nEvery (method, rate) (validation EM / test EM, %; bold: chosen):\n\n"
             f"{grid_table(rows)}\n")
     (output / "table.md").write_text(text)

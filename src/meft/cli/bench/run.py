@@ -68,13 +68,22 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
                device: torch.device, *, lr: float | None = None,
                probe: RetentionProbe | None = None, copy_base: bool = True,
                background: Sequence[Sample] | None = None, seen: Sequence[Sample] = (),
-               facts: dict[str, Any] | None = None) -> dict[str, Any]:
+               facts: dict[str, Any] | None = None,
+               sets: Sequence[tuple[Sequence[Encoded], Sequence[Sample]]] = ()
+               ) -> dict[str, Any]:
     """Train one method for the job's steps at ``lr`` (None: the job's or the method's rate),
     evaluate it, return its metrics.
 
     ``copy_base=False`` trains ``base`` itself (a worker process that owns it); a
     ``+retain`` method measures its background statistics over ``background``. ``seen``: the
-    training phrasings asked back; ``facts``: ``{"facts": n, "bits": {source: bits}}``."""
+    training phrasings asked back; ``facts``: ``{"facts": n, "bits": {source: bits}}``.
+    ``sets`` (continual learning, ``meft bench --sets``): (encoded training examples, test
+    questions) of each fact set, learned one after another instead of ``train``, the job's
+    steps each, through a Trainer of its own (fresh optimizer and schedule; with ``+retain``
+    a Retainer of its own, whose replay targets are the model's as the set starts; the novelty
+    gate is fitted on the first set); after each set, the test questions of every set so far
+    are scored (:func:`continual_fields`). ``validation``, ``test`` and ``seen`` are then
+    every set's, scored at the end."""
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -84,28 +93,44 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     base_params = list(model.parameters())
     base_bytes = _bytes(base_params)
     trainable = build(method, model, job, device)
-    retainer = None
     if not method.retain:  # meft:N is meft without protection; meft:N+retain adds it
         tconfig = dataclasses.replace(tconfig, retain="off")
     else:
         if background is None:
             raise ValueError(f"{method.name} needs background samples")
         tconfig = dataclasses.replace(tconfig, retain="on", **method.retain_overrides())
-        # meft's tables when it has them; any other model gets replay alone
-        # (meft.training.protection)
-        protected = trainable.adapter if trainable.adapter is not None else trainable.model
-        retainer = Retainer.from_config(protected, tconfig, background, tokenizer,
-                                        progress=tconfig.progress)
-        if tconfig.retain_gate and trainable.adapter is not None:  # others: check_method
-            gate_for_training(trainable.adapter, retainer, train,
-                              tconfig.retain_gate)
     curve = (encode_all(list(validation), tokenizer, tconfig.max_length, "validation")
-             if tconfig.eval_every and validation else None)
-    with tempfile.TemporaryDirectory(prefix="meft-bench-run-") as tmp:
-        trainer = Trainer(trainable, train, tconfig, tmp, pad_id=tokenizer.pad_token_id,
-                          eval_encoded=curve, retainer=retainer)
-        trainer.desc = method.name
-        history = trainer.train().history
+             if tconfig.eval_every and validation and not sets else None)
+    gen: dict[str, Any] = {"max_new_tokens": job.run.max_new_tokens,
+                           "batch_size": job.run.eval_batch_size,
+                           "progress": tconfig.progress}
+    stages = list(sets) or [(train, test)]
+    history: list[dict[str, Any]] = []
+    learned: list[list[float]] = []  # continual: after set s, the test EM of sets 0..s
+    retainer = None
+    for s, (stage_train, _) in enumerate(stages):
+        if method.retain:  # per set: its replay targets are the model's as the set starts
+            # meft's tables when it has them (rows earlier sets wrote are then held); any
+            # other model gets replay alone (meft.training.protection)
+            protected = trainable.adapter if trainable.adapter is not None else trainable.model
+            retainer = Retainer.from_config(protected, tconfig, background, tokenizer,
+                                            progress=tconfig.progress)
+            if tconfig.retain_gate and trainable.adapter is not None and s == 0:
+                # (others: check_method); fitted on the first set, kept for the later ones
+                gate_for_training(trainable.adapter, retainer, stage_train,
+                                  tconfig.retain_gate)
+        with tempfile.TemporaryDirectory(prefix="meft-bench-run-") as tmp:
+            trainer = Trainer(trainable, stage_train, tconfig, tmp,
+                              pad_id=tokenizer.pad_token_id, eval_encoded=curve,
+                              retainer=retainer)
+            trainer.desc = (method.name if len(stages) == 1
+                            else f"{method.name} set {s + 1}/{len(stages)}")
+            history += trainer.train().history
+        if sets and job.bench.eval:
+            learned.append([evaluate(trainable.model, tokenizer, list(t)[: job.run.max_eval],
+                                     desc=f"set {j + 1} after {s + 1} {method.name}",
+                                     **gen)["exact_match"]
+                            for j, (_, t) in enumerate(stages[:s + 1])])
     times = [r["step_time_s"] for r in history]
     step_time = statistics.median(times[2:] if len(times) > 2 else times)
     staged = max(int(r["staged_mb"] * 1e6) for r in history)
@@ -163,9 +188,7 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
         result["device_bytes"] = result["cuda_max_memory_allocated"]
     result["moved_bytes_per_step"] = (result["moved_bytes_h2d_per_step"]
                                       + result["moved_bytes_d2h_per_step"])
-    gen: dict[str, Any] = {"max_new_tokens": job.run.max_new_tokens,
-                           "batch_size": job.run.eval_batch_size,
-                           "progress": tconfig.progress}
+    result.update(continual_fields(learned))
     seen_scores = None
     for split, samples in (("validation", validation), ("test", test), ("seen", seen)):
         asked = list(samples)[: job.run.max_eval]
@@ -203,6 +226,23 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     return result
 
 
+def continual_fields(learned: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """From ``learned`` (after set s, the test exact match of sets 0..s; empty when not
+    continual): ``continual_test_em`` (that triangle), ``continual_kept`` (per earlier set j,
+    its exact match after the last set over its exact match right after set j; None when it
+    had learned nothing), and their mean and minimum (``continual_kept_mean``,
+    ``continual_kept_min``; None without an earlier set)."""
+    if not learned:
+        return {"continual_test_em": None, "continual_kept": None, "continual_kept_mean": None,
+                "continual_kept_min": None}
+    kept = [learned[-1][j] / learned[j][j] if learned[j][j] > 0 else None
+            for j in range(len(learned) - 1)]
+    known = [k for k in kept if k is not None]
+    return {"continual_test_em": [list(row) for row in learned], "continual_kept": kept,
+            "continual_kept_mean": statistics.mean(known) if known else None,
+            "continual_kept_min": min(known) if known else None}
+
+
 def worker(argv: Sequence[str] | None = None) -> int:
     """One (method, rate) run in a fresh process: ``python -m meft.cli.bench.run``."""
     from meft.adapter.loading import ModelSource, load_model, load_tokenizer
@@ -232,13 +272,19 @@ def worker(argv: Sequence[str] | None = None) -> int:
     facts = json.loads(facts_file.read_text()) if facts_file.is_file() else None
     max_length = job.train_config(method.default_lr).max_length
     train = encode_all(splits["train"], tokenizer, max_length, "training")
+    sets = []  # --sets: data/set-<i>/ holds set i's splits
+    while (args.data / f"set-{len(sets)}" / "train.jsonl").is_file():
+        part = args.data / f"set-{len(sets)}"
+        sets.append((encode_all(load_samples(part / "train.jsonl"), tokenizer, max_length,
+                                "training"),
+                     load_samples(part / "test.jsonl")))
     probe = RetentionProbe.load(args.probe) if args.probe is not None else None
     reset_peak_rss()
     background = load_samples(args.background) if args.background is not None else None
     result = run_method(method, base, tokenizer, train, splits["validation"], splits["test"],
                         job, torch.device(args.device), lr=args.lr, probe=probe,
                         copy_base=False, background=background, seen=splits["seen"],
-                        facts=facts)
+                        facts=facts, sets=sets)
     args.result.write_text(json.dumps(result))
     return 0
 
