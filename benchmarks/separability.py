@@ -24,8 +24,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from meft.adapter.loading import load_model_and_tokenizer
 from meft.data.general import general_questions, general_text_samples, unseen_questions
@@ -49,6 +51,27 @@ def mlp_inputs(model: object, tokenizer: object, samples: list[Sample],
         for h in handles:
             h.remove()
     return {i: torch.cat(caught[i]) for i in layers}
+
+
+NN_POINTS = 4000  # tokens per side the nearest-neighbour rule keeps, and queries scored
+
+
+def _sub(x: torch.Tensor, n: int = NN_POINTS) -> torch.Tensor:
+    """At most ``n`` rows of ``x``, evenly spaced (deterministic)."""
+    return x if x.shape[0] <= n else x[torch.linspace(0, x.shape[0] - 1, n).long()]
+
+
+def nearest_margin(a: torch.Tensor, b: torch.Tensor) -> Any:
+    """The nearest-neighbour rule: x -> max cos(x, a_j) - max cos(x, b_j), with a, b at most
+    NN_POINTS rows each (a token closer to some training token than to any background one is
+    on the new side; nonlinear, unlike the LDA direction)."""
+    a, b = (F.normalize(_sub(t), dim=1) for t in (a, b))
+
+    def margin(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x, dim=1)
+        return (x @ a.T).amax(1) - (x @ b.T).amax(1)
+
+    return margin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         def above(x: torch.Tensor, w: torch.Tensor = w, t: torch.Tensor = threshold) -> float:
             return float(((x @ w) > t).float().mean())
 
+        margin = nearest_margin(a_fit, b_fit)
+        m = torch.quantile(margin(_sub(b_out)), 0.99)
+
+        def closer(x: torch.Tensor, margin: Any = margin, m: torch.Tensor = m) -> float:
+            return float((margin(_sub(x)) > m).float().mean())
+
         rows.append({"layer": i, "train_tpr": above(a_out), "test_tpr": above(test[i]),
                      "background_fpr": above(b_out), "unseen_kinds_fpr": above(unseen[i]),
+                     "nn_test_tpr": closer(test[i]), "nn_background_fpr": 0.01,
+                     "nn_unseen_kinds_fpr": closer(unseen[i]),
                      "train_tokens": a.shape[0], "background_tokens": b.shape[0],
                      "unseen_tokens": unseen[i].shape[0]})
         print(json.dumps(rows[-1]), flush=True)
