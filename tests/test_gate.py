@@ -287,3 +287,43 @@ def test_bench_fits_the_gate_for_a_protected_meft_method(tokenizer) -> None:  # 
                         ks.validation, ks.eval, job, torch.device("cpu"), background=ks.eval)
     assert result["adapter_config"]["novelty_gate"] is True
     assert result["train_config"]["retain_gate"] == 0.1 and len(result["losses"]) == 2
+
+
+def test_the_gate_comes_first_and_the_statistics_count_only_the_tokens_it_routes(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """With a row selection (which reads background statistics) and a gate, the protection
+    fits the gate before it measures, so the access counts are those of the routed tokens."""
+    from helpers import tiny_for
+    from meft.config import TrainConfig
+    from meft.data.records import encode, encode_all
+    from meft.data.synthetic import make_knowledge_set
+    from meft.training.gate import _inputs
+    from meft.training.protection import Retainer
+
+    ks = make_knowledge_set(3, seed=0)
+    train = [encode(s, tokenizer, 64) for s in ks.train]
+    config = TrainConfig(retain="on", retain_gate=0.3, retain_rows=3, progress=False)
+    counts = {}
+    for gate in (0.3, 0.0):
+        model = get_meft_model(tiny_for(tokenizer), meft_config(top_k=4))
+        retainer = Retainer.from_config(model, TrainConfig(**{**config.__dict__,
+                                                             "retain_gate": gate}),
+                                        ks.eval, tokenizer, progress=False, train=train)
+        assert retainer.background is not None
+        counts[gate] = {k: int(v.sum()) for k, v in retainer.background.counts.items()}
+        if gate:
+            assert all(a.novelty is not None for a in model.adapter_modules)
+            adapters = dict(zip(model.adapters, model.adapter_modules, strict=True))
+            routed = dict.fromkeys(model.adapters, 0)
+            for layer, x in _inputs(model, encode_all(ks.eval, tokenizer, config.max_length,
+                                                      "background"), 5, tokenizer.pad_token_id):
+                routed[layer] += int(adapters[layer].novel(x).sum())
+            assert counts[gate] == {k: 4 * n for k, n in routed.items()}
+            # a later set of a continual run keeps the gate it has (no train needed)
+            kept = [a.novelty.clone() for a in model.adapter_modules]  # type: ignore[union-attr]
+            Retainer.from_config(model, config, ks.eval, tokenizer, progress=False)
+            assert all(torch.equal(a.novelty, k)  # type: ignore[arg-type]
+                       for a, k in zip(model.adapter_modules, kept, strict=True))
+    assert all(0 < counts[0.3][k] < counts[0.0][k] for k in counts[0.0])
+    with pytest.raises(ValueError, match="pass train="):
+        Retainer.from_config(get_meft_model(tiny_for(tokenizer), meft_config(top_k=4)), config,
+                             ks.eval, tokenizer, progress=False)

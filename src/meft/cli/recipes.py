@@ -62,7 +62,6 @@ from meft.evaluation.evaluate import answered, evaluate
 from meft.evaluation.probe import PROBE_FILE, RetentionProbe, headline_of
 from meft.evaluation.probe import describe as describe_retention
 from meft.sysinfo import environment, pick_device, total_host_bytes
-from meft.training.gate import gate_for_training
 from meft.training.protection import Retainer, protection
 from meft.training.trainer import Trainer, TrainingInterrupted, TrainResult
 
@@ -321,10 +320,8 @@ def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunCo
     retainer = (Retainer.from_config(model, tconfig, None, tokenizer) if resumed
                 else protection(model, tokenizer, run.background, config=tconfig,
                                 progress=tconfig.progress, rehearse=run.rehearse,
-                                cache=cache))
+                                cache=cache, train=train))
     say(retainer.summary())
-    if tconfig.retain_gate and not resumed:
-        gate_for_training(model, retainer, train, tconfig.retain_gate)
     return retainer
 
 

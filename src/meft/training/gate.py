@@ -17,7 +17,9 @@ inputs of the real tokens of two sets, the training examples and background exam
 
 so ``share`` of the background tokens pass. A measurement on the base model found such a
 direction separates ~43% of training tokens at 4-5% false positives on unseen general
-questions; what it does to forgetting and learning is not measured yet.
+questions, and a nearest-neighbour rule no more (benchmarks/results/novelty-routing); what it
+does to forgetting and learning is not measured yet. The protection fits it first
+(:meth:`meft.training.protection.Retainer.from_config`), before it measures anything else.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from meft.adapter.model import MeftModel
 from meft.console import say
 from meft.data.records import Encoded, collate
 from meft.errors import ConfigError
-from meft.training.protection import Retainer
 
 MAX_PROJECTIONS = 16_000_000  # background projections per layer torch.quantile is given at most
 
@@ -63,23 +64,21 @@ def fit_novelty_gate(model: MeftModel, train: Sequence[Encoded], background: Seq
             for layer, w in gates.items()}
 
 
-def gate_for_training(model: MeftModel, retainer: Retainer, train: Sequence[Encoded],
-                      share: float) -> None:
-    """``--retain-gate share``: fit the gate on the training examples and the background
-    examples of the replay pool (``retainer.background.examples``, rehearsal excluded; kept
-    for the gate with ``--retain-replay 0`` too, then not replayed),
-    set it in ``model`` and say how many tokens of each pass. (The Retainer keeps it in its
-    checkpoint tensors: a resumed run gets it back from there, not fitted again.)"""
+def set_novelty_gate(model: MeftModel, train: Sequence[Encoded],
+                     background: Sequence[Encoded], share: float, *, pad_id: int = 0) -> None:
+    """``--retain-gate share``: fit the gate on the training examples and ``background`` (the
+    replay pool's short general questions, :meth:`meft.training.protection.Retainer.from_config`
+    calls it before it measures anything, so the background statistics count only the tokens
+    the gate routes), set it in ``model`` and say how many tokens of each pass. (The Retainer
+    keeps it in its checkpoint tensors: a resumed run gets it back from there, not fitted
+    again.)"""
     if model.parallel is not None:
         raise ConfigError("--retain-gate is for one process (not a distributed run)")
-    bg = retainer.background
-    background = bg.examples[:len(bg.examples) - bg.rehearsal] if bg is not None else []
     if not background:
         raise ConfigError("--retain-gate is fitted on the background's short general "
                           "questions (the replay pool), and the background has none")
-    gates = fit_novelty_gate(model, train, background, share, pad_id=retainer.pad_id)
-    model.set_novelty_gate(gates)
-    passed = {name: _passing(model, examples, retainer.pad_id)
+    model.set_novelty_gate(fit_novelty_gate(model, train, background, share, pad_id=pad_id))
+    passed = {name: _passing(model, examples, pad_id)
               for name, examples in (("training", train), ("background", background))}
     say("novelty gate: " + ", ".join(f"{100 * p:.0f}% of {name} tokens"
                                       for name, p in passed.items())

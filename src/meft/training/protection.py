@@ -78,6 +78,12 @@ adapter trained before, ``meft train --adapter DIR``) are never trained, neither
 pulled by the penalty (with the selection off too), so what the adapter learned before keeps
 its rows (``written=False`` trains them like the others).
 
+Novelty gate (``retain_gate`` > 0, experimental, :mod:`meft.training.gate`): fitted first,
+on the training examples (``from_config(train=...)``) and the replay pool, so whatever is
+measured next (the background statistics) counts only the tokens the gate routes: with a row
+selection, the rows background text reaches through the gate. A model that already has a gate
+(a later set of ``meft bench --sets``) keeps it.
+
 Rehearsal (``rehearse`` > 0 and earlier training examples, ``meft train --rehearse FILE``):
 the earlier data join the replay as a stream of their own, ``rehearse`` examples per step
 (the next ones of their own fixed shuffle), distilled like the background's towards what the
@@ -127,6 +133,7 @@ from meft.errors import ConfigError, DataError, SerializationError
 from meft.evaluation.cache import BaseCache
 from meft.evaluation.evaluate import labelled_logits
 from meft.training.background import replay_pool
+from meft.training.gate import set_novelty_gate
 
 if TYPE_CHECKING:
     from meft.engine.offload import OffloadedSparseAdapter
@@ -679,22 +686,21 @@ class Retainer:
                     background: Sequence[Sample] | None, tokenizer: Any, *,
                     progress: bool = True,
                     rehearsal: Sequence[Sample] | None = None,
-                    cache: BaseCache | None = None) -> Retainer:
+                    cache: BaseCache | None = None,
+                    train: Sequence[Encoded] | None = None) -> Retainer:
         """The protection ``config`` asks for (``retain_*`` fields); its statistics measured
         now over ``background`` samples, or None: restored from a checkpoint later.
         ``rehearsal``: earlier training data to rehearse (``config.retain_rehearse`` per
-        step). ``cache``: the base model's results (the replay targets of a fresh adapter)."""
+        step). ``cache``: the base model's results (the replay targets of a fresh adapter).
+        ``train``: the training examples, which ``config.retain_gate`` fits the novelty gate
+        on (with the replay pool) before anything is measured, so the statistics count only
+        the tokens it routes (:mod:`meft.training.gate`; a model whose gate is already set,
+        e.g. by an earlier set of a continual run, keeps it)."""
         stats = None
         rehearsal = rehearsal if config.retain_rehearse else None
         if background is not None:
             encoded = encode_all(background, tokenizer, config.max_length, "background")
-            if uses_statistics(config):
-                stats = Background.measure(model, encoded, tokenizer.pad_token_id,
-                                           progress=progress, seed=config.seed,
-                                           keep_inputs=PENALTY_INPUTS if config.retain_penalty
-                                           else 0)
-            else:  # replay alone (the default) reads no access counts: no background pass
-                stats = Background({}, {}, len(encoded))
+            pool_examples: list[Encoded] = []
             if config.retain_replay or config.retain_gate:  # the gate is fitted on them
                 pool = (replay_pool(background) if config.retain_replay_pool ==
                         "questions" else range(len(background)))
@@ -702,8 +708,23 @@ class Retainer:
                 replayed = encoded if len(pool) == len(background) else encode_all(
                     [background[i] for i in pool], tokenizer, config.max_length,
                     "replayed background")
-                stats.examples = [e.first_targets(REPLAY_TOKENS) for e in replayed]
+                pool_examples = [e.first_targets(REPLAY_TOKENS) for e in replayed]
                 _some_left(replayed, "replayed background", config.max_length, "--retain-replay 0")
+            if (config.retain_gate and isinstance(model, MeftModel)
+                    and all(a.novelty is None for a in model.adapter_modules)):
+                if train is None:
+                    raise ValueError("retain_gate: the novelty gate is fitted on the training "
+                                     "examples; pass train=")
+                set_novelty_gate(model, train, pool_examples, config.retain_gate,
+                                 pad_id=tokenizer.pad_token_id or 0)
+            if uses_statistics(config):
+                stats = Background.measure(model, encoded, tokenizer.pad_token_id,
+                                           progress=progress, seed=config.seed,
+                                           keep_inputs=PENALTY_INPUTS if config.retain_penalty
+                                           else 0)
+            else:  # replay alone (the default) reads no access counts: no background pass
+                stats = Background({}, {}, len(encoded))
+            stats.examples = pool_examples
             if rehearsal:
                 earlier = encode_all(rehearsal, tokenizer, config.max_length, "rehearsal")
                 _some_left(earlier, "--rehearse", config.max_length, "--retain-rehearse 0")
@@ -753,13 +774,16 @@ def protection(model: MeftModel, tokenizer: Any,
                background: str | Path | Sequence[Sample] | None = None, *,
                config: TrainConfig | None = None, progress: bool = True,
                rehearse: str | Path | Sequence[Sample] | None = None,
-               cache: BaseCache | None = None) -> Retainer:
+               cache: BaseCache | None = None,
+               train: Sequence[Encoded] | None = None) -> Retainer:
     """``meft train``'s default forgetting protection for a training loop of your own (pass it
     to ``MeftTrainer(retainer=...)``): ``config``'s ``retain_*`` settings (default: meft train's
     defaults), measured on ``background`` (a file ``--data`` reads, samples, or None: the base
     model's own answers to the shipped prompts, generated once and cached; meft.training.background)
     with the adapter as it is now. ``rehearse``: the data an adapter you go on from was trained
-    on (a file or samples), replayed to keep what it learned. Call it before training."""
+    on (a file or samples), replayed to keep what it learned. ``train``: the encoded
+    training examples, needed with ``config.retain_gate`` (the novelty gate is fitted on
+    them). Call it before training."""
     from meft.data.records import load_samples
     from meft.training.background import load_background
 
@@ -779,7 +803,7 @@ def protection(model: MeftModel, tokenizer: Any,
     return Retainer.from_config(model, config, list(background), tokenizer,
                                 progress=progress,
                                 rehearsal=list(rehearse) if rehearse is not None else None,
-                                cache=cache)
+                                cache=cache, train=train)
 
 
 def _computes_base(model: Any) -> bool:

@@ -47,7 +47,6 @@ from meft.evaluation.exactness import reach
 from meft.evaluation.metrics import exact_match
 from meft.evaluation.probe import RetentionProbe
 from meft.sysinfo import peak_rss_bytes, reset_peak_rss
-from meft.training.gate import gate_for_training
 from meft.training.protection import Retainer
 from meft.training.trainer import Trainer
 
@@ -113,12 +112,9 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
             # meft's tables when it has them (rows earlier sets wrote are then held); any
             # other model gets replay alone (meft.training.protection)
             protected = trainable.adapter if trainable.adapter is not None else trainable.model
+            # (a novelty gate: fitted on the first set, kept for the later ones)
             retainer = Retainer.from_config(protected, tconfig, background, tokenizer,
-                                            progress=tconfig.progress)
-            if tconfig.retain_gate and trainable.adapter is not None and s == 0:
-                # (others: check_method); fitted on the first set, kept for the later ones
-                gate_for_training(trainable.adapter, retainer, stage_train,
-                                  tconfig.retain_gate)
+                                            progress=tconfig.progress, train=stage_train)
         with tempfile.TemporaryDirectory(prefix="meft-bench-run-") as tmp:
             trainer = Trainer(trainable, stage_train, tconfig, tmp,
                               pad_id=tokenizer.pad_token_id, eval_encoded=curve,
@@ -272,7 +268,7 @@ def worker(argv: Sequence[str] | None = None) -> int:
     facts = json.loads(facts_file.read_text()) if facts_file.is_file() else None
     max_length = job.train_config(method.default_lr).max_length
     train = encode_all(splits["train"], tokenizer, max_length, "training")
-    sets = []  # --sets: data/set-<i>/ holds set i's splits
+    sets: list[tuple[list[Encoded], list[Sample]]] = []  # --sets: data/set-<i>/ has set i
     while (args.data / f"set-{len(sets)}" / "train.jsonl").is_file():
         part = args.data / f"set-{len(sets)}"
         sets.append((encode_all(load_samples(part / "train.jsonl"), tokenizer, max_length,
