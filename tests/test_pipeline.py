@@ -4,6 +4,7 @@ bitwise what the synchronous path gives, and every reader waits for them."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,85 @@ def test_a_failing_job_raises_where_the_rows_are_read() -> None:
         acc.rows  # noqa: B018
     acc.add_later(worker, torch.tensor([1, 2]), torch.ones(2, 4))  # the worker goes on
     assert torch.equal(acc.rows, torch.ones(2, 4))
+
+
+def _blocked(worker: HostWorker) -> threading.Event:
+    """Hold ``worker`` until the returned event is set (jobs queue behind it)."""
+    release = threading.Event()
+    worker.submit(lambda: release.wait(10))
+    return release
+
+
+@pytest.mark.parametrize("dtype,state", [(torch.float32, "fp32"), (torch.bfloat16, "8bit"),
+                                         (torch.float32, "factored")])
+def test_the_deferred_update_equals_the_inline_one_bit_for_bit(dtype: torch.dtype,
+                                                                state: str) -> None:
+    """Fresh random row gradients over several steps, the rate changed after every step
+    while the deferred update is still queued: tables, moments and stats' rows equal the
+    inline update's, bit for bit; a reader waits for the table it reads, and no longer."""
+    gen = torch.Generator().manual_seed(4)
+    stores = [HostStore(torch.randn(50, 8, generator=gen).to(dtype),
+                        torch.randn(50, 8, generator=gen).to(dtype)) for _ in range(2)]
+    twins = [HostStore(s.keys.clone(), s.values.clone()) for s in stores]
+    worker = HostWorker()
+    inline = RowSparseAdamW([t for s in stores for t in s.tables], lr=1e-2, weight_decay=0.1,
+                            state_format=state, seed=3)
+    queued = RowSparseAdamW([t for s in twins for t in s.tables], lr=1e-2, weight_decay=0.1,
+                            state_format=state, seed=3, worker=worker)
+    for step in range(5):
+        for a, b in zip(inline.tables, queued.tables, strict=True):
+            ids = torch.randint(0, 50, (12,), generator=gen)
+            rows = torch.randn(12, 8, generator=gen)
+            a.grad.add(ids, rows.clone())
+            b.grad.add_later(worker, ids, rows.clone())
+        release = _blocked(worker)
+        inline.step()
+        inline.zero_grad()
+        queued.step()  # queued behind the block: nothing has run yet
+        queued.zero_grad()
+        assert not any(t.ready.is_set() for t in queued.tables)
+        inline.lr = queued.lr = 1e-2 / (step + 2)  # the next step's rate: not the queued one's
+        release.set()
+        twins[0].settle_tables()  # the first layer's tables, as the next forward reads them
+        for a, b in zip(stores[0].tables, twins[0].tables, strict=True):
+            assert torch.equal(a.data, b.data)
+        assert twins[0].stats.touched_rows == stores[0].stats.touched_rows > 0
+        assert twins[0].stats.update_s > 0 and twins[0].stats.wait_s >= 0
+    queued.settle()
+    for a, b in zip(inline.tables, queued.tables, strict=True):
+        assert torch.equal(a.data, b.data) and len(b.grad) == 0
+        sa, sb = inline.state[a.data], queued.state[b.data]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_reader_waits_for_the_queued_update_and_counts_the_wait() -> None:
+    gen = torch.Generator().manual_seed(5)
+    store = HostStore(torch.randn(20, 4, generator=gen), torch.randn(20, 4, generator=gen))
+    worker = HostWorker()
+    opt = RowSparseAdamW(store.tables, lr=1e-2, worker=worker)
+    store.value_grad.add(torch.tensor([3]), torch.ones(1, 4))
+    before = store.values[3].clone()
+    release = _blocked(worker)
+    opt.step()
+    threading.Timer(0.05, release.set).start()
+    store.settle_tables()
+    assert not torch.equal(store.values[3], before)  # the update ran before the read
+    assert store.stats.wait_s >= 0.04
+
+
+def test_a_failing_update_is_raised_at_settle(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    store = HostStore(torch.randn(20, 4), torch.randn(20, 4))
+    opt = RowSparseAdamW(store.tables, lr=1e-2, worker=HostWorker())
+    store.value_grad.add(torch.tensor([3]), torch.ones(1, 4))
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("update failed")
+
+    monkeypatch.setattr(opt, "_update", broken)
+    opt.step()
+    store.settle_tables()  # the reader is not left waiting
+    with pytest.raises(RuntimeError, match="update failed"):
+        opt.settle()
 
 
 def _module(seed: int, device: str = "cpu") -> OffloadedSparseAdapter:
@@ -104,7 +184,7 @@ def test_meft_train_with_the_worker_equals_without(
     jobs: list[int] = []
     submit = HostWorker.submit
     monkeypatch.setattr(HostWorker, "submit",
-                        lambda self, job: (jobs.append(1), submit(self, job))[1])
+                        lambda self, job, **kw: (jobs.append(1), submit(self, job, **kw))[1])
     for name, on in (("inline", False), ("worker", True)):
         model_module.MeftModel.use_host_worker = (  # type: ignore[method-assign]
             lambda self, _on=True, force=on: original(self, force))

@@ -409,6 +409,8 @@ class MeftModel(nn.Module):
         """Every adapter tensor by its file name (live tensors, not copies); ``tables=False``:
         the routers only (the tables are in a disk store)."""
         out: dict[str, Tensor] = {}
+        for store in self.stores:  # an optimizer update queued on the host worker has run
+            store.settle_tables()
         for i, adapter in zip(self.layer_ids, self.adapter_modules, strict=True):
             if tables:
                 out[tensor_name(i, "keys")] = adapter.store.keys

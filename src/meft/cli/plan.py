@@ -28,7 +28,9 @@ T tokens per micro-batch, U rows per layer per micro-batch (the union of the T*K
              host              routing T * P * (N/E) * d * 2 flops / host flops, plus
                                gathering and updating U rows (bytes / host GB/s)
              transfer          moved bytes / link GB/s
-             step              their sum: the current implementation does not overlap them
+             step              their sum: an upper bound (on CUDA the host worker overlaps
+                               the gradient rows' accumulation and the optimizer update with
+                               the device's compute; the plan does not count that yet)
 
 U is not knowable from shapes: routing is skewed. Unless ``--union`` gives it, U =
 min(N, 0.044 * T * K), the ratio measured with the embedded model at N=16384 on the built-in
@@ -277,7 +279,8 @@ def describe(p: dict[str, Any]) -> str:
         f"moved   {p['moved_bytes']['h2d'] / 1e6:.0f} MB host->device, "
         f"{p['moved_bytes']['d2h'] / 1e6:.0f} MB device->host per micro-batch",
         f"step    {p['seconds']['step']:.3f} s = compute {p['seconds']['compute']:.3f} + host "
-        f"{p['seconds']['host']:.3f} + transfer {p['seconds']['transfer']:.3f} (not overlapped)",
+        f"{p['seconds']['host']:.3f} + transfer {p['seconds']['transfer']:.3f} (summed: an "
+        "upper bound)",
         f"assumed {hw['gpu_tflops']:g} TFLOPS at {MFU:.0%} use, link {hw['pcie_gbps']:g} GB/s, "
         f"host {hr['host_gflops']:g} GFLOPS and {hr['host_gbps']:g} GB/s"
         + (" (calibrated)" if "measured" in hr else " (defaults; meft plan --calibrate)")

@@ -297,11 +297,13 @@ class OffloadedSparseAdapter(nn.Module):
         routes while the device computes the MLP beside it; :meth:`forward` on the same ``x``
         finds the work begun. The same values in the same order as doing it all in forward."""
         x2, _, real = self._tokens(x)
+        self.store.settle_tables()  # a queued optimizer update of these tables has run
         self._prepared = (x, self._front(x2 if real is None else x2.index_select(0, real)))
 
     def forward(self, x: Tensor) -> Tensor:
         prepared, self._prepared = self._prepared, None
         front = prepared[1] if prepared is not None and prepared[0] is x else None
+        self.store.settle_tables()
         x2, routed, real = self._tokens(x)
         if real is None:
             return self._adapt(x2, None, front).reshape(x.shape)

@@ -56,6 +56,7 @@ from torch import Tensor
 
 from meft.engine.disk import DiskArrays
 from meft.engine.kernels import put_rows
+from meft.engine.pipeline import HostWorker
 from meft.engine.quant import (
     RoundingNoise,
     decode_signed,
@@ -100,6 +101,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
         alloc: Callable[[int, str, tuple[int, ...], torch.dtype], Tensor] | None = None,
         before_write: Callable[[int, list[str], Tensor], None] | None = None,
         journal_sync: Callable[[], None] | None = None,
+        worker: HostWorker | None = None,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got lr={lr}")
@@ -128,6 +130,11 @@ class RowSparseAdamW(torch.optim.Optimizer):
         super().__init__([t.data for t in self.tables], defaults)
         self.before_write = before_write  # (table index, state keys, ids): a disk journal
         self.journal_sync = journal_sync  # once per step, after journaling, before updating
+        if worker is not None and before_write is not None:
+            raise ValueError("the host worker's deferred update is for tables in memory (a "
+                             "disk store journals every write before it)")
+        # updates queued on this host thread (meft.engine.pipeline); None: inline
+        self.worker = worker
         for i, t in enumerate(self.tables):
             state = _initial_state(t.data, mode, state_format)
             if alloc is not None:  # per-row state where the caller keeps it (a disk store)
@@ -146,11 +153,22 @@ class RowSparseAdamW(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for t in self.tables:
-            t.grad.zero_()
+            if self.worker is not None:  # after its queued update (FIFO)
+                t.grad.zero_later(self.worker)
+            else:
+                t.grad.zero_()
 
     @property
     def host_grads(self) -> list[RowSparseGrad]:
         return [t.grad for t in self.tables]
+
+    def settle(self) -> None:
+        """Wait for every queued update (re-raising a job's error) and count them in the
+        tables' stats; whatever reads the tables or the moments as a whole calls it first."""
+        if self.worker is not None:
+            self.worker.drain()
+        for t in self.tables:
+            t.settle()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -163,22 +181,38 @@ class RowSparseAdamW(torch.optim.Optimizer):
                     self.before_write(index, keys, t.grad.ids)
             if self.journal_sync is not None:
                 self.journal_sync()
+        hyper = dict(group)  # this step's rate, as the jobs run after the next set_lr
         for index, t in enumerate(self.tables):
-            start = time.perf_counter()
-            state = self.state[t.data]
-            if "sr_step" in state:  # compact: rounding noise seeded by table and step
-                seed = ((self.seed * 1_000_003 + index) * 1_000_033 + int(state["sr_step"]))
-                state["sr_step"] += 1
-                _compact_update(t, state, group, self.state_format,
-                                RoundingNoise(seed % (1 << 63)))
-            elif self.mode == "lazy":
-                _lazy_update(t, state, group)
-            else:
-                _dense_update(t, state, group)
-            if t.stats is not None:
-                t.stats.update_s += time.perf_counter() - start
-                t.stats.touched_rows = max(t.stats.touched_rows, len(t.grad))
+            if self.worker is None:
+                start = time.perf_counter()
+                self._update(index, t, hyper)
+                if t.stats is not None:
+                    t.stats.update_s += time.perf_counter() - start
+                    t.stats.touched_rows = max(t.stats.touched_rows, len(t.grad))
+                continue
+            t.ready.clear()  # the next forward's routing waits for it (HostTable.settle)
+
+            def job(index: int = index, t: HostTable = t) -> None:
+                start = time.perf_counter()
+                self._update(index, t, hyper)
+                t.update_took += time.perf_counter() - start
+                t.touched = max(t.touched, len(t.grad))
+
+            # (ready also when the job fails or is dropped: the error is raised at a drain)
+            self.worker.submit(job, always=t.ready.set)
         return loss
+
+    def _update(self, index: int, t: HostTable, group: dict[str, Any]) -> None:
+        """One table's AdamW update from its accumulated row gradients."""
+        state = self.state[t.data]
+        if "sr_step" in state:  # compact: rounding noise seeded by table and step
+            seed = ((self.seed * 1_000_003 + index) * 1_000_033 + int(state["sr_step"]))
+            state["sr_step"] += 1
+            _compact_update(t, state, group, self.state_format, RoundingNoise(seed % (1 << 63)))
+        elif self.mode == "lazy":
+            _lazy_update(t, state, group)
+        else:
+            _dense_update(t, state, group)
 
 
 # rows updated at a time (~2 MB of fp32 per chunk): the chunks of p, m, v, g and the
@@ -432,7 +466,9 @@ class OptimizerSet:
 
     :meth:`set_lr` scales every group's base rate by the schedule's multiplier; :meth:`clip_`
     clips the one global norm over all of them (device ``.grad``, host dense ``.grad`` and host
-    row gradients); :meth:`step` steps host first, then the others. State tensors are named
+    row gradients); :meth:`step` steps host first, then the others. With ``worker`` (and no
+    disk store) the host update is queued on that thread (:mod:`meft.engine.pipeline`) and
+    :meth:`settle` waits for it. State tensors are named
     ``<kind>.<name>.<state key>`` (``host.3.keys.exp_avg``, ``router.3.step``) from the names the
     tensors were given, which is what checkpoints store.
     """
@@ -444,7 +480,8 @@ class OptimizerSet:
                  router_lr: float | None = None, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  host_state: str = "fp32", seed: int = 0,
-                 arrays: DiskArrays | None = None) -> None:
+                 arrays: DiskArrays | None = None,
+                 worker: HostWorker | None = None) -> None:
         self.named: dict[str, dict[str, Any]] = {
             "device": dict(params or {}), "router": dict(routers or {}),
             "host": dict(host_tables or {}), "offload": dict(offload or {})}
@@ -470,7 +507,8 @@ class OptimizerSet:
             disk = {"alloc": alloc, "before_write": before_write,
                     "journal_sync": arrays.sync}
         self.host = (RowSparseAdamW(self.named["host"].values(), state_format=host_state,
-                                    seed=seed, **adam, **disk)  # type: ignore[arg-type]
+                                    seed=seed, worker=worker if arrays is None else None,
+                                    **adam, **disk)  # type: ignore[arg-type]
                      if self.named["host"] else None)
         offload_params = list(self.named["offload"].values())
         self.offload = (torch.optim.AdamW(offload_params, **adam)  # type: ignore[arg-type]
@@ -511,6 +549,11 @@ class OptimizerSet:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
+    def settle(self) -> None:
+        """Wait for the host update queued on the worker, if any (RowSparseAdamW.settle)."""
+        if self.host is not None:
+            self.host.settle()
+
     # ----------------------------------------------------------------- state
     def _state_of(self, kind: str, tensor: Any) -> dict[str, Any]:
         if kind == "host":
@@ -528,6 +571,7 @@ class OptimizerSet:
     def state_tensors(self) -> dict[str, Tensor]:
         """Every optimizer's state, named ``<kind>.<name>.<key>`` (with a disk store, not the
         per-row host state: it is in the store)."""
+        self.settle()
         out: dict[str, Tensor] = {}
         for kind, group in self.named.items():
             for name, tensor in group.items():
@@ -538,6 +582,7 @@ class OptimizerSet:
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         """Restore what :meth:`state_tensors` returned (a missing name is an error)."""
+        self.settle()
         for kind, group in self.named.items():
             for name, tensor in group.items():
                 prefix = f"{kind}.{name}."

@@ -20,6 +20,7 @@ time spent routing, staging and updating.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
@@ -55,7 +56,7 @@ class RowSparseGrad:
     def settle(self) -> None:
         """Wait for the adds queued on the host worker (:mod:`meft.engine.pipeline`); every
         read and every other change of the accumulator calls it first."""
-        if self._queued and self._worker is not None:
+        if self._queued and self._worker is not None and not self._worker.is_current():
             waited = self._worker.drain()
             if self.on_wait is not None:
                 self.on_wait(waited)
@@ -86,15 +87,25 @@ class RowSparseGrad:
             self._queued += 1
 
         def job() -> None:
-            try:
-                if ready is not None:
-                    ready()
-                self._add(ids, rows, adopt=adopt)
-            finally:
-                with self._lock:
-                    self._queued -= 1
+            if ready is not None:
+                ready()
+            self._add(ids, rows, adopt=adopt)
 
-        worker.submit(job)
+        worker.submit(job, always=self._done)
+
+    def zero_later(self, worker: HostWorker) -> None:
+        """:meth:`zero_` on ``worker``'s thread, after the jobs queued before it (the host
+        optimizer's update of this table, which reads the rows first)."""
+        self._worker = worker
+        with self._lock:
+            self._queued += 1
+
+        worker.submit(self.zero_, always=self._done)
+
+    def _done(self) -> None:
+        """A queued job of this accumulator has run, failed or been dropped."""
+        with self._lock:
+            self._queued -= 1
 
     def add(self, ids: Tensor, rows: Tensor, *, adopt: bool = False) -> None:
         """Accumulate rows (R, d) into table rows ids (R,); ids may repeat.
@@ -184,12 +195,38 @@ class RowSparseGrad:
 
 @dataclass
 class HostTable:
-    """One (N, d) host tensor with its gradient accumulator; the unit the optimizer updates."""
+    """One (N, d) host tensor with its gradient accumulator; the unit the optimizer updates.
+
+    ``ready`` is clear while an update of ``data`` is queued on the host worker
+    (:mod:`meft.engine.pipeline`); the job leaves its seconds and rows in ``update_took`` and
+    ``touched``, which :meth:`settle` folds into ``stats`` on the caller's thread."""
 
     name: str
     data: Tensor
     grad: RowSparseGrad
     stats: TransferStats | None = None
+    ready: threading.Event = field(default_factory=threading.Event, repr=False,
+                                   compare=False)
+    update_took: float = 0.0
+    touched: int = 0
+
+    def __post_init__(self) -> None:
+        self.ready.set()
+
+    def settle(self) -> None:
+        """Wait until a queued update of this table has run (the seconds waited go to
+        ``stats.wait_s``), then count it in ``stats``. Re-raises nothing: a failed job's
+        error is raised by the worker's drain (the next clip or :meth:`RowSparseAdamW.settle`)."""
+        if not self.ready.is_set():
+            start = time.perf_counter()
+            self.ready.wait()
+            if self.stats is not None:
+                self.stats.wait_s += time.perf_counter() - start
+        if self.update_took or self.touched:
+            if self.stats is not None:
+                self.stats.update_s += self.update_took
+                self.stats.touched_rows = max(self.stats.touched_rows, self.touched)
+            self.update_took, self.touched = 0.0, 0
 
 
 @dataclass
@@ -288,4 +325,10 @@ class HostStore:
     def zero_grad(self) -> None:
         self.key_grad.zero_()
         self.value_grad.zero_()
+
+    def settle_tables(self) -> None:
+        """Wait for queued optimizer updates of the keys and values (:meth:`HostTable.settle`):
+        anything that reads the tables calls it first."""
+        for t in self.tables:
+            t.settle()
 

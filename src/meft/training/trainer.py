@@ -206,7 +206,9 @@ class Trainer:
                                        lr=config.lr, router_lr=config.device_lr,
                                        weight_decay=config.weight_decay,
                                        host_state=t.host_state, seed=config.seed,
-                                       arrays=t.arrays)
+                                       arrays=t.arrays, worker=(
+                                           t.adapter.host_worker if t.adapter is not None
+                                           and t.parallel is None else None))
         self.step = 0
         self.epoch = 0  # data position: batch ``position`` of epoch ``epoch`` comes next
         self.position = 0
@@ -370,6 +372,7 @@ class Trainer:
                     path = self.save_checkpoint()
                     raise TrainingInterrupted(self.step, path, self._stop_requested)
         bar.close()
+        self.optimizers.settle()  # the last step's queued host update, if any
         final = self.history[-1]["loss"] if self.history else math.nan
         return TrainResult(self.step, final, time.perf_counter() - start, total_tokens,
                            self.history)
