@@ -32,11 +32,12 @@ backward the rows' gradients go to the host accumulators through the host worker
 (tested on CPU, where the same code runs with no copy).
 
 Staged rows are gathered straight into reused host buffers (:class:`_StagingPool`). On CUDA
-those are pinned and copied with ``non_blocking=True``. On CPU (device == host) with tables in
-the compute dtype nothing is staged: the kernels read the rows of U in the tables in place
-(:func:`meft.engine.kernels.sparse_rows` with ``tables``), bitwise the same result; with compact
-tables (bf16) the rows are converted into the reused buffer. Every byte the real system moves
-is counted in ``store.stats`` even where the "copy" is free.
+those are pinned and copied with ``non_blocking=True`` on a side stream, which the compute
+stream then waits for: the copy does not queue behind the MLP's kernels. On CPU (device ==
+host) with tables in the compute dtype nothing is staged: the kernels read the rows of U in
+the tables in place (:func:`meft.engine.kernels.sparse_rows` with ``tables``), bitwise the
+same result; with compact tables (bf16) the rows are converted into the reused buffer. Every
+byte the real system moves is counted in ``store.stats`` even where the "copy" is free.
 
 Padding is never routed. :class:`TokenMask` holds the attention mask of the model call in
 progress (set by :class:`~meft.adapter.model.MeftModel` from the ``attention_mask`` argument), and a
@@ -203,12 +204,13 @@ class _StagingPool:
         entry[2] = None
         return view
 
-    def record(self, name: str, view: Tensor) -> None:
-        """CUDA: remember the event behind the copy out of ``view``'s buffer."""
+    def record(self, name: str, view: Tensor, stream: Any = None) -> None:
+        """CUDA: remember the event behind the copy out of ``view``'s buffer (queued on
+        ``stream``, default the current one)."""
         for entry in self._entries.get(name, []):
             if entry[0].data_ptr() == view.data_ptr():
                 event = torch.cuda.Event()
-                event.record()
+                event.record(stream)
                 entry[2] = event
 
 
@@ -252,6 +254,7 @@ class OffloadedSparseAdapter(nn.Module):
                              f"{tuple(router.shape)}")
         self.router = nn.Parameter(router.to(self.device, dtype))
         self._staging = _StagingPool(pinned=self.device.type == "cuda")
+        self._copy_stream: Any = None  # CUDA: the side stream staged rows are copied on
         self.counter: Counter | None = None  # set while protection counts accesses
         self.keep: Tensor | None = None  # (T,) real tokens of the block call, set by MeftModel
         self.novelty: Tensor | None = None  # (d+1,) fp32 novelty gate: w then b (None: off)
@@ -285,9 +288,18 @@ class OffloadedSparseAdapter(nn.Module):
             buf.copy_(src.index_select(0, rows))
         if self.device.type == "cpu":
             return buf
-        moved = buf.to(self.device, non_blocking=self._staging.pinned)
-        if self._staging.pinned:
-            self._staging.record(name, buf)
+        if not self._staging.pinned:
+            return buf.to(self.device)
+        # the copy runs on a side stream, so it need not wait behind the kernels already
+        # queued (the MLP beside the adapter); the compute stream waits for it before use
+        compute = torch.cuda.current_stream(self.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            moved = buf.to(self.device, non_blocking=True)
+        self._staging.record(name, buf, self._copy_stream)
+        compute.wait_stream(self._copy_stream)
+        moved.record_stream(compute)  # allocated on the side stream, used on the compute one
         return moved
 
     def prepare(self, x: Tensor) -> None:
