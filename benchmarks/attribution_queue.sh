@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Issue 34's runs: the same protection (replay) for LoRA, full fine-tuning and meft, compared
-# at matched learning. Everything from ONE commit: a clean clone of COMMIT with its own venv,
-# then `meft bench` invocations in order of use, each with --skip-done, so the queue continues
-# where it stopped when run again (a session can end at any time; run it again from the same
-# commit and only the missing runs train).
+# Issue 34's runs: the same protection (replay) for LoRA, full fine-tuning and meft, compared at
+# matched learning. Everything from ONE commit: a clean clone of COMMIT with its own venv, then
+# `meft bench` invocations in order of use, each with --skip-done, so the queue continues where
+# it stopped when run again (a session can end at any time; run it again from the same commit
+# and only the missing runs train).
 #
 #   bash benchmarks/attribution_queue.sh COMMIT [RESULTS_DIR] [WORK_DIR]
 #
-# RESULTS_DIR (default benchmarks/results/attribution-COMMIT in this checkout) gets
-# synthetic/ and airports/: one JSON per run, summary.json, matched.json, table.md, plots.
-# Roughly eleven hours on 2 cores (8-10 minutes a built-in run, about an hour an airports
-# one): the built-in set (90 steps of 12, three seeds, tuned rate and one lower, with and without +retain: 36 runs; then one rate
-# higher for the +retain methods: 9 runs), then the protected airports runs
-# (664 steps of 12, one seed), then the unprotected airports runs again, since the headline
-# retention (kinds replay never trains) did not exist when those were committed.
+# RESULTS_DIR (default benchmarks/results/attribution-COMMIT in this checkout) gets synthetic/
+# and airports/: one JSON per run, summary.json, matched.json, table.md, plots. Roughly eleven
+# hours on 2 cores (8-10 minutes a built-in run, about an hour an airports one): the built-in
+# set (90 steps of 12, three seeds, tuned rate and one lower, with and without +retain: 36 runs;
+# then one rate higher for the +retain methods: 9 runs), then the protected airports runs (664
+# steps of 12, one seed), then the unprotected airports runs again, since the headline retention
+# (kinds replay never trains) did not exist when those were committed.
 set -euo pipefail
 COMMIT=${1:?usage: attribution_queue.sh COMMIT [RESULTS_DIR] [WORK_DIR]}
 HERE=$(cd "$(dirname "$0")/.." && pwd)

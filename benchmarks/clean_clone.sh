@@ -1,6 +1,6 @@
 # Sourced by the benchmark queues (attribution, gate, capacity, continual): `clean_clone HERE
-# COMMIT WORK` makes WORK a clean clone of the checkout HERE at COMMIT with its own venv (torch CPU,
-# meft[data,bench], the embedded model), or checks that the one already there is that, and
+# COMMIT WORK` makes WORK a clean clone of the checkout HERE at COMMIT with its own venv (torch
+# CPU, meft[data,bench], the embedded model), or checks that the one already there is that, and
 # nothing in it was edited. Every queue runs from one commit this way.
 clean_clone() {
     local here=$1 commit=$2 work=$3
