@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from meft.adapter.loading import load_model_and_tokenizer
+from meft.data.adjacent import real_people_questions
 from meft.data.general import general_questions, general_text_samples, unseen_questions
 from meft.data.records import Sample, encode
 from meft.data.synthetic import make_knowledge_set
@@ -37,20 +38,33 @@ from meft.sysinfo import environment
 
 
 def mlp_inputs(model: object, tokenizer: object, samples: list[Sample],
-               layers: list[int]) -> dict[int, torch.Tensor]:
+               layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Per layer the MLP inputs of every token (T_all, d), and every token's surprisal under
+    the model (T_all,): -log p(token | the tokens before it), 0 for a sequence's first."""
     caught: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    surprisal: list[torch.Tensor] = []
     blocks = model.model.layers  # type: ignore[attr-defined]
     handles = [blocks[i].mlp.register_forward_pre_hook(
         lambda mod, inp, i=i: caught[i].append(inp[0][0].detach())) for i in layers]
     try:
         with torch.no_grad():
             for s in samples:
-                ids = encode(s, tokenizer, 256).input_ids
-                model(input_ids=torch.tensor([ids]))  # type: ignore[operator]
+                ids = torch.tensor([encode(s, tokenizer, 256).input_ids])
+                logits = model(input_ids=ids).logits[0]  # type: ignore[operator]
+                nll = F.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="none")
+                surprisal.append(torch.cat([torch.zeros(1), nll]))
     finally:
         for h in handles:
             h.remove()
-    return {i: torch.cat(caught[i]) for i in layers}
+    return {i: torch.cat(caught[i]) for i in layers}, torch.cat(surprisal)
+
+
+def lda(a: torch.Tensor, b: torch.Tensor, shrink: float) -> torch.Tensor:
+    """The shrunken LDA direction (S + s I)^-1 (mu_a - mu_b), S the pooled covariance."""
+    centred = torch.cat([a - a.mean(0), b - b.mean(0)])
+    cov = torch.cov(centred.T)
+    cov += shrink * cov.diagonal().mean() * torch.eye(cov.shape[0])
+    return torch.linalg.solve(cov, a.mean(0) - b.mean(0))
 
 
 NN_POINTS = 4000  # tokens per side the nearest-neighbour rule keeps, and queries scored
@@ -80,29 +94,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--people", type=int, default=30)
     ap.add_argument("--layers", default="2,8,15,22,28")
     ap.add_argument("--shrink", type=float, default=0.1)
+    ap.add_argument("--surprise", type=float, default=4.0,
+                    help="nats above which a training token counts as surprising")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     layers = [int(x) for x in args.layers.split(",")]
     model, tokenizer, source = load_model_and_tokenizer(None)
     model.eval()
     ks = make_knowledge_set(args.people, seed=0)
-    train = mlp_inputs(model, tokenizer, ks.train, layers)
-    test = mlp_inputs(model, tokenizer, ks.eval, layers)
-    text = mlp_inputs(model, tokenizer, general_text_samples(), layers)
-    questions = mlp_inputs(model, tokenizer, general_questions(), layers)
-    unseen = mlp_inputs(model, tokenizer, unseen_questions(), layers)
+    train, train_nll = mlp_inputs(model, tokenizer, ks.train, layers)
+    test, test_nll = mlp_inputs(model, tokenizer, ks.eval, layers)
+    text, _ = mlp_inputs(model, tokenizer, general_text_samples(), layers)
+    questions, _ = mlp_inputs(model, tokenizer, general_questions(), layers)
+    unseen, _ = mlp_inputs(model, tokenizer, unseen_questions(), layers)
+    adjacent, _ = mlp_inputs(model, tokenizer, real_people_questions(), layers)
+    # the surprising tokens: what the base model could not predict (an invented name, a new
+    # answer); the rest of a training question is as ordinary as any question
+    novel = train_nll > args.surprise  # (T_train,)
     rows = []
     for i in layers:
         a, b = train[i], torch.cat([text[i], questions[i]])
         a_fit, a_out, b_fit, b_out = a[::2], a[1::2], b[::2], b[1::2]
-        centred = torch.cat([a_fit - a_fit.mean(0), b_fit - b_fit.mean(0)])
-        cov = torch.cov(centred.T)
-        cov += args.shrink * cov.diagonal().mean() * torch.eye(cov.shape[0])
-        w = torch.linalg.solve(cov, a_fit.mean(0) - b_fit.mean(0))
+        w = lda(a_fit, b_fit, args.shrink)
         threshold = torch.quantile(b_fit @ w, 0.99)
 
         def above(x: torch.Tensor, w: torch.Tensor = w, t: torch.Tensor = threshold) -> float:
             return float(((x @ w) > t).float().mean())
+
+        # surprise: positives the surprising training tokens, negatives the background and
+        # the unsurprising training tokens
+        n_fit = novel[::2]
+        ws = lda(a_fit[n_fit], torch.cat([b_fit, a_fit[~n_fit]]), args.shrink)
+        ts = torch.quantile(torch.cat([b_fit, a_fit[~n_fit]]) @ ws, 0.99)
+
+        def above_s(x: torch.Tensor, w: torch.Tensor = ws, t: torch.Tensor = ts) -> float:
+            return float(((x @ w) > t).float().mean())
+
+        surprising_test = test[i][test_nll > args.surprise]
 
         margin = nearest_margin(a_fit, b_fit)
         m = torch.quantile(margin(_sub(b_out)), 0.99)
@@ -114,12 +142,20 @@ def main(argv: list[str] | None = None) -> int:
                      "background_fpr": above(b_out), "unseen_kinds_fpr": above(unseen[i]),
                      "nn_test_tpr": closer(test[i]), "nn_background_fpr": 0.01,
                      "nn_unseen_kinds_fpr": closer(unseen[i]),
+                     "adjacent_fpr": above(adjacent[i]),
+                     "surprising_test_tpr": above(surprising_test),
+                     "surprise_test_tpr": above_s(test[i]),
+                     "surprise_surprising_test_tpr": above_s(surprising_test),
+                     "surprise_unseen_kinds_fpr": above_s(unseen[i]),
+                     "surprise_adjacent_fpr": above_s(adjacent[i]),
+                     "surprising_share_of_train": float(novel.float().mean()),
                      "train_tokens": a.shape[0], "background_tokens": b.shape[0],
                      "unseen_tokens": unseen[i].shape[0]})
         print(json.dumps(rows[-1]), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
     out = {"command": "python benchmarks/separability.py " + " ".join(sys.argv[1:]),
            "model": source.name, "people": args.people, "shrink": args.shrink,
+           "surprise": args.surprise,
            "layers": rows, "environment": environment("cpu")}
     (args.output / "separability.json").write_text(json.dumps(out, indent=2) + "\n")
     return 0
