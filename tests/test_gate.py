@@ -19,7 +19,7 @@ from meft.cli.commands import main
 from meft.data.records import Encoded
 from meft.engine.offload import OffloadedSparseAdapter
 from meft.engine.store import HostStore
-from meft.errors import AdapterMismatchError
+from meft.errors import AdapterMismatchError, ConfigError
 from meft.evaluation.exactness import reach
 from meft.training.gate import fit_novelty_gate
 from meft.training.protection import AccessCounter
@@ -176,6 +176,37 @@ def test_fit_equals_a_plain_lda_and_passes_the_share() -> None:
         model.set_novelty_gate({k: v[:-1] for k, v in gates.items()})
 
 
+def test_the_surprise_fit_is_a_plain_lda_on_the_surprising_training_tokens() -> None:
+    """``surprise``: the new side is the training tokens whose next-token loss (one example
+    at a time, no padding) exceeds it; the other training tokens join the background side,
+    in the moments and in the threshold's quantile."""
+    model = get_meft_model(tiny(), meft_config())
+    train, background = _examples(10, 1, 2, 40), _examples(16, 2, 30, 97)
+    nll = []
+    with torch.no_grad():
+        for e in train:
+            ids = torch.tensor(e.input_ids)
+            logits = model(input_ids=ids[None]).logits[0]
+            nll.append(torch.cat([torch.zeros(1), torch.nn.functional.cross_entropy(
+                logits[:-1].float(), ids[1:], reduction="none")]))
+    losses = torch.cat(nll)
+    surprise = float(losses.median())  # about half the tokens on each side
+    novel = losses > surprise
+    assert 0 < int(novel.sum()) < len(novel)
+    gates = fit_novelty_gate(model, train, background, 0.2, batch_size=3, surprise=surprise)
+    xt, xb = _reference_inputs(model, train), _reference_inputs(model, background)
+    for layer in gates:
+        t, bg = xt[layer][novel], torch.cat([xb[layer], xt[layer][~novel]])
+        mt, mb = t.mean(0), bg.mean(0)
+        s = ((t - mt).T @ (t - mt) + (bg - mb).T @ (bg - mb)) / (len(t) + len(bg) - 2)
+        w = torch.linalg.solve(s + 0.1 * s.diagonal().mean() * torch.eye(32), mt - mb)
+        b = torch.quantile(bg @ w, 0.8)
+        torch.testing.assert_close(gates[layer], torch.cat([w, b.reshape(1)]).float(),
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="no training token is that surprising"):
+        fit_novelty_gate(model, train, background, 0.2, surprise=1e6)
+
+
 def test_the_gate_rides_with_the_adapter(tmp_path: Path) -> None:
     model = _model()
     model.set_novelty_gate(_gates(model, 0.0))
@@ -314,7 +345,7 @@ def test_the_gate_comes_first_and_the_statistics_count_only_the_tokens_it_routes
             assert all(a.novelty is not None for a in model.adapter_modules)
             adapters = dict(zip(model.adapters, model.adapter_modules, strict=True))
             routed = dict.fromkeys(model.adapters, 0)
-            for layer, x in _inputs(model, encode_all(ks.eval, tokenizer, config.max_length,
+            for layer, x, _ in _inputs(model, encode_all(ks.eval, tokenizer, config.max_length,
                                                       "background"), 5, tokenizer.pad_token_id):
                 routed[layer] += int(adapters[layer].novel(x).sum())
             assert counts[gate] == {k: 4 * n for k, n in routed.items()}

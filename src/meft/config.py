@@ -388,6 +388,12 @@ class TrainConfig:
                                 "background's, and route only tokens beyond a threshold that "
                                 "lets this share of the background tokens through; the others "
                                 "get no adapter output (0: off)", check="fraction")
+    retain_gate_surprise: float = option(0.0, "experimental, with --retain-gate: fit the "
+                                         "gate's new side on the training tokens the model "
+                                         "finds surprising as training starts (next-token "
+                                         "loss above this many nats: an invented name, a new "
+                                         "answer); the others join the background side (0: "
+                                         "every training token)", check="nonneg")
     progress: bool = option(True, "progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:
@@ -726,6 +732,9 @@ class TrainJob:
         if run.rehearse is not None and (run.adapter is None or train.retain != "on"):
             raise ConfigError("--rehearse keeps what an earlier adapter learned: it needs "
                               "--adapter and --retain on")
+        if train.retain_gate_surprise and not train.retain_gate:
+            raise ConfigError("--retain-gate-surprise chooses what the novelty gate is fitted "
+                              "on: it needs --retain-gate")
         if train.retain_gate and train.retain != "on":
             raise ConfigError("--retain-gate is fitted on the protection's background: it "
                               "needs --retain on (with --retain-replay 0: the gate alone)")

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from meft.adapter.model import MeftModel
@@ -41,17 +42,27 @@ MAX_PROJECTIONS = 16_000_000  # background projections per layer torch.quantile 
 
 def fit_novelty_gate(model: MeftModel, train: Sequence[Encoded], background: Sequence[Encoded],
                      share: float, *, shrink: float = 0.1, batch_size: int = 8,
-                     pad_id: int = 0) -> dict[str, Tensor]:
+                     pad_id: int = 0, surprise: float = 0.0) -> dict[str, Tensor]:
     """Per layer id, the gate (d+1,) fp32, w then b (module doc), fitted on the adapter inputs
-    of ``train`` and ``background``'s real tokens; ``share`` of the background tokens pass."""
+    of ``train`` and ``background``'s real tokens; ``share`` of the background tokens pass.
+    ``surprise`` > 0: the new side is only the training tokens whose next-token loss under
+    the model exceeds ``surprise`` nats, the others join the background side (its share and
+    threshold included)."""
     if not 0 < share < 1:
         raise ValueError(f"share must be in (0, 1), got {share}")
-    moments = {name: _moments(model, examples, batch_size, pad_id)
-               for name, examples in (("train", train), ("background", background))}
+    new = _moments(model, train, batch_size, pad_id, surprise, True if surprise else None)
+    old = _moments(model, background, batch_size, pad_id)
+    ordinary = (_moments(model, train, batch_size, pad_id, surprise, False) if surprise
+                else None)
     gates = {}
     for layer in model.adapters:
-        (n_t, sum_t, outer_t), (n_b, sum_b, outer_b) = (moments["train"][layer],
-                                                         moments["background"][layer])
+        (n_t, sum_t, outer_t), (n_b, sum_b, outer_b) = new[layer], old[layer]
+        if ordinary is not None:  # the unsurprising training tokens are background here
+            n_o, sum_o, outer_o = ordinary[layer]
+            n_b, sum_b, outer_b = n_b + n_o, sum_b + sum_o, outer_b + outer_o
+        if n_t < 2:
+            raise ConfigError(f"--retain-gate-surprise {surprise:g}: no training token is "
+                              "that surprising to the model; lower it")
         mu_t, mu_b = sum_t / n_t, sum_b / n_b  # (d,) each
         scatter = (outer_t - n_t * torch.outer(mu_t, mu_t)) + (outer_b - n_b * torch.outer(
             mu_b, mu_b))  # (d, d)
@@ -59,13 +70,17 @@ def fit_novelty_gate(model: MeftModel, train: Sequence[Encoded], background: Seq
         ridge = shrink * s.diagonal().mean() * torch.eye(s.shape[0], dtype=s.dtype)
         gates[layer] = torch.linalg.solve(s + ridge, mu_t - mu_b)  # (d,) float64
     projections = _projections(model, background, gates, batch_size, pad_id)
+    if surprise:
+        more = _projections(model, train, gates, batch_size, pad_id, surprise, False)
+        projections = {k: torch.cat([v, more[k]]) for k, v in projections.items()}
     return {layer: torch.cat([w, torch.quantile(_subsample(projections[layer]), 1 - share,
                                                 interpolation="linear").reshape(1)]).float()
             for layer, w in gates.items()}
 
 
 def set_novelty_gate(model: MeftModel, train: Sequence[Encoded],
-                     background: Sequence[Encoded], share: float, *, pad_id: int = 0) -> None:
+                     background: Sequence[Encoded], share: float, *, pad_id: int = 0,
+                     surprise: float = 0.0) -> None:
     """``--retain-gate share``: fit the gate on the training examples and ``background`` (the
     replay pool's short general questions, :meth:`meft.training.protection.Retainer.from_config`
     calls it before it measures anything, so the background statistics count only the tokens
@@ -77,7 +92,8 @@ def set_novelty_gate(model: MeftModel, train: Sequence[Encoded],
     if not background:
         raise ConfigError("--retain-gate is fitted on the background's short general "
                           "questions (the replay pool), and the background has none")
-    model.set_novelty_gate(fit_novelty_gate(model, train, background, share, pad_id=pad_id))
+    model.set_novelty_gate(fit_novelty_gate(model, train, background, share, pad_id=pad_id,
+                                            surprise=surprise))
     passed = {name: _passing(model, examples, pad_id)
               for name, examples in (("training", train), ("background", background))}
     say("novelty gate: " + ", ".join(f"{100 * p:.0f}% of {name} tokens"
@@ -85,15 +101,20 @@ def set_novelty_gate(model: MeftModel, train: Sequence[Encoded],
         + " routed, over the layers (the others get no adapter output)")
 
 
-def _moments(model: MeftModel, examples: Sequence[Encoded], batch_size: int, pad_id: int
+def _moments(model: MeftModel, examples: Sequence[Encoded], batch_size: int, pad_id: int,
+             surprise: float = 0.0, surprising: bool | None = None
              ) -> dict[str, tuple[int, Tensor, Tensor]]:
     """Per layer: count, sum (d,) and sum of outer products (d, d) of the adapter inputs of
-    ``examples``' real tokens, in float64."""
+    ``examples``' real tokens (``surprising`` True / False: only those whose next-token loss
+    is above / not above ``surprise`` nats), in float64."""
     d = model.adapter_modules[0].store.dim
     count = dict.fromkeys(model.adapters, 0)
     total = {layer: torch.zeros(d, dtype=torch.float64) for layer in model.adapters}
     outer = {layer: torch.zeros(d, d, dtype=torch.float64) for layer in model.adapters}
-    for layer, x in _inputs(model, examples, batch_size, pad_id):
+    for layer, x, novel in _inputs(model, examples, batch_size, pad_id, surprise):
+        if surprising is not None:
+            assert novel is not None
+            x = x[novel if surprising else ~novel]
         x = x.double()  # (T', d)
         count[layer] += x.shape[0]
         total[layer] += x.sum(0)
@@ -102,10 +123,15 @@ def _moments(model: MeftModel, examples: Sequence[Encoded], batch_size: int, pad
 
 
 def _projections(model: MeftModel, examples: Sequence[Encoded], gates: dict[str, Tensor],
-                 batch_size: int, pad_id: int) -> dict[str, Tensor]:
-    """Per layer, x.w (T_all,) float64 of ``examples``' real tokens."""
+                 batch_size: int, pad_id: int, surprise: float = 0.0,
+                 surprising: bool | None = None) -> dict[str, Tensor]:
+    """Per layer, x.w (T_all,) float64 of ``examples``' real tokens (``surprising``: as
+    :func:`_moments`)."""
     out: dict[str, list[Tensor]] = {layer: [] for layer in gates}
-    for layer, x in _inputs(model, examples, batch_size, pad_id):
+    for layer, x, novel in _inputs(model, examples, batch_size, pad_id, surprise):
+        if surprising is not None:
+            assert novel is not None
+            x = x[novel if surprising else ~novel]
         out[layer].append(x.double() @ gates[layer])
     return {layer: torch.cat(p) for layer, p in out.items()}
 
@@ -114,7 +140,7 @@ def _passing(model: MeftModel, examples: Sequence[Encoded], pad_id: int) -> floa
     """The share of (real token, layer) pairs of ``examples`` the model's gates route."""
     adapters = dict(zip(model.adapters, model.adapter_modules, strict=True))
     routed = total = 0
-    for layer, x in _inputs(model, examples, 8, pad_id):
+    for layer, x, _ in _inputs(model, examples, 8, pad_id):
         routed += int(adapters[layer].novel(x.to(model.device_)).sum())
         total += x.shape[0]
     return routed / max(1, total)
@@ -127,9 +153,11 @@ def _subsample(values: Tensor) -> Tensor:
     return values[torch.linspace(0, values.numel() - 1, MAX_PROJECTIONS).long()]
 
 
-def _inputs(model: MeftModel, examples: Sequence[Encoded], batch_size: int, pad_id: int
-            ) -> Iterator[tuple[str, Tensor]]:
-    """(layer id, the adapter inputs (T', d) of the real tokens) of every layer and batch of
+def _inputs(model: MeftModel, examples: Sequence[Encoded], batch_size: int, pad_id: int,
+            surprise: float = 0.0) -> Iterator[tuple[str, Tensor, Tensor | None]]:
+    """(layer id, the adapter inputs (T', d) of the real tokens, and with ``surprise`` > 0
+    which of them (T',) bool the model finds surprising: -log p(token | the tokens before it)
+    above ``surprise`` nats, a sequence's first token never) of every layer and batch of
     ``examples``, from the model as it is, in eval mode under no_grad."""
     was_training = model.training
     model.eval()
@@ -139,10 +167,17 @@ def _inputs(model: MeftModel, examples: Sequence[Encoded], batch_size: int, pad_
             real = batch["attention_mask"].bool().reshape(-1)  # (T,)
             seen: list[tuple[str, Tensor]] = []
             with torch.no_grad(), _captured(model, seen):
-                model(input_ids=batch["input_ids"].to(model.device_),
-                      attention_mask=batch["attention_mask"].to(model.device_))
+                out = model(input_ids=batch["input_ids"].to(model.device_),
+                            attention_mask=batch["attention_mask"].to(model.device_))
+            novel = None
+            if surprise:
+                ids = batch["input_ids"]  # (B, L)
+                nll = torch.zeros(ids.shape, dtype=torch.float32)
+                nll[:, 1:] = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2).cpu(),
+                                             ids[:, 1:], reduction="none")
+                novel = (nll > surprise).reshape(-1)[real]  # (T',)
             for layer, x in seen:
-                yield layer, x.reshape(-1, x.shape[-1])[real.to(x.device)].cpu()
+                yield layer, x.reshape(-1, x.shape[-1])[real.to(x.device)].cpu(), novel
     finally:
         model.train(was_training)
 

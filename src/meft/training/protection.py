@@ -716,7 +716,8 @@ class Retainer:
                     raise ValueError("retain_gate: the novelty gate is fitted on the training "
                                      "examples; pass train=")
                 set_novelty_gate(model, train, pool_examples, config.retain_gate,
-                                 pad_id=tokenizer.pad_token_id or 0)
+                                 pad_id=tokenizer.pad_token_id or 0,
+                                 surprise=config.retain_gate_surprise)
             if uses_statistics(config):
                 stats = Background.measure(model, encoded, tokenizer.pad_token_id,
                                            progress=progress, seed=config.seed,
