@@ -39,7 +39,7 @@ def _run(mod: OffloadedSparseAdapter, x: Tensor, dy: Tensor, keep: Tensor | None
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y, dx, dense key and value gradients, access counts of one forward and backward."""
     counter = AccessCounter(CASE.neurons)
-    counter.docs = torch.zeros(x.shape[0], dtype=torch.long)
+    counter.docs = torch.zeros(x.reshape(-1, x.shape[-1]).shape[0], dtype=torch.long)
     mod.counter, mod.keep = counter, keep
     x = x.clone().requires_grad_(True)
     y = mod(x)
@@ -68,6 +68,65 @@ def test_gated_out_tokens_are_padding_and_routed_ones_are_the_ungated_adapter() 
     full = _adapter()
     with torch.no_grad():
         torch.testing.assert_close(full(x)[routed], ry, rtol=1e-6, atol=1e-6)
+
+
+def test_a_sticky_gate_routes_every_real_token_after_one_that_passes() -> None:
+    """(B, S) with padding at the end of a row: a real token is routed when it or an earlier
+    real token of its row passes; the output is the ungated adapter's on exactly those."""
+    x, _, _, _, dy = make_inputs(CASE, torch.float32, 1)  # 24 tokens: 3 rows of 8
+    w = torch.randn(CASE.dim, generator=torch.Generator().manual_seed(2))
+    b = torch.quantile(x @ w, 0.85)
+    keep = torch.ones(3, 8, dtype=torch.bool)
+    keep[2, 5:] = False  # padding
+    passed = ((x @ w > b).view(3, 8) & keep)
+    routed = torch.zeros(3, 8, dtype=torch.bool)
+    for r in range(3):  # the plain loop
+        on = False
+        for t in range(8):
+            on = on or bool(passed[r, t])
+            routed[r, t] = on and bool(keep[r, t])
+    assert 0 < int(routed.sum()) < int(keep.sum()) and int(routed.sum()) > int(passed.sum())
+    mod = _adapter(torch.cat([w, b.reshape(1)]))
+    mod.sticky = True
+    y, dx, dk, dv, counts = _run(mod, x.view(3, 8, -1), dy.view(3, 8, -1), keep.reshape(-1))
+    ref = _adapter()
+    ry, rdx, rdk, rdv, rcounts = _run(ref, x, dy, routed.reshape(-1))
+    assert torch.equal(y.reshape(24, -1), ry) and torch.equal(dx.reshape(24, -1), rdx)
+    assert torch.equal(dk, rdk) and torch.equal(dv, rdv) and torch.equal(counts, rcounts)
+
+
+def test_a_sticky_gate_through_a_kv_cache_equals_the_whole_sequence(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Generating token by token (a KV cache) routes as the whole sequence at once does: the
+    logits of each new token equal the full forward's at its position."""
+    from helpers import tiny_for
+
+    model = get_meft_model(tiny_for(tokenizer), meft_config(top_k=4))
+    gen = torch.Generator().manual_seed(5)
+    for store in model.stores:
+        store.values.normal_(0, 0.5, generator=gen)
+    ids = torch.randint(3, len(tokenizer), (2, 14), generator=gen)
+    xs = _reference_inputs(model, [Encoded(r.tolist(), r.tolist(), False) for r in ids])
+    gates = {}
+    for layer, x in xs.items():  # a direction a few tokens pass, some in the middle
+        w = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
+        gates[layer] = torch.cat([w, torch.quantile(x @ w, 0.9).reshape(1)]).float()
+    model.set_novelty_gate(gates, sticky=True)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(4, 14):
+            out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-5)
+    # not sticky, the same tokens pass less: the logits differ somewhere
+    model.set_novelty_gate(gates, sticky=False)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, whole)
 
 
 def test_no_token_routed_gives_zeros() -> None:

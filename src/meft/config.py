@@ -243,6 +243,9 @@ class MeftConfig:
     novelty_gate: bool = option(False, "every layer routes only the tokens its novelty gate "
                                 "lets through (layers.<i>.novelty: w then b; fitted by "
                                 "--retain-gate)", cli=False)
+    novelty_sticky: bool = option(False, "with a novelty gate: once a token of a sequence "
+                                  "passes it, every later token of that sequence is routed "
+                                  "(--retain-gate-sticky)", cli=False)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -394,6 +397,11 @@ class TrainConfig:
                                          "loss above this many nats: an invented name, a new "
                                          "answer); the others join the background side (0: "
                                          "every training token)", check="nonneg")
+    retain_gate_sticky: bool = option(False, "experimental, with --retain-gate: once a token "
+                                      "of a sequence passes the gate, every later token of "
+                                      "that sequence is routed too (the rest of a question "
+                                      "about a new name, and its answer); a sequence none of "
+                                      "whose tokens passes stays exactly the base model")
     progress: bool = option(True, "progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:
@@ -732,9 +740,9 @@ class TrainJob:
         if run.rehearse is not None and (run.adapter is None or train.retain != "on"):
             raise ConfigError("--rehearse keeps what an earlier adapter learned: it needs "
                               "--adapter and --retain on")
-        if train.retain_gate_surprise and not train.retain_gate:
-            raise ConfigError("--retain-gate-surprise chooses what the novelty gate is fitted "
-                              "on: it needs --retain-gate")
+        if (train.retain_gate_surprise or train.retain_gate_sticky) and not train.retain_gate:
+            raise ConfigError("--retain-gate-surprise and --retain-gate-sticky shape the "
+                              "novelty gate: they need --retain-gate")
         if train.retain_gate and train.retain != "on":
             raise ConfigError("--retain-gate is fitted on the protection's background: it "
                               "needs --retain on (with --retain-replay 0: the gate alone)")

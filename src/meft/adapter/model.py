@@ -176,6 +176,9 @@ def pass_real_tokens(block: nn.Module, index: int, adapter: OffloadedSparseAdapt
         hidden = args[0] if args else kwargs.get("hidden_states")
         adapter.keep = (tokens.for_block(index, hidden)
                         if isinstance(hidden, Tensor) and hidden.dim() == 3 else None)
+        # a KV-cache continuation: the mask covers earlier tokens too (the sticky gate's state)
+        adapter.continues = (tokens.mask is not None and isinstance(hidden, Tensor)
+                             and hidden.dim() == 3 and tokens.mask.shape[1] > hidden.shape[1])
 
     return block.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -288,6 +291,7 @@ class MeftModel(nn.Module):
             if config.novelty_gate:  # as saved, or open (w = 0, b = -inf) until it is set
                 adapter.novelty = (tensors[tensor_name(i, "novelty")].float().to(self.device_)
                                    if tensors is not None else _open_gate(d, self.device_))
+                adapter.sticky = config.novelty_sticky
             self.adapters[str(i)] = adapter
             self._handles.extend(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
             self._handles.append(pass_real_tokens(blocks[i], i, adapter, self.tokens))
@@ -369,10 +373,12 @@ class MeftModel(nn.Module):
         return {f"{i}.{t.name}": t for i, s in zip(self.layer_ids, self.stores, strict=True)
                 for t in s.tables}
 
-    def set_novelty_gate(self, gates: Mapping[int, Tensor] | Mapping[str, Tensor]) -> None:
+    def set_novelty_gate(self, gates: Mapping[int, Tensor] | Mapping[str, Tensor], *,
+                         sticky: bool = False) -> None:
         """Route, in every adapted layer, only the tokens x with x.w > b: ``gates`` maps each
         layer id to its (d+1,) tensor, w then b (:func:`meft.training.gate.fit_novelty_gate`);
-        saved with the adapter from now on (``novelty_gate`` in its config)."""
+        ``sticky``: and every token of a sequence after one that passes. Saved with the adapter
+        from now on (``novelty_gate``, ``novelty_sticky`` in its config)."""
         if self.parallel is not None:
             raise ConfigError("the novelty gate (--retain-gate) is for one process")
         given = {str(k): v for k, v in gates.items()}
@@ -385,7 +391,9 @@ class MeftModel(nn.Module):
                 raise ValueError(f"novelty gate of layer {layer}: shape {tuple(gate.shape)}, "
                                  f"expected {(adapter.store.dim + 1,)}")
             adapter.novelty = gate.detach().to(self.device_, torch.float32).clone()
+            adapter.sticky = sticky
         self.meft_config.novelty_gate = True
+        self.meft_config.novelty_sticky = sticky
 
     def transfer_stats(self) -> list[TransferStats]:
         return [s.stats for s in self.stores]

@@ -54,7 +54,12 @@ only the tokens that look like the training data: a real token x is routed iff x
 no access counts). :meth:`_tokens` combines the two, so :meth:`prepare`, :meth:`forward` and
 the access counter all see the same routed tokens. The gate is fitted before training
 (:mod:`meft.training.gate`) and saved with the adapter (``layers.<i>.novelty``). Zero routed
-tokens give a zero output. With ``novelty`` None nothing changes, bit for bit.
+tokens give a zero output. With ``novelty`` None nothing changes, bit for bit. With
+``sticky``, a real token is also routed when an earlier real token of its sequence passed (a
+cumulative OR along the sequence; through a KV cache the rows' state is carried from the
+calls before, which :func:`meft.adapter.model.pass_real_tokens` tells apart by the mask
+covering more tokens than the call): the rest of a question about a new name and its answer
+are routed, and a sequence none of whose tokens passes is exactly the base model.
 """
 
 from __future__ import annotations
@@ -258,6 +263,11 @@ class OffloadedSparseAdapter(nn.Module):
         self.counter: Counter | None = None  # set while protection counts accesses
         self.keep: Tensor | None = None  # (T,) real tokens of the block call, set by MeftModel
         self.novelty: Tensor | None = None  # (d+1,) fp32 novelty gate: w then b (None: off)
+        # sticky gate: every token after one that passes is routed; the state of each row of
+        # a generation whose next calls continue it through a KV cache (``continues``)
+        self.sticky = False
+        self.continues = False
+        self._triggered: Tensor | None = None  # (B,) bool
         # on CPU, kernels read rows in the tables (False: always stage, the reference path)
         self.read_in_place = True
         # gradient rows accumulated on a host thread (meft.engine.pipeline; None: inline)
@@ -334,10 +344,27 @@ class OffloadedSparseAdapter(nn.Module):
             keep = None
         if self.novelty is not None:
             novel = self.novel(x2)  # (T,)
+            if self.sticky and x.dim() == 3:
+                novel = self._stick(novel, keep, x.shape[0])
             keep = novel if keep is None else keep.to(x.device) & novel
         if keep is None:
             return x2, None, None
         return x2, keep, keep.to(x.device).nonzero().squeeze(1)
+
+    def _stick(self, novel: Tensor, keep: Tensor | None, rows: int) -> Tensor:
+        """The sticky gate: (T,) = (B*S,) bool, a real token passes when it or an earlier real
+        token of its row passed (of this call, or, for a KV-cache continuation, of the calls
+        before it: ``_triggered``). Calling it twice on one call gives the same (an OR)."""
+        passed = novel.view(rows, -1)  # (B, S)
+        if keep is not None:
+            passed = passed & keep.to(passed.device).view(rows, -1)  # padding never triggers
+        if self.continues and self._triggered is not None and self._triggered.shape[0] == rows:
+            passed = torch.cat([self._triggered.unsqueeze(1), passed], 1)  # (B, 1 + S)
+            passed = passed.cummax(1).values[:, 1:]
+        else:
+            passed = passed.cummax(1).values
+        self._triggered = passed[:, -1].clone()
+        return passed.reshape(-1)
 
     def novel(self, x2: Tensor) -> Tensor:
         """(T,) bool: the tokens x2 (T, d) the novelty gate lets through, x.w > b in fp32."""

@@ -80,7 +80,7 @@ def fit_novelty_gate(model: MeftModel, train: Sequence[Encoded], background: Seq
 
 def set_novelty_gate(model: MeftModel, train: Sequence[Encoded],
                      background: Sequence[Encoded], share: float, *, pad_id: int = 0,
-                     surprise: float = 0.0) -> None:
+                     surprise: float = 0.0, sticky: bool = False) -> None:
     """``--retain-gate share``: fit the gate on the training examples and ``background`` (the
     replay pool's short general questions, :meth:`meft.training.protection.Retainer.from_config`
     calls it before it measures anything, so the background statistics count only the tokens
@@ -93,7 +93,7 @@ def set_novelty_gate(model: MeftModel, train: Sequence[Encoded],
         raise ConfigError("--retain-gate is fitted on the background's short general "
                           "questions (the replay pool), and the background has none")
     model.set_novelty_gate(fit_novelty_gate(model, train, background, share, pad_id=pad_id,
-                                            surprise=surprise))
+                                            surprise=surprise), sticky=sticky)
     passed = {name: _passing(model, examples, pad_id)
               for name, examples in (("training", train), ("background", background))}
     say("novelty gate: " + ", ".join(f"{100 * p:.0f}% of {name} tokens"
