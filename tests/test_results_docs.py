@@ -46,3 +46,15 @@ def test_the_readme_table_is_a_section_of_the_results_doc() -> None:
     report = _report()
     assert report.glance() in report.results_md()
     assert f"{report.BEGIN}\n{report.glance()}\n{report.END}" in report.readme_md()
+
+
+def test_the_gate_table_is_what_the_gate_runs_give() -> None:
+    spec = importlib.util.spec_from_file_location("gate_table", ROOT / "benchmarks" /
+                                                  "gate_table.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.README.read_text() == module.readme(), (
+        "benchmarks/results/novelty-routing/README.md's gate table differs from the run "
+        "files: run python benchmarks/gate_table.py")
+    assert "| gate 0.01, nothing replayed |" in module.table()

@@ -1,0 +1,61 @@
+"""The novelty gate's runs so far, one row per run file (issue 37):
+
+    python benchmarks/gate_table.py
+
+writes the table of benchmarks/results/novelty-routing/README.md (between its ``gate-table``
+markers) from the run files under benchmarks/results/novelty-routing/gate-*/ (every setting,
+every seed that has landed), so the README's numbers come from the files; run it when runs
+land (tests/test_results_docs.py checks it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "novelty-routing"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- gate-table -->", "<!-- /gate-table -->"
+# (label, run files) in the order of the table
+SETTINGS = (
+    ("no protection", "gate-79233f8/reference/meft_4096@0.003@seed*.json"),
+    ("replay", "gate-79233f8/reference/meft_4096+retain@0.003@seed*.json"),
+    ("gate 0.01, nothing replayed", "gate-79233f8/gate-0.01-alone/*@seed*.json"),
+    ("gate 0.01 with replay", "gate-79233f8/gate-0.01-replay/*@seed*.json"),
+    ("gate 0.05, nothing replayed", "gate-79233f8/gate-0.05-alone/*@seed*.json"),
+    ("surprise-fitted gate 0.01, nothing replayed",
+     "gate-dc52641/surprise4-0.01-alone/*@seed*.json"),
+    ("sticky surprise-fitted gate 0.002, nothing replayed",
+     "gate-0584679/sticky-surprise4-0.002-alone/*@seed*.json"),
+)
+
+
+def pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def table() -> str:
+    out = ["| setting | directory | seed | test EM | retention | seen kinds | adjacent kinds | "
+           "Δ general loss | untouched general tokens |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, pattern in SETTINGS:
+        for path in sorted(ROOT.glob(pattern)):
+            r = json.loads(path.read_text())
+            out.append(f"| {label} | `{path.parent.relative_to(ROOT)}` | {r['seed']} | "
+                       f"{pct(r['test_em'])} | {pct(r['retention'])} | "
+                       f"{pct(r['retention_seen_kinds'])} | {pct(r.get('retention_adjacent'))} "
+                       f"| {r['general_loss_delta']:+.3f} | {pct(r.get('untouched_tokens'))} |")
+    return "\n".join(out)
+
+
+def readme() -> str:
+    """The README with its table section as the run files give it."""
+    text = README.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    return f"{head}{BEGIN}\n{table()}\n{END}{tail}"
+
+
+if __name__ == "__main__":
+    README.write_text(readme())
+    print(table())
