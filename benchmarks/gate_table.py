@@ -36,15 +36,18 @@ def pct(v: float | None) -> str:
 
 def table() -> str:
     out = ["| setting | directory | seed | test EM | retention | seen kinds | adjacent kinds | "
-           "Δ general loss | untouched general tokens |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "Δ general loss | untouched general tokens | exact probe prompts | exact adjacent "
+           "prompts |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, pattern in SETTINGS:
         for path in sorted(ROOT.glob(pattern)):
             r = json.loads(path.read_text())
             out.append(f"| {label} | `{path.parent.relative_to(ROOT)}` | {r['seed']} | "
                        f"{pct(r['test_em'])} | {pct(r['retention'])} | "
                        f"{pct(r['retention_seen_kinds'])} | {pct(r.get('retention_adjacent'))} "
-                       f"| {r['general_loss_delta']:+.3f} | {pct(r.get('untouched_tokens'))} |")
+                       f"| {r['general_loss_delta']:+.3f} | {pct(r.get('untouched_tokens'))} | "
+                       f"{pct(r.get('exact_questions'))} | "
+                       f"{pct(r.get('exact_questions_adjacent'))} |")
     return "\n".join(out)
 
 

@@ -116,8 +116,12 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
     if kind.startswith("meft"):  # how much general text reaches the rows it wrote
         assert 0 < result["written_rows"] <= 1 and 0 <= result["untouched_tokens"] <= 1
         assert 0 <= result["exact_windows"] <= 1
+        # and how many of the probe's kept questions (3 here; no adjacent ones)
+        assert result["exact_questions"] in (0.0, 1 / 3, 2 / 3, 1.0)
+        assert result["exact_questions_adjacent"] is None
     else:
         assert result["written_rows"] is result["untouched_tokens"] is None
+        assert result["exact_questions"] is None
     assert 0 <= result["validation_em"] <= 1 and 0 <= result["test_em"] <= 1
     assert result["retention"] in (0.0, 1 / 3, 2 / 3, 1.0) and result["probe"] == "eval"
     assert result["retention_seen_kinds"] in (0.0, 1 / 3, 2 / 3, 1.0)

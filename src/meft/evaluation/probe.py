@@ -139,6 +139,14 @@ class RetentionProbe:
     def headline(self) -> list[Sample]:
         return [parse_record(r, f"{self.source}:{i + 1}") for i, r in enumerate(self.questions)]
 
+    def kept_questions(self) -> tuple[list[Sample], list[Sample]]:
+        """The questions :meth:`measure` asks whose answers count towards ``retention`` and
+        ``retention_adjacent`` (the ones the base model answered)."""
+        headline = self.headline()
+        return ([headline[i] for i in self.kept_headline],
+                [parse_record(self.adjacent[i], f"adjacent:{i + 1}")
+                 for i in self.kept_adjacent])
+
     def measure(self, model: Any, tokenizer: Any, *, max_new_tokens: int = 16,
                 batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
         """Retention on both sets and the general-loss change of ``model`` (the trained

@@ -35,7 +35,8 @@ from meft.sysinfo import environment
 # sample standard deviation beside it (``<field>_std``; None for one seed)
 QUALITY_FIELDS = ("validation_em", "validation_f1", "test_em", "test_f1", "test_contains",
                   "seen_em", "bits_recalled", "bits_per_param", "written_rows",
-                  "untouched_tokens", "exact_windows", "retention", "retention_seen_kinds",
+                  "untouched_tokens", "exact_windows", "exact_questions",
+                  "exact_questions_adjacent", "retention", "retention_seen_kinds",
                   "retention_adjacent", "general_loss_delta", "final_loss",
                   "continual_kept_mean", "continual_kept_min")
 SUMMARY_FIELDS = ("method", "lr", "seeds", "selected", "lr_at_grid_edge", "lr_grid", "facts",

@@ -11,7 +11,9 @@ F1 / contains on the validation questions (which choose the rate) and on the tes
 (which are reported); retention and the general-text loss change (:mod:`meft.evaluation.probe`)
 against a probe built from the base model; for meft, how much general text reaches the rows
 training wrote (``written_rows``, ``untouched_tokens``, ``exact_windows``:
-:mod:`meft.evaluation.exactness`). On the built-in sets, also what was stored: ``facts``
+:mod:`meft.evaluation.exactness`) and the share of the retention probe's kept questions whose
+prompts reach none (``exact_questions``, ``exact_questions_adjacent``: bitwise the base model
+there). On the built-in sets, also what was stored: ``facts``
 (distinct facts trained), ``seen_em`` (exact match on each fact's first training phrasing),
 ``bits_recalled`` (the summed answer bits of the facts recalled there,
 :mod:`meft.data.synthetic`; with ``--max-eval``, of those asked, scaled to all facts) and
@@ -40,7 +42,7 @@ from torch import nn
 
 from meft.cli.bench.methods import Method, build, parse_method
 from meft.config import BenchJob
-from meft.data.records import Encoded, Sample, encode_all, load_samples
+from meft.data.records import Encoded, Sample, encode_all, load_samples, prompt_ids
 from meft.errors import UserError
 from meft.evaluation.evaluate import evaluate
 from meft.evaluation.exactness import reach
@@ -218,6 +220,14 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
                if trainable.adapter is not None and job.bench.eval else None)
     for key in ("written_rows", "untouched_token_layers", "untouched_tokens", "exact_windows"):
         result[key] = None if reached is None else reached[key]
+    # and how many of the retention probe's kept questions reach none (their prompts are then
+    # bitwise the base model's: a forgotten question must reach one)
+    for key, asked in zip(("exact_questions", "exact_questions_adjacent"),
+                          probe.kept_questions() if reached is not None and probe is not None
+                          else ([], []), strict=True):
+        on = (reach(trainable.adapter, tokenizer,
+                    windows=[prompt_ids(q, tokenizer) for q in asked]) if asked else None)
+        result[key] = None if on is None else on["exact_windows"]
     result["host_bytes"] = result["host_peak_rss_bytes"] = peak_rss_bytes()
     return result
 
