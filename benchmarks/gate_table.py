@@ -23,6 +23,7 @@ SETTINGS = (
     ("gate 0.01, nothing replayed", "gate-79233f8/gate-0.01-alone/*@seed*.json"),
     ("gate 0.01 with replay", "gate-79233f8/gate-0.01-replay/*@seed*.json"),
     ("gate 0.05, nothing replayed", "gate-79233f8/gate-0.05-alone/*@seed*.json"),
+    ("gate 0.01, nothing replayed", "gate-ca15d6c/gate-0.01-alone/*@seed*.json"),
     ("surprise-fitted gate 0.01, nothing replayed",
      "gate-dc52641/surprise4-0.01-alone/*@seed*.json"),
     ("sticky surprise-fitted gate 0.002, nothing replayed",
