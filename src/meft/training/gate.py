@@ -50,10 +50,9 @@ def fit_novelty_gate(model: MeftModel, train: Sequence[Encoded], background: Seq
     threshold included)."""
     if not 0 < share < 1:
         raise ValueError(f"share must be in (0, 1), got {share}")
-    new = _moments(model, train, batch_size, pad_id, surprise, True if surprise else None)
-    old = _moments(model, background, batch_size, pad_id)
-    ordinary = (_moments(model, train, batch_size, pad_id, surprise, False) if surprise
-                else None)
+    new, *rest = _moments(model, train, batch_size, pad_id, surprise)
+    ordinary = rest[0] if rest else None  # with surprise: the unsurprising training tokens
+    old = _moments(model, background, batch_size, pad_id)[0]
     gates = {}
     for layer in model.adapters:
         (n_t, sum_t, outer_t), (n_b, sum_b, outer_b) = new[layer], old[layer]
@@ -102,24 +101,25 @@ def set_novelty_gate(model: MeftModel, train: Sequence[Encoded],
 
 
 def _moments(model: MeftModel, examples: Sequence[Encoded], batch_size: int, pad_id: int,
-             surprise: float = 0.0, surprising: bool | None = None
-             ) -> dict[str, tuple[int, Tensor, Tensor]]:
+             surprise: float = 0.0) -> list[dict[str, tuple[int, Tensor, Tensor]]]:
     """Per layer: count, sum (d,) and sum of outer products (d, d) of the adapter inputs of
-    ``examples``' real tokens (``surprising`` True / False: only those whose next-token loss
-    is above / not above ``surprise`` nats), in float64."""
+    ``examples``' real tokens, in float64; one pass. ``surprise`` > 0: two such sets, the
+    tokens whose next-token loss is above ``surprise`` nats, then the others."""
     d = model.adapter_modules[0].store.dim
-    count = dict.fromkeys(model.adapters, 0)
-    total = {layer: torch.zeros(d, dtype=torch.float64) for layer in model.adapters}
-    outer = {layer: torch.zeros(d, d, dtype=torch.float64) for layer in model.adapters}
+    parts = 2 if surprise else 1
+    count = [dict.fromkeys(model.adapters, 0) for _ in range(parts)]
+    total = [{layer: torch.zeros(d, dtype=torch.float64) for layer in model.adapters}
+             for _ in range(parts)]
+    outer = [{layer: torch.zeros(d, d, dtype=torch.float64) for layer in model.adapters}
+             for _ in range(parts)]
     for layer, x, novel in _inputs(model, examples, batch_size, pad_id, surprise):
-        if surprising is not None:
-            assert novel is not None
-            x = x[novel if surprising else ~novel]
-        x = x.double()  # (T', d)
-        count[layer] += x.shape[0]
-        total[layer] += x.sum(0)
-        outer[layer] += x.T @ x
-    return {layer: (count[layer], total[layer], outer[layer]) for layer in model.adapters}
+        for i, xs in enumerate([x] if novel is None else [x[novel], x[~novel]]):
+            xs = xs.double()  # (T', d)
+            count[i][layer] += xs.shape[0]
+            total[i][layer] += xs.sum(0)
+            outer[i][layer] += xs.T @ xs
+    return [{layer: (count[i][layer], total[i][layer], outer[i][layer])
+             for layer in model.adapters} for i in range(parts)]
 
 
 def _projections(model: MeftModel, examples: Sequence[Encoded], gates: dict[str, Tensor],
