@@ -32,31 +32,41 @@ import torch.nn.functional as F
 from meft.adapter.loading import load_model_and_tokenizer
 from meft.data.adjacent import real_people_questions
 from meft.data.general import general_questions, general_text_samples, unseen_questions
-from meft.data.records import Sample, encode
+from meft.data.records import IGNORE_INDEX, Sample, encode
 from meft.data.synthetic import make_knowledge_set
 from meft.sysinfo import environment
 
 
 def mlp_inputs(model: object, tokenizer: object, samples: list[Sample],
-               layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Per layer the MLP inputs of every token (T_all, d), and every token's surprisal under
-    the model (T_all,): -log p(token | the tokens before it), 0 for a sequence's first."""
+               layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor,
+                                           torch.Tensor, torch.Tensor]:
+    """Per layer the MLP inputs of every token (T_all, d); every token's surprisal under the
+    model (T_all,): -log p(token | the tokens before it), 0 for a sequence's first; the
+    surprisal of the token after each one (T_all,), 0 for a sequence's last; and which
+    positions predict an answer token (T_all,) bool: those whose next token carries loss."""
     caught: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     surprisal: list[torch.Tensor] = []
+    following: list[torch.Tensor] = []
+    answering: list[torch.Tensor] = []
     blocks = model.model.layers  # type: ignore[attr-defined]
     handles = [blocks[i].mlp.register_forward_pre_hook(
         lambda mod, inp, i=i: caught[i].append(inp[0][0].detach())) for i in layers]
     try:
         with torch.no_grad():
             for s in samples:
-                ids = torch.tensor([encode(s, tokenizer, 256).input_ids])
+                enc = encode(s, tokenizer, 256)
+                ids = torch.tensor([enc.input_ids])
                 logits = model(input_ids=ids).logits[0]  # type: ignore[operator]
                 nll = F.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="none")
                 surprisal.append(torch.cat([torch.zeros(1), nll]))
+                following.append(torch.cat([nll, torch.zeros(1)]))
+                answering.append(torch.tensor([y != IGNORE_INDEX for y in enc.labels[1:]]
+                                              + [False]))
     finally:
         for h in handles:
             h.remove()
-    return {i: torch.cat(caught[i]) for i in layers}, torch.cat(surprisal)
+    return ({i: torch.cat(caught[i]) for i in layers}, torch.cat(surprisal),
+            torch.cat(following), torch.cat(answering))
 
 
 def lda(a: torch.Tensor, b: torch.Tensor, shrink: float) -> torch.Tensor:
@@ -102,15 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, source = load_model_and_tokenizer(None)
     model.eval()
     ks = make_knowledge_set(args.people, seed=0)
-    train, train_nll = mlp_inputs(model, tokenizer, ks.train, layers)
-    test, test_nll = mlp_inputs(model, tokenizer, ks.eval, layers)
-    text, _ = mlp_inputs(model, tokenizer, general_text_samples(), layers)
-    questions, _ = mlp_inputs(model, tokenizer, general_questions(), layers)
-    unseen, _ = mlp_inputs(model, tokenizer, unseen_questions(), layers)
-    adjacent, _ = mlp_inputs(model, tokenizer, real_people_questions(), layers)
+    train, train_nll, train_next, _ = mlp_inputs(model, tokenizer, ks.train, layers)
+    test, test_nll, _, test_ans = mlp_inputs(model, tokenizer, ks.eval, layers)
+    text, *_ = mlp_inputs(model, tokenizer, general_text_samples(), layers)
+    questions, *_ = mlp_inputs(model, tokenizer, general_questions(), layers)
+    unseen, _, _, unseen_ans = mlp_inputs(model, tokenizer, unseen_questions(), layers)
+    adjacent, _, _, adjacent_ans = mlp_inputs(model, tokenizer, real_people_questions(),
+                                              layers)
     # the surprising tokens: what the base model could not predict (an invented name, a new
     # answer); the rest of a training question is as ordinary as any question
     novel = train_nll > args.surprise  # (T_train,)
+    # anticipation: the positions whose NEXT token is surprising (where the base model's
+    # prediction is wrong: an invented name's pieces, a new answer); the adapter output at a
+    # position changes the prediction of the token after it, so these are the positions
+    # that must route for the model to learn, and a question the base model answers has
+    # none of them at its answer positions
+    ahead = train_next > args.surprise  # (T_train,)
     rows = []
     for i in layers:
         a, b = train[i], torch.cat([text[i], questions[i]])
@@ -132,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
 
         surprising_test = test[i][test_nll > args.surprise]
 
+        a_fit_ahead = ahead[::2]
+        wa = lda(a_fit[a_fit_ahead], torch.cat([b_fit, a_fit[~a_fit_ahead]]), args.shrink)
+        ta = torch.quantile(torch.cat([b_fit, a_fit[~a_fit_ahead]]) @ wa, 0.99)
+
+        def above_a(x: torch.Tensor, w: torch.Tensor = wa, t: torch.Tensor = ta) -> float:
+            return float(((x @ w) > t).float().mean())
+
         margin = nearest_margin(a_fit, b_fit)
         m = torch.quantile(margin(_sub(b_out)), 0.99)
 
@@ -149,6 +173,18 @@ def main(argv: list[str] | None = None) -> int:
                      "surprise_unseen_kinds_fpr": above_s(unseen[i]),
                      "surprise_adjacent_fpr": above_s(adjacent[i]),
                      "surprising_share_of_train": float(novel.float().mean()),
+                     "test_answer_tpr": above(test[i][test_ans]),
+                     "unseen_answer_fpr": above(unseen[i][unseen_ans]),
+                     "adjacent_answer_fpr": above(adjacent[i][adjacent_ans]),
+                     "surprise_test_answer_tpr": above_s(test[i][test_ans]),
+                     "surprise_adjacent_answer_fpr": above_s(adjacent[i][adjacent_ans]),
+                     "ahead_test_tpr": above_a(test[i]),
+                     "ahead_test_answer_tpr": above_a(test[i][test_ans]),
+                     "ahead_unseen_kinds_fpr": above_a(unseen[i]),
+                     "ahead_unseen_answer_fpr": above_a(unseen[i][unseen_ans]),
+                     "ahead_adjacent_fpr": above_a(adjacent[i]),
+                     "ahead_adjacent_answer_fpr": above_a(adjacent[i][adjacent_ans]),
+                     "ahead_share_of_train": float(ahead.float().mean()),
                      "train_tokens": a.shape[0], "background_tokens": b.shape[0],
                      "unseen_tokens": unseen[i].shape[0]})
         print(json.dumps(rows[-1]), flush=True)
