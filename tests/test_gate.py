@@ -19,7 +19,7 @@ from meft.cli.commands import main
 from meft.data.records import Encoded
 from meft.engine.offload import OffloadedSparseAdapter
 from meft.engine.store import HostStore
-from meft.errors import AdapterMismatchError, ConfigError
+from meft.errors import AdapterMismatchError
 from meft.evaluation.exactness import reach
 from meft.training.gate import fit_novelty_gate
 from meft.training.protection import AccessCounter
@@ -68,65 +68,6 @@ def test_gated_out_tokens_are_padding_and_routed_ones_are_the_ungated_adapter() 
     full = _adapter()
     with torch.no_grad():
         torch.testing.assert_close(full(x)[routed], ry, rtol=1e-6, atol=1e-6)
-
-
-def test_a_sticky_gate_routes_every_real_token_after_one_that_passes() -> None:
-    """(B, S) with padding at the end of a row: a real token is routed when it or an earlier
-    real token of its row passes; the output is the ungated adapter's on exactly those."""
-    x, _, _, _, dy = make_inputs(CASE, torch.float32, 1)  # 24 tokens: 3 rows of 8
-    w = torch.randn(CASE.dim, generator=torch.Generator().manual_seed(2))
-    b = torch.quantile(x @ w, 0.85)
-    keep = torch.ones(3, 8, dtype=torch.bool)
-    keep[2, 5:] = False  # padding
-    passed = ((x @ w > b).view(3, 8) & keep)
-    routed = torch.zeros(3, 8, dtype=torch.bool)
-    for r in range(3):  # the plain loop
-        on = False
-        for t in range(8):
-            on = on or bool(passed[r, t])
-            routed[r, t] = on and bool(keep[r, t])
-    assert 0 < int(routed.sum()) < int(keep.sum()) and int(routed.sum()) > int(passed.sum())
-    mod = _adapter(torch.cat([w, b.reshape(1)]))
-    mod.sticky = True
-    y, dx, dk, dv, counts = _run(mod, x.view(3, 8, -1), dy.view(3, 8, -1), keep.reshape(-1))
-    ref = _adapter()
-    ry, rdx, rdk, rdv, rcounts = _run(ref, x, dy, routed.reshape(-1))
-    assert torch.equal(y.reshape(24, -1), ry) and torch.equal(dx.reshape(24, -1), rdx)
-    assert torch.equal(dk, rdk) and torch.equal(dv, rdv) and torch.equal(counts, rcounts)
-
-
-def test_a_sticky_gate_through_a_kv_cache_equals_the_whole_sequence(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    """Generating token by token (a KV cache) routes as the whole sequence at once does: the
-    logits of each new token equal the full forward's at its position."""
-    from helpers import tiny_for
-
-    model = get_meft_model(tiny_for(tokenizer), meft_config(top_k=4))
-    gen = torch.Generator().manual_seed(5)
-    for store in model.stores:
-        store.values.normal_(0, 0.5, generator=gen)
-    ids = torch.randint(3, len(tokenizer), (2, 14), generator=gen)
-    xs = _reference_inputs(model, [Encoded(r.tolist(), r.tolist(), False) for r in ids])
-    gates = {}
-    for layer, x in xs.items():  # a direction a few tokens pass, some in the middle
-        w = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
-        gates[layer] = torch.cat([w, torch.quantile(x @ w, 0.9).reshape(1)]).float()
-    model.set_novelty_gate(gates, sticky=True)
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        whole = model(input_ids=ids, attention_mask=mask).logits
-        out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
-        steps = [out.logits]
-        cache = out.past_key_values
-        for t in range(4, 14):
-            out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
-                        past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-5)
-    # not sticky, the same tokens pass less: the logits differ somewhere
-    model.set_novelty_gate(gates, sticky=False)
-    with torch.no_grad():
-        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, whole)
 
 
 def test_no_token_routed_gives_zeros() -> None:
@@ -183,6 +124,100 @@ def test_an_open_gate_is_no_gate() -> None:
     assert reach(closed, None, windows=[IDS[0].tolist()])["untouched_tokens"] == 1.0
 
 
+def _first_mlp_inputs(model: MeftModel, seen: list[Tensor]) -> object:
+    """A hook appending the first adapted layer's MLP input (B*S, d) of each call to seen."""
+    from meft.adapter.model import find_decoder_layers, find_mlp
+
+    mlp = find_mlp(find_decoder_layers(model.base_model)[min(model.layer_ids)])
+    assert mlp is not None
+    return mlp.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().reshape(-1, 32)))
+
+
+def test_one_decision_per_token_routes_that_decision_at_every_layer(tmp_path: Path) -> None:
+    """``once``: the first adapted layer's gate decides; the reference is the ungated model
+    told to route exactly the decided tokens at every layer (the way it is told which are
+    padding): the same logits and adapter gradients, bit for bit."""
+    once = _model()
+    gates = _gates(once, 0.0)
+    once.set_novelty_gate(gates, once=True)
+    assert [a.decides for a in once.adapter_modules] == [True, False, False]
+    seen: list[Tensor] = []
+    handle = _first_mlp_inputs(once, seen)
+    got, grads = _step(once)
+    handle.remove()
+    real = torch.ones_like(IDS, dtype=torch.bool)
+    real[1, 8:] = False
+    w, b = gates[min(once.layer_ids)][:-1], gates[min(once.layer_ids)][-1]
+    decided = (seen[0].float() @ w > b) & real.reshape(-1)  # (T,)
+    assert 0 < int(decided.sum()) < int(real.sum())
+    ref = _model()
+    ref.tokens.for_block = lambda block, hidden: decided  # type: ignore[method-assign]
+    want, want_grads = _step(ref)
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, h) for g, h in zip(grads, want_grads, strict=True))
+    per_layer = _model()  # each layer's own gate routes other tokens: not the same model
+    per_layer.set_novelty_gate(gates)
+    assert not torch.equal(_step(per_layer)[0], got)
+    # it rides with the adapter: saved and loaded, still one decision per token
+    once.save_pretrained(tmp_path / "once")
+    loaded = MeftModel.from_pretrained(tiny(), tmp_path / "once")
+    assert loaded.meft_config.novelty_once
+    assert [a.decides for a in loaded.adapter_modules] == [True, False, False]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, once(input_ids=IDS).logits)
+
+
+def test_a_token_the_deciding_gate_stops_is_the_base_model_at_every_layer() -> None:
+    """The first layer's gate closed, the later ones open: with ``once`` nothing is routed
+    anywhere and the logits are the base model's bit for bit; each layer deciding for itself,
+    the later layers route every token."""
+    model = _model()
+    gates = _gates(model, -float("inf"))
+    gates[min(model.layer_ids)][-1] = float("inf")
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=IDS).logits
+    model.set_novelty_gate(gates, once=True)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, base)
+    assert reach(model, None, windows=[IDS[0].tolist()])["untouched_tokens"] == 1.0
+    model.set_novelty_gate(gates)
+    assert [a.decision for a in model.adapter_modules] == [None, None, None]
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=IDS).logits, base)
+
+
+def test_one_decision_per_token_through_a_kv_cache_equals_the_whole_sequence(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Generating token by token (a KV cache) routes as the whole sequence at once does."""
+    from helpers import tiny_for
+
+    model = get_meft_model(tiny_for(tokenizer), meft_config(top_k=4))
+    gen = torch.Generator().manual_seed(5)
+    for store in model.stores:
+        store.values.normal_(0, 0.5, generator=gen)
+    ids = torch.randint(3, len(tokenizer), (2, 14), generator=gen)
+    xs = _reference_inputs(model, [Encoded(r.tolist(), r.tolist(), False) for r in ids])
+    gates = {}
+    for layer, x in xs.items():  # a direction half the tokens pass
+        w = torch.randn(x.shape[1], generator=gen, dtype=torch.float64)
+        gates[layer] = torch.cat([w, torch.quantile(x @ w, 0.5).reshape(1)]).float()
+    model.set_novelty_gate(gates, once=True)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(4, 14):
+            out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), model.disable_adapter():
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, whole)
+
+
 def _examples(n: int, seed: int, lo: int, hi: int) -> list[Encoded]:
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -235,37 +270,6 @@ def test_fit_equals_a_plain_lda_and_passes_the_share() -> None:
         model.set_novelty_gate({k: v[:-1] for k, v in gates.items()})
 
 
-def test_the_surprise_fit_is_a_plain_lda_on_the_surprising_training_tokens() -> None:
-    """``surprise``: the new side is the training tokens whose next-token loss (one example
-    at a time, no padding) exceeds it; the other training tokens join the background side,
-    in the moments and in the threshold's quantile."""
-    model = get_meft_model(tiny(), meft_config())
-    train, background = _examples(10, 1, 2, 40), _examples(16, 2, 30, 97)
-    nll = []
-    with torch.no_grad():
-        for e in train:
-            ids = torch.tensor(e.input_ids)
-            logits = model(input_ids=ids[None]).logits[0]
-            nll.append(torch.cat([torch.zeros(1), torch.nn.functional.cross_entropy(
-                logits[:-1].float(), ids[1:], reduction="none")]))
-    losses = torch.cat(nll)
-    surprise = float(losses.median())  # about half the tokens on each side
-    novel = losses > surprise
-    assert 0 < int(novel.sum()) < len(novel)
-    gates = fit_novelty_gate(model, train, background, 0.2, batch_size=3, surprise=surprise)
-    xt, xb = _reference_inputs(model, train), _reference_inputs(model, background)
-    for layer in gates:
-        t, bg = xt[layer][novel], torch.cat([xb[layer], xt[layer][~novel]])
-        mt, mb = t.mean(0), bg.mean(0)
-        s = ((t - mt).T @ (t - mt) + (bg - mb).T @ (bg - mb)) / (len(t) + len(bg) - 2)
-        w = torch.linalg.solve(s + 0.1 * s.diagonal().mean() * torch.eye(32), mt - mb)
-        b = torch.quantile(bg @ w, 0.8)
-        torch.testing.assert_close(gates[layer], torch.cat([w, b.reshape(1)]).float(),
-                                   rtol=1e-4, atol=1e-5)
-    with pytest.raises(ConfigError, match="no training token is that surprising"):
-        fit_novelty_gate(model, train, background, 0.2, surprise=1e6)
-
-
 def test_the_gate_rides_with_the_adapter(tmp_path: Path) -> None:
     model = _model()
     model.set_novelty_gate(_gates(model, 0.0))
@@ -308,8 +312,9 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+@pytest.mark.parametrize("once", [False, True])
 def test_train_with_a_gate_stops_and_resumes_bitwise(model_dir: Path, data_file: Path,
-                                                     tmp_path: Path,
+                                                     tmp_path: Path, once: bool,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     whole, split = tmp_path / "whole", tmp_path / "split"
     background = tmp_path / "background.jsonl"  # small, so that nothing is generated
@@ -317,7 +322,7 @@ def test_train_with_a_gate_stops_and_resumes_bitwise(model_dir: Path, data_file:
                                               "answer": ["blue" if i % 2 else "red"]}) + "\n"
                                   for i in range(16)))
     common = ["train", "--model", str(model_dir), "--data", str(data_file), "--background",
-              str(background)]
+              str(background), *(["--retain-gate-once"] if once else [])]
     assert main([*common, "--output", str(whole), *RUN]) == 0
     assert "novelty gate: " in capsys.readouterr().err
     assert main([*common, "--output", str(split), *RUN, "--stop-after", "2"]) == 0
@@ -326,7 +331,7 @@ def test_train_with_a_gate_stops_and_resumes_bitwise(model_dir: Path, data_file:
     assert "novelty gate: " not in capsys.readouterr().err  # not fitted again: restored
     assert _files(whole / "adapter") == _files(split / "adapter")
     config = json.loads((whole / "adapter" / "adapter_config.json").read_text())
-    assert config["novelty_gate"] is True
+    assert config["novelty_gate"] is True and config["novelty_once"] is once
     assert tensor_name(0, "novelty") in load_tensors(whole / "adapter", "adapter_model")
     ckpt = load_tensors(split / "checkpoints" / "step-00000004", "optimizer")
     assert ckpt["retain.0.gate"].shape == (33,)
@@ -353,6 +358,10 @@ def test_bad_gate_settings_are_one_line_errors(model_dir: Path, data_file: Path,
     assert main([*common, "--retain-gate", "0.1", "--retain", "off"]) == 2
     err = capsys.readouterr().err
     assert "--retain-gate is fitted on the protection's background" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main([*common, "--retain-gate-once"]) == 2
+    err = capsys.readouterr().err
+    assert "--retain-gate-once shapes the novelty gate: it needs --retain-gate" in err
     assert len(err.strip().splitlines()) == 1
     assert main(["bench", "--methods", "meft:4096+retain", "lora:qv:4+retain",
                  "--retain-gate", "0.1"]) == 2
@@ -404,7 +413,7 @@ def test_the_gate_comes_first_and_the_statistics_count_only_the_tokens_it_routes
             assert all(a.novelty is not None for a in model.adapter_modules)
             adapters = dict(zip(model.adapters, model.adapter_modules, strict=True))
             routed = dict.fromkeys(model.adapters, 0)
-            for layer, x, _ in _inputs(model, encode_all(ks.eval, tokenizer, config.max_length,
+            for layer, x in _inputs(model, encode_all(ks.eval, tokenizer, config.max_length,
                                                       "background"), 5, tokenizer.pad_token_id):
                 routed[layer] += int(adapters[layer].novel(x).sum())
             assert counts[gate] == {k: 4 * n for k, n in routed.items()}

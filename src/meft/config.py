@@ -243,9 +243,9 @@ class MeftConfig:
     novelty_gate: bool = option(False, "every layer routes only the tokens its novelty gate "
                                 "lets through (layers.<i>.novelty: w then b; fitted by "
                                 "--retain-gate)", cli=False)
-    novelty_sticky: bool = option(False, "with a novelty gate: once a token of a sequence "
-                                  "passes it, every later token of that sequence is routed "
-                                  "(--retain-gate-sticky)", cli=False)
+    novelty_once: bool = option(False, "with a novelty gate: the first adapted layer's gate "
+                                "decides for every layer, one decision per token "
+                                "(--retain-gate-once)", cli=False)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -391,17 +391,11 @@ class TrainConfig:
                                 "background's, and route only tokens beyond a threshold that "
                                 "lets this share of the background tokens through; the others "
                                 "get no adapter output (0: off)", check="fraction")
-    retain_gate_surprise: float = option(0.0, "experimental, with --retain-gate: fit the "
-                                         "gate's new side on the training tokens the model "
-                                         "finds surprising as training starts (next-token "
-                                         "loss above this many nats: an invented name, a new "
-                                         "answer); the others join the background side (0: "
-                                         "every training token)", check="nonneg")
-    retain_gate_sticky: bool = option(False, "experimental, with --retain-gate: once a token "
-                                      "of a sequence passes the gate, every later token of "
-                                      "that sequence is routed too (the rest of a question "
-                                      "about a new name, and its answer); a sequence none of "
-                                      "whose tokens passes stays exactly the base model")
+    retain_gate_once: bool = option(False, "experimental, with --retain-gate: one decision "
+                                    "per token, made by the first adapted layer's gate and "
+                                    "shared by every layer (a token that does not pass is the "
+                                    "base model at all of them); the first adapted layer "
+                                    "should be one that separates well, e.g. --layers 15-29")
     progress: bool = option(True, "progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:
@@ -740,9 +734,9 @@ class TrainJob:
         if run.rehearse is not None and (run.adapter is None or train.retain != "on"):
             raise ConfigError("--rehearse keeps what an earlier adapter learned: it needs "
                               "--adapter and --retain on")
-        if (train.retain_gate_surprise or train.retain_gate_sticky) and not train.retain_gate:
-            raise ConfigError("--retain-gate-surprise and --retain-gate-sticky shape the "
-                              "novelty gate: they need --retain-gate")
+        if train.retain_gate_once and not train.retain_gate:
+            raise ConfigError("--retain-gate-once shapes the novelty gate: it needs "
+                              "--retain-gate")
         if train.retain_gate and train.retain != "on":
             raise ConfigError("--retain-gate is fitted on the protection's background: it "
                               "needs --retain on (with --retain-replay 0: the gate alone)")

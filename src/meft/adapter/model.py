@@ -19,7 +19,8 @@ objects, never in ``nn.Module`` parameters, so ``model.to(device)`` moves only t
 with an index when large), atomically; ``MeftModel.from_pretrained`` checks that the adapter
 fits the base model before loading it. An adapter with a novelty gate (``novelty_gate`` in its
 config; :meth:`MeftModel.set_novelty_gate`, :mod:`meft.training.gate`) also holds
-``layers.<i>.novelty`` (d+1,) per layer; one without loads as it always did.
+``layers.<i>.novelty`` (d+1,) per layer (with ``novelty_once`` only the first adapted layer's
+decides, for all); one without loads as it always did.
 
 In a distributed run (``parallel``, :mod:`meft.engine.distributed`) each process's stores hold only
 its rows of every layer and its adapters are :class:`~meft.engine.distributed.ShardedSparseAdapter`;
@@ -51,7 +52,7 @@ from meft.adapter.serialization import (
 from meft.config import CONFIG_NAME, MeftConfig
 from meft.engine.disk import DiskArrays
 from meft.engine.distributed import DataParallel, ShardedSparseAdapter
-from meft.engine.offload import OffloadedSparseAdapter, TokenMask
+from meft.engine.offload import OffloadedSparseAdapter, RoutingDecision, TokenMask
 from meft.engine.optim import ROW_LOCAL_STATE
 from meft.engine.pipeline import HostWorker
 from meft.engine.routing import router_init
@@ -176,9 +177,6 @@ def pass_real_tokens(block: nn.Module, index: int, adapter: OffloadedSparseAdapt
         hidden = args[0] if args else kwargs.get("hidden_states")
         adapter.keep = (tokens.for_block(index, hidden)
                         if isinstance(hidden, Tensor) and hidden.dim() == 3 else None)
-        # a KV-cache continuation: the mask covers earlier tokens too (the sticky gate's state)
-        adapter.continues = (tokens.mask is not None and isinstance(hidden, Tensor)
-                             and hidden.dim() == 3 and tokens.mask.shape[1] > hidden.shape[1])
 
     return block.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -291,10 +289,11 @@ class MeftModel(nn.Module):
             if config.novelty_gate:  # as saved, or open (w = 0, b = -inf) until it is set
                 adapter.novelty = (tensors[tensor_name(i, "novelty")].float().to(self.device_)
                                    if tensors is not None else _open_gate(d, self.device_))
-                adapter.sticky = config.novelty_sticky
             self.adapters[str(i)] = adapter
             self._handles.extend(attach_beside_mlp(blocks[i], adapter, lambda: self._enabled))
             self._handles.append(pass_real_tokens(blocks[i], i, adapter, self.tokens))
+        if config.novelty_once:
+            self._share_decision()
         self._handles.extend(watch_attention_mask(base_model, self.tokens))
         self.host_worker: HostWorker | None = None
         self.use_host_worker(self.device_.type == "cuda")  # a CPU has nothing to overlap
@@ -374,11 +373,13 @@ class MeftModel(nn.Module):
                 for t in s.tables}
 
     def set_novelty_gate(self, gates: Mapping[int, Tensor] | Mapping[str, Tensor], *,
-                         sticky: bool = False) -> None:
+                         once: bool = False) -> None:
         """Route, in every adapted layer, only the tokens x with x.w > b: ``gates`` maps each
         layer id to its (d+1,) tensor, w then b (:func:`meft.training.gate.fit_novelty_gate`);
-        ``sticky``: and every token of a sequence after one that passes. Saved with the adapter
-        from now on (``novelty_gate``, ``novelty_sticky`` in its config)."""
+        ``once``: the first adapted layer's gate decides for every layer (the tokens it passes
+        are routed at all, the others at none; the later layers' gates are kept, unused).
+        Saved with the adapter from now on (``novelty_gate``, ``novelty_once`` in its
+        config)."""
         if self.parallel is not None:
             raise ConfigError("the novelty gate (--retain-gate) is for one process")
         given = {str(k): v for k, v in gates.items()}
@@ -391,9 +392,18 @@ class MeftModel(nn.Module):
                 raise ValueError(f"novelty gate of layer {layer}: shape {tuple(gate.shape)}, "
                                  f"expected {(adapter.store.dim + 1,)}")
             adapter.novelty = gate.detach().to(self.device_, torch.float32).clone()
-            adapter.sticky = sticky
+            adapter.decision, adapter.decides = None, False
+        if once:
+            self._share_decision()
         self.meft_config.novelty_gate = True
-        self.meft_config.novelty_sticky = sticky
+        self.meft_config.novelty_once = once
+
+    def _share_decision(self) -> None:
+        """One routing decision per token: the first adapted layer makes it, the others
+        follow (:class:`~meft.engine.offload.RoutingDecision`)."""
+        decision, first = RoutingDecision(), min(self.layer_ids)  # the first to run
+        for i, adapter in zip(self.layer_ids, self.adapter_modules, strict=True):
+            adapter.decision, adapter.decides = decision, i == first
 
     def transfer_stats(self) -> list[TransferStats]:
         return [s.stats for s in self.stores]

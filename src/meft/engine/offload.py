@@ -54,12 +54,11 @@ only the tokens that look like the training data: a real token x is routed iff x
 no access counts). :meth:`_tokens` combines the two, so :meth:`prepare`, :meth:`forward` and
 the access counter all see the same routed tokens. The gate is fitted before training
 (:mod:`meft.training.gate`) and saved with the adapter (``layers.<i>.novelty``). Zero routed
-tokens give a zero output. With ``novelty`` None nothing changes, bit for bit. With
-``sticky``, a real token is also routed when an earlier real token of its sequence passed (a
-cumulative OR along the sequence; through a KV cache the rows' state is carried from the
-calls before, which :func:`meft.adapter.model.pass_real_tokens` tells apart by the mask
-covering more tokens than the call): the rest of a question about a new name and its answer
-are routed, and a sequence none of whose tokens passes is exactly the base model.
+tokens give a zero output. With ``novelty`` None nothing changes, bit for bit. With a shared
+:class:`RoutingDecision` (``decision``), the adapter with ``decides`` (the first adapted layer)
+applies its gate and records which tokens passed; every later adapter of the call routes
+exactly those, whatever its own gate says: one decision per token, not one per (token, layer),
+so a token that does not pass is exactly the base model at every layer.
 """
 
 from __future__ import annotations
@@ -219,6 +218,22 @@ class _StagingPool:
                 entry[2] = event
 
 
+class RoutingDecision:
+    """Which tokens of the model call in progress passed the novelty gate of the layer that
+    decides (``passed``, (T,) bool), for the later layers of the same call to route (the
+    recomputation of a checkpointed layer in backward finds the same call's)."""
+
+    def __init__(self) -> None:
+        self.passed: Tensor | None = None
+
+    def of(self, tokens: int) -> Tensor:
+        """The decision for a call of ``tokens`` tokens (T,) bool."""
+        if self.passed is None or self.passed.shape[0] != tokens:
+            raise RuntimeError(f"no routing decision for this call's {tokens} tokens: the "
+                               "deciding (first adapted) layer did not run on them")
+        return self.passed
+
+
 class OffloadedSparseAdapter(nn.Module):
     """MEFT adapter for one layer: y = adapter(x) with x (..., d), to be added to the FFN output.
 
@@ -263,11 +278,10 @@ class OffloadedSparseAdapter(nn.Module):
         self.counter: Counter | None = None  # set while protection counts accesses
         self.keep: Tensor | None = None  # (T,) real tokens of the block call, set by MeftModel
         self.novelty: Tensor | None = None  # (d+1,) fp32 novelty gate: w then b (None: off)
-        # sticky gate: every token after one that passes is routed; the state of each row of
-        # a generation whose next calls continue it through a KV cache (``continues``)
-        self.sticky = False
-        self.continues = False
-        self._triggered: Tensor | None = None  # (B,) bool
+        # one routing decision per token shared by the layers (None: each layer's own gate);
+        # the adapter that ``decides`` makes it, the others route what it decided
+        self.decision: RoutingDecision | None = None
+        self.decides = False
         # on CPU, kernels read rows in the tables (False: always stage, the reference path)
         self.read_in_place = True
         # gradient rows accumulated on a host thread (meft.engine.pipeline; None: inline)
@@ -343,28 +357,16 @@ class OffloadedSparseAdapter(nn.Module):
         if keep is not None and keep.shape[0] != x2.shape[0]:
             keep = None
         if self.novelty is not None:
-            novel = self.novel(x2)  # (T,)
-            if self.sticky and x.dim() == 3:
-                novel = self._stick(novel, keep, x.shape[0])
+            if self.decision is None:
+                novel = self.novel(x2)  # (T,)
+            elif self.decides:
+                novel = self.decision.passed = self.novel(x2)
+            else:
+                novel = self.decision.of(x2.shape[0])
             keep = novel if keep is None else keep.to(x.device) & novel
         if keep is None:
             return x2, None, None
         return x2, keep, keep.to(x.device).nonzero().squeeze(1)
-
-    def _stick(self, novel: Tensor, keep: Tensor | None, rows: int) -> Tensor:
-        """The sticky gate: (T,) = (B*S,) bool, a real token passes when it or an earlier real
-        token of its row passed (of this call, or, for a KV-cache continuation, of the calls
-        before it: ``_triggered``). Calling it twice on one call gives the same (an OR)."""
-        passed = novel.view(rows, -1)  # (B, S)
-        if keep is not None:
-            passed = passed & keep.to(passed.device).view(rows, -1)  # padding never triggers
-        if self.continues and self._triggered is not None and self._triggered.shape[0] == rows:
-            passed = torch.cat([self._triggered.unsqueeze(1), passed], 1)  # (B, 1 + S)
-            passed = passed.cummax(1).values[:, 1:]
-        else:
-            passed = passed.cummax(1).values
-        self._triggered = passed[:, -1].clone()
-        return passed.reshape(-1)
 
     def novel(self, x2: Tensor) -> Tensor:
         """(T,) bool: the tokens x2 (T, d) the novelty gate lets through, x.w > b in fp32."""

@@ -423,7 +423,7 @@ class Retainer:
                  penalty_tokens: int = PENALTY_TOKENS, hubs: float = 1.0, replay: int = 0,
                  replay_target: str = "distill", written: bool = True, rehearse: int = 0,
                  replay_weight: float = 1.0, pad_id: int = 0,
-                 gate_sticky: bool = False) -> None:
+                 gate_once: bool = False) -> None:
         if replay_target not in REPLAY_TARGETS:
             raise ValueError(f"replay_target must be one of {REPLAY_TARGETS}, got "
                              f"{replay_target!r}")
@@ -451,7 +451,7 @@ class Retainer:
         self.replay, self.replay_target, self.pad_id = replay, replay_target, pad_id
         self.replay_weight = replay_weight
         self.rehearse = rehearse
-        self.gate_sticky = gate_sticky  # a resumed run's gate (restore) is sticky
+        self.gate_once = gate_once  # a resumed run's gate (restore) decides once per token
         self.counters = _attach(model)
         # rows an earlier run wrote (values start at zero): never selected, so what the
         # adapter already learned stays as it was (continual learning); written=False trains
@@ -496,7 +496,7 @@ class Retainer:
                  if f"{PREFIX}{layer}.gate" in tensors}
         if gates:
             assert isinstance(self.model, MeftModel)
-            self.model.set_novelty_gate(gates, sticky=self.gate_sticky)
+            self.model.set_novelty_gate(gates, once=self.gate_once)
 
     @contextlib.contextmanager
     def watch(self, attention_mask: Tensor) -> Iterator[None]:
@@ -719,8 +719,7 @@ class Retainer:
                                      "examples; pass train=")
                 set_novelty_gate(model, train, pool_examples, config.retain_gate,
                                  pad_id=tokenizer.pad_token_id or 0,
-                                 surprise=config.retain_gate_surprise,
-                                 sticky=config.retain_gate_sticky)
+                                 once=config.retain_gate_once)
             if uses_statistics(config):
                 stats = Background.measure(model, encoded, tokenizer.pad_token_id,
                                            progress=progress, seed=config.seed,
@@ -746,7 +745,7 @@ class Retainer:
                    written=_keeps_written(config.retain_written, rehearsal),
                    rehearse=config.retain_rehearse, replay_weight=config.retain_replay_weight,
                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                   gate_sticky=config.retain_gate_sticky)
+                   gate_once=config.retain_gate_once)
 
     def summary(self) -> str:
         bg = self.background
