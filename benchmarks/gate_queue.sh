@@ -6,6 +6,10 @@
 # again from the same commit to continue).
 #
 #   bash benchmarks/gate_queue.sh COMMIT [RESULTS_DIR] [WORK_DIR]
+#   GATE_RUNS="once-0.01-alone layers15-reference" bash benchmarks/gate_queue.sh COMMIT
+#
+# GATE_RUNS names the settings to run (default: every one); each needs the flags of COMMIT
+# (--retain-gate-once: from 8bacb91 on).
 #
 # RESULTS_DIR (default benchmarks/results/novelty-routing/gate-COMMIT) gets one bench
 # directory per setting. Built-in set, 90 steps of 12, seeds 0-2, meft:4096 (the main job's
@@ -28,6 +32,9 @@ mkdir -p "$OUT"
 run() {  # output-name, then meft bench arguments
     local name=$1
     shift
+    if [[ -n "${GATE_RUNS:-}" && " $GATE_RUNS " != *" $name "* ]]; then
+        return 0
+    fi
     "$MEFT" bench --seeds 0,1,2 --steps 90 --batch-size 12 --output "$OUT/$name" \
         --skip-done --no-progress "$@"
 }
@@ -36,7 +43,9 @@ run gate-0.01-alone --methods meft:4096+retain@3e-3 --retain-gate 0.01 --retain-
 run reference --methods meft:4096@3e-3 meft:4096+retain@3e-3
 run gate-0.01-replay --methods meft:4096+retain@3e-3 --retain-gate 0.01
 run gate-0.05-alone --methods meft:4096+retain@3e-3 --retain-gate 0.05 --retain-replay 0
-# the gate fitted on the surprising training tokens only (--retain-gate-surprise, from commit
-# 4c666e2 on): on the base model it passes 5-8% of the adjacent kinds' tokens, not 28-37%
-run surprise4-0.01-alone --methods meft:4096+retain@3e-3 --retain-gate 0.01 \
-    --retain-gate-surprise 4 --retain-replay 0
+# one decision per token (--retain-gate-once), made at the first adapted layer, layer 15 of
+# 30 (--layers 15-29: on the base model it passes 45% of the training tokens, 4% of unseen
+# general ones); the reference: unprotected meft on the same layers
+run once-0.01-alone --layers 15-29 --methods meft:4096+retain@3e-3 --retain-gate 0.01 \
+    --retain-gate-once --retain-replay 0
+run layers15-reference --layers 15-29 --methods meft:4096@3e-3
