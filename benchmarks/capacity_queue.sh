@@ -16,16 +16,8 @@
 # Retention is not measured (--no-retention: this is about storing), evaluation asks at most 200
 # questions per split. Roughly ten hours on 2 cores; the largest size runs a second seed last.
 set -euo pipefail
-COMMIT=${1:?usage: capacity_queue.sh COMMIT [RESULTS_DIR] [WORK_DIR]}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-OUT=$(realpath -m "${2:-$HERE/benchmarks/results/capacity-${COMMIT:0:7}}")
-WORK=$(realpath -m "${3:-/work/queue-${COMMIT:0:7}}")
-
-. "$HERE/benchmarks/clean_clone.sh"
-clean_clone "$HERE" "$COMMIT" "$WORK"
-MEFT="$WORK/.venv/bin/meft"
-cd "$WORK"
-mkdir -p "$OUT"
+. "$(dirname "$0")/clean_clone.sh"
+start_queue capacity_queue.sh "benchmarks/results/capacity-{commit}" "$@"
 METHODS=(lora:qv:8 lora:all:4 lora:all:16 lora:all:64 full meft:4096 meft:16384
          meft:65536:bf16:rowwise)
 

@@ -13,16 +13,8 @@
 # 0-2, each method at its tuned rate. A run is 180 steps and 15 evaluations: about 20-25
 # minutes on 2 cores; 21 runs, about 7-8 hours.
 set -euo pipefail
-COMMIT=${1:?usage: continual_queue.sh COMMIT [RESULTS_DIR] [WORK_DIR]}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-OUT=$(realpath -m "${2:-$HERE/benchmarks/results/continual-learning/five-sets-${COMMIT:0:7}}")
-WORK=$(realpath -m "${3:-/work/queue-${COMMIT:0:7}}")
-
-. "$HERE/benchmarks/clean_clone.sh"
-clean_clone "$HERE" "$COMMIT" "$WORK"
-MEFT="$WORK/.venv/bin/meft"
-cd "$WORK"
-mkdir -p "$OUT"
+. "$(dirname "$0")/clean_clone.sh"
+start_queue continual_queue.sh "benchmarks/results/continual-learning/five-sets-{commit}" "$@"
 
 run() {  # output-name, then meft bench arguments
     local name=$1

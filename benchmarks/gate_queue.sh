@@ -18,16 +18,8 @@
 # one machine (their retention_adjacent did not exist before). 15 runs of 8-10 minutes on
 # 2 cores: about 2.25 hours.
 set -euo pipefail
-COMMIT=${1:?usage: gate_queue.sh COMMIT [RESULTS_DIR] [WORK_DIR]}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-OUT=$(realpath -m "${2:-$HERE/benchmarks/results/novelty-routing/gate-${COMMIT:0:7}}")
-WORK=$(realpath -m "${3:-/work/queue-${COMMIT:0:7}}")
-
-. "$HERE/benchmarks/clean_clone.sh"
-clean_clone "$HERE" "$COMMIT" "$WORK"
-MEFT="$WORK/.venv/bin/meft"
-cd "$WORK"
-mkdir -p "$OUT"
+. "$(dirname "$0")/clean_clone.sh"
+start_queue gate_queue.sh "benchmarks/results/novelty-routing/gate-{commit}" "$@"
 
 run() {  # output-name, then meft bench arguments
     local name=$1
