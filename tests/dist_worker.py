@@ -39,19 +39,18 @@ def examples(n: int = 12, seed: int = 0, vary: bool = False) -> list[Encoded]:
 
 
 def protection(model: MeftModel) -> Retainer:
-    """Forgetting protection over a background of 8 random sequences: a selection of 24 of
-    the 64 rows per layer and step, 2 of the sequences replayed per step (distilled), and rows
-    :data:`WRITTEN` written before it starts (so kept as they are)."""
+    """Forgetting protection over a background of 8 random sequences: 2 of them replayed per
+    step (distilled), and rows :data:`WRITTEN` written before it starts (so kept as they
+    are)."""
     for adapter in model.adapter_modules:
         lo, hi = adapter.plan.rows if model.parallel is not None else (0, adapter.n_neurons)
         for row in WRITTEN:
             if lo <= row < hi:
                 adapter.store.values[row - lo] = 0.05
     background = examples(8, seed=1, vary=True)
-    stats = Background.measure(model, background, 0, progress=False)
-    stats.examples = [e.first_targets(2) for e in background]
+    stats = Background(len(background), [e.first_targets(2) for e in background])
     stats.keep_distributions(model, 0)
-    return Retainer(model, stats, rows=24, replay=2, pad_id=0)
+    return Retainer(model, stats, replay=2, pad_id=0)
 
 
 def run(out: Path, *, steps: int = 4, batch: int = 6, micro: int | None = 2,

@@ -76,14 +76,14 @@ def test_train_with_protection_records_it_and_resumes_bitwise(
     flags = ["--model", str(model_dir), "--data", str(data_file), "--steps", "4",
              "--batch-size", "4", "--lr", "1e-2", "--max-new-tokens", "3", "--no-progress",
              "--no-eval-before", "--no-retention", "--no-plots", "--retain", "on",
-             "--retain-rows", "3", "--retain-score", "kl", "--retain-replay", "2", *TINY]
+             "--retain-replay", "2", *TINY]
     assert main(["train", *flags, "--output", str(tmp_path / "whole")]) == 0
     err = capsys.readouterr().err
-    assert "background: the base model's answers to 672 shipped prompts" in err
-    assert "forgetting protection: kl over 672 background documents, top 3 rows" in err
+    assert "background: the base model's answers to 192 shipped prompts" in err
+    assert "forgetting protection: 2 of 192 background examples replayed per step" in err
     metrics = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text()
                .splitlines()]
-    assert all(r["retained_rows_per_layer"] == [3, 3] for r in metrics)
+    assert all(len(r["retained_rows_per_layer"]) == 2 for r in metrics)
     # distilled replay: nothing to hold before the first update, then the model has moved
     assert abs(metrics[0]["retain_replay_loss"]) < 1e-5
     # (a replayed question may read none of the few rows trained so far: ~0 until it does)
@@ -106,7 +106,6 @@ def test_train_with_protection_records_it_and_resumes_bitwise(
     assert len(targets) == 192 and 0 < max(targets) <= REPLAY_TOKENS  # the general questions
     run = json.loads((tmp_path / "whole" / "run.json").read_text())
     assert run["config"]["train"]["retain"] == "on"
-    assert run["config"]["train"]["retain_rows"] == 3
     assert run["config"]["train"]["retain_replay"] == 2
 
 
@@ -183,10 +182,8 @@ def test_protection_for_a_loop_of_your_own_is_meft_trains_default(
     want = Retainer.from_config(wrapped(), TrainConfig(), load_samples(data_file), tokenizer,
                                 progress=False)
     defaults = TrainConfig()
-    assert (got.rows, got.replay, got.replay_target, got.score, got.router, got.keys) == (
-        defaults.retain_rows, defaults.retain_replay, defaults.retain_replay_target,
-        defaults.retain_score, defaults.retain_router == "trained",
-        defaults.retain_update == "keys+values")
+    assert (got.replay, got.replay_target, got.replay_weight) == (
+        defaults.retain_replay, defaults.retain_replay_target, defaults.retain_replay_weight)
     assert got.background is not None and got.background.documents == 12
     assert got.tensors().keys() == want.tensors().keys()
     for name, t in want.tensors().items():

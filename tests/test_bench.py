@@ -28,23 +28,21 @@ def test_parse_method() -> None:
     assert parse_method("full") == Method("full") and Method("full").name == "full"
     assert parse_method("meft:64+retain") == Method("meft", neurons=64, retain=True)
     assert parse_method("meft:64+retain").name == "meft:64+retain"
-    swept = parse_method("meft:64+retain:kl:256:values:frozen")
-    assert swept.name == "meft:64+retain:kl:256:values:frozen"
-    assert swept.retain_overrides() == {"retain_score": "kl", "retain_rows": 256,
-                                        "retain_update": "values", "retain_router": "frozen"}
+    swept = parse_method("meft:64+retain:rep4:repw0.5:answers:whole")
+    assert swept.name == "meft:64+retain:rep4:repw0.5:answers:whole"
+    assert swept.retain_overrides() == {"retain_replay": 4, "retain_replay_weight": 0.5,
+                                        "retain_replay_target": "answers",
+                                        "retain_replay_pool": "whole"}
     with pytest.raises(ConfigError, match="unknown protection setting 'lots'"):
         parse_method("meft:64+retain:lots")
-    assert parse_method("meft:64+retain:hub0.5:pen2").retain_overrides() == {
-        "retain_hubs": 0.5, "retain_penalty": 2.0}
-    assert parse_method("meft:64+retain:all:frozen:rep4:answers").retain_overrides() == {
-        "retain_rows": 0, "retain_router": "frozen", "retain_replay": 4,
-        "retain_replay_target": "answers"}
-    for bad in ("hub0", "hubx", "pen-1", "rep1.5", "rep-2", "repx"):
+    # the deleted recipe's settings (row selection, penalty, hubs ...) are unknown now
+    for bad in ("kl", "256", "all", "values", "frozen", "pen1", "hub0.5", "rep1.5", "rep-2",
+                "repx", "repw0"):
         with pytest.raises(ConfigError, match="unknown protection setting"):
             parse_method(f"meft:64+retain:{bad}")
-    compact = parse_method("meft:64:bf16:8bit+retain:kl")
+    compact = parse_method("meft:64:bf16:8bit+retain:rep2")
     assert compact.state == ("bf16", "8bit") and compact.retain
-    assert compact.name == "meft:64:bf16:8bit+retain:kl"
+    assert compact.name == "meft:64:bf16:8bit+retain:rep2"
     assert compact.state_overrides() == {"host_dtype": "bfloat16", "optim_state": "8bit"}
     assert parse_method("meft:64:rowwise").state_overrides() == {"optim_state": "rowwise"}
     # default rates as the tuned comparison chose them
@@ -56,11 +54,6 @@ def test_parse_method() -> None:
     assert parse_method("full+retain:rep2:answers").retain_overrides() == {
         "retain_replay": 2, "retain_replay_target": "answers"}
     assert parse_method("dense:8+retain").name == "dense:8+retain"
-    for bad in ("kl", "256", "all", "values", "frozen", "pen1", "hub0.5"):
-        with pytest.raises(ConfigError, match=f"'{bad}' is protection only meft's sparse"):
-            parse_method(f"lora:all:16+retain:{bad}")
-    with pytest.raises(ConfigError, match="'frozen' is protection only meft's sparse"):
-        parse_method("full+retain:rep2:frozen")
     for bad in ("lora:16", "dense", "meft:big", "sparse:10", "lora:xy:4", "meft:0", "full:8",
                 "meft:+retain", "meft:64:fp16", "meft:64:8bit:rowwise",
                 "meft:64:bf16:bf16", "dense:64:bf16"):
@@ -80,7 +73,7 @@ def test_parse_entry_gives_a_method_its_own_rates() -> None:
 
 
 KINDS = ["dense:32", "offload:32", "meft:64", "meft-noexperts:64", "full", "meft:64+retain",
-         "meft:64+retain:kl:3:values:frozen", "full+retain:rep2"]
+         "meft:64+retain:rep2:answers", "full+retain:rep2"]
 if importlib.util.find_spec("peft") is not None:
     KINDS += ["lora:qv:4", "lora:qv:4+retain"]
 
@@ -142,9 +135,8 @@ def test_every_method_trains_on_a_tiny_model(name: str, tokenizer) -> None:  # t
         assert result["moved_bytes_per_step"] > 0 and result["union_mean"] > 0
         assert result["adapter_config"]["neurons"] == 64
         assert (result["retained_rows_mean"] is None) == ("+retain" not in name)
-        if name.endswith("frozen"):
-            assert result["retained_rows_mean"] <= 3
-            assert result["train_config"]["retain_router"] == "frozen"
+        if name.endswith("answers"):
+            assert result["train_config"]["retain_replay_target"] == "answers"
     else:
         assert result["moved_bytes_per_step"] == 0
     assert result["device_bytes"] >= result["device_bytes_base"]
@@ -281,14 +273,14 @@ def test_bench_retain_method_equals_meft_train_with_protection(
         model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEFT_CACHE", str(tmp_path / "cache"))
     common = ["--model", str(model_dir), "--steps", "3", "--batch-size", "4", "--top-k", "4",
-              "--experts", "8", "--n-probe", "2", "--no-progress", "--retain-rows", "5",
-              "--retain-update", "values", "--retain-router", "frozen"]
+              "--experts", "8", "--n-probe", "2", "--no-progress", "--retain-replay", "2",
+              "--retain-replay-target", "answers"]
     out = tmp_path / "bench"
     assert main(["bench", "--methods", "meft:64+retain", "--no-eval", "--output", str(out),
                  *common]) == 0
     bench = json.loads((out / "meft_64+retain@0.003.json").read_text())
-    assert bench["method"] == "meft:64+retain" and bench["retained_rows_mean"] <= 5
-    assert bench["train_config"]["retain_update"] == "values"
+    assert bench["method"] == "meft:64+retain" and bench["retained_rows_mean"] > 0
+    assert bench["train_config"]["retain_replay_target"] == "answers"
     run = tmp_path / "train"
     assert main(["train", "--neurons", "64", "--retain", "on", "--output", str(run),
                  "--no-eval-before", "--max-eval", "2", "--max-new-tokens", "2", "--no-plots",
@@ -471,9 +463,9 @@ def test_bench_refuses_bad_methods_before_any_work(capsys: pytest.CaptureFixture
     assert "--top-k 99 must be in" in capsys.readouterr().err  # the flag, not the field
     # a job-wide flag of the sparse memory's protection, refused for LoRA before any work
     assert main(["bench", "--methods", "meft:4096+retain", "lora:qv:4+retain",
-                 "--retain-rows", "8"]) == 2
+                 "--retain-written", "keep"]) == 2
     err = capsys.readouterr().err
-    assert "lora:qv:4+retain: --retain-rows is protection only meft's sparse tables" in err
+    assert "lora:qv:4+retain: --retain-written is protection only meft's sparse tables" in err
     assert len(err.strip().splitlines()) == 1
 
 

@@ -79,20 +79,19 @@ def test_losses_and_adapter_equal_meft_trains(tmp_path: Path) -> None:
 
 
 def test_protection_in_the_trainer_equals_meft_trains(tmp_path: Path) -> None:
-    """The same protection (row selection, output penalty, replay, values only, frozen
-    routers) through MeftTrainer and through meft's trainer: the same losses and tables."""
+    """The same protection (replay, rows written before held) through MeftTrainer and
+    through meft's trainer: the same losses and tables."""
     from meft.training.protection import Background, Retainer
 
     data = examples()
     background = examples(10, seed=5)
-    settings = {"rows": 6, "keys": False, "router": False, "penalty": 1.0,
-                "penalty_tokens": 16, "replay": 2}
 
     def protected(model: MeftModel) -> Retainer:
-        bg = Background.measure(model, background, pad_id=0, progress=False, keep_inputs=40)
-        bg.examples = background
+        for s in model.stores:  # an adapter trained before: its first 8 rows hold values
+            s.values[:8].normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        bg = Background(len(background), background)
         bg.keep_distributions(model, pad_id=0)
-        return Retainer(model, bg, **settings)
+        return Retainer(model, bg, replay=2)
 
     ours = get_meft_model(tiny("llama"), meft_config())
     retainer = protected(ours)
@@ -105,6 +104,7 @@ def test_protection_in_the_trainer_equals_meft_trains(tmp_path: Path) -> None:
     retainer = protected(theirs)
     nonzero_values(theirs)
     routers = [r.detach().clone() for r in theirs.router_parameters()]
+    held = [s.values[:8].clone() for s in theirs.stores]
     trainer = MeftTrainer(model=theirs, args=hf_args(tmp_path / "hf", max_steps=3),
                           train_dataset=rows(data), data_collator=MeftCollator(0),
                           retainer=retainer)
@@ -114,8 +114,11 @@ def test_protection_in_the_trainer_equals_meft_trains(tmp_path: Path) -> None:
         assert hf["loss"] == pytest.approx(mine["loss"], abs=1e-4)
     for name, t in ours.adapter_state().items():
         torch.testing.assert_close(theirs.adapter_state()[name], t, rtol=1e-5, atol=1e-6)
-    assert all(torch.equal(r, r0) for r, r0 in zip(theirs.router_parameters(), routers,
-                                                   strict=True))
+    assert history[-1]["retain_replay_loss"] > 0
+    assert all(not torch.equal(r, r0) for r, r0 in zip(theirs.router_parameters(), routers,
+                                                       strict=True))  # routers train
+    for s, before in zip(theirs.stores, held, strict=True):  # rows written before: as they were
+        assert torch.equal(s.values[:8], before)
 
 
 def test_resume_from_a_trainer_checkpoint_is_bitwise(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Forgetting protection (meft.training.protection): scores against loops, the selection against
-plain training, untouched rows bit for bit, background statistics through checkpoints."""
+"""Forgetting protection (meft.training.protection): nothing to do is plain training, rows
+written before untouched bit for bit, replay and rehearsal against independent computations,
+their state through checkpoints; options of the deleted recipe read or refused."""
 
 from __future__ import annotations
 
@@ -9,21 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import meft.training.protection as retain_module
 from helpers import meft_config, tiny
-from meft.adapter.model import MeftModel, get_meft_model, tensor_name
+from meft.adapter.model import MeftModel, get_meft_model
 from meft.data.records import Encoded, collate
 from meft.errors import ConfigError
 from meft.evaluation.evaluate import answer_loss, labelled_logits, token_loss_sum
-from meft.training.protection import (
-    AccessCounter,
-    Background,
-    Retainer,
-    distill_loss,
-    hub_rows,
-    row_scores,
-    top_rows,
-)
+from meft.training.protection import Background, Retainer, distill_loss
 from meft.training.trainer import TrainConfig, Trainer
 
 
@@ -37,65 +29,14 @@ def examples(n: int = 8, seed: int = 0, lo: int = 2, hi: int = 97, *,
     return out
 
 
-def background_of(model: MeftModel, seed: int = 5) -> Background:
-    return Background.measure(model, examples(12, seed=seed), pad_id=0, batch_size=5,
-                              progress=False)
-
-
-def test_row_scores_match_a_loop() -> None:
-    gen = torch.Generator().manual_seed(0)
-    n, docs = 30, 9
-    counts = torch.randint(0, 4, (n,), generator=gen)
-    bg = torch.randint(0, 20, (n,), generator=gen)
-    df = torch.randint(0, docs + 1, (n,), generator=gen)
-    total, bg_total = int(counts.sum()), int(bg.sum()) + n
-    for score in ("tfidf", "kl"):
-        got = row_scores(counts, bg, df, docs, score)
-        for i in range(n):
-            c = int(counts[i])
-            if c == 0:
-                assert got[i] == -math.inf
-                continue
-            p = c / total
-            want = (p * math.log((docs + 1) / (int(df[i]) + 1)) if score == "tfidf"
-                    else p * math.log(p / ((int(bg[i]) + 1) / bg_total)))
-            assert float(got[i]) == pytest.approx(want, rel=1e-12)
-    scores = torch.tensor([0.5, -math.inf, 0.5, 0.9, 0.1])
-    assert top_rows(scores, 3).tolist() == [3, 0, 2]  # ties to the lower id
-    assert top_rows(scores, 10).tolist() == [3, 0, 2, 4]  # never a row not accessed
-
-
-def test_access_counter_counts_tokens_and_documents() -> None:
-    gen = torch.Generator().manual_seed(1)
-    n, t, k = 20, 14, 3
-    ids = torch.randint(0, n, (t, k), generator=gen)
-    docs = torch.tensor([0, 0, 0, 1, 1, -1, -1, 2, 2, 2, 2, 3, -1, 3])
-    counter = AccessCounter(n)
-    counter.add(ids, torch.zeros(t, 2))  # not counting: ignored
-    assert counter.counts.sum() == 0
-    counter.docs, counter.track_docs = docs, True
-    counter.add(ids, torch.zeros(t, 2))
-    want_counts, want_df = [0] * n, [0] * n
-    for doc in set(docs.tolist()) - {-1}:
-        seen = set()
-        for row, d in zip(ids.tolist(), docs.tolist(), strict=True):
-            if d == doc:
-                for i in row:
-                    want_counts[i] += 1
-                    seen.add(i)
-        for i in seen:
-            want_df[i] += 1
-    assert counter.counts.tolist() == want_counts
-    assert counter.df.tolist() == want_df
-    with pytest.raises(ValueError, match="13 in the mask"):
-        counter.docs = docs[:13]
-        counter.add(ids, torch.zeros(t, 2))
+def background_of(model: MeftModel) -> Background:
+    """A background of 12 documents, nothing replayed yet (tests set ``examples``)."""
+    return Background(12)
 
 
 def _trained(tmp_path: Path, name: str, retain: dict | None, steps: int = 3,
              values: float | None = None) -> tuple[MeftModel, Trainer]:
-    """Training on examples of one length (no padding: rows that only padding chose are
-    dropped by the protection, but updated by plain training through their momentum)."""
+    """Training on examples of one length."""
     model = get_meft_model(tiny("llama"), meft_config())
     retainer = (Retainer(model, background_of(model), **retain) if retain is not None
                 else None)
@@ -109,11 +50,11 @@ def _trained(tmp_path: Path, name: str, retain: dict | None, steps: int = 3,
     return model, trainer
 
 
-def test_keeping_every_row_is_plain_training(tmp_path: Path) -> None:
-    """The selection's reference: with t >= N nothing is dropped, and training is bit for bit
-    the training without protection (tables, routers, optimizer state, losses)."""
+def test_protection_with_nothing_to_replay_or_hold_is_plain_training(tmp_path: Path) -> None:
+    """The protection's reference: nothing replayed and no row written before, training is
+    bit for bit the training without protection (tables, routers, optimizer state, losses)."""
     plain, p = _trained(tmp_path, "plain", None, values=0.1)
-    kept, k = _trained(tmp_path, "kept", {"rows": 64}, values=0.1)
+    kept, k = _trained(tmp_path, "kept", {"replay": 0}, values=0.1)
     assert [r["loss"] for r in p.history] == [r["loss"] for r in k.history]
     for a, b in zip(plain.adapter_state().values(), kept.adapter_state().values(), strict=True):
         assert torch.equal(a, b)
@@ -121,65 +62,15 @@ def test_keeping_every_row_is_plain_training(tmp_path: Path) -> None:
     assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa)
 
 
-def test_rows_outside_the_selection_do_not_move(tmp_path: Path) -> None:
-    model = get_meft_model(tiny("llama"), meft_config())
-    retainer = Retainer(model, background_of(model), rows=5)
-    for s in model.stores:
-        s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
-    trainer = Trainer(model, examples(), TrainConfig(steps=1, batch_size=8, lr=1e-2,
-                                                     progress=False),
-                      tmp_path / "run", pad_id=0, retainer=retainer)
-    before = {k: v.clone() for k, v in model.adapter_state().items()}
-    state_before = {k: v.clone() for k, v in trainer.optimizers.state_tensors().items()}
-    record = trainer.train().history[0]
-    assert record["retained_rows_per_layer"] == [5] * len(model.stores)
-    after, state_after = model.adapter_state(), trainer.optimizers.state_tensors()
-    for layer in model.adapters:
-        moved = set()
-        for part in ("keys", "values"):
-            name = tensor_name(int(layer), part)
-            diff = (after[name] != before[name]).any(1)
-            moved |= set(torch.nonzero(diff).flatten().tolist())
-        assert 0 < len(moved) <= 5  # the selected rows move, nothing else
-        for key, value in state_after.items():
-            if key.startswith(f"host.{layer}."):
-                rows = torch.ones(value.shape[0], dtype=torch.bool)
-                rows[sorted(moved)] = False
-                assert torch.equal(value[rows], state_before[key][rows]), key
-
-
-def test_values_only_with_frozen_routers(tmp_path: Path) -> None:
-    model = get_meft_model(tiny("llama"), meft_config())
-    keys = [s.keys.clone() for s in model.stores]
-    routers = [r.detach().clone() for r in model.router_parameters()]
-    bg = Background.measure(model, examples(12, seed=5), pad_id=0, batch_size=5,
-                            progress=False, keep_inputs=40)
-    retainer = Retainer(model, bg, rows=8, keys=False, router=False, penalty=1.0,
-                        penalty_tokens=16)
-    trainer = Trainer(model, examples(), TrainConfig(steps=3, batch_size=4, lr=1e-2,
-                                                     progress=False),
-                      tmp_path / "run", pad_id=0, retainer=retainer)
-    trainer.train()
-    assert all(torch.equal(s.keys, k) for s, k in zip(model.stores, keys, strict=True))
-    assert all(torch.equal(r, r0) for r, r0 in zip(model.router_parameters(), routers,
-                                                   strict=True))
-    assert any(s.values.abs().sum() > 0 for s in model.stores)  # values learned
-
-
-def test_background_statistics_ride_in_checkpoints_and_resume_is_bitwise(tmp_path: Path
-                                                                          ) -> None:
+def test_the_replay_state_rides_in_checkpoints_and_resume_is_bitwise(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, progress=False)
 
     def run(name: str, stop_after: int | None, resume: Path | None = None) -> MeftModel:
         model = get_meft_model(tiny("llama"), meft_config())
-        background = (Background.measure(model, examples(12, seed=5), pad_id=0, batch_size=5,
-                                         progress=False, keep_inputs=30)
-                      if resume is None else None)
-        if background is not None:  # replayed too: the examples and kept targets ride along
-            background.examples = examples(12, seed=5)
+        background = Background(12, examples(12, seed=5)) if resume is None else None
+        if background is not None:  # the examples and kept targets ride along
             background.keep_distributions(model, pad_id=0)
-        retainer = Retainer(model, background, rows=6, score="kl", penalty=1.0,
-                            penalty_tokens=8, replay=3)
+        retainer = Retainer(model, background, replay=3)
         trainer = Trainer(model, examples(), cfg, tmp_path / name, pad_id=0,
                           retainer=retainer)
         if resume is not None:
@@ -202,126 +93,24 @@ def test_background_statistics_ride_in_checkpoints_and_resume_is_bitwise(tmp_pat
         assert torch.equal(a, b)
 
 
-def test_protection_reduces_the_change_on_background_inputs(tmp_path: Path) -> None:
-    """Train on facts drawn from one half of the vocabulary; background text is the other
-    half. With protection the model's output on background text moves less."""
-    base = tiny("llama", layers=2)
-    probe = torch.randint(50, 97, (6, 10), generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        ref = base(input_ids=probe).logits
-    train = examples(16, seed=1, lo=2, hi=50)
-    moved = {}
-    variants = (("off", None), ("on", {"rows": 4}), ("penalty", {"rows": 0, "penalty": 30.0}))
-    for name, retain in variants:
-        model = get_meft_model(tiny("llama", layers=2), meft_config(top_k=4))
-        retainer = None
-        if retain is not None:
-            bg = Background.measure(model, examples(24, seed=7, lo=50, hi=97), pad_id=0,
-                                    progress=False, keep_inputs=150)
-            retainer = Retainer(model, bg, penalty_tokens=64, **retain)
-        history = Trainer(model, train, TrainConfig(steps=6, batch_size=8, lr=3e-2,
-                                                    progress=False),
-                          tmp_path / name, pad_id=0, retainer=retainer).train().history
-        assert history[-1]["loss"] < history[0]["loss"]  # it still learns
-        with torch.no_grad():
-            moved[name] = float((model(input_ids=probe).logits - ref).abs().mean())
-    assert moved["off"] > 0
-    assert moved["on"] < 0.5 * moved["off"], moved
-    assert moved["penalty"] < 0.5 * moved["off"], moved
-
-
-def test_background_keeps_the_adapter_inputs_of_the_drawn_tokens() -> None:
-    model = get_meft_model(tiny("llama"), meft_config())
-    data = examples(7, seed=2)
-    seen: dict[str, list[torch.Tensor]] = {layer: [] for layer in model.adapters}
-    handles = [a.register_forward_pre_hook(
-        lambda mod, args, layer=layer: seen[layer].append(args[0].reshape(-1, 32).clone()))
-        for layer, a in model.adapters.items()]
-    everything = Background.measure(model, data, pad_id=0, batch_size=3, progress=False,
-                                    keep_inputs=10_000)
-    for h in handles:
-        h.remove()
-    total = sum(len(e.input_ids) for e in data)
-    for layer in model.adapters:  # every non-padding token, in order (right padding)
-        rows = []
-        for b, x in enumerate(seen[layer]):  # one forward per batch of 3, (3 * width, d)
-            batch = data[3 * b:3 * b + 3]
-            width = x.shape[0] // len(batch)
-            rows += [x[j * width:j * width + len(e.input_ids)] for j, e in enumerate(batch)]
-        assert torch.equal(everything.inputs[layer], torch.cat(rows))
-        assert everything.inputs[layer].shape == (total, 32)
-    some = Background.measure(model, data, pad_id=0, batch_size=3, progress=False,
-                              keep_inputs=9, seed=4)
-    for layer in model.adapters:
-        kept = some.inputs[layer]
-        assert kept.shape == (9, 32)
-        assert all((everything.inputs[layer] == row).all(1).any() for row in kept)
-    assert torch.equal(some.counts["0"], everything.counts["0"])  # counting is unchanged
-
-
-def test_the_penalty_is_the_mean_squared_adapter_output(tmp_path: Path) -> None:
-    model = get_meft_model(tiny("llama"), meft_config())
-    bg = Background.measure(model, examples(6, seed=3), pad_id=0, progress=False,
-                            keep_inputs=20)
-    retainer = Retainer(model, bg, rows=0, penalty=2.0, penalty_tokens=8)
-    for s in model.stores:
-        s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
-    got = retainer.penalty_backward(step=3)
-    want = 0.0
-    with torch.no_grad():
-        for layer, adapter in model.adapters.items():
-            idx = (torch.arange(8) + 24) % 20
-            want += float(2.0 * adapter(bg.inputs[layer][idx]).pow(2).sum(-1).mean())
-    assert got == pytest.approx(want, rel=1e-6)
-    assert all(len(s.value_grad) > 0 for s in model.stores)  # it sends gradients to rows
-
-
-def test_hub_rows_are_never_selected(tmp_path: Path) -> None:
-    """A row most background documents read is not trained even when the step's accesses would
-    select it; the others train as before."""
-    df = torch.tensor([0, 4, 5, 10])
-    assert hub_rows(df, 10, 0.5).tolist() == [False, False, True, True]
-    assert not hub_rows(df, 10, 1.01).any()
-    model = get_meft_model(tiny("llama"), meft_config())
-    background = background_of(model)
-    retainer = Retainer(model, background, rows=64, hubs=0.9)  # every row but for hubs
-    for s in model.stores:
-        s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
-    retainer.protected = {k: torch.zeros_like(v) for k, v in retainer.protected.items()}
-    layer = next(iter(model.adapters))
-    # make every row a hub of this layer but for the first half
-    n = background.df[layer].shape[0]
-    background.df[layer][n // 2:] = background.documents
-    trainer = Trainer(model, examples(), TrainConfig(steps=1, batch_size=8, lr=1e-2,
-                                                     progress=False),
-                      tmp_path / "run", pad_id=0, retainer=retainer)
-    store = model.adapters[layer].store
-    before = store.values.clone()
-    trainer.train()
-    moved = (store.values != before).any(1)
-    assert moved[: n // 2].any() and not moved[n // 2:].any()
-
-
-def test_without_selection_rows_written_before_and_keys_still_hold(tmp_path: Path) -> None:
-    """rows=0 turns the selection off, not the rest: rows the adapter had written before
-    (continual learning) stay bit for bit, through the penalty too, and values-only still
-    leaves every key as it was."""
+def test_rows_written_before_hold_bit_for_bit(tmp_path: Path) -> None:
+    """Rows the adapter had written before protection started (continual learning) stay bit
+    for bit, keys, values and moments, through the replay's gradient too; the others learn."""
     model = get_meft_model(tiny("llama"), meft_config())
     for s in model.stores:  # an adapter trained before: its first 16 rows hold values
         s.values[:16].normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
-    bg = Background.measure(model, examples(12, seed=5), pad_id=0, batch_size=5,
-                            progress=False, keep_inputs=40)
-    retainer = Retainer(model, bg, rows=0, keys=False, penalty=1.0, penalty_tokens=16)
+    bg = Background(12, examples(12, seed=5))
+    bg.keep_distributions(model, pad_id=0)
+    retainer = Retainer(model, bg, replay=2, pad_id=0)
     assert all(int(p.sum()) == 16 for p in retainer.protected.values())
-    keys = [s.keys.clone() for s in model.stores]
-    written = [s.values[:16].clone() for s in model.stores]
+    written = [(s.keys[:16].clone(), s.values[:16].clone()) for s in model.stores]
     trainer = Trainer(model, examples(), TrainConfig(steps=3, batch_size=4, lr=1e-2,
                                                      progress=False),
                       tmp_path / "run", pad_id=0, retainer=retainer)
-    trainer.train()
-    assert all(torch.equal(s.keys, k) for s, k in zip(model.stores, keys, strict=True))
-    assert all(torch.equal(s.values[:16], w) for s, w in zip(model.stores, written,
-                                                             strict=True))
+    history = trainer.train().history
+    assert history[-1]["retain_replay_loss"] > 0
+    for s, (k, v) in zip(model.stores, written, strict=True):
+        assert torch.equal(s.keys[:16], k) and torch.equal(s.values[:16], v)
     assert any(s.values[16:].abs().sum() > 0 for s in model.stores)  # the others learned
     state = trainer.optimizers.state_tensors()
     checked = 0
@@ -340,8 +129,7 @@ def test_written_rows_train_when_asked(tmp_path: Path) -> None:
     for s in model.stores:
         s.values[:16].normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
     before = [s.values[:16].clone() for s in model.stores]
-    bg = Background.measure(model, examples(12, seed=5), pad_id=0, progress=False)
-    retainer = Retainer(model, bg, rows=0, written=False)
+    retainer = Retainer(model, Background(12), written=False)
     assert not any(p.any() for p in retainer.protected.values())
     Trainer(model, examples(), TrainConfig(steps=3, batch_size=4, lr=1e-2, progress=False),
             tmp_path / "run", pad_id=0, retainer=retainer).train()
@@ -357,13 +145,13 @@ def test_replay_adds_the_answer_loss_of_the_next_examples_of_a_fixed_shuffle() -
         s.values[:8].normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
     bg = background_of(model)
     bg.examples = examples(10, seed=6)  # lengths differ: padded batches
-    retainer = Retainer(model, bg, rows=0, replay=3, replay_target="answers", pad_id=0)
+    retainer = Retainer(model, bg, replay=3, replay_target="answers", pad_id=0)
     order = retainer.replay_order()
     assert sorted(order.tolist()) == list(range(10))
     assert torch.equal(order, Retainer(model, bg, replay=1).replay_order())  # fixed
     for s in model.stores:
         s.values[8:].normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
-    got = retainer.replay_backward(step=3)  # examples 9, 10, 11 of the shuffle: 9, 0, 1
+    got = retainer.before_clip(step=3)["retain_replay_loss"]  # shuffle 9, 10, 11: 9, 0, 1
     chosen = [bg.examples[int(i)] for i in order[torch.tensor([9, 0, 1])]]
     assert got == pytest.approx(answer_loss(model, chosen, pad_id=0), rel=1e-5)
     for s in model.stores:
@@ -407,14 +195,14 @@ def test_distilling_replay_starts_at_zero_and_follows_the_examples() -> None:
     bg.keep_distributions(model, pad_id=0, batch_size=3)
     assert bg.top_ids is not None and bg.top_p is not None
     assert bg.top_ids.shape[0] == sum(e.target_tokens for e in bg.examples)
-    retainer = Retainer(model, bg, rows=0, replay=4, pad_id=0)
+    retainer = Retainer(model, bg, replay=4, pad_id=0)
     assert abs(retainer.replay_backward(step=1)) < 1e-5  # the model has not moved yet
     for s in model.stores:
         s.values.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
     got = retainer.replay_backward(step=1)
     order = retainer.replay_order()
     chosen = [bg.examples[int(i)] for i in order[4:8]]
-    fresh = Background(bg.counts, bg.df, bg.documents, examples=chosen)
+    fresh = Background(bg.documents, chosen)
     fresh.keep_distributions(get_meft_model(tiny("llama"), meft_config()), pad_id=0)
     from meft.data.records import collate
     from meft.evaluation.evaluate import labelled_logits
@@ -446,7 +234,7 @@ def _peaked(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_replay_keeps_the_answers_the_model_gave(tmp_path: Path) -> None:
-    """Train on facts from the lower half of the vocabulary with routers frozen; replaying
+    """Train on facts from the lower half of the vocabulary; replaying
     the base model's own continuations, by distillation or on its answers, keeps more of its
     greedy answers on held-out prompts of the same kind (the retention probe's measure, in
     miniature) than no replay does, and distillation keeps its distributions closest."""
@@ -458,15 +246,13 @@ def test_replay_keeps_the_answers_the_model_gave(tmp_path: Path) -> None:
     assert torch.equal(ref.argmax(-1), probe[:, 5:])
     train = examples(16, seed=1, lo=2, hi=50)
     kept, moved = {}, {}
-    for name, replay, target in (("frozen", 0, "distill"), ("answers", 8, "answers"),
+    for name, replay, target in (("none", 0, "distill"), ("answers", 8, "answers"),
                                  ("distill", 8, "distill")):
         model = get_meft_model(_peaked(tiny("llama", layers=2)), meft_config(top_k=4))
         background = _greedy_continuations(model.base_model, 48, seed=22)
-        bg = Background.measure(model, background, pad_id=0, progress=False)
-        bg.examples = background
+        bg = Background(len(background), background)
         bg.keep_distributions(model, pad_id=0)
-        retainer = Retainer(model, bg, rows=0, router=False, replay=replay,
-                            replay_target=target, pad_id=0)
+        retainer = Retainer(model, bg, replay=replay, replay_target=target, pad_id=0)
         history = Trainer(model, train, TrainConfig(steps=8, batch_size=8, lr=3e-2,
                                                     progress=False),
                           tmp_path / name, pad_id=0, retainer=retainer).train().history
@@ -476,22 +262,19 @@ def test_replay_keeps_the_answers_the_model_gave(tmp_path: Path) -> None:
             out = torch.log_softmax(model(input_ids=probe).logits[:, 4:9].float(), -1)
         kept[name] = float((out.argmax(-1) == probe[:, 5:]).float().mean())
         moved[name] = float((ref.exp() * (ref - out)).sum(-1).mean())
-    assert kept["answers"] > 2 * kept["frozen"], kept
-    assert kept["distill"] > 2 * kept["frozen"], kept
-    assert moved["distill"] < 0.5 * moved["frozen"] and moved["distill"] < moved["answers"], moved
+    assert kept["answers"] > 2 * kept["none"], kept
+    assert kept["distill"] > 2 * kept["none"], kept
+    assert moved["distill"] < 0.5 * moved["none"] and moved["distill"] < moved["answers"], moved
 
 
 def test_replay_in_the_steps_forward_equals_a_pass_of_its_own(tmp_path: Path) -> None:
     """meft's trainer adds the replayed examples to the step's forward (one routing, one
     staging, one backward); the specification is the replay in a pass of its own after the
-    selection: the same losses, tables and moments, with a selection, rows written before
-    and values only."""
+    step's: the same losses, tables and moments, with rows written before."""
 
     class SeparatePass(Trainer):
         def _forward_with_replay(self, chunk, labelled):  # type: ignore[no-untyped-def]
-            batch = collate(chunk, self.pad_id)
-            with self.retainer.watch(batch["attention_mask"]):
-                loss_sum, _ = token_loss_sum(self.model, batch)
+            loss_sum, _ = token_loss_sum(self.model, collate(chunk, self.pad_id))
             (loss_sum / labelled).backward()
             return float(loss_sum.detach()), None  # None: before_clip replays on its own
 
@@ -504,7 +287,7 @@ def test_replay_in_the_steps_forward_equals_a_pass_of_its_own(tmp_path: Path) ->
         bg = background_of(model)
         bg.examples = examples(10, seed=6)
         bg.keep_distributions(model, pad_id=0)
-        retainer = Retainer(model, bg, rows=6, keys=False, replay=3, pad_id=0)
+        retainer = Retainer(model, bg, replay=3, pad_id=0)
         history = cls(model, examples(16), TrainConfig(
             steps=3, batch_size=8, lr=1e-2, warmup_ratio=0.0, progress=False),
             tmp_path / cls.__name__, pad_id=0, retainer=retainer).train().history
@@ -517,7 +300,7 @@ def test_replay_in_the_steps_forward_equals_a_pass_of_its_own(tmp_path: Path) ->
         assert a["retained_rows_per_layer"] == b["retained_rows_per_layer"]
     assert mine[-1]["retain_replay_loss"] > 0
     for name, t in ours.adapter_state().items():
-        torch.testing.assert_close(spec.adapter_state()[name], t, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(spec.adapter_state()[name], t, rtol=1e-4, atol=1e-5)
     for s, before in zip(ours.stores, written, strict=True):  # rows written before: still
         assert torch.equal(s.values[:8], before)
 
@@ -526,7 +309,7 @@ def test_a_resumed_run_does_not_protect_the_rows_it_wrote_itself(tmp_path: Path)
     """The rows written before protection started ride in the checkpoint: a store that
     reopens with this run's own values (a disk store does) must not freeze them on resume."""
     model = get_meft_model(tiny("llama"), meft_config())
-    retainer = Retainer(model, background_of(model), rows=0, pad_id=0)
+    retainer = Retainer(model, background_of(model), pad_id=0)
     config = TrainConfig(steps=2, batch_size=8, lr=1e-2, warmup_ratio=0.0, progress=False)
     trainer = Trainer(model, examples(16), config, tmp_path / "a", pad_id=0, retainer=retainer)
     trainer.train()
@@ -534,7 +317,7 @@ def test_a_resumed_run_does_not_protect_the_rows_it_wrote_itself(tmp_path: Path)
     reopened = get_meft_model(tiny("llama"), meft_config())
     for s, t in zip(reopened.stores, model.stores, strict=True):  # the tables as trained
         s.values.copy_(t.values)
-    again = Retainer(reopened, None, rows=0, pad_id=0)
+    again = Retainer(reopened, None, pad_id=0)
     assert any(m.any() for m in again.protected.values())  # found written at start
     Trainer(reopened, examples(16), config, tmp_path / "b", pad_id=0,
             retainer=again).restore(trainer.save_checkpoint())
@@ -546,7 +329,7 @@ def test_rehearsal_is_a_replay_stream_of_its_own() -> None:
     """Earlier examples (the last ``rehearsal`` of the background's examples) are replayed
     ``rehearse`` per step from their own fixed shuffle, after the background's, which stay
     the ones a background without them replays; the loss is each stream's distillation mean,
-    summed; the count rides in the saved statistics."""
+    summed; the count rides in the saved state."""
     model = get_meft_model(tiny("llama"), meft_config())
     background, earlier = examples(10, seed=6), examples(5, seed=7)
     plain = background_of(model)
@@ -554,7 +337,7 @@ def test_rehearsal_is_a_replay_stream_of_its_own() -> None:
     bg = background_of(model)
     bg.examples, bg.rehearsal = [*background, *earlier], 5
     bg.keep_distributions(model, pad_id=0, batch_size=4)
-    retainer = Retainer(model, bg, rows=0, replay=2, rehearse=3, pad_id=0)
+    retainer = Retainer(model, bg, replay=2, rehearse=3, pad_id=0)
     assert retainer.replayed == 5
     seen = []
     for step in range(5):
@@ -571,16 +354,15 @@ def test_rehearsal_is_a_replay_stream_of_its_own() -> None:
     want = 0.0
     for part in (chosen[:2], chosen[2:]):
         picked = [bg.examples[int(i)] for i in part]
-        fresh = Background(bg.counts, bg.df, bg.documents, examples=picked)
+        fresh = Background(bg.documents, picked)
         fresh.keep_distributions(start, pad_id=0)
         with torch.no_grad():
             logits, _ = labelled_logits(model, collate(picked, 0))
         assert fresh.top_ids is not None and fresh.top_p is not None
         want += float(distill_loss(logits, fresh.top_ids, fresh.top_p))
     assert got == pytest.approx(want, rel=1e-4)
-    layers = list(bg.counts)
-    assert Background.from_tensors(bg.tensors(), layers).rehearsal == 5
-    assert Background.from_tensors(plain.tensors(), layers).rehearsal == 0
+    assert Background.from_tensors(bg.tensors()).rehearsal == 5
+    assert Background.from_tensors(plain.tensors()).rehearsal == 0
     no_rehearsal = Retainer(model, plain, replay=2, rehearse=3)  # nothing to rehearse
     assert no_rehearsal.replayed == 2
 
@@ -599,10 +381,9 @@ def test_rehearsal_keeps_what_an_earlier_adapter_learned(tmp_path: Path) -> None
     for name, rehearse in (("none", 0), ("rehearse", 8)):
         model = get_meft_model(_peaked(tiny("llama", layers=2)), meft_config(top_k=4))
         model.load_adapter_state(state)
-        bg = Background.measure(model, examples(12, seed=5), pad_id=0, progress=False)
-        bg.examples, bg.rehearsal = list(set_a), len(set_a)
+        bg = Background(12, list(set_a), rehearsal=len(set_a))
         bg.keep_distributions(model, pad_id=0)
-        retainer = Retainer(model, bg, rows=0, written=False, rehearse=rehearse, pad_id=0)
+        retainer = Retainer(model, bg, written=False, rehearse=rehearse, pad_id=0)
         history = Trainer(model, set_b, config, tmp_path / name, pad_id=0,
                           retainer=retainer).train().history
         assert history[-1]["loss"] < 0.5 * history[0]["loss"]  # B is learned
@@ -635,11 +416,9 @@ def _lora(seed: int = 0):  # type: ignore[no-untyped-def]
 
 def _replaying(trainable, weight: float = 1.0) -> Retainer:  # type: ignore[no-untyped-def]
     """Replay of one example per step from a background of 10 (no meft tables: replay only)."""
-    bg = Background.measure(trainable.model, examples(10, seed=6), pad_id=0, progress=False)
-    assert bg.counts == {} and bg.documents == 10  # nothing to count, no forward pass
-    bg.examples = examples(10, seed=6)
+    bg = Background(10, examples(10, seed=6))
     bg.keep_distributions(trainable.model, pad_id=0)
-    retainer = Retainer(trainable.model, bg, rows=0, replay=1, pad_id=0)
+    retainer = Retainer(trainable.model, bg, replay=1, pad_id=0)
     retainer.replay_weight = weight  # 0: the replayed examples ride along and add nothing
     return retainer
 
@@ -663,10 +442,6 @@ def test_lora_replay_with_weight_zero_is_plain_lora(tmp_path: Path) -> None:
                if "lora_B" in n)  # it trained (B starts at 0): not a comparison of idle runs
     for name, p in plain.params.items():
         torch.testing.assert_close(replayed.params[name], p, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ConfigError, match="need meft's sparse tables"):
-        Retainer(plain.model, None, rows=8)
-    with pytest.raises(ConfigError, match="need meft's sparse tables"):
-        Retainer(plain.model, None, rows=0, router=False)
 
 
 def test_lora_replay_loss_equals_an_independent_computation(tmp_path: Path) -> None:
@@ -705,11 +480,9 @@ def test_lora_replay_loss_equals_an_independent_computation(tmp_path: Path) -> N
     assert second["retain_replay_loss"] == pytest.approx(float(kl), rel=1e-4)
 
 
-def test_replay_alone_measures_no_statistics_and_trains_the_same(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default protection (replay, no selection) reads no access counts, so it skips
-    the forward pass over the background (minutes of the main job): no forward, the same
-    training as with the statistics measured, and checkpoints without them resume."""
+def test_the_protection_costs_one_forward_and_saves_no_statistics(tmp_path: Path) -> None:
+    """Setting up the default protection (replay) is one pass over the replayed examples (their
+    kept distributions), and its checkpoint tensors read back."""
     from meft.data.records import Sample
     from tokenizers_for_tests import make_tokenizer
 
@@ -717,27 +490,32 @@ def test_replay_alone_measures_no_statistics_and_trains_the_same(
     background = [Sample("qa", ({"role": "user", "content": f"What is {i} plus {i}?"},
                                 {"role": "assistant", "content": str(2 * i)}), "",
                          (str(2 * i),), f"bg:{i}") for i in range(6)]
-    train = examples(8, hi=len(tokenizer))
-    runs = []
-    for measure in (False, True):  # True: measured anyway, as before (the specification)
-        monkeypatch.setattr(retain_module, "uses_statistics", lambda config, m=measure: m)
-        model = get_meft_model(tiny("llama", vocab=len(tokenizer)), meft_config())
-        forwards = []
-        handle = model.base_model.register_forward_pre_hook(
-            lambda m, a, seen=forwards: seen.append(1))
-        config = TrainConfig(steps=2, batch_size=4, lr=1e-2, progress=False, retain="on",
-                             retain_replay=1)
-        retainer = Retainer.from_config(model, config, background, tokenizer, progress=False)
-        handle.remove()
-        # one forward keeps the replay's distributions; the statistics would need another
-        assert len(forwards) == (2 if measure else 1)
-        trainer = Trainer(model, train, config, tmp_path / str(measure), pad_id=0,
-                          retainer=retainer)
-        runs.append(trainer.train().history)
-        saved = retainer.tensors()
-        assert any(k.endswith(".counts") for k in saved) == measure
-        retainer.restore(saved)  # a checkpoint without statistics reads back
-    monkeypatch.undo()
-    assert not retain_module.uses_statistics(TrainConfig())  # the default: replay alone
-    assert retain_module.uses_statistics(TrainConfig(retain_rows=8))
-    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+    model = get_meft_model(tiny("llama", vocab=len(tokenizer)), meft_config())
+    forwards: list[int] = []
+    handle = model.base_model.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    config = TrainConfig(steps=2, batch_size=4, lr=1e-2, progress=False, retain="on",
+                         retain_replay=1)
+    retainer = Retainer.from_config(model, config, background, tokenizer, progress=False)
+    handle.remove()
+    assert len(forwards) == 1
+    Trainer(model, examples(8, hi=len(tokenizer)), config, tmp_path / "run", pad_id=0,
+            retainer=retainer).train()
+    saved = retainer.tensors()
+    assert not any(k.endswith((".counts", ".df", ".inputs")) for k in saved)
+    retainer.restore(saved)
+    assert retainer.background is not None and len(retainer.background.examples) == 6
+
+
+def test_options_of_the_deleted_recipe_read_at_their_off_value_and_are_refused_else() -> None:
+    """Runs and YAML files written before SMF's recipe was deleted: its options at the value
+    that meant off (or with protection off) read as before, any other value is one error."""
+    from meft.config import TrainJob
+
+    job = TrainJob.from_options({"retain_rows": 0, "retain_hubs": 1.0, "retain_score": "kl",
+                                 "retain_update": "keys+values"}, source="run.json")
+    assert job.train.retain == "on"
+    TrainJob.from_options({"retain": "off", "retain_rows": 512}, source="run.json")
+    with pytest.raises(ConfigError, match=r"run\.json: retain_rows 512: that protection"):
+        TrainJob.from_options({"retain_rows": 512}, source="run.json")
+    with pytest.raises(ConfigError, match="retain_router 'frozen'"):
+        TrainJob.from_options({"retain_router": "frozen"}, source="run.json")

@@ -64,6 +64,11 @@ LEGACY_ADAPTER_FIELDS = ("lr", "weight_decay")
 # fields renamed since, read under their new names (adapters, runs and YAML files written
 # before): the tables' dtype is named like its flag, --host-dtype
 RENAMED = {"storage_dtype": "host_dtype", "evaluate": "eval"}
+# protection options deleted since (Sparse Memory Finetuning's recipe: measured, it lost;
+# meft.training.protection), with the value each had when off: a record or YAML file holding
+# one at that value (or with protection off) reads as before, any other value is refused
+REMOVED = {"retain_score": None, "retain_rows": 0, "retain_penalty": 0.0,
+           "retain_update": "keys+values", "retain_router": "trained", "retain_hubs": 1.0}
 # meft bench: --quick runs fewer steps and questions; LoRA's own default learning rate
 BENCH_STEPS, QUICK_STEPS, QUICK_MAX_EVAL = 60, 20, 24
 # LoRA's default rates, by rank, from the tuned comparison
@@ -350,23 +355,9 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "checkpoints kept", check="positive")
     retain: str = option("on", "forgetting protection: each step also replays a few "
                          "background examples, distilled towards what the model did on them as "
-                         "training started (--retain-replay), and may train only the adapter "
-                         "rows most specific to its tokens (--retain-rows)",
+                         "training started (--retain-replay), and rows an earlier adapter "
+                         "wrote stay as they are (--retain-written)",
                          choices=("on", "off"))
-    retain_score: str = option("tfidf", "protection's ranking of a step's rows: TF-IDF over "
-                               "background documents, or KL to background accesses",
-                               choices=("tfidf", "kl"))
-    retain_rows: int = option(0, "rows per layer and step that protection lets train (t; "
-                              "0: every row, no selection)", check="nonneg")
-    retain_penalty: float = option(0.0, "weight of protection's penalty on the adapter's "
-                                   "output for background tokens (0: none)", check="nonneg")
-    retain_update: str = option("keys+values", "tables of the selected rows that train under "
-                                "protection", choices=("values", "keys+values"))
-    retain_router: str = option("trained", "meft's routers under protection",
-                                choices=("trained", "frozen"))
-    retain_hubs: float = option(1.0, "protection never trains rows read by at least this "
-                                "share of the background documents (hubs; 1: no exclusion)",
-                                check="positive")
     retain_replay: int = option(REPLAY, "background examples protection replays per step, "
                                 "beside the new data (0: none)", check="nonneg")
     retain_replay_pool: str = option("questions", "what replay draws from: the shipped "
@@ -668,8 +659,16 @@ def split_options(sections: Iterable[Section], options: Mapping[str, Any], *,
     negated = {flag_of(f)[2:].replace("-", "_"): (s.name, f) for s in sections
                for f in s.fields() if flag_of(f).startswith("--no-")}
     out: dict[str, dict[str, Any]] = {s.name: {} for s in sections}
+    protected = options.get("retain", "on") == "on"
     for key, value in options.items():
         name = RENAMED.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if name in REMOVED:
+            if protected and REMOVED[name] is not None and value != REMOVED[name]:
+                raise ConfigError(f"{source}: {key} {value!r}: that protection (Sparse Memory "
+                                  "Finetuning's row selection, penalty, hubs, values-only "
+                                  "updates, frozen routers) was removed from meft after "
+                                  "commit aea757f; leave it out, or use that commit")
+            continue
         if name == "probe" and isinstance(value, int) and not isinstance(value, bool):
             name = "n_probe"  # P's flag was --probe before 0.2 (YAML files, recorded runs)
         if name in negated:  # no-retention: true, as the flag --no-retention says
@@ -760,8 +759,7 @@ class TrainJob:
 
     # defaults that changed: a record written before has no such key (every record written
     # since holds them all) and ran with the value it had then
-    FORMER_DEFAULTS: ClassVar[dict[str, Any]] = {"retain": "off", "retain_rows": 512,
-                                                 "retain_replay": 0}
+    FORMER_DEFAULTS: ClassVar[dict[str, Any]] = {"retain": "off", "retain_replay": 0}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str) -> TrainJob:

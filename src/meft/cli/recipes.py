@@ -312,8 +312,8 @@ def _disk_store(run: RunConfig, *, resumed: bool) -> DiskArrays | None:
 
 def _retainer(model: MeftModel, tokenizer: Any, tconfig: TrainConfig, run: RunConfig, *,
               resumed: bool, cache: BaseCache, train: list[Encoded]) -> Retainer | None:
-    """Forgetting protection if asked for: background statistics measured now, or on resume
-    read from the checkpoint (the ones the run started with); with ``--retain-gate`` the
+    """Forgetting protection if asked for: its replay targets kept now, or on resume read
+    from the checkpoint (the ones the run started with); with ``--retain-gate`` the
     novelty gate fitted now on ``train`` and the background (on resume: the checkpoint's)."""
     if tconfig.retain != "on":
         return None
@@ -333,9 +333,6 @@ def _join(run: RunConfig, tconfig: TrainConfig, device: torch.device,
     if run.store != "ram":
         raise ConfigError(f"--store {run.store}: a distributed run keeps its tables in RAM "
                           "(disk stores are for one process)")
-    if tconfig.retain == "on" and tconfig.retain_penalty:  # checked again by Retainer
-        raise ConfigError("--retain-penalty is for one process (a distributed run shards the "
-                          "rows it would pull back)")
     if tconfig.retain == "on" and tconfig.retain_gate:  # checked again by MeftModel
         raise ConfigError("--retain-gate is for one process (not a distributed run)")
     if optim_state not in ROW_LOCAL_STATE:  # checked again by MeftModel; here before joining

@@ -81,7 +81,7 @@ from meft.engine.store import HostStore, RowSparseGrad
 
 class Counter(Protocol):
     """Receives each forward's chosen ids (T, K) and host inputs (T, d)
-    (:class:`meft.training.protection.AccessCounter`)."""
+    (:mod:`meft.evaluation.exactness`)."""
 
     def add(self, ids: Tensor, x: Tensor, keep: Tensor | None) -> None: ...
 
@@ -275,7 +275,7 @@ class OffloadedSparseAdapter(nn.Module):
         self.router = nn.Parameter(router.to(self.device, dtype))
         self._staging = _StagingPool(pinned=self.device.type == "cuda")
         self._copy_stream: Any = None  # CUDA: the side stream staged rows are copied on
-        self.counter: Counter | None = None  # set while protection counts accesses
+        self.counter: Counter | None = None  # set while reach() counts accesses (exactness)
         self.keep: Tensor | None = None  # (T,) real tokens of the block call, set by MeftModel
         self.novelty: Tensor | None = None  # (d+1,) fp32 novelty gate: w then b (None: off)
         # one routing decision per token shared by the layers (None: each layer's own gate);

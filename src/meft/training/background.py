@@ -132,8 +132,8 @@ def model_background(model: Any, tokenizer: Any, *, batch_size: int = 32,
     """The base model's own greedy answers to the shipped prompts (cached:
     :mod:`meft.evaluation.cache`; ``cache`` for ``model``, made here when not given).
     ``questions_only``: the short general questions alone (all that replay draws from,
-    :func:`replay_pool`), not the topic prompts whose long answers only the background
-    statistics read."""
+    :func:`replay_pool`), not the topic prompts whose long answers only replay of the whole
+    background (``--retain-replay-pool whole``) reads."""
     prompts = background_prompts()
     first = len(prompts) - len(general_prompts()) if questions_only else 0
     asked = [Sample("prompt", ({"role": "user", "content": p},

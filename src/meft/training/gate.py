@@ -78,8 +78,8 @@ def set_novelty_gate(model: MeftModel, train: Sequence[Encoded],
                      once: bool = False) -> None:
     """``--retain-gate share``: fit the gate on the training examples and ``background`` (the
     replay pool's short general questions, :meth:`meft.training.protection.Retainer.from_config`
-    calls it before it measures anything, so the background statistics count only the tokens
-    the gate routes), set it in ``model`` and say how many tokens of each pass. (The Retainer
+    calls it before it keeps the replay targets), set it in ``model`` and say how many tokens
+    of each pass. (The Retainer
     keeps it in its checkpoint tensors: a resumed run gets it back from there, not fitted
     again.)"""
     if model.parallel is not None:

@@ -26,9 +26,9 @@ save them. :class:`MeftTrainerMixin` changes exactly that and nothing else:
                  device MB per step), averaged since the last log
     protection   ``retainer=`` (:class:`meft.training.protection.Retainer`;
                  ``meft.training.protection.protection(model, tokenizer)`` builds meft train's
-                 default): each micro-batch's accesses counted, the rows selected (and the replay,
-                 in a pass of its own, and the output penalty added) before clipping, as ``meft
-                 train --retain on`` does. Off unless given: a Trainer has no background text
+                 default): rows written before held and the replay added, in a pass of its
+                 own, before clipping, as ``meft train --retain on`` does. Off unless
+                 given: a Trainer has no background text
 
 Everything else (gradient accumulation, ``logging_steps``, ``eval_strategy``,
 ``save_total_limit``, callbacks) is the Trainer's own. Use it as the Trainer:
@@ -86,9 +86,9 @@ class MeftOptimizer(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0,
                  retainer: Retainer | None = None) -> None:
         self.retainer = retainer
-        self.selected = False  # the protection's selection done for this step
+        self.selected = False  # the protection done for this step
         t = Trainable.of_meft(model)
-        routers = retainer.trained_routers(t.routers) if retainer is not None else t.routers
+        routers = t.routers
         self.set = OptimizerSet(routers=routers, host_tables=t.host_tables, lr=lr,
                                 weight_decay=weight_decay, betas=betas, eps=eps,
                                 host_state=t.host_state, seed=model.meft_config.seed,
@@ -115,13 +115,13 @@ class MeftOptimizer(torch.optim.Optimizer):
         return loss
 
     def select(self) -> None:
-        """The protection's row selection and output penalty, once per step, before any
-        clipping (as meft's own trainer orders them)."""
+        """The protection (rows written before held, the replay's gradient), once per step,
+        before any clipping (as meft's own trainer orders them)."""
         if self.retainer is not None and not self.selected:
             self.retainer.before_clip(self.retainer_step)
         self.selected = True
 
-    retainer_step = 0  # set by the Trainer before each step (the penalty's data position)
+    retainer_step = 0  # set by the Trainer before each step (the replay's data position)
 
     def clip_(self, max_norm: float) -> Tensor:
         self.select()
@@ -221,12 +221,10 @@ class MeftTrainerMixin:
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any,
                       **kwargs: Any) -> Tensor:
-        """With protection, count the accesses of this micro-batch's real tokens."""
-        if self.retainer is None:
-            return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc,no-any-return]
-        self._meft_optimizer().retainer_step = self.state.global_step  # type: ignore[attr-defined]
-        with self.retainer.watch(inputs["attention_mask"]):
-            return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc,no-any-return]
+        """With protection, tell the optimizer the step (which examples the replay draws)."""
+        if self.retainer is not None:
+            self._meft_optimizer().retainer_step = self.state.global_step  # type: ignore[attr-defined]
+        return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc,no-any-return]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self.optimizer is not None:

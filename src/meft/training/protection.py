@@ -1,44 +1,20 @@
-"""Forgetting protection: new facts go into neurons that general text does not use.
+"""Forgetting protection: replay, rehearsal, the rows an earlier adapter wrote, the gate.
 
 meft's values start at zero, so a neuron that was never updated adds nothing: the model is the
 base model on every token whose K neurons are all untouched. Forgetting comes from rows that
-training writes and general inputs then read. The protection adapts Sparse Memory Finetuning
-(Lin et al. 2025, arXiv 2510.15103) to meft: each step updates only the rows most specific to
-the step's tokens, measured against background text.
+training writes and general inputs then read.
+
+Sparse Memory Finetuning's recipe (Lin et al. 2025, arXiv 2510.15103: per step, train only
+the rows most specific to the step's tokens by TF-IDF or KL against background accesses,
+values only, frozen routers) was built here with hubs (rows most background documents read,
+never trained) and an output penalty (the adapter's output on background tokens pulled
+towards zero), measured and deleted: on a fresh adapter with random keys it learned 0-57 test
+EM and kept 7-22% of what the base model answered, and the penalty halved learning
+(benchmarks/results/forgetting-protection, retain-sweep; the code: git show 8bacb91). SMF
+works on a memory layer pretrained with its model, where ordinary text already has rows of its
+own; meft's keys are random, so fact tokens and ordinary tokens share rows.
 
 Notation: N neurons per layer, K neurons per token, T tokens, D background documents.
-
-Background statistics, once before training when the protection reads them (the row
-selection, hubs, the output penalty; replay alone, the default, skips the pass:
-:func:`uses_statistics`), fixed, saved with every checkpoint (:class:`Background`): the
-model with its adapter as training starts reads background text (generic text the user does
-not train on; :mod:`meft.training.background`), and per adapter layer and neuron i counts
-
-    C_bg(i)   accesses: tokens x K slots that chose i, padding excluded          (N,)
-    df(i)     background documents (sequences) with at least one access to i     (N,)
-
-(SMF counts batches of 1,000 pretraining sequences; with a few hundred short documents a
-document is the finer unit.) Per optimizer step and layer, ``c(i)`` counts the step's accesses
-over every micro-batch, padding excluded, and each accessed row is scored
-
-    tfidf(i) = c(i) / sum_j c(j) * log((D + 1) / (df(i) + 1))
-    kl(i)    = p(i) * log(p(i) / q(i)),  p = c / sum c,  q = (C_bg + 1) / sum (C_bg + 1)
-
-(the KL score of arXiv 2605.03229). The gradient rows (keys and values) of the ``rows`` best
-scored rows are kept; the others are dropped before clipping. The lazy row-sparse AdamW only
-touches rows that have a gradient, so a dropped row keeps its value and both moments bit for
-bit (no momentum drift, no weight decay). Every accessed row still takes part in the forward
-pass; traffic is unchanged. ``keys=False`` drops every key gradient (values only, as SMF);
-``router=False`` asks the trainer to freeze the routers, so with values only the rows every
-input reads are fixed from the start and the background statistics stay exact.
-
-Output penalty (``penalty`` > 0, with or without the selection; ``rows=0`` turns the
-selection off): while measuring, the adapter inputs x of M background tokens per layer are kept
-(M, d); each step adds ``penalty * mean |adapter(x)|^2`` over the next m of them per layer to
-the loss. Values start at zero, so the adapter starts silent and the penalty starts at zero; it
-pulls back only rows that background tokens read. The inputs are those of the model as
-training starts (later layers' inputs drift as earlier adapters learn: an approximation that
-keeps the penalty adapter-sized work, no base-model pass).
 
 Replay (``replay`` > 0): each step also trains on ``replay`` background examples, the next
 ones of a fixed shuffle of the replay pool (``--retain-replay-pool``: by default the shipped
@@ -58,30 +34,27 @@ also sharpen the model towards them, raising its loss on other text). Replay act
 answer positions of questions, where the other mechanisms do not look. meft's trainer adds
 the replayed examples to the step's first forward (:meth:`Retainer.replay_examples`,
 :meth:`Retainer.replay_loss`): one routing, one staging of the union of rows, one backward;
-a separate pass staged nearly as many rows again. They are not counted in the step's
-accesses, and their gradient, like the step's own, reaches only the rows the step may train
-(never rows written before or hubs; with a selection, only the selected).
-:meth:`Retainer.replay_backward` gives the same gradient in a pass of its own after the
-selection (MeftTrainer uses it). The encoded examples and the kept distributions are saved
-with the background statistics, so a resumed run replays the same.
+a separate pass staged nearly as many rows again. Their gradient, like the step's own, never
+reaches rows written before. :meth:`Retainer.replay_backward` gives the same gradient in a
+pass of its own (MeftTrainer uses it). The encoded examples and the kept distributions are
+saved with every checkpoint (:class:`Background`), so a resumed run replays the same.
 
 Any model (``meft bench``'s ``lora:*+retain``, ``full+retain``): replay and rehearsal need
 nothing of meft's, so a :class:`Retainer` also takes a model without meft's tables. It then has
-no layers: nothing is counted (no background pass), selected or held, and the replay is the
-same as meft's: the same examples in the same order, distilled towards what the model did as
-training started, at the same weight, carried by the step's first forward. Row selection, the
-output penalty, hubs, values-only updates and frozen routers are refused for it
-(:func:`sparse_only` names the flags).
+no layers: no row is held, and the replay is the same as meft's: the same examples in the
+same order, distilled towards what the model did as training started, at the same weight,
+carried by the step's first forward. Keeping written rows and the novelty gate are refused
+for it (:func:`sparse_only` names the flags).
 
 Continual learning: rows whose values are already non-zero when the protection starts (an
-adapter trained before, ``meft train --adapter DIR``) are never trained, neither selected nor
-pulled by the penalty (with the selection off too), so what the adapter learned before keeps
-its rows (``written=False`` trains them like the others).
+adapter trained before, ``meft train --adapter DIR``) are never trained: their gradient rows
+are dropped before clipping, and the lazy row-sparse AdamW leaves a row without a gradient
+bit for bit as it was, so what the adapter learned before keeps its rows (``written=False``
+trains them like the others).
 
 Novelty gate (``retain_gate`` > 0, experimental, :mod:`meft.training.gate`): fitted first,
-on the training examples (``from_config(train=...)``) and the replay pool, so whatever is
-measured next (the background statistics) counts only the tokens the gate routes: with a row
-selection, the rows background text reaches through the gate. A model that already has a gate
+on the training examples (``from_config(train=...)``) and the replay pool, before the replay
+targets are kept (a fresh adapter adds nothing either way). A model that already has a gate
 (a later set of ``meft bench --sets``) keeps it.
 
 Rehearsal (``rehearse`` > 0 and earlier training examples, ``meft train --rehearse FILE``):
@@ -89,32 +62,20 @@ the earlier data join the replay as a stream of their own, ``rehearse`` examples
 (the next ones of their own fixed shuffle), distilled like the background's towards what the
 model, with the adapter it starts from, did on them. Their loss is the mean over their own
 answer positions, added at weight 1 beside the background's: what the earlier adapter
-answered stays its answer while new facts go into any row. They are not background: the
-access statistics do not count them.
+answered stays its answer while new facts go into any row.
 
-Several processes (:mod:`meft.engine.distributed`): every rank reads the same background (a check
-compares them), measures the same statistics and keeps the same distributions, all in the
-same forwards (lockstep). The masks (rows written before, hubs, the selection) are global
-(N,) on every rank, each rank dropping the gradient rows it owns; the step's access counts are
-summed over ranks before scoring. Rank 0 carries the step's replay in its first forward (the
-gradient rows then go to their owners with the others), so a run on W processes trains what
-one process would. The output penalty is for one process.
-
-Hubs (``hubs`` < 1): rows that at least that share of the background documents read
-(df(i) >= hubs D) are never selected either. TF-IDF already scores them near zero and KL low,
-but with few accessed rows in a step such a row can still make the top t, and writing a fact
-into a row most general inputs read is the surest way to change the model on them. Off by
-default until the sweep says it helps. With the selection off they are still never trained
-by the step's own gradient; the output penalty may pull them back towards silence.
+Several processes (:mod:`meft.engine.distributed`): every rank reads the same background (a
+check compares them) and keeps the same distributions, in the same forwards (lockstep). The
+mask of rows written before is global (N,) on every rank, each rank dropping the gradient rows
+it owns. Rank 0 carries the step's replay in its first forward (the gradient rows then go to
+their owners with the others), so a run on W processes trains what one process would.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,7 +83,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from meft.adapter.model import MeftModel
 from meft.config import TrainConfig
@@ -138,124 +98,25 @@ from meft.training.gate import set_novelty_gate
 if TYPE_CHECKING:
     from meft.engine.offload import OffloadedSparseAdapter
 
-SCORES = ("tfidf", "kl")
-PENALTY_INPUTS = 4096  # background tokens whose adapter inputs are kept, per layer (M)
-PENALTY_TOKENS = 256  # of them, used per step and layer by the output penalty (m)
 REPLAY_SEED = 0  # the fixed shuffle replay goes through
 REPLAY_TOP = 32  # tokens of the kept next-token distribution per answer position (R)
 REPLAY_TOKENS = 8  # answer tokens kept of each replayed example (the first ones)
 REPLAY_TARGETS = ("distill", "answers")
-PREFIX = "retain."  # tensor names in checkpoints: retain.<layer>.counts, retain.<layer>.df
-
-
-class AccessCounter:
-    """How often one layer's adapter chose each neuron, while counting is on.
-
-    The adapter calls :meth:`add` with each forward's ids (T, K); ``docs`` (T,) gives each
-    token its document (-1: padding, not counted). With ``track_docs`` the counter also counts,
-    per neuron, the distinct documents that chose it."""
-
-    def __init__(self, n_neurons: int) -> None:
-        self.n = n_neurons
-        self.counts = torch.zeros(n_neurons, dtype=torch.long)  # (N,)
-        self.df = torch.zeros(n_neurons, dtype=torch.long)  # (N,)
-        self.docs: Tensor | None = None  # (T,) while counting, else None: not counting
-        self.track_docs = False
-        self.capture: Tensor | None = None  # (T,) bool: keep these tokens' inputs
-        self.captured: list[Tensor] = []  # kept inputs, (T_i, d) each
-
-    def add(self, ids: Tensor, x: Tensor, keep: Tensor | None = None) -> None:
-        """One forward's chosen ids (T', K) and inputs x (T', d) on the host, for the tokens
-        ``keep`` (T,) bool of the call (the adapter routes real tokens only; None: all T)."""
-        if self.docs is None:
-            return
-        docs, capture = self.docs, self.capture
-        if keep is not None:
-            keep = keep.cpu()
-            if keep.shape[0] == docs.shape[0]:
-                docs = docs[keep]
-                capture = capture[keep] if capture is not None else None
-        if docs.shape[0] != ids.shape[0]:
-            raise ValueError(f"access counter: {ids.shape[0]} tokens routed, "
-                             f"{docs.shape[0]} in the mask")
-        if capture is not None:
-            self.captured.append(x[capture].float().clone())
-        valid = docs >= 0  # (T',)
-        chosen = ids[valid]  # (T'', K)
-        self.counts += torch.bincount(chosen.reshape(-1), minlength=self.n)
-        if self.track_docs:
-            pairs = docs[valid].unsqueeze(1) * self.n + chosen  # (T'', K)
-            self.df += torch.bincount(torch.unique(pairs) % self.n, minlength=self.n)
-
-    def reset(self) -> None:
-        self.counts.zero_()
-        self.df.zero_()
+PREFIX = "retain."  # tensor names in checkpoints: retain.replay.*, retain.<layer>.*
 
 
 @dataclass
 class Background:
-    """Per layer (by adapter layer id): accesses C_bg (N,), document frequency df (N,) and,
-    for the output penalty, the adapter inputs of up to M background tokens (M, d); for
-    replay, the encoded background examples and, per answer position (M in all), the ids
-    (M, R) and probabilities (M, R) of the model's R likeliest next tokens as training
-    started."""
+    """What replay needs, saved with every checkpoint: the number of background documents,
+    the encoded examples replayed (the background's, then any rehearsed ones) and, per answer
+    position (M in all), the ids (M, R) and probabilities (M, R) of the model's R likeliest
+    next tokens as training started."""
 
-    counts: dict[str, Tensor]
-    df: dict[str, Tensor]
     documents: int
-    inputs: dict[str, Tensor] = field(default_factory=dict)
     examples: list[Encoded] = field(default_factory=list)
     top_ids: Tensor | None = None  # (M, R) int64
     top_p: Tensor | None = None  # (M, R) fp32
     rehearsal: int = 0  # the last ones of examples are earlier training data (rehearsal)
-
-    @classmethod
-    @torch.no_grad()
-    def measure(cls, model: MeftModel | nn.Module, encoded: Sequence[Encoded], pad_id: int, *,
-                batch_size: int = 16, progress: bool = True, keep_inputs: int = 0,
-                seed: int = 0) -> Background:
-        """Count the accesses of ``model``'s adapters over ``encoded`` (module doc); keep the
-        adapter inputs of ``keep_inputs`` tokens drawn by ``seed`` (padding never drawn)."""
-        lengths = torch.tensor([len(e.input_ids) for e in encoded])
-        starts = torch.cumsum(lengths, 0) - lengths  # (D,) first global token of each
-        total = int(lengths.sum())
-        chosen = torch.zeros(total, dtype=torch.bool)
-        if keep_inputs:
-            gen = torch.Generator().manual_seed(seed)
-            chosen[torch.randperm(total, generator=gen)[:keep_inputs]] = True
-        layers = _layers(model)
-        if not layers or not isinstance(model, MeftModel):  # no meft tables: nothing to count
-            return cls({}, {}, len(encoded))
-        previous = {k: a.counter for k, a in layers}
-        counters = {k: AccessCounter(a.n_neurons) for k, a in layers}
-        for k, a in layers:
-            a.counter = counters[k]
-        was_training = model.training
-        model.eval()
-        try:
-            for c in counters.values():
-                c.track_docs = True
-            for lo in tqdm(range(0, len(encoded), batch_size), desc="background",
-                           unit="batch", disable=not progress, dynamic_ncols=True):
-                batch = collate(encoded[lo:lo + batch_size], pad_id)
-                mask = batch["attention_mask"].bool()  # (B, L)
-                docs = torch.arange(lo, lo + mask.shape[0]).unsqueeze(1).expand_as(mask)
-                position = starts[lo:lo + mask.shape[0]].unsqueeze(1) + torch.arange(
-                    mask.shape[1])  # (B, L) global token index
-                capture = (mask & chosen[position.clamp_max(total - 1)]).reshape(-1)
-                for c in counters.values():
-                    c.capture = capture if keep_inputs else None
-                with _counting(counters, torch.where(mask, docs, -1).reshape(-1)):
-                    model(input_ids=batch["input_ids"].to(model.device_),
-                          attention_mask=mask.long().to(model.device_))
-        finally:
-            model.train(was_training)
-            for k, a in layers:
-                a.counter = previous[k]
-        inputs = ({k: torch.cat(c.captured) for k, c in counters.items()} if keep_inputs
-                  else {})
-        return cls({k: c.counts.clone() for k, c in counters.items()},
-                   {k: c.df.clone() for k, c in counters.items()}, len(encoded), inputs)
 
     @torch.no_grad()
     def keep_distributions(self, model: Any, pad_id: int, *, batch_size: int = 16,
@@ -293,11 +154,6 @@ class Background:
 
     def tensors(self) -> dict[str, Tensor]:
         out = {f"{PREFIX}documents": torch.tensor([self.documents])}
-        for layer in self.counts:
-            out[f"{PREFIX}{layer}.counts"] = self.counts[layer]
-            out[f"{PREFIX}{layer}.df"] = self.df[layer]
-            if layer in self.inputs:
-                out[f"{PREFIX}{layer}.inputs"] = self.inputs[layer]
         if self.examples:  # flat ids and labels, and each example's length
             out[f"{PREFIX}replay.lengths"] = torch.tensor([len(e.input_ids)
                                                            for e in self.examples])
@@ -313,7 +169,7 @@ class Background:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], layers: Sequence[str]) -> Background:
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> Background:
         try:
             examples = []
             if f"{PREFIX}replay.lengths" in tensors:
@@ -322,39 +178,12 @@ class Background:
                 labels = tensors[f"{PREFIX}replay.labels"].split(lengths)
                 examples = [Encoded(i.tolist(), y.tolist(), False)
                             for i, y in zip(ids, labels, strict=True)]
-            measured = [k for k in layers if f"{PREFIX}{k}.counts" in tensors]  # or none
-            return cls({k: tensors[f"{PREFIX}{k}.counts"].long() for k in measured},
-                       {k: tensors[f"{PREFIX}{k}.df"].long() for k in measured},
-                       int(tensors[f"{PREFIX}documents"].item()),
-                       {k: tensors[f"{PREFIX}{k}.inputs"] for k in layers
-                        if f"{PREFIX}{k}.inputs" in tensors}, examples,
+            return cls(int(tensors[f"{PREFIX}documents"].item()), examples,
                        tensors.get(f"{PREFIX}replay.top_ids"), tensors.get(f"{PREFIX}replay.top_p"),
                        int(tensors.get(f"{PREFIX}replay.rehearsal", torch.zeros(1)).item()))
         except KeyError as e:
-            raise SerializationError(f"background statistics {e.args[0]} missing (a checkpoint "
+            raise SerializationError(f"protection state {e.args[0]} missing (a checkpoint "
                                      "trained without --retain?)") from None
-
-
-def row_scores(counts: Tensor, bg_counts: Tensor, df: Tensor, documents: int,
-               score: str) -> Tensor:
-    """Scores (N,) of one layer's rows from the step's accesses ``counts`` (N,) (module doc);
-    rows not accessed score -inf."""
-    c = counts.double()
-    p = c / c.sum().clamp_min(1)
-    if score == "tfidf":
-        out = p * torch.log((documents + 1) / (df.double() + 1))
-    elif score == "kl":
-        q = (bg_counts.double() + 1) / (bg_counts.double() + 1).sum()
-        out = p * torch.log(p.clamp_min(1e-300) / q)
-    else:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    return out.masked_fill(counts == 0, -math.inf)
-
-
-def hub_rows(df: Tensor, documents: int, share: float) -> Tensor:
-    """(N,) bool: the rows at least ``share`` of the background documents read (none for a
-    share above 1)."""
-    return df.double() >= share * max(1, documents)
 
 
 def _keep(grad: Any, allowed: Tensor) -> None:
@@ -379,87 +208,48 @@ def distill_loss(logits: Tensor, top_ids: Tensor, top_p: Tensor) -> Tensor:
     return kl.mean()
 
 
-def top_rows(scores: Tensor, rows: int) -> Tensor:
-    """Ids of the ``rows`` best finite scores, ties to the lower id (deterministic)."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    n = min(rows, int(torch.isfinite(scores).sum()))
-    return order[:n]
-
-
-def uses_statistics(config: TrainConfig) -> bool:
-    """Whether ``config``'s protection reads the background statistics (the row selection,
-    hubs, the output penalty's inputs); replay alone does not, and skips measuring them (a
-    forward pass over the whole background: 2-3.5 minutes of the default job)."""
-    return config.retain_rows > 0 or config.retain_hubs < 1 or config.retain_penalty > 0
-
-
 def sparse_only(config: TrainConfig) -> list[str]:
-    """The flags of ``config`` that ask for protection only a sparse memory has (row
-    selection, output penalty, hubs, values only, frozen routers, rows written before kept,
-    the novelty gate):
-    a method without meft's tables refuses them (:class:`Retainer`)."""
-    asked = {"--retain-rows": config.retain_rows > 0,
-             "--retain-penalty": config.retain_penalty > 0,
-             "--retain-hubs": config.retain_hubs < 1,
-             "--retain-update": config.retain_update != "keys+values",
-             "--retain-router": config.retain_router != "trained",
-             "--retain-written": config.retain_written == "keep",
+    """The flags of ``config`` that ask for protection only a sparse memory has (rows written
+    before kept, the novelty gate): a method without meft's tables refuses them
+    (:class:`Retainer`)."""
+    asked = {"--retain-written": config.retain_written == "keep",
              "--retain-gate": config.retain_gate > 0}
     return [flag for flag, on in asked.items() if on]
 
 
 class Retainer:
-    """The protection during training: counts each step's accesses (:meth:`watch`), then keeps
-    the gradients of the selected rows only (:meth:`select_`).
+    """The protection during training: after a step's backward passes, drops the gradient rows
+    of rows written before and adds the replay's gradient (:meth:`before_clip`).
 
     ``model`` may be any causal LM without meft's tables (LoRA, full fine-tuning: what
-    ``meft bench`` compares): it then has no layers to count, select or hold, and the
-    protection is replay and rehearsal alone, exactly as meft's (the same examples in the
-    same order, the same targets kept from the model as training starts, the same weight)."""
+    ``meft bench`` compares): it then has no layers to hold, and the protection is replay and
+    rehearsal alone, exactly as meft's (the same examples in the same order, the same targets
+    kept from the model as training starts, the same weight)."""
 
     def __init__(self, model: MeftModel | nn.Module, background: Background | None, *,
-                 score: str = "tfidf", rows: int = 512, keys: bool = True,
-                 router: bool = True, penalty: float = 0.0,
-                 penalty_tokens: int = PENALTY_TOKENS, hubs: float = 1.0, replay: int = 0,
-                 replay_target: str = "distill", written: bool = True, rehearse: int = 0,
-                 replay_weight: float = 1.0, pad_id: int = 0,
+                 replay: int = 0, replay_target: str = "distill", written: bool = True,
+                 rehearse: int = 0, replay_weight: float = 1.0, pad_id: int = 0,
                  gate_once: bool = False) -> None:
         if replay_target not in REPLAY_TARGETS:
             raise ValueError(f"replay_target must be one of {REPLAY_TARGETS}, got "
                              f"{replay_target!r}")
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if (rows < 0 or penalty < 0 or penalty_tokens < 1 or replay < 0 or rehearse < 0
-                or not replay_weight > 0):
-            raise ValueError(f"rows, penalty, replay and rehearse must be >= 0, penalty_tokens "
-                             f">= 1, replay_weight > 0, got rows={rows}, penalty={penalty}, "
-                             f"replay={replay}, rehearse={rehearse}, penalty_tokens="
-                             f"{penalty_tokens}, replay_weight={replay_weight}")
+        if replay < 0 or rehearse < 0 or not replay_weight > 0:
+            raise ValueError(f"replay and rehearse must be >= 0, replay_weight > 0, got "
+                             f"replay={replay}, rehearse={rehearse}, "
+                             f"replay_weight={replay_weight}")
         self.parallel: DataParallel | None = getattr(model, "parallel", None)
-        if not _layers(model) and (rows or penalty or hubs < 1 or not keys or not router):
-            raise ConfigError("row selection, the output penalty, hubs, values-only updates "
-                              "and frozen routers need meft's sparse tables; this model has "
-                              "none (replay and rehearsal work for any model)")
-        if self.parallel is not None and penalty:
-            raise ConfigError("--retain-penalty is for one process (a distributed run shards "
-                              "the rows it would pull back)")
         self.model = model
         self.background = background
-        self.score, self.rows, self.keys, self.router = score, rows, keys, router
-        self.penalty, self.penalty_tokens = penalty, penalty_tokens
-        self.hubs = hubs
         self.replay, self.replay_target, self.pad_id = replay, replay_target, pad_id
         self.replay_weight = replay_weight
         self.rehearse = rehearse
         self.gate_once = gate_once  # a resumed run's gate (restore) decides once per token
-        self.counters = _attach(model)
-        # rows an earlier run wrote (values start at zero): never selected, so what the
+        # rows an earlier run wrote (values start at zero): never trained, so what the
         # adapter already learned stays as it was (continual learning); written=False trains
         # them like the others
         self.protected = {layer: self._written(a) if written
                           else torch.zeros(a.n_neurons, dtype=torch.bool)
                           for layer, a in _layers(model)}  # (N,) each, on every rank
-        self.allowed: dict[str, Tensor] = {}  # per layer (N,): the rows this step may train
 
     def _written(self, adapter: OffloadedSparseAdapter) -> Tensor:
         """(N,) bool: the rows of ``adapter`` with non-zero values (over every rank's)."""
@@ -473,8 +263,8 @@ class Retainer:
         return self.parallel.sum_tensor(every) > 0
 
     def tensors(self) -> dict[str, Tensor]:
-        """What a checkpoint keeps of the protection: the background statistics and, per
-        layer, the rows written before it started (``retain.<layer>.protected``, (N,) uint8:
+        """What a checkpoint keeps of the protection: the replay's (:class:`Background`) and,
+        per layer, the rows written before it started (``retain.<layer>.protected``, (N,) uint8:
         a resumed run must not count the rows it wrote itself as an earlier adapter's) and
         the novelty gate fitted as it started (``retain.<layer>.gate``, (d+1,), if any: a
         resumed run's model is built from the run's recorded config, which has none)."""
@@ -488,7 +278,7 @@ class Retainer:
     def restore(self, tensors: dict[str, Tensor]) -> None:
         """Continue from :meth:`tensors` (a checkpoint written before the protected rows were
         saved keeps the ones found at start)."""
-        self.background = Background.from_tensors(tensors, list(self.protected))
+        self.background = Background.from_tensors(tensors)
         for layer in self.protected:
             if f"{PREFIX}{layer}.protected" in tensors:
                 self.protected[layer] = tensors[f"{PREFIX}{layer}.protected"].bool()
@@ -498,70 +288,33 @@ class Retainer:
             assert isinstance(self.model, MeftModel)
             self.model.set_novelty_gate(gates, once=self.gate_once)
 
-    @contextlib.contextmanager
-    def watch(self, attention_mask: Tensor) -> Iterator[None]:
-        """Count the accesses of the forwards inside (``attention_mask`` (B, L): 0 = pad)."""
-        mask = attention_mask.reshape(-1).cpu()
-        with _counting(self.counters, torch.where(mask.bool(), 0, -1)):
-            yield
-
     @torch.no_grad()
-    def select_(self) -> list[int]:
-        """Drop the gradient rows outside each layer's selection (``rows`` 0: no selection, but
-        rows written before and hubs are still dropped, and ``keys=False`` still drops every key
-        gradient); reset the counts; return the rows kept per layer."""
-        if self.background is None:
-            raise RuntimeError("Retainer.select_ before the background statistics exist")
-        bg = self.background
+    def hold_written(self) -> list[int]:
+        """Drop the gradient rows of rows written before; return the rows left per layer."""
         kept = []
         for layer, adapter in _layers(self.model):
-            counter = self.counters[layer]
-            allowed = ~self.protected[layer]  # (N,) rows this step may train
-            if self.hubs < 1:
-                allowed &= ~hub_rows(bg.df[layer], bg.documents, self.hubs)
-            if self.rows:
-                counts = (counter.counts if self.parallel is None  # every rank's tokens
-                          else self.parallel.sum_tensor(counter.counts))
-                scores = row_scores(counts, bg.counts[layer], bg.df[layer],
-                                    bg.documents, self.score).masked_fill_(~allowed, -math.inf)
-                chosen = torch.zeros(counter.n, dtype=torch.bool)
-                chosen[top_rows(scores, self.rows)] = True
-            else:  # no selection: every accessed row but the protected ones and the hubs
-                chosen = allowed
-            self._train_only(adapter, chosen)
-            self.allowed[layer] = chosen
+            self._train_only(adapter, ~self.protected[layer])
             kept.append(len(adapter.store.value_grad))
-            counter.reset()
         if self.parallel is not None:  # each rank kept the rows it owns
             kept = self.parallel.sum_tensor(torch.tensor(kept, dtype=torch.long)).tolist()
         return kept
 
     def before_clip(self, step: int, replay_loss: float | None = None) -> dict[str, Any]:
-        """A step's protection, after its backward passes and before clipping: the row
-        selection (:meth:`select_`), then the replay's (unless the step's forward carried it:
-        ``replay_loss`` is then its loss) and the output penalty's gradients
-        (:meth:`replay_backward`, :meth:`penalty_backward`). Returns what the step's metrics
-        record: the rows kept per layer, the penalty and the replay loss."""
-        kept = self.select_()
+        """A step's protection, after its backward passes and before clipping: the replay's
+        gradient (unless the step's forward carried it: ``replay_loss`` is then its loss,
+        :meth:`replay_backward`), then the rows written before held (:meth:`hold_written`).
+        Returns what the step's metrics record: the rows trained per layer and the replay
+        loss."""
         replay = self.replay_backward(step) if replay_loss is None else replay_loss
-        return {"retained_rows_per_layer": kept, "retain_penalty": self.penalty_backward(step),
-                "retain_replay_loss": replay}
+        return {"retained_rows_per_layer": self.hold_written(), "retain_replay_loss": replay}
 
     def _train_only(self, adapter: OffloadedSparseAdapter, allowed: Tensor) -> None:
-        """Drop ``adapter``'s gradient rows outside ``allowed`` (N,) bool, and every key
-        gradient when only values train."""
+        """Drop ``adapter``'s gradient rows (keys and values) outside ``allowed`` (N,) bool."""
         if isinstance(adapter, ShardedSparseAdapter):  # its store holds its own rows only
             lo, hi = adapter.plan.rows
             allowed = allowed[lo:hi]
         _keep(adapter.store.value_grad, allowed)
-        if self.keys:
-            _keep(adapter.store.key_grad, allowed)
-        else:
-            adapter.store.key_grad.zero_()
-
-    def _hold_written(self, adapter: OffloadedSparseAdapter, layer: str) -> None:
-        """After a protection term's backward: drop its gradient on rows written before."""
-        self._train_only(adapter, ~self.protected[layer])
+        _keep(adapter.store.key_grad, allowed)
 
     @property
     def replayed(self) -> int:
@@ -634,8 +387,8 @@ class Retainer:
 
     def replay_backward(self, step: int) -> float:
         """Add the gradient of the replay loss of step ``step``'s examples in a pass of their
-        own (the step's forward did not carry them), after :meth:`select_`: only the rows it
-        let train get it, as in one backward with the step's. Returns the loss."""
+        own (the step's forward did not carry them), as one backward with the step's would
+        (:meth:`before_clip` then holds the rows written before). Returns the loss."""
         if not self.replayed:
             return 0.0
         if self.parallel is not None:  # after the gradient rows went to their owners
@@ -645,8 +398,6 @@ class Retainer:
         logits, labels = labelled_logits(self.model, collate(examples, self.pad_id))
         loss = self.replay_loss(logits, labels, chosen)
         loss.backward()
-        for layer, adapter in _layers(self.model):  # as if the step's forward carried them
-            self._train_only(adapter, self.allowed.get(layer, ~self.protected[layer]))
         return float(loss.detach())
 
     def _replay_starts(self) -> list[int]:
@@ -655,34 +406,6 @@ class Retainer:
         counts = [e.target_tokens for e in self.background.examples]
         return [0, *torch.tensor(counts).cumsum(0).tolist()]
 
-    def trained_routers(self, routers: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The routers an optimizer should train: all, or none with frozen routers (their
-        gradients then switched off)."""
-        if self.router:
-            return routers
-        for router in routers.values():
-            router.requires_grad_(False)
-        return {}
-
-    def penalty_backward(self, step: int) -> float:
-        """Add the gradient of ``penalty * mean_t |adapter(x_t)|^2`` over ``penalty_tokens``
-        cached background inputs per layer (the next ones in order, from ``step``): the
-        adapter is pulled back towards silence on background text. Returns the penalty."""
-        if not self.penalty:
-            return 0.0
-        if self.background is None or not self.background.inputs:
-            raise RuntimeError("the output penalty needs background inputs (keep_inputs)")
-        total = 0.0
-        for layer, adapter in _layers(self.model):
-            xs = self.background.inputs[layer]  # (M, d)
-            idx = (torch.arange(self.penalty_tokens) + step * self.penalty_tokens) % xs.shape[0]
-            y = adapter(xs[idx].to(adapter.device))  # (m, d)
-            loss = self.penalty * y.pow(2).sum(-1).mean()
-            loss.backward()
-            self._hold_written(adapter, layer)
-            total += float(loss.detach())
-        return total
-
     @classmethod
     def from_config(cls, model: MeftModel | nn.Module, config: TrainConfig,
                     background: Sequence[Sample] | None, tokenizer: Any, *,
@@ -690,14 +413,13 @@ class Retainer:
                     rehearsal: Sequence[Sample] | None = None,
                     cache: BaseCache | None = None,
                     train: Sequence[Encoded] | None = None) -> Retainer:
-        """The protection ``config`` asks for (``retain_*`` fields); its statistics measured
-        now over ``background`` samples, or None: restored from a checkpoint later.
+        """The protection ``config`` asks for (``retain_*`` fields), its replay drawn now from
+        ``background`` samples, or None: restored from a checkpoint later.
         ``rehearsal``: earlier training data to rehearse (``config.retain_rehearse`` per
         step). ``cache``: the base model's results (the replay targets of a fresh adapter).
         ``train``: the training examples, which ``config.retain_gate`` fits the novelty gate
-        on (with the replay pool) before anything is measured, so the statistics count only
-        the tokens it routes (:mod:`meft.training.gate`; a model whose gate is already set,
-        e.g. by an earlier set of a continual run, keeps it)."""
+        on (with the replay pool; :mod:`meft.training.gate`; a model whose gate is already
+        set, e.g. by an earlier set of a continual run, keeps it)."""
         stats = None
         rehearsal = rehearsal if config.retain_rehearse else None
         if background is not None:
@@ -720,14 +442,7 @@ class Retainer:
                 set_novelty_gate(model, train, pool_examples, config.retain_gate,
                                  pad_id=tokenizer.pad_token_id or 0,
                                  once=config.retain_gate_once)
-            if uses_statistics(config):
-                stats = Background.measure(model, encoded, tokenizer.pad_token_id,
-                                           progress=progress, seed=config.seed,
-                                           keep_inputs=PENALTY_INPUTS if config.retain_penalty
-                                           else 0)
-            else:  # replay alone (the default) reads no access counts: no background pass
-                stats = Background({}, {}, len(encoded))
-            stats.examples = pool_examples
+            stats = Background(len(encoded), pool_examples)
             if rehearsal:
                 earlier = encode_all(rehearsal, tokenizer, config.max_length, "rehearsal")
                 _some_left(earlier, "--rehearse", config.max_length, "--retain-rehearse 0")
@@ -737,10 +452,7 @@ class Retainer:
                     and (config.retain_replay or rehearsal)):
                 stats.keep_distributions(model, tokenizer.pad_token_id or 0,
                                          cache=cache if _computes_base(model) else None)
-        return cls(model, stats, score=config.retain_score, rows=config.retain_rows,
-                   keys=config.retain_update == "keys+values",
-                   router=config.retain_router == "trained", penalty=config.retain_penalty,
-                   hubs=config.retain_hubs, replay=config.retain_replay,
+        return cls(model, stats, replay=config.retain_replay,
                    replay_target=config.retain_replay_target,
                    written=_keeps_written(config.retain_written, rehearsal),
                    rehearse=config.retain_rehearse, replay_weight=config.retain_replay_weight,
@@ -749,29 +461,23 @@ class Retainer:
 
     def summary(self) -> str:
         bg = self.background
-        docs = f"{bg.documents} background documents" if bg is not None else "no background"
-        parts = "keys and values" if self.keys else "values only"
-        router = "routers trained" if self.router else "routers frozen"
-        written = sum(int(p.sum()) for p in self.protected.values())
-        kept = f", {written} rows written earlier kept as they are" if written else ""
-        selection = (f"{self.score} over {docs}, top {self.rows} rows per layer and step"
-                     if self.rows else f"every row trains, {docs}")
-        penalty = (f", output penalty {self.penalty:g} on {self.penalty_tokens} background "
-                   "tokens per layer and step" if self.penalty else "")
-        if self.hubs < 1:
-            penalty += f", rows {self.hubs:g} of the background reads never trained"
         how = ("distilled: their next-token distributions kept" if self.replay_target ==
                "distill" else "trained on their answers")
+        parts = []
         n_bg, n_re = self._counts()
         if n_bg:
             pool = f" of {len(bg.examples) - bg.rehearsal}" if bg is not None else ""
-            penalty += f", {n_bg}{pool} background examples replayed per step ({how})"
+            parts.append(f"{n_bg}{pool} background examples replayed per step ({how})")
         if n_re:
             assert bg is not None
-            penalty += f", {n_re} of {bg.rehearsal} earlier examples rehearsed per step"
-        if not self.protected:  # no sparse tables: replay alone
-            return f"forgetting protection: replay{penalty}"
-        return (f"forgetting protection: {selection}, {parts}, {router}{penalty}{kept}")
+            parts.append(f"{n_re} of {bg.rehearsal} earlier examples rehearsed per step")
+        written = sum(int(p.sum()) for p in self.protected.values())
+        if written:
+            parts.append(f"{written} rows written earlier kept as they are")
+        if any(a.novelty is not None for _, a in _layers(self.model)):
+            parts.append("novelty gate" + (", one decision per token" if self.gate_once
+                                           else ""))
+        return "forgetting protection: " + (", ".join(parts) or "nothing replayed or held")
 
 
 def protection(model: MeftModel, tokenizer: Any,
@@ -797,12 +503,11 @@ def protection(model: MeftModel, tokenizer: Any,
             # replay alone draws only the short general questions: generate only those
             background, desc = load_background(
                 background, model.base_model, tokenizer, progress=progress, cache=cache,
-                questions_only=(not uses_statistics(config) and config.retain_replay_pool
-                                == "questions"))
+                questions_only=config.retain_replay_pool == "questions")
         say(f"background: {desc}")
     if isinstance(rehearse, (str, Path)):
         rehearse = load_samples(rehearse)
-    if model.parallel is not None:  # the statistics are measured in forwards every rank runs
+    if model.parallel is not None:  # the replay targets are kept in forwards every rank runs
         _same_on_every_rank(model.parallel, [*background, *(rehearse or [])])
     return Retainer.from_config(model, config, list(background), tokenizer,
                                 progress=progress,
@@ -857,22 +562,3 @@ def _layers(model: MeftModel | nn.Module) -> list[tuple[str, OffloadedSparseAdap
     if not isinstance(model, MeftModel):
         return []
     return list(zip(model.adapters, model.adapter_modules, strict=True))
-
-
-def _attach(model: MeftModel | nn.Module) -> dict[str, AccessCounter]:
-    """A fresh counter in every adapter of ``model`` (replacing any earlier one)."""
-    counters = {}
-    for layer, adapter in _layers(model):
-        counters[layer] = adapter.counter = AccessCounter(adapter.n_neurons)
-    return counters
-
-
-@contextlib.contextmanager
-def _counting(counters: dict[str, Any], docs: Tensor) -> Iterator[None]:
-    for c in counters.values():
-        c.docs = docs
-    try:
-        yield
-    finally:
-        for c in counters.values():
-            c.docs = None

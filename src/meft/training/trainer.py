@@ -200,8 +200,7 @@ class Trainer:
         self.parallel = t.parallel
         self.is_main = t.parallel is None or t.parallel.is_main
         self.retainer = retainer
-        routers = retainer.trained_routers(t.routers) if retainer is not None else t.routers
-        self.optimizers = OptimizerSet(params=t.params, routers=routers,
+        self.optimizers = OptimizerSet(params=t.params, routers=t.routers,
                                        host_tables=t.host_tables, offload=t.offload,
                                        lr=config.lr, router_lr=config.device_lr,
                                        weight_decay=config.weight_decay,
@@ -258,10 +257,7 @@ class Trainer:
                 assert par is not None
                 par.idle_forward(self.model, self._device())
                 continue
-            batch = collate(chunk, self.pad_id)
-            with (self.retainer.watch(batch["attention_mask"]) if self.retainer is not None
-                  else contextlib.nullcontext()):
-                loss_sum, _ = token_loss_sum(self.model, batch)
+            loss_sum, _ = token_loss_sum(self.model, collate(chunk, self.pad_id))
             (loss_sum / max(1, labelled)).backward()
             loss_total += float(loss_sum.detach())
         host_sum = None
@@ -274,7 +270,7 @@ class Trainer:
             host_sum = par.sum_tensor
         protection = (self.retainer.before_clip(self.step, replay_loss)
                       if self.retainer is not None
-                      else {"retained_rows_per_layer": [], "retain_penalty": 0.0})
+                      else {"retained_rows_per_layer": []})
         norm = self.optimizers.clip_(self.config.max_grad_norm, host_sum)
         loss = loss_total / max(1, labelled)
         if not (math.isfinite(loss) and torch.isfinite(norm)):
@@ -315,15 +311,12 @@ class Trainer:
     def _forward_with_replay(self, chunk: list[Encoded], labelled: int) -> tuple[float, float]:
         """One micro-batch forward and backward carrying the step's replayed background
         examples (:mod:`meft.training.protection`) after ``chunk``'s: loss = the chunk's
-        answer-token cross-entropy sum / ``labelled`` + the replay loss. Their accesses are not
-        counted. Returns the chunk's loss sum and the replay loss."""
+        answer-token cross-entropy sum / ``labelled`` + the replay loss. Returns the chunk's
+        loss sum and the replay loss."""
         assert self.retainer is not None
         replayed, chosen = self.retainer.replay_examples(self.step)
         batch = collate([*chunk, *replayed], self.pad_id)
-        counted = batch["attention_mask"].clone()
-        counted[len(chunk):] = 0  # (B, L): the replayed rows are not the step's accesses
-        with self.retainer.watch(counted):
-            logits, labels = labelled_logits(self.model, batch)  # (M, V), (M,): rows in order
+        logits, labels = labelled_logits(self.model, batch)  # (M, V), (M,): rows in order
         m = sum(e.target_tokens for e in chunk)
         loss_sum = F.cross_entropy(logits[:m].float(), labels[:m], reduction="sum")
         replay = self.retainer.replay_loss(logits[m:], labels[m:], chosen)
@@ -428,7 +421,7 @@ class Trainer:
         self._adapter().load_adapter_state(adapter, source=str(directory / "adapter"),
                                            tables=arrays is None)
         self.optimizers.load_state_tensors(tensors)
-        if self.retainer is not None:  # the statistics training started with, not new ones
+        if self.retainer is not None:  # the replay targets training started with, not new ones
             self.retainer.restore(tensors)
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])

@@ -44,7 +44,6 @@ from meft.evaluation.evaluate import answered
 from meft.evaluation.probe import RetentionProbe, headline_of
 from meft.sysinfo import pick_device
 from meft.training.background import load_background
-from meft.training.protection import uses_statistics
 
 __all__ = ["compare"]
 
@@ -124,14 +123,13 @@ def compare(job: BenchJob, command: str = "(called from Python)") -> dict[str, A
             say(f"bench: retention probe: {probe.summary()}")
         if any(method.retain for method, _ in entries):
             # replay alone draws only the short general questions: generate only those
-            # unless a method reads the background statistics or replays it whole
+            # unless a method replays it whole
             configs = [dataclasses.replace(job.train_config(m.default_lr),
                                            **m.retain_overrides())
                        for m, _ in entries if m.retain]
             samples, desc = load_background(
                 run.background, base, tokenizer, progress=progress, cache=cache,
-                questions_only=not any(uses_statistics(c) or c.retain_replay_pool == "whole"
-                                       for c in configs))
+                questions_only=not any(c.retain_replay_pool == "whole" for c in configs))
             write_jsonl(samples, Path(tmp) / "background.jsonl")
             worker_args += ["--background", str(Path(tmp) / "background.jsonl")]
             say(f"bench: background for +retain: {desc}")

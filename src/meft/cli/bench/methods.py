@@ -11,19 +11,17 @@
                              factored moments (:mod:`meft.engine.optim`), so one comparison holds
                              all stores
     meft-noexperts:N         meft with a single expert: every key scored (no Key-Experts)
-    METHOD+retain            any method with replay (the same examples, order, targets and
-                             weight as meft's: --retain-replay*); settings rep, repw,
-                             distill, answers, questions, whole may follow, as below
-    meft:N+retain            meft with forgetting protection (:mod:`meft.training.protection`), set
-    by the
-                             --retain-* flags, against --background (default: the base
-                             model's own answers to the shipped prompts); settings may follow,
-                             overriding the flags for this method: ``+retain:kl:256:values:
-                             frozen:pen0.5:hub0.5:rep4`` (score tfidf|kl, rows t or all,
-                             update values|keys, router frozen|trained, output penalty, hub
-                             share, examples replayed per step, replay towards the kept
-                             distributions or the answers: distill|answers), so one
-                             comparison can sweep them
+    METHOD+retain            any method with forgetting protection
+                             (:mod:`meft.training.protection`), set by the --retain-* flags,
+                             against --background (default: the base model's own answers to
+                             the shipped prompts): replay, the same examples, order, targets
+                             and weight for every method; meft also keeps rows written
+                             before and may use the novelty gate. Settings may follow,
+                             overriding the flags for this method: ``+retain:rep4:repw0.5:
+                             answers:whole`` (examples replayed per step, their loss weight,
+                             replay towards the kept distributions or the answers:
+                             distill|answers, drawn from the general questions or the whole
+                             background), so one comparison can sweep them
     full                     full fine-tuning: every base weight trained (the upper anchor for
                              learning and for forgetting)
 
@@ -119,17 +117,9 @@ class Method:
 
 
 RETAIN_WORDS: dict[str, tuple[str, Any]] = {
-    "tfidf": ("retain_score", "tfidf"), "kl": ("retain_score", "kl"),
-    "values": ("retain_update", "values"), "keys": ("retain_update", "keys+values"),
-    "frozen": ("retain_router", "frozen"), "trained": ("retain_router", "trained"),
-    "all": ("retain_rows", 0), "distill": ("retain_replay_target", "distill"),
+    "distill": ("retain_replay_target", "distill"),
     "answers": ("retain_replay_target", "answers"),
     "questions": ("retain_replay_pool", "questions"), "whole": ("retain_replay_pool", "whole")}
-
-
-# the TrainConfig fields of replay: protection any model can have (the rest needs meft's tables)
-REPLAY_FIELDS = ("retain_replay", "retain_replay_weight", "retain_replay_target",
-                 "retain_replay_pool")
 
 STATE_SETTINGS = {"bf16": ("host_dtype", "bfloat16"), "8bit": ("optim_state", "8bit"),
                   "rowwise": ("optim_state", "rowwise"), "factored": ("optim_state", "factored")}
@@ -139,11 +129,7 @@ def _retain_setting(token: str) -> tuple[str, Any] | None:
     """One ``+retain:`` setting as (TrainConfig field, value); None if it is not one."""
     if token in RETAIN_WORDS:
         return RETAIN_WORDS[token]
-    if token.isdigit() and int(token) > 0:
-        return "retain_rows", int(token)
     for prefix, field, ok, kind in (
-            ("pen", "retain_penalty", lambda v: v >= 0, float),
-            ("hub", "retain_hubs", lambda v: v > 0, float),
             ("repw", "retain_replay_weight", lambda v: v > 0, float),
             ("rep", "retain_replay", lambda v: v >= 0 and v == int(v), int)):
         if token.startswith(prefix):
@@ -160,22 +146,13 @@ def parse_method(text: str) -> Method:
     if plus and (not settings or settings.startswith(":")):
         method = parse_method(base)
         tokens = tuple(settings.split(":")[1:])
-        parsed = {t: _retain_setting(t) for t in tokens}
-        sparse = [t for t, setting in parsed.items() if not method.sparse
-                  and setting is not None and setting[0] not in REPLAY_FIELDS]
-        if sparse:
-            raise ConfigError(f"method {text!r}: {sparse[0]!r} is protection only meft's "
-                              f"sparse tables have; {method.name} takes replay settings "
-                              f"only (repR, repwW, distill, answers, questions, whole)")
-        bad = [t for t, setting in parsed.items() if setting is None]
+        bad = [t for t in tokens if _retain_setting(t) is None]
         if bad:
             raise ConfigError(f"method {text!r}: unknown protection setting {bad[0]!r} "
-                              f"(expected tfidf, kl, rows as a positive integer or all, "
-                              f"values, keys, frozen, trained, distill, answers, penW for "
-                              f"a penalty W, hubS to never train rows a share S of the "
-                              f"background reads, repR to replay R background examples "
-                              f"per step, repwW to weigh their loss W, questions or whole "
-                              f"for what they are drawn from)")
+                              f"(expected repR to replay R background examples per step, "
+                              f"repwW to weigh their loss W, distill or answers for what "
+                              f"they are trained towards, questions or whole for what they "
+                              f"are drawn from)")
         return dataclasses.replace(method, retain=True, retain_settings=tokens)
     parts = text.split(":")
     if text == "full":
@@ -219,7 +196,7 @@ def parse_entry(text: str) -> tuple[Method, list[float] | None]:
 
 def check_method(method: Method, job: BenchJob) -> None:
     """Refuse, before any work, a meft method whose adapter flags do not fit its N, and
-    protection a method without meft's tables cannot have (``--retain-rows`` ... given
+    protection a method without meft's tables cannot have (``--retain-gate`` ... given
     for every method)."""
     if method.sparse:
         meft_config(method, job)

@@ -76,7 +76,7 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
     evaluate it, return its metrics.
 
     ``copy_base=False`` trains ``base`` itself (a worker process that owns it); a
-    ``+retain`` method measures its background statistics over ``background``. ``seen``: the
+    ``+retain`` method replays from ``background``. ``seen``: the
     training phrasings asked back; ``facts``: ``{"facts": n, "bits": {source: bits}}``.
     ``sets`` (continual learning, ``meft bench --sets``): (encoded training examples, test
     questions) of each fact set, learned one after another instead of ``train``, the job's
