@@ -28,6 +28,9 @@ SETTINGS = (
      "gate-dc52641/surprise4-0.01-alone/*@seed*.json"),
     ("sticky surprise-fitted gate 0.002, nothing replayed",
      "gate-0584679/sticky-surprise4-0.002-alone/*@seed*.json"),
+    ("no protection, layers 15-29", "gate-338527a/layers15-reference/*@seed*.json"),
+    ("one decision per token at layer 15 (0.01), layers 15-29, nothing replayed",
+     "gate-338527a/once-0.01-alone/*@seed*.json"),
 )
 
 
