@@ -69,6 +69,11 @@ def mlp_inputs(model: object, tokenizer: object, samples: list[Sample],
             torch.cat(following), torch.cat(answering))
 
 
+def _lengths(tokenizer: object, samples: list[Sample]) -> list[int]:
+    """Each sample's token count as :func:`mlp_inputs` encodes it."""
+    return [len(encode(s, tokenizer, 256).input_ids) for s in samples]
+
+
 def lda(a: torch.Tensor, b: torch.Tensor, shrink: float) -> torch.Tensor:
     """The shrunken LDA direction (S + s I)^-1 (mu_a - mu_b), S the pooled covariance."""
     centred = torch.cat([a - a.mean(0), b - b.mean(0)])
@@ -112,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, source = load_model_and_tokenizer(None)
     model.eval()
     ks = make_knowledge_set(args.people, seed=0)
-    train, train_nll, train_next, _ = mlp_inputs(model, tokenizer, ks.train, layers)
+    train, train_nll, train_next, train_ans = mlp_inputs(model, tokenizer, ks.train, layers)
     test, test_nll, _, test_ans = mlp_inputs(model, tokenizer, ks.eval, layers)
     text, *_ = mlp_inputs(model, tokenizer, general_text_samples(), layers)
-    questions, *_ = mlp_inputs(model, tokenizer, general_questions(), layers)
+    questions, _, _, questions_ans = mlp_inputs(model, tokenizer, general_questions(), layers)
     unseen, _, _, unseen_ans = mlp_inputs(model, tokenizer, unseen_questions(), layers)
     adjacent, _, _, adjacent_ans = mlp_inputs(model, tokenizer, real_people_questions(),
                                               layers)
@@ -128,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     # that must route for the model to learn, and a question the base model answers has
     # none of them at its answer positions
     ahead = train_next > args.surprise  # (T_train,)
+    # one decision per token (--retain-gate-once): a prompt stays the base model when none of
+    # its tokens passes the deciding layer's gate; each prompt's token count, to group by
+    unseen_lengths = _lengths(tokenizer, unseen_questions())
+    adjacent_lengths = _lengths(tokenizer, real_people_questions())
     rows = []
     for i in layers:
         a, b = train[i], torch.cat([text[i], questions[i]])
@@ -148,6 +157,22 @@ def main(argv: list[str] | None = None) -> int:
             return float(((x @ w) > t).float().mean())
 
         surprising_test = test[i][test_nll > args.surprise]
+
+        # answers against answers: the training positions that predict an answer (what the
+        # model does not know) against the general questions' (what it does), so the
+        # direction is about the answer, not about being a question
+        qa = questions[i][questions_ans]
+        wq = lda(train[i][train_ans][::2], qa[::2], args.shrink)
+        tq = torch.quantile(qa[::2] @ wq, 0.99)
+
+        def above_q(x: torch.Tensor, w: torch.Tensor = wq, t: torch.Tensor = tq) -> float:
+            return float(((x @ w) > t).float().mean())
+
+        def exact(x: torch.Tensor, lengths: list[int], w: torch.Tensor = w,
+                  t: torch.Tensor = threshold) -> float:
+            """The share of prompts (whole sequences here) none of whose tokens passes."""
+            passed = ((x @ w) > t).split(lengths)
+            return float(sum(not bool(p.any()) for p in passed) / len(lengths))
 
         a_fit_ahead = ahead[::2]
         wa = lda(a_fit[a_fit_ahead], torch.cat([b_fit, a_fit[~a_fit_ahead]]), args.shrink)
@@ -185,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
                      "ahead_adjacent_fpr": above_a(adjacent[i]),
                      "ahead_adjacent_answer_fpr": above_a(adjacent[i][adjacent_ans]),
                      "ahead_share_of_train": float(ahead.float().mean()),
+                     "answers_test_answer_tpr": above_q(test[i][test_ans]),
+                     "answers_questions_answer_fpr": above_q(qa[1::2]),
+                     "answers_unseen_answer_fpr": above_q(unseen[i][unseen_ans]),
+                     "answers_adjacent_answer_fpr": above_q(adjacent[i][adjacent_ans]),
+                     "once_exact_unseen": exact(unseen[i], unseen_lengths),
+                     "once_exact_adjacent": exact(adjacent[i], adjacent_lengths),
                      "train_tokens": a.shape[0], "background_tokens": b.shape[0],
                      "unseen_tokens": unseen[i].shape[0]})
         print(json.dumps(rows[-1]), flush=True)
