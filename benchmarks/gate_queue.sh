@@ -9,7 +9,7 @@
 #   GATE_RUNS="once-0.01-alone layers15-reference" bash benchmarks/gate_queue.sh COMMIT
 #
 # GATE_RUNS names the settings to run (default: every one); each needs the flags of COMMIT
-# (--retain-gate-once: from 8bacb91 on).
+# (--retain-gate-once: from 8bacb91 on). GATE_SEEDS (default 0,1,2) the seeds.
 #
 # RESULTS_DIR (default benchmarks/results/novelty-routing/gate-COMMIT) gets one bench
 # directory per setting. Built-in set, 90 steps of 12, seeds 0-2, meft:4096 (the main job's
@@ -27,7 +27,7 @@ run() {  # output-name, then meft bench arguments
     if [[ -n "${GATE_RUNS:-}" && " $GATE_RUNS " != *" $name "* ]]; then
         return 0
     fi
-    "$MEFT" bench --seeds 0,1,2 --steps 90 --batch-size 12 --output "$OUT/$name" \
+    "$MEFT" bench --seeds "${GATE_SEEDS:-0,1,2}" --steps 90 --batch-size 12 --output "$OUT/$name" \
         --skip-done --no-progress "$@"
 }
 
