@@ -31,6 +31,9 @@ SETTINGS = (
     ("no protection, layers 15-29", "gate-338527a/layers15-reference/*@seed*.json"),
     ("one decision per token at layer 15 (0.01), layers 15-29, nothing replayed",
      "gate-338527a/once-0.01-alone/*@seed*.json"),
+    ("no protection, layers 8-29", "gate-338527a/layers8-reference/*@seed*.json"),
+    ("one decision per token at layer 8 (0.01), layers 8-29, nothing replayed",
+     "gate-338527a/once8-0.01-alone/*@seed*.json"),
 )
 
 
