@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     pool = [encode(background[i], tokenizer, 256).first_targets(REPLAY_TOKENS)
             for i in replay_pool(background)]
     layer = next(iter(model.adapters))  # the deciding one
-    gate = fit_novelty_gate(model, train, pool, args.share, pad_id=pad)[layer]
-    w, b = gate[:-1], gate[-1]
-    projected = _projections(model, pool, {layer: w.double()}, 8, pad)[layer]
+    gates = fit_novelty_gate(model, train, pool, args.share, pad_id=pad)
+    w, b = gates[layer][:-1], gates[layer][-1]
+    projected = _projections(model, pool, {k: g[:-1].double() for k, g in gates.items()}, 8,
+                             pad)[layer]
     thresholds = {"tolerant": float(b), "bare": float(b) - TIE * float(projected.std())}
     adapter = model.adapter_modules[0]
     caught: list[torch.Tensor] = []
