@@ -2,10 +2,11 @@
 
     python benchmarks/gate_table.py
 
-writes the table of benchmarks/results/novelty-routing/README.md (between its ``gate-table``
+writes the tables of benchmarks/results/novelty-routing/README.md (between its ``gate-table``
 markers) from the run files under benchmarks/results/novelty-routing/gate-*/ (every setting,
-every seed that has landed), so the README's numbers come from the files; run it when runs
-land (tests/test_results_docs.py checks it).
+every seed that has landed), and between its ``gate-prompts-table`` markers from
+gate-prompts-*/gate_prompts.json (``benchmarks/gate_prompts.py``), so the README's numbers
+come from the files; run it when runs land (tests/test_results_docs.py checks it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "novelty-routing"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- gate-table -->", "<!-- /gate-table -->"
+PROMPTS = ("<!-- gate-prompts-table -->", "<!-- /gate-prompts-table -->")
 # (label, run files) in the order of the table
 SETTINGS = (
     ("no protection", "gate-79233f8/reference/meft_4096@0.003@seed*.json"),
@@ -58,12 +60,35 @@ def table() -> str:
     return "\n".join(out)
 
 
+def prompts_table() -> str:
+    """Per gate_prompts.json: per prompt set and threshold rule, the prompts left exact, the
+    share of their tokens passing, and the three tokens passing most often."""
+    out = ["| directory | deciding layer | prompts | threshold | prompts | exact (no token "
+           "passes) | tokens passing | passing most often (position from end: token x prompts) |",
+           "|---|---:|---|---|---:|---:|---:|---|"]
+    for path in sorted(ROOT.glob("gate-prompts-*/gate_prompts.json")):
+        r = json.loads(path.read_text())
+        for key, v in r["results"].items():
+            kind, rule = key.rsplit("_", 1)
+            top = ", ".join(f"{pos}: {json.dumps(text)} x{n}" for pos, text, n in
+                            v["most_passing"][:3]).replace("|", "\\|")  # in a table cell
+            out.append(f"| `{path.parent.name}` | {r['first_layer']} | {kind} | "
+                       f"{'1e-3 sd above the quantile' if rule == 'tolerant' else 'bare quantile'}"
+                       f" | {v['prompts']} | {pct(v['exact'])} | {pct(v['tokens_passing'])} | "
+                       f"{top} |")
+    return "\n".join(out)
+
+
+def _between(text: str, markers: tuple[str, str], body: str) -> str:
+    head, _, rest = text.partition(markers[0])
+    _, _, tail = rest.partition(markers[1])
+    return f"{head}{markers[0]}\n{body}\n{markers[1]}{tail}"
+
+
 def readme() -> str:
-    """The README with its table section as the run files give it."""
-    text = README.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    return f"{head}{BEGIN}\n{table()}\n{END}{tail}"
+    """The README with its table sections as the result files give them."""
+    text = _between(README.read_text(), (BEGIN, END), table())
+    return _between(text, PROMPTS, prompts_table())
 
 
 if __name__ == "__main__":
