@@ -179,8 +179,7 @@ def test_protection_for_a_loop_of_your_own_is_meft_trains_default(
         return get_meft_model(tiny_for(tokenizer), meft_config())
 
     got = protection(wrapped(), tokenizer, data_file, progress=False)
-    want = Retainer.from_config(wrapped(), TrainConfig(), load_samples(data_file), tokenizer,
-                                progress=False)
+    want = Retainer.from_config(wrapped(), TrainConfig(), load_samples(data_file), tokenizer)
     defaults = TrainConfig()
     assert (got.replay, got.replay_target, got.replay_weight) == (
         defaults.retain_replay, defaults.retain_replay_target, defaults.retain_replay_weight)

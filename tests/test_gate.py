@@ -410,19 +410,19 @@ def test_the_protection_fits_the_gate_once_and_a_later_set_keeps_it(tokenizer) -
     train = [encode(s, tokenizer, 64) for s in ks.train]
     config = TrainConfig(retain="on", retain_gate=0.3, retain_gate_once=True, progress=False)
     model = get_meft_model(tiny_for(tokenizer), meft_config(top_k=4))
-    retainer = Retainer.from_config(model, config, ks.eval, tokenizer, progress=False,
+    retainer = Retainer.from_config(model, config, ks.eval, tokenizer,
                                     train=train)
     assert all(a.novelty is not None for a in model.adapter_modules)
     assert [a.decides for a in model.adapter_modules] == [True] + [False] * (
         len(model.adapter_modules) - 1)
     assert "novelty gate, one decision per token" in retainer.summary()
     kept = [a.novelty.clone() for a in model.adapter_modules]  # type: ignore[union-attr]
-    Retainer.from_config(model, config, ks.eval, tokenizer, progress=False)
+    Retainer.from_config(model, config, ks.eval, tokenizer)
     assert all(torch.equal(a.novelty, k)  # type: ignore[arg-type]
                for a, k in zip(model.adapter_modules, kept, strict=True))
     with pytest.raises(ValueError, match="pass train="):
         Retainer.from_config(get_meft_model(tiny_for(tokenizer), meft_config(top_k=4)), config,
-                             ks.eval, tokenizer, progress=False)
+                             ks.eval, tokenizer)
 
 
 def test_threshold_puts_a_cluster_of_near_ties_on_one_side() -> None:

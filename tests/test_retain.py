@@ -495,7 +495,7 @@ def test_the_protection_costs_one_forward_and_saves_no_statistics(tmp_path: Path
     handle = model.base_model.register_forward_pre_hook(lambda m, a: forwards.append(1))
     config = TrainConfig(steps=2, batch_size=4, lr=1e-2, progress=False, retain="on",
                          retain_replay=1)
-    retainer = Retainer.from_config(model, config, background, tokenizer, progress=False)
+    retainer = Retainer.from_config(model, config, background, tokenizer)
     handle.remove()
     assert len(forwards) == 1
     Trainer(model, examples(8, hi=len(tokenizer)), config, tmp_path / "run", pad_id=0,

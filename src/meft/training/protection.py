@@ -409,7 +409,6 @@ class Retainer:
     @classmethod
     def from_config(cls, model: MeftModel | nn.Module, config: TrainConfig,
                     background: Sequence[Sample] | None, tokenizer: Any, *,
-                    progress: bool = True,
                     rehearsal: Sequence[Sample] | None = None,
                     cache: BaseCache | None = None,
                     train: Sequence[Encoded] | None = None) -> Retainer:
@@ -510,7 +509,6 @@ def protection(model: MeftModel, tokenizer: Any,
     if model.parallel is not None:  # the replay targets are kept in forwards every rank runs
         _same_on_every_rank(model.parallel, [*background, *(rehearse or [])])
     return Retainer.from_config(model, config, list(background), tokenizer,
-                                progress=progress,
                                 rehearsal=list(rehearse) if rehearse is not None else None,
                                 cache=cache, train=train)
 

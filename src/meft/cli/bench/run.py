@@ -116,7 +116,7 @@ def run_method(method: Method, base: nn.Module, tokenizer: Any, train: Sequence[
             protected = trainable.adapter if trainable.adapter is not None else trainable.model
             # (a novelty gate: fitted on the first set, kept for the later ones)
             retainer = Retainer.from_config(protected, tconfig, background, tokenizer,
-                                            progress=tconfig.progress, train=stage_train)
+                                            train=stage_train)
         with tempfile.TemporaryDirectory(prefix="meft-bench-run-") as tmp:
             trainer = Trainer(trainable, stage_train, tconfig, tmp,
                               pad_id=tokenizer.pad_token_id, eval_encoded=curve,
