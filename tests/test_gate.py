@@ -441,3 +441,63 @@ def test_threshold_puts_a_cluster_of_near_ties_on_one_side() -> None:
     assert float((values > b).double().mean()) <= 0.01
     # without ties it is the quantile, up to the tolerance
     assert abs(float(b - torch.quantile(values, 0.99))) <= 2e-3 * float(values.std())
+
+
+def test_contrast_questions_ask_other_people_in_templates_the_probe_does_not() -> None:
+    from meft.data.adjacent import (
+        CONTRAST_PEOPLE,
+        REAL_PEOPLE,
+        contrast_questions,
+        real_people_questions,
+    )
+
+    assert not set(CONTRAST_PEOPLE) & {name for name, _, _ in REAL_PEOPLE}
+    asked = contrast_questions()
+    assert len(asked) == 4 * len(CONTRAST_PEOPLE)
+    probe = {s.messages[0]["content"] for s in real_people_questions()}
+    for s in asked:
+        assert s.messages[0]["content"] not in probe
+        assert not any(name in s.messages[0]["content"] for name, _, _ in REAL_PEOPLE)
+
+
+def test_the_contrast_joins_the_gates_background_with_the_models_own_answers(tokenizer, tmp_path) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+    """``--retain-gate-contrast``: the gate is the one fitted on the training examples against
+    the replay pool plus the contrast questions answered by the model itself; a contrast
+    without questions, or without a gate, is a one-line error."""
+    from helpers import tiny_for
+    from meft.config import TrainConfig, TrainJob
+    from meft.data.records import encode
+    from meft.data.synthetic import make_knowledge_set
+    from meft.errors import ConfigError
+    from meft.training.gate import contrast_examples
+    from meft.training.protection import REPLAY_TOKENS, Retainer
+
+    ks = make_knowledge_set(3, seed=0)
+    train = [encode(s, tokenizer, 64) for s in ks.train]
+    config = TrainConfig(retain="on", retain_gate=0.3, retain_gate_contrast="people",
+                         progress=False)
+
+    def fresh() -> MeftModel:
+        torch.manual_seed(0)
+        return get_meft_model(tiny_for(tokenizer), meft_config(top_k=4))
+
+    model = fresh()
+    Retainer.from_config(model, config, ks.eval, tokenizer, train=train)
+    want_model = fresh()
+    contrast = contrast_examples(want_model, tokenizer, "people", max_length=config.max_length,
+                                 progress=False)
+    assert len(contrast) == 240 and all(any(y != -100 for y in e.labels) for e in contrast)
+    pool = [encode(s, tokenizer, config.max_length).first_targets(REPLAY_TOKENS)
+            for s in ks.eval]
+    want = fit_novelty_gate(want_model, train, pool + contrast, 0.3)
+    without = fit_novelty_gate(want_model, train, pool, 0.3)
+    for layer, a in zip(model.adapters, model.adapter_modules, strict=True):
+        torch.testing.assert_close(a.novelty, want[layer])
+        assert not torch.allclose(a.novelty, without[layer])  # type: ignore[arg-type]
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "Plain text, no question."}) + "\n")
+    with pytest.raises(ConfigError, match="no questions"):
+        contrast_examples(fresh(), tokenizer, str(text), max_length=64, progress=False)
+    with pytest.raises(ConfigError, match="needs --retain-gate"):
+        TrainJob.from_options({"data": "x.jsonl", "retain": "on",
+                                "retain_gate_contrast": "people"})

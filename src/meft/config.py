@@ -382,6 +382,13 @@ class TrainConfig:
                                 "background's, and route only tokens beyond a threshold that "
                                 "lets this share of the background tokens through; the others "
                                 "get no adapter output (0: off)", check="fraction")
+    retain_gate_contrast: str | None = option(None, "experimental, with --retain-gate: "
+                                              "questions of your data's kinds about things "
+                                              "the model knows (a data file, or people: the "
+                                              "shipped questions about well-known people, "
+                                              "the built-in set's kinds), with the model's "
+                                              "own answers: fitted as old knowledge, so that "
+                                              "such questions do not pass the gate")
     retain_gate_once: bool = option(False, "experimental, with --retain-gate: one decision "
                                     "per token, made by the first adapted layer's gate and "
                                     "shared by every layer (a token that does not pass is the "
@@ -733,6 +740,9 @@ class TrainJob:
         if run.rehearse is not None and (run.adapter is None or train.retain != "on"):
             raise ConfigError("--rehearse keeps what an earlier adapter learned: it needs "
                               "--adapter and --retain on")
+        if train.retain_gate_contrast is not None and not train.retain_gate:
+            raise ConfigError("--retain-gate-contrast is fitted into the novelty gate: it "
+                              "needs --retain-gate")
         if train.retain_gate_once and not train.retain_gate:
             raise ConfigError("--retain-gate-once shapes the novelty gate: it needs "
                               "--retain-gate")

@@ -15,6 +15,10 @@ ask them. The retention probe asks them apart (``retention_adjacent``,
 
 Only the questions the base model answers count, as for the other probes. Answers list the
 aliases any of which counts (whole words, after normalisation).
+
+:func:`contrast_questions` (``--retain-gate-contrast people``): other well-known people,
+none of :data:`REAL_PEOPLE`, in the templates the probe does not ask (the third to fifth of
+each attribute), for the novelty gate to fit as old knowledge; the probe stays unseen.
 """
 
 from __future__ import annotations
@@ -181,4 +185,37 @@ def real_people_questions() -> list[Sample]:
             out.append(Sample("qa", ({"role": "user", "content": question},
                                      {"role": "assistant", "content": answers[0]}), "",
                               answers, f"adjacent:{name} {attribute}"))
+    return out
+
+
+# well-known people for the novelty gate's contrast, none of REAL_PEOPLE (tested)
+CONTRAST_PEOPLE: tuple[str, ...] = (
+    "Aristotle", "Plato", "Socrates", "Julius Caesar", "Cleopatra", "Alexander the Great",
+    "Confucius", "Nelson Mandela", "Martin Luther", "Joan of Arc", "Leo Tolstoy", "Victor Hugo",
+    "Homer", "Miguel de Cervantes", "Johannes Gutenberg", "Alan Turing", "Ada Lovelace",
+    "Rembrandt", "Salvador Dali", "Andy Warhol", "Henri Matisse", "Frank Sinatra", "Bob Dylan",
+    "Madonna", "Michael Jackson", "Freddie Mercury", "David Bowie", "Whitney Houston", "Pele",
+    "Diego Maradona", "Babe Ruth", "Wayne Gretzky", "Rafael Nadal", "Novak Djokovic",
+    "Michael Phelps", "Theodore Roosevelt", "Franklin D. Roosevelt", "Ronald Reagan",
+    "Margaret Thatcher", "Vladimir Lenin", "Mao Zedong", "Charles de Gaulle", "Fidel Castro",
+    "Gregor Mendel", "Dmitri Mendeleev", "Max Planck", "Niels Bohr", "Richard Feynman",
+    "Carl Sagan", "Jules Verne", "George Orwell", "J.R.R. Tolkien", "Stephen King",
+    "Edgar Allan Poe", "Emily Dickinson", "Virginia Woolf", "Giuseppe Verdi", "Richard Wagner",
+    "Pyotr Tchaikovsky", "Igor Stravinsky",
+)
+
+
+def contrast_questions() -> list[Sample]:
+    """:data:`CONTRAST_PEOPLE` asked about each attribute once, in the third to fifth
+    templates in turn (the probe asks the first two); the answer is left empty (the gate's
+    fit asks the model for its own)."""
+    attributes = list(TEMPLATES)
+    out = []
+    for j, name in enumerate(CONTRAST_PEOPLE):
+        for i in range(j, j + len(attributes)):
+            attribute = attributes[i % len(attributes)]
+            question = TEMPLATES[attribute][2 + i % 3].format(name=name)
+            out.append(Sample("qa", ({"role": "user", "content": question},
+                                     {"role": "assistant", "content": ""}), "", ("",),
+                              f"contrast:{name} {attribute}"))
     return out

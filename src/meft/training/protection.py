@@ -93,7 +93,7 @@ from meft.errors import ConfigError, DataError, SerializationError
 from meft.evaluation.cache import BaseCache
 from meft.evaluation.evaluate import labelled_logits
 from meft.training.background import replay_pool
-from meft.training.gate import set_novelty_gate
+from meft.training.gate import contrast_examples, set_novelty_gate
 
 if TYPE_CHECKING:
     from meft.engine.offload import OffloadedSparseAdapter
@@ -438,7 +438,12 @@ class Retainer:
                 if train is None:
                     raise ValueError("retain_gate: the novelty gate is fitted on the training "
                                      "examples; pass train=")
-                set_novelty_gate(model, train, pool_examples, config.retain_gate,
+                contrast = (contrast_examples(model, tokenizer, config.retain_gate_contrast,
+                                              max_length=config.max_length,
+                                              cache=cache if _computes_base(model) else None,
+                                              progress=config.progress)
+                            if config.retain_gate_contrast is not None else [])
+                set_novelty_gate(model, train, pool_examples + contrast, config.retain_gate,
                                  pad_id=tokenizer.pad_token_id or 0,
                                  once=config.retain_gate_once)
             stats = Background(len(encoded), pool_examples)
