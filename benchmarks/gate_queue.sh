@@ -47,7 +47,7 @@ run layers15-reference --layers 15-29 --methods meft:4096@3e-3
 run once8-0.01-alone --layers 8-29 --methods meft:4096+retain@3e-3 --retain-gate 0.01 \
     --retain-gate-once --retain-replay 0
 run layers8-reference --layers 8-29 --methods meft:4096@3e-3
-# the contrast (--retain-gate-contrast people, from 601ad48 on): questions about well-known
+# the contrast (--retain-gate-contrast people, from d26c563 on): questions about well-known
 # people (none the probe asks, in templates it does not ask) fitted as old knowledge, so the
 # gate separates a person the model does not know rather than a question about a person; per
 # layer on all 30 layers, and one decision at layer 15
