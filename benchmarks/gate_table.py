@@ -36,6 +36,17 @@ SETTINGS = (
     ("no protection, layers 8-29", "gate-338527a/layers8-reference/*@seed*.json"),
     ("one decision per token at layer 8 (0.01), layers 8-29, nothing replayed",
      "gate-338527a/once8-0.01-alone/*@seed*.json"),
+    # from b877771: the threshold's tie tolerance, and the contrast
+    ("no protection", "gate-b877771/reference/meft_4096@0.003@seed*.json"),
+    ("replay", "gate-b877771/reference/meft_4096+retain@0.003@seed*.json"),
+    ("gate 0.01, nothing replayed", "gate-b877771/gate-0.01-alone/*@seed*.json"),
+    ("gate 0.01 with contrast, nothing replayed",
+     "gate-b877771/gate-contrast-0.01-alone/*@seed*.json"),
+    ("no protection, layers 15-29", "gate-b877771/layers15-reference/*@seed*.json"),
+    ("one decision per token at layer 15 (0.01), layers 15-29, nothing replayed",
+     "gate-b877771/once-0.01-alone/*@seed*.json"),
+    ("one decision per token at layer 15 (0.01) with contrast, layers 15-29, nothing "
+     "replayed", "gate-b877771/once-contrast-0.01-alone/*@seed*.json"),
 )
 
 
