@@ -15,16 +15,8 @@
 # steps of 12, one seed), then the unprotected airports runs again, since the headline retention
 # (kinds replay never trains) did not exist when those were committed.
 set -euo pipefail
-COMMIT=${1:?usage: attribution_queue.sh COMMIT [RESULTS_DIR] [WORK_DIR]}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-OUT=$(realpath -m "${2:-$HERE/benchmarks/results/attribution-${COMMIT:0:7}}")
-WORK=$(realpath -m "${3:-/work/queue-${COMMIT:0:7}}")
-
-. "$HERE/benchmarks/clean_clone.sh"
-clean_clone "$HERE" "$COMMIT" "$WORK"
-MEFT="$WORK/.venv/bin/meft"
-cd "$WORK"
-mkdir -p "$OUT"
+. "$(dirname "$0")/clean_clone.sh"
+start_queue attribution_queue.sh "benchmarks/results/attribution-{commit}" "$@"
 
 # 1. built-in set: tuned rates (LoRA 3e-3, full 3e-4, meft 3e-3: compare-tuned-synthetic)
 #    and one lower each, with and without replay, seeds 0-2 (seed-major: seed 0 of every
