@@ -142,10 +142,15 @@ def model_background(model: Any, tokenizer: Any, *, batch_size: int = 32,
     answers = generate_answers(model, tokenizer, asked, max_new_tokens=MAX_NEW_TOKENS,
                                batch_size=batch_size, progress=progress, desc="background text",
                                cache=cache if cache is not None else BaseCache(model, tokenizer))
-    return [Sample("prompt", ({"role": "user", "content": s.messages[0]["content"]},
-                              {"role": "assistant", "content": a or "..."}), "",
-                   (a or "...",), s.source)
-            for s, a in zip(asked, answers, strict=True)]
+    return answered(asked, answers)
+
+
+def answered(samples: Sequence[Sample], answers: Sequence[str]) -> list[Sample]:
+    """``samples`` (chat turns ending in an assistant turn) with that last turn and their
+    reference replaced by ``answers`` (a model's own; "..." where it gave none)."""
+    return [Sample(s.kind, (*s.messages[:-1], {"role": "assistant", "content": a or "..."}),
+                   "", (a or "...",), s.source)
+            for s, a in zip(samples, answers, strict=True)]
 
 
 def replay_pool(samples: Sequence[Sample]) -> list[int]:

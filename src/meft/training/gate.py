@@ -44,12 +44,12 @@ from torch import Tensor, nn
 
 from meft.adapter.model import MeftModel
 from meft.console import say
-from meft.data.records import Encoded, Sample, collate, encode_all
+from meft.data.records import Encoded, collate, encode_all
 from meft.errors import ConfigError
 from meft.evaluation.cache import BaseCache
 
 MAX_PROJECTIONS = 16_000_000  # background projections per layer torch.quantile is given at most
-CONTRAST_TOKENS = 16  # answer tokens the model gives each contrast question (as replay keeps)
+CONTRAST_TOKENS = 16  # answer tokens the model gives each contrast question (greedy)
 TIE = 1e-3  # projections closer than this many standard deviations above the quantile fail
 
 
@@ -96,8 +96,8 @@ def contrast_examples(model: MeftModel, tokenizer: Any, source: str, *, max_leng
                       cache: BaseCache | None = None, progress: bool = True) -> list[Encoded]:
     """``--retain-gate-contrast``: questions of the training data's kinds about things the
     model knows (``people``: :func:`meft.data.adjacent.contrast_questions`; else a data file
-    of questions), each answered by the model itself (greedy, its first CONTRAST_TOKENS
-    tokens; ``cache`` for a model that computes its base model), encoded for the gate's fit,
+    of questions), each answered by the base model (the adapter off; greedy, its first
+    CONTRAST_TOKENS tokens; ``cache``: the base model's results), encoded for the gate's fit,
     where they join the background. Without them the gate separates the training data's kind
     (a question about a person) rather than what is new in it (a person the model does not
     know): measured on the base model, the answer position of nearly every question about a
@@ -105,6 +105,7 @@ def contrast_examples(model: MeftModel, tokenizer: Any, source: str, *, max_leng
     from meft.data.adjacent import contrast_questions
     from meft.data.records import load_samples
     from meft.evaluation.evaluate import generate_answers
+    from meft.training.background import answered
 
     samples = contrast_questions() if source == "people" else load_samples(source)
     asked = [s for s in samples if s.messages]
@@ -114,9 +115,7 @@ def contrast_examples(model: MeftModel, tokenizer: Any, source: str, *, max_leng
     with model.disable_adapter():
         answers = generate_answers(model, tokenizer, asked, max_new_tokens=CONTRAST_TOKENS,
                                    progress=progress, desc="gate contrast", cache=cache)
-    answered = [Sample(s.kind, (*s.messages[:-1], {"role": "assistant", "content": a or "..."}),
-                       "", (a or "...",), s.source) for s, a in zip(asked, answers, strict=True)]
-    return encode_all(answered, tokenizer, max_length, "gate contrast")
+    return encode_all(answered(asked, answers), tokenizer, max_length, "gate contrast")
 
 
 def set_novelty_gate(model: MeftModel, train: Sequence[Encoded],

@@ -440,8 +440,7 @@ class Retainer:
                                      "examples; pass train=")
                 contrast = (contrast_examples(model, tokenizer, config.retain_gate_contrast,
                                               max_length=config.max_length,
-                                              cache=cache if _computes_base(model) else None,
-                                              progress=config.progress)
+                                              cache=cache, progress=config.progress)
                             if config.retain_gate_contrast is not None else [])
                 set_novelty_gate(model, train, pool_examples + contrast, config.retain_gate,
                                  pad_id=tokenizer.pad_token_id or 0,
