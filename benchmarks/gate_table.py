@@ -12,12 +12,19 @@ come from the files; run it when runs land (tests/test_results_docs.py checks it
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "novelty-routing"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- gate-table -->", "<!-- /gate-table -->"
 PROMPTS = ("<!-- gate-prompts-table -->", "<!-- /gate-prompts-table -->")
+SUMMARY = ("<!-- gate-summary -->", "<!-- /gate-summary -->")
+# the one-commit comparison the summary averages over seeds (same commit, same machine)
+COMPARISON = "gate-b877771"
+# the columns of the summary: (run-file field, header)
+FIELDS = (("test_em", "test EM"), ("retention", "retention"),
+          ("retention_seen_kinds", "seen kinds"), ("retention_adjacent", "adjacent kinds"))
 # (label, run files) in the order of the table
 SETTINGS = (
     ("no protection", "gate-79233f8/reference/meft_4096@0.003@seed*.json"),
@@ -42,6 +49,8 @@ SETTINGS = (
     ("gate 0.01, nothing replayed", "gate-b877771/gate-0.01-alone/*@seed*.json"),
     ("gate 0.01 with contrast, nothing replayed",
      "gate-b877771/gate-contrast-0.01-alone/*@seed*.json"),
+    ("gate 0.002 with contrast, nothing replayed",
+     "gate-b877771/gate-contrast-0.002-alone/*@seed*.json"),
     ("no protection, layers 15-29", "gate-b877771/layers15-reference/*@seed*.json"),
     ("one decision per token at layer 15 (0.01), layers 15-29, nothing replayed",
      "gate-b877771/once-0.01-alone/*@seed*.json"),
@@ -68,6 +77,30 @@ def table() -> str:
                        f"| {r['general_loss_delta']:+.3f} | {pct(r.get('untouched_tokens'))} | "
                        f"{pct(r.get('exact_questions'))} | "
                        f"{pct(r.get('exact_questions_adjacent'))} |")
+    return "\n".join(out)
+
+
+def _mean_sd(values: list[float], scale: float = 100.0, fmt: str = ".1f") -> str:
+    if not values:
+        return "–"
+    mean = f"{scale * statistics.fmean(values):{fmt}}"
+    return mean if len(values) < 2 else f"{mean} ± {scale * statistics.stdev(values):{fmt}}"
+
+
+def summary() -> str:
+    """Per setting (one directory, one label): the seeds landed and each field's mean ± sample
+    standard deviation over them; the settings of COMPARISON only, so they compare."""
+    out = ["| setting | directory | seeds | " + " | ".join(h for _, h in FIELDS)
+           + " | Δ general loss |", "|---|---|---|" + "---:|" * (len(FIELDS) + 1)]
+    for label, pattern in SETTINGS:
+        runs = [json.loads(p.read_text()) for p in sorted(ROOT.glob(pattern))]
+        if not runs or Path(pattern).parts[0] != COMPARISON:
+            continue
+        cells = [_mean_sd([r[f] for r in runs if r.get(f) is not None]) for f, _ in FIELDS]
+        loss = _mean_sd([r["general_loss_delta"] for r in runs], 1.0, "+.3f")
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        out.append(f"| {label} | `{Path(pattern).parent}` | {seeds} | " + " | ".join(cells)
+                   + f" | {loss} |")
     return "\n".join(out)
 
 
@@ -99,6 +132,7 @@ def _between(text: str, markers: tuple[str, str], body: str) -> str:
 def readme() -> str:
     """The README with its table sections as the result files give them."""
     text = _between(README.read_text(), (BEGIN, END), table())
+    text = _between(text, SUMMARY, summary())
     return _between(text, PROMPTS, prompts_table())
 
 
