@@ -18,7 +18,8 @@ projections):
 
     python benchmarks/gate_layers.py --output DIR [--contrast people] [--shares 0.01 0.002]
 
-Writes ``gate_layers.json`` (with the machine) and prints a summary. Minutes on 2 cores.
+Writes ``gate_layers.json`` (with the machine) and ``gate_layers.png`` (the pass rates per layer)
+and prints a summary. Minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -115,7 +116,36 @@ def main(argv: list[str] | None = None) -> int:
               "thresholds": {str(s): t for s, t in thresholds.items()}, "results": results,
               "environment": environment("cpu")}
     (args.output / "gate_layers.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot(args.output)
     return 0
+
+
+def plot(directory: Path) -> None:
+    """``gate_layers.png`` in ``directory`` from its ``gate_layers.json``: per share, the pass
+    rate per layer of the training answers and of the three prompt sets' answer positions."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = json.loads((directory / "gate_layers.json").read_text())
+    results = record["results"]
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), sharey=True,
+                             squeeze=False)
+    curves = (("train_answer", "training answers (positions predicting them)"),
+              ("test_last", "test phrasings' answer position"),
+              ("adjacent_last", "adjacent kinds' answer position"),
+              ("unseen_last", "unseen kinds' answer position"))
+    for ax, (share, r) in zip(axes[0], results.items(), strict=True):
+        for key, label in curves:
+            ax.plot([100 * v for v in r[key]], marker=".", label=label)
+        ax.set_title(f"share {share}" + (" with contrast" if record["contrast"] else ""))
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("passing the gate (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(directory / "gate_layers.png", dpi=120)
+    plt.close(fig)
 
 
 def _predicts_answer(e: Encoded) -> torch.Tensor:

@@ -4,8 +4,10 @@
 
 writes the tables of benchmarks/results/novelty-routing/README.md (between its ``gate-table``
 markers) from the run files under benchmarks/results/novelty-routing/gate-*/ (every setting,
-every seed that has landed), and between its ``gate-prompts-table`` markers from
-gate-prompts-*/gate_prompts.json (``benchmarks/gate_prompts.py``), so the README's numbers
+every seed that has landed; ``gate-summary``: the one-commit comparison's means), between its
+``gate-prompts-table`` markers from gate-prompts-*/gate_prompts.json
+(``benchmarks/gate_prompts.py``) and its ``gate-layers-table`` markers from
+gate-layers-*/gate_layers.json (``benchmarks/gate_layers.py``), so the README's numbers
 come from the files; run it when runs land (tests/test_results_docs.py checks it).
 """
 
@@ -20,6 +22,7 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- gate-table -->", "<!-- /gate-table -->"
 PROMPTS = ("<!-- gate-prompts-table -->", "<!-- /gate-prompts-table -->")
 SUMMARY = ("<!-- gate-summary -->", "<!-- /gate-summary -->")
+LAYERS = ("<!-- gate-layers-table -->", "<!-- /gate-layers-table -->")
 # the one-commit comparison the summary averages over seeds (same commit, same machine)
 COMPARISON = "gate-b877771"
 # the columns of the summary: (run-file field, header)
@@ -123,6 +126,24 @@ def prompts_table() -> str:
     return "\n".join(out)
 
 
+def layers_table() -> str:
+    """Per gate_layers.json (``benchmarks/gate_layers.py``) and share: the pass rates, mean
+    over the layers and (answer positions) the share of prompts passing at one layer or more."""
+    out = ["| directory | contrast | share | training answers (mean over layers) | training "
+           "tokens | test answer position: mean / any layer | adjacent: mean / any layer | "
+           "unseen: mean / any layer |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for path in sorted(ROOT.glob("gate-layers-*/gate_layers.json")):
+        r = json.loads(path.read_text())
+        for share, v in r["results"].items():
+            cells = [pct(statistics.fmean(v["train_answer"])),
+                     pct(statistics.fmean(v["train_tokens"]))]
+            cells += [f"{pct(statistics.fmean(v[f'{k}_last']))} / "
+                      f"{pct(v[f'{k}_last_any_layer'])}" for k in ("test", "adjacent", "unseen")]
+            out.append(f"| `{path.parent.name}` | {r['contrast'] or 'none'} | {share} | "
+                       + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def _between(text: str, markers: tuple[str, str], body: str) -> str:
     head, _, rest = text.partition(markers[0])
     _, _, tail = rest.partition(markers[1])
@@ -133,6 +154,7 @@ def readme() -> str:
     """The README with its table sections as the result files give them."""
     text = _between(README.read_text(), (BEGIN, END), table())
     text = _between(text, SUMMARY, summary())
+    text = _between(text, LAYERS, layers_table())
     return _between(text, PROMPTS, prompts_table())
 
 
