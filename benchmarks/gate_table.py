@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import json
 import statistics
+from functools import cache
 from pathlib import Path
+
+from meft.data.adjacent import real_people_questions
+from meft.data.synthetic import ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "novelty-routing"
 README = ROOT / "README.md"
@@ -66,18 +70,35 @@ def pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+@cache
+def _attribute_of() -> dict[str, str]:
+    """The adjacent probe's question -> the attribute it asks (its source ends with it)."""
+    return {s.messages[0]["content"]: s.source.rsplit(" ", 1)[1] for s in real_people_questions()}
+
+
+def _forgotten_by_attribute(run: dict) -> str:  # type: ignore[type-arg]
+    """The adjacent questions the run forgot, counted per attribute."""
+    forgotten = run.get("forgotten_adjacent")
+    if forgotten is None:
+        return "–"
+    of = _attribute_of()
+    return " / ".join(str(sum(of.get(q) == a for q in forgotten)) for a in ATTRIBUTES)
+
+
 def table() -> str:
     out = ["| setting | directory | seed | test EM | retention | seen kinds | adjacent kinds | "
+           "adjacent forgotten (" + " / ".join(ATTRIBUTES) + ") | "
            "Δ general loss | untouched general tokens | exact probe prompts | exact adjacent "
            "prompts |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, pattern in SETTINGS:
         for path in sorted(ROOT.glob(pattern)):
             r = json.loads(path.read_text())
             out.append(f"| {label} | `{path.parent.relative_to(ROOT)}` | {r['seed']} | "
                        f"{pct(r['test_em'])} | {pct(r['retention'])} | "
                        f"{pct(r['retention_seen_kinds'])} | {pct(r.get('retention_adjacent'))} "
-                       f"| {r['general_loss_delta']:+.3f} | {pct(r.get('untouched_tokens'))} | "
+                       f"| {_forgotten_by_attribute(r)} | {r['general_loss_delta']:+.3f} | "
+                       f"{pct(r.get('untouched_tokens'))} | "
                        f"{pct(r.get('exact_questions'))} | "
                        f"{pct(r.get('exact_questions_adjacent'))} |")
     return "\n".join(out)
