@@ -7,8 +7,9 @@ markers) from the run files under benchmarks/results/novelty-routing/gate-*/ (ev
 every seed that has landed; ``gate-summary``: the one-commit comparison's means), between its
 ``gate-prompts-table`` markers from gate-prompts-*/gate_prompts.json
 (``benchmarks/gate_prompts.py``) and its ``gate-layers-table`` markers from
-gate-layers-*/gate_layers.json (``benchmarks/gate_layers.py``), so the README's numbers
-come from the files; run it when runs land (tests/test_results_docs.py checks it).
+gate-layers-*/gate_layers.json (``benchmarks/gate_layers.py``) and its ``name-novelty-table``
+markers from name-novelty-*/name_novelty.json (``benchmarks/name_novelty.py``), so the
+README's numbers come from the files; run it when runs land (tests/test_results_docs.py checks it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ BEGIN, END = "<!-- gate-table -->", "<!-- /gate-table -->"
 PROMPTS = ("<!-- gate-prompts-table -->", "<!-- /gate-prompts-table -->")
 SUMMARY = ("<!-- gate-summary -->", "<!-- /gate-summary -->")
 LAYERS = ("<!-- gate-layers-table -->", "<!-- /gate-layers-table -->")
+NAMES = ("<!-- name-novelty-table -->", "<!-- /name-novelty-table -->")
 # the one-commit comparison the summary averages over seeds (same commit, same machine)
 COMPARISON = "gate-b877771"
 # the columns of the summary: (run-file field, header)
@@ -165,6 +167,21 @@ def layers_table() -> str:
     return "\n".join(out)
 
 
+def names_table() -> str:
+    """Per name_novelty.json (``benchmarks/name_novelty.py``): per layer, how well the hidden
+    state at a name's last token tells held-out invented people from held-out real ones."""
+    out = ["| directory | layer | AUC | real names passing at 95% of invented | real names "
+           "passing at 1% of the contrast | replay pool tokens at 95% | replay pool prompts at "
+           "95% |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for path in sorted(ROOT.glob("name-novelty-*/name_novelty.json")):
+        for r in json.loads(path.read_text())["layers"]:
+            out.append(f"| `{path.parent.name}` | {r['layer']} | {r['auc']:.4f} | "
+                       f"{pct(r['adjacent_at_95'])} | {pct(r['adjacent_at_contrast_1pct'])} | "
+                       f"{pct(r['background_tokens_at_95'])} | "
+                       f"{pct(r['background_prompts_at_95'])} |")
+    return "\n".join(out)
+
+
 def _between(text: str, markers: tuple[str, str], body: str) -> str:
     head, _, rest = text.partition(markers[0])
     _, _, tail = rest.partition(markers[1])
@@ -176,6 +193,7 @@ def readme() -> str:
     text = _between(README.read_text(), (BEGIN, END), table())
     text = _between(text, SUMMARY, summary())
     text = _between(text, LAYERS, layers_table())
+    text = _between(text, NAMES, names_table())
     return _between(text, PROMPTS, prompts_table())
 
 
