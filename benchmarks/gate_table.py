@@ -8,8 +8,10 @@ every seed that has landed; ``gate-summary``: the one-commit comparison's means)
 ``gate-prompts-table`` markers from gate-prompts-*/gate_prompts.json
 (``benchmarks/gate_prompts.py``) and its ``gate-layers-table`` markers from
 gate-layers-*/gate_layers.json (``benchmarks/gate_layers.py``) and its ``name-novelty-table``
-markers from name-novelty-*/name_novelty.json (``benchmarks/name_novelty.py``), so the
-README's numbers come from the files; run it when runs land (tests/test_results_docs.py checks it).
+markers from name-novelty-*/name_novelty.json (``benchmarks/name_novelty.py``), and its
+``subject-routing-table`` markers from subject-routing-*/subject_routing.json
+(``benchmarks/subject_routing.py``), so the README's numbers come from the files; run it
+when runs land (tests/test_results_docs.py checks it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ PROMPTS = ("<!-- gate-prompts-table -->", "<!-- /gate-prompts-table -->")
 SUMMARY = ("<!-- gate-summary -->", "<!-- /gate-summary -->")
 LAYERS = ("<!-- gate-layers-table -->", "<!-- /gate-layers-table -->")
 NAMES = ("<!-- name-novelty-table -->", "<!-- /name-novelty-table -->")
+SUBJECT = ("<!-- subject-routing-table -->", "<!-- /subject-routing-table -->")
 # the one-commit comparison the summary averages over seeds (same commit, same machine)
 COMPARISON = "gate-b877771"
 # the columns of the summary: (run-file field, header)
@@ -182,6 +185,23 @@ def names_table() -> str:
     return "\n".join(out)
 
 
+def subject_table() -> str:
+    """Per subject_routing.json (``benchmarks/subject_routing.py``) and setting: the prompts
+    with a routed position, and the training answers and tokens routed."""
+    sets = ("test", "other_invented", "adjacent", "unseen", "pool")
+    out = ["| directory | deciding layer | surprise above (nats) | background share | "
+           + " | ".join(f"{k} prompts routed" for k in sets)
+           + " | training answers routed | training tokens routed |",
+           "|---|---:|---:|---:|" + "---:|" * (len(sets) + 2)]
+    for path in sorted(ROOT.glob("subject-routing-*/subject_routing.json")):
+        for key, v in json.loads(path.read_text())["results"].items():
+            layer, tau, share = key.split("_")
+            out.append(f"| `{path.parent.name}` | {layer[1:]} | {tau[3:]} | {share[5:]} | "
+                       + " | ".join(pct(v[k]) for k in sets)
+                       + f" | {pct(v['train_answer_routed'])} | {pct(v['train_tokens_routed'])} |")
+    return "\n".join(out)
+
+
 def _between(text: str, markers: tuple[str, str], body: str) -> str:
     head, _, rest = text.partition(markers[0])
     _, _, tail = rest.partition(markers[1])
@@ -194,6 +214,7 @@ def readme() -> str:
     text = _between(text, SUMMARY, summary())
     text = _between(text, LAYERS, layers_table())
     text = _between(text, NAMES, names_table())
+    text = _between(text, SUBJECT, subject_table())
     return _between(text, PROMPTS, prompts_table())
 
 
