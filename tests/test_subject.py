@@ -1,0 +1,125 @@
+"""Subject routing's fit and decision (meft.training.subject) against plain references: the
+cumulative decision equals a loop over positions; the fit equals an LDA computed by hand on
+the tokens whose surprise (from a full pass of the base model, one example at a time) is above
+the cut; the pre-pass stops at the deciding block and decides as a full pass would."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from helpers import meft_config, tiny
+from meft.adapter.model import MeftModel, find_decoder_layers, find_mlp, get_meft_model
+from meft.data.records import Encoded, collate
+from meft.training.subject import decide, fit_subject_router, routed, token_surprise
+
+
+def _examples(n: int, seed: int, lo: int, hi: int) -> list[Encoded]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(lo, hi, (5 + i % 4,), generator=gen).tolist()
+        out.append(Encoded(ids, [-100] * 2 + ids[2:], False))
+    return out
+
+
+def _reference(model: MeftModel, e: Encoded, layer: int) -> tuple[Tensor, Tensor]:
+    """Block ``layer``'s MLP inputs (T, d) float64 and each token's surprise (T,), from a
+    full pass of the base model on ``e`` alone, the surprise by a loop over positions."""
+    mlp = find_mlp(find_decoder_layers(model.base_model)[layer])
+    assert mlp is not None
+    seen: list[Tensor] = []
+    handle = mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0][0]))
+    with torch.no_grad(), model.disable_adapter():
+        logits = model(input_ids=torch.tensor([e.input_ids])).logits[0].double()
+    handle.remove()
+    surprise = [0.0]
+    for t in range(1, len(e.input_ids)):
+        p = torch.softmax(logits[t - 1], -1)[e.input_ids[t]]
+        surprise.append(-math.log(float(p)))
+    return seen[0].double(), torch.tensor(surprise, dtype=torch.float64)
+
+
+def test_routed_is_every_real_position_from_the_first_that_passes_on() -> None:
+    gen = torch.Generator().manual_seed(3)
+    passes = torch.rand(6, 11, generator=gen) < 0.15
+    mask = torch.ones(6, 11, dtype=torch.long)
+    for row, n in enumerate((11, 9, 4, 11, 1, 7)):
+        mask[row, n:] = 0  # right padding
+    out = routed(passes, mask)
+    for row in range(6):
+        on = False
+        for t in range(11):
+            real = bool(mask[row, t])
+            on = on or (real and bool(passes[row, t]))
+            assert bool(out[row, t]) == (on and real)
+
+
+def test_token_surprise_is_the_negative_log_probability_of_each_next_token() -> None:
+    gen = torch.Generator().manual_seed(4)
+    logits, ids = torch.randn(2, 5, 7, generator=gen), torch.randint(0, 7, (2, 5), generator=gen)
+    out = token_surprise(logits, ids)
+    for row in range(2):
+        assert float(out[row, 0]) == 0.0
+        for t in range(1, 5):
+            expected = -math.log(float(torch.softmax(logits[row, t - 1].double(), -1)[ids[row, t]]))
+            assert abs(float(out[row, t]) - expected) < 1e-5
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_fit_equals_an_lda_by_hand_on_the_surprising_tokens(layer: int) -> None:
+    model = get_meft_model(tiny(), meft_config())
+    train, background = _examples(10, 1, 2, 40), _examples(16, 2, 30, 97)
+    refs = [_reference(model, e, layer) for e in train]
+    ordered = torch.cat([s[1:] for _, s in refs]).sort().values
+    mid = len(ordered) // 2  # about half the tokens new; tau between two of them, so float
+    tau = float(ordered[mid - 1] + ordered[mid]) / 2  # rounding cannot move a token across
+    share, shrink = 0.1, 1.0
+    router = fit_subject_router(model, train, background, layer=layer, share=share, tau=tau,
+                                shrink=shrink, batch_size=3)
+    new = torch.cat([x[s > tau] for x, s in refs])
+    old = torch.cat([_reference(model, e, layer)[0] for e in background])
+    mn, mo = new.mean(0), old.mean(0)
+    s = ((new - mn).T @ (new - mn) + (old - mo).T @ (old - mo)) / (len(new) + len(old) - 2)
+    w = torch.linalg.solve(s + shrink * s.diagonal().mean() * torch.eye(32, dtype=s.dtype),
+                           mn - mo)
+    b = torch.quantile(old @ w, 1 - share) + 1e-3 * (old @ w).std()
+    torch.testing.assert_close(router, torch.cat([w, b.reshape(1)]).float(), rtol=1e-4,
+                               atol=1e-5)
+    passed = float((old.float() @ router[:-1] > router[-1]).float().mean())
+    assert passed <= share + 1 / len(old)
+
+
+def test_the_pre_pass_stops_at_the_deciding_block_and_decides_as_a_full_pass() -> None:
+    model = get_meft_model(tiny(layers=3), meft_config())
+    examples = _examples(5, 7, 2, 97)
+    router = fit_subject_router(model, examples, _examples(8, 8, 2, 97), layer=1, share=0.3,
+                                tau=0.0)
+    batch = collate(examples, pad_id=0)
+    above: list[int] = []
+    block2 = find_decoder_layers(model.base_model)[2]
+    handle = block2.register_forward_pre_hook(lambda m, args: above.append(1))
+    out = decide(model, router, 1, batch["input_ids"], batch["attention_mask"])
+    handle.remove()
+    assert not above  # nothing above the deciding block ran
+    for row, e in enumerate(examples):
+        x, _ = _reference(model, e, 1)
+        passes = (x.float() @ router[:-1] > router[-1])[None]
+        expected = routed(passes, torch.ones_like(passes, dtype=torch.long))[0]
+        assert torch.equal(out[row, :len(e.input_ids)], expected)
+        assert not out[row, len(e.input_ids):].any()  # pads are never routed
+    assert out.any() and not out.all()  # the case decides something
+
+
+def test_bad_fit_settings_are_errors() -> None:
+    model = get_meft_model(tiny(), meft_config())
+    train = _examples(4, 1, 2, 40)
+    with pytest.raises(ValueError, match="share"):
+        fit_subject_router(model, train, train, layer=0, share=0.0)
+    with pytest.raises(ValueError, match=r"blocks 0\.\.2"):
+        fit_subject_router(model, train, train, layer=3)
+    with pytest.raises(ValueError, match="surprise above"):
+        fit_subject_router(model, train, train, layer=0, tau=1e9)
