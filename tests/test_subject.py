@@ -14,7 +14,7 @@ from torch import Tensor
 from helpers import meft_config, tiny
 from meft.adapter.model import MeftModel, find_decoder_layers, find_mlp, get_meft_model
 from meft.data.records import Encoded, collate
-from meft.training.subject import decide, fit_subject_router, routed, token_surprise
+from meft.training.subject import decide, fit_subject_router, positions, routed, token_surprise
 
 
 def _examples(n: int, seed: int, lo: int, hi: int) -> list[Encoded]:
@@ -123,3 +123,75 @@ def test_bad_fit_settings_are_errors() -> None:
         fit_subject_router(model, train, train, layer=3)
     with pytest.raises(ValueError, match="surprise above"):
         fit_subject_router(model, train, train, layer=0, tau=1e9)
+
+
+TRIGGER = 95  # the token that starts routing in the tests below (the random ids avoid it)
+
+
+def _written(model: MeftModel) -> MeftModel:
+    """Every row written (values no longer zero), as after training."""
+    gen = torch.Generator().manual_seed(5)
+    for adapter in model.adapter_modules:
+        values = adapter.store.values
+        values.copy_(0.5 * torch.randn(values.shape, generator=gen, dtype=values.dtype))
+    return model
+
+
+def _from_trigger(input_ids: Tensor, mask: Tensor) -> Tensor:
+    return routed(input_ids == TRIGGER, mask)
+
+
+def test_routed_positions_only_a_sequence_with_none_is_the_base_model_bitwise() -> None:
+    model = _written(get_meft_model(tiny(), meft_config()))
+    ids = torch.randint(2, 90, (3, 10), generator=torch.Generator().manual_seed(6))
+    ids[1, 4] = TRIGGER  # routed from position 4 on
+    ids[2, 0] = TRIGGER  # routed everywhere
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        model.route_positions(_from_trigger)
+        out = model(input_ids=ids).logits
+    assert torch.equal(out[0], base[0])  # no position routed: the base model
+    assert torch.equal(out[1, :4], base[1, :4])  # before the first routed position
+    assert not torch.allclose(out[1, 4:], base[1, 4:])  # routed: the written rows act
+    assert torch.equal(out[2], full[2])  # every position routed: the adapter as without
+    assert not torch.allclose(full[0], base[0])  # (the case is not trivial)
+
+
+def test_routed_generation_with_a_cache_is_the_whole_sequences() -> None:
+    model = _written(get_meft_model(tiny(), meft_config()))
+    ids = torch.randint(2, 90, (2, 6), generator=torch.Generator().manual_seed(7))
+    ids[0, 3] = TRIGGER
+    model.route_positions(_from_trigger)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = model.generate(input_ids=ids, use_cache=True, **kw)
+    whole = model.generate(input_ids=ids, use_cache=False, **kw)
+    assert torch.equal(cached, whole)
+    with model.disable_adapter():
+        base = model.generate(input_ids=ids[1:], use_cache=True, **kw)
+    if not (cached[1] == TRIGGER).any():  # nothing routed in row 1: the base model's answer
+        assert torch.equal(cached[1:], base)
+
+
+def test_subject_routing_leaves_every_position_before_the_first_routed_one_exact() -> None:
+    model = get_meft_model(tiny(layers=3), meft_config())
+    examples = _examples(6, 9, 2, 97)
+    router = fit_subject_router(model, examples, _examples(8, 8, 2, 97), layer=1, share=0.2,
+                                tau=0.0)
+    _written(model)
+    batch = collate(examples, pad_id=0)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    decided = decide(model, router, 1, ids, mask)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask).logits
+        model.route_positions(positions(model, router, 1))
+        out = model(input_ids=ids, attention_mask=mask).logits
+    assert decided.any() and not decided[mask.bool()].all()
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        first = int(decided[row].nonzero()[0]) if decided[row].any() else n
+        assert torch.equal(out[row, :first], base[row, :first])
+        if first < n:
+            assert not torch.allclose(out[row, first:n], base[row, first:n])

@@ -295,6 +295,13 @@ class MeftModel(nn.Module):
         if config.novelty_once:
             self._share_decision()
         self._handles.extend(watch_attention_mask(base_model, self.tokens))
+        # route_positions: a function of a call's whole token sequence giving the positions to
+        # route, and the sequence so far of a generation with a KV cache (B, L)
+        self._positions: Callable[[Tensor, Tensor], Tensor] | None = None
+        self._history: Tensor | None = None
+        self._deciding = False
+        self._handles.append(base_model.register_forward_pre_hook(self._route_call,
+                                                                  with_kwargs=True))
         self.host_worker: HostWorker | None = None
         self.use_host_worker(self.device_.type == "cuda")  # a CPU has nothing to overlap
         if fresh:
@@ -397,6 +404,49 @@ class MeftModel(nn.Module):
             self._share_decision()
         self.meft_config.novelty_gate = True
         self.meft_config.novelty_once = once
+
+    def route_positions(self, positions: Callable[[Tensor, Tensor], Tensor] | None) -> None:
+        """Route, in every model call, only the positions ``positions(input_ids, mask)``
+        (both (B, L), the call's whole sequence; returns (B, L) bool) marks: the others are
+        padding to every adapter (no output, no rows, no gradient), so a sequence with no
+        routed position is exactly the base model. With a KV cache the call's new tokens are
+        appended to the sequence kept from its first call, and the last columns of the
+        result are theirs. ``positions`` may call the model (with the adapter off: a
+        pre-pass; :func:`meft.training.subject.decide`); None: route every real token.
+        Not saved with the adapter (in progress, issue 37)."""
+        self._positions, self._history = positions, None
+
+    def _route_call(self, module: nn.Module, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> None:
+        """The base model's forward pre-hook (after watch_attention_mask's): restrict the
+        call's routed tokens to ``route_positions``'s."""
+        if self._positions is None or self._deciding or not self._enabled:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, Tensor):
+            raise ConfigError("routing by position needs input_ids (not inputs_embeds)")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5, 4
+        length = getattr(cache, "get_seq_length", None)
+        cached = int(length()) if callable(length) else 0
+        if cached == 0:
+            self._history = ids
+        elif self._history is not None and self._history.shape == (ids.shape[0], cached):
+            self._history = torch.cat([self._history, ids], dim=1)
+        else:
+            raise RuntimeError(f"a call with {cached} cached tokens, but the sequence kept "
+                               "from the first call does not match it")
+        history = self._history
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, Tensor) or mask.shape != history.shape:
+            mask = torch.ones_like(history)
+        saved = (self.tokens.mask, self.tokens.calling)
+        self._deciding = True
+        try:
+            routed = self._positions(history, mask)
+        finally:
+            self._deciding = False
+            self.tokens.mask, self.tokens.calling = saved  # the pre-pass ended its own call
+        self.tokens.restrict(routed.to(history.device))
 
     def _share_decision(self) -> None:
         """One routing decision per token: the first adapted layer makes it, the others

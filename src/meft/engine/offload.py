@@ -115,6 +115,15 @@ class TokenMask:
     def end(self) -> None:
         self.mask, self.calling = None, False
 
+    def restrict(self, routed: Tensor) -> None:
+        """Route, in the call in progress, only the real tokens ``routed`` (B, L) bool marks
+        (:meth:`meft.adapter.model.MeftModel.route_positions`); the others are padding."""
+        mask = self.mask if self.mask is not None else torch.ones_like(routed, dtype=torch.bool)
+        if mask.shape != routed.shape:
+            raise RuntimeError(f"routed positions {tuple(routed.shape)} for a call whose mask "
+                               f"is {tuple(mask.shape)}")
+        self.mask = mask & routed.to(mask.device, torch.bool)
+
     def rows(self, shape: torch.Size) -> Tensor | None:
         """(T,) bool over the tokens of an input of leading shape (B, S), or None: all real."""
         mask = self.mask

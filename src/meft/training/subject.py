@@ -1,5 +1,6 @@
-"""Subject routing (issue 37, in progress: the fit and the decision; not yet wired into
-training or generation): decide once per sequence, at the subject, whether it is new.
+"""Subject routing (issue 37, in progress: the fit and the decision, applied to a model with
+:meth:`~meft.adapter.model.MeftModel.route_positions`; not yet in training's options or saved
+with the adapter): decide once per sequence, at the subject, whether it is new.
 
 Every per-token gate (:mod:`meft.training.gate`) decides on what a token looks like, and at
 the position that produces an answer a question about an invented person looks like the same
@@ -37,7 +38,7 @@ off), so that every adapted layer, below L as well, can route by it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -91,6 +92,12 @@ def decide(model: MeftModel, router: Tensor, layer: int, input_ids: Tensor,
         model(input_ids=input_ids, attention_mask=attention_mask)
     x = seen[0]  # (B, T, d)
     return routed(x.float() @ w.to(x.device) > b.to(x.device), attention_mask.to(x.device))
+
+
+def positions(model: MeftModel, router: Tensor, layer: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """The decision as :meth:`MeftModel.route_positions` takes it: ``model.route_positions(
+    positions(model, router, layer))`` routes every call by :func:`decide`."""
+    return lambda input_ids, mask: decide(model, router, layer, input_ids, mask)
 
 
 def token_surprise(logits: Tensor, input_ids: Tensor) -> Tensor:
