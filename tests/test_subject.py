@@ -5,15 +5,20 @@ the cut; the pre-pass stops at the deciding block and decides as a full pass wou
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor
 
-from helpers import meft_config, tiny
+from helpers import TINY, meft_config, tiny
 from meft.adapter.model import MeftModel, find_decoder_layers, find_mlp, get_meft_model
+from meft.adapter.serialization import load_tensors
+from meft.cli.commands import main
 from meft.data.records import Encoded, collate
+from meft.errors import ConfigError
 from meft.training.subject import decide, fit_subject_router, positions, routed, token_surprise
 
 
@@ -121,7 +126,7 @@ def test_bad_fit_settings_are_errors() -> None:
         fit_subject_router(model, train, train, layer=0, share=0.0)
     with pytest.raises(ValueError, match=r"blocks 0\.\.2"):
         fit_subject_router(model, train, train, layer=3)
-    with pytest.raises(ValueError, match="surprise above"):
+    with pytest.raises(ConfigError, match="surprise above"):
         fit_subject_router(model, train, train, layer=0, tau=1e9)
 
 
@@ -195,3 +200,54 @@ def test_subject_routing_leaves_every_position_before_the_first_routed_one_exact
         assert torch.equal(out[row, :first], base[row, :first])
         if first < n:
             assert not torch.allclose(out[row, first:n], base[row, first:n])
+
+
+RUN = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--lr", "1e-2",
+       "--no-progress", "--no-plots", "--no-eval-before", "--no-retention",
+       "--max-new-tokens", "2", "--retain-subject", "1", *TINY]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_train_with_subject_routing_stops_and_resumes_bitwise(
+        model_dir: Path, data_file: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    background = tmp_path / "background.jsonl"  # small, so that nothing is generated
+    background.write_text("".join(json.dumps({"question": f"What colour is thing {i}?",
+                                              "answer": ["blue" if i % 2 else "red"]}) + "\n"
+                                  for i in range(16)))
+    common = ["train", "--model", str(model_dir), "--data", str(data_file), "--background",
+              str(background), "--retain-replay", "0"]
+    assert main([*common, "--output", str(whole), *RUN]) == 0
+    assert "subject routing decided at block 1" in capsys.readouterr().err
+    assert main([*common, "--output", str(split), *RUN, "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(split), "--no-progress"]) == 0  # restored from it
+    assert _files(whole / "adapter") == _files(split / "adapter")
+    ckpt = load_tensors(split / "checkpoints" / "step-00000004", "optimizer")
+    assert ckpt["retain.subject"].shape == (33,)
+    losses = [json.loads(x)["loss"] for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(x)["loss"] for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert losses == again and len(losses) == 4
+
+
+def test_bad_subject_settings_are_one_line_errors(model_dir: Path, data_file: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["train", "--model", str(model_dir), "--data", str(data_file), *TINY]
+    for extra, message in (
+            (["--retain-subject", "1", "--retain", "off"],
+             "--retain-subject is fitted on the protection's background"),
+            (["--retain-subject", "1", "--retain-gate", "0.1"],
+             "--retain-subject and --retain-gate both decide"),
+            (["--retain-gate-contrast", "people"],
+             "it needs --retain-gate or --retain-subject")):
+        assert main([*common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert main(["bench", "--methods", "meft:4096+retain", "lora:qv:4+retain",
+                 "--retain-subject", "13"]) == 2
+    err = capsys.readouterr().err
+    assert "lora:qv:4+retain: --retain-subject is protection only meft's sparse tables" in err

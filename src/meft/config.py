@@ -394,6 +394,13 @@ class TrainConfig:
                                     "shared by every layer (a token that does not pass is the "
                                     "base model at all of them); the first adapted layer "
                                     "should be one that separates well, e.g. --layers 15-29")
+    retain_subject: int = option(0, "experimental subject routing: before training, fit at "
+                                 "this block a direction separating the training tokens the "
+                                 "base model cannot predict from the background's; a sequence "
+                                 "is routed from its first position beyond it on (decided on "
+                                 "the base model by a pre-pass to this block), every other "
+                                 "position is the base model at every layer (0: off)",
+                                 check="nonneg")
     progress: bool = option(True, "progress bars", flag="--no-progress")
 
     def __post_init__(self) -> None:
@@ -740,9 +747,16 @@ class TrainJob:
         if run.rehearse is not None and (run.adapter is None or train.retain != "on"):
             raise ConfigError("--rehearse keeps what an earlier adapter learned: it needs "
                               "--adapter and --retain on")
-        if train.retain_gate_contrast is not None and not train.retain_gate:
-            raise ConfigError("--retain-gate-contrast is fitted into the novelty gate: it "
-                              "needs --retain-gate")
+        if train.retain_gate_contrast is not None and not (train.retain_gate
+                                                           or train.retain_subject):
+            raise ConfigError("--retain-gate-contrast is fitted into the novelty gate or "
+                              "subject routing: it needs --retain-gate or --retain-subject")
+        if train.retain_subject and train.retain_gate:
+            raise ConfigError("--retain-subject and --retain-gate both decide which tokens "
+                              "are routed: choose one")
+        if train.retain_subject and train.retain != "on":
+            raise ConfigError("--retain-subject is fitted on the protection's background: it "
+                              "needs --retain on (with --retain-replay 0: the routing alone)")
         if train.retain_gate_once and not train.retain_gate:
             raise ConfigError("--retain-gate-once shapes the novelty gate: it needs "
                               "--retain-gate")

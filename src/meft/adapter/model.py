@@ -416,6 +416,11 @@ class MeftModel(nn.Module):
         Not saved with the adapter (in progress, issue 37)."""
         self._positions, self._history = positions, None
 
+    @property
+    def routes_positions(self) -> bool:
+        """Whether :meth:`route_positions` decides which positions are routed."""
+        return self._positions is not None
+
     def _route_call(self, module: nn.Module, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> None:
         """The base model's forward pre-hook (after watch_attention_mask's): restrict the

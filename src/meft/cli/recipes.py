@@ -335,6 +335,8 @@ def _join(run: RunConfig, tconfig: TrainConfig, device: torch.device,
                           "(disk stores are for one process)")
     if tconfig.retain == "on" and tconfig.retain_gate:  # checked again by MeftModel
         raise ConfigError("--retain-gate is for one process (not a distributed run)")
+    if tconfig.retain == "on" and tconfig.retain_subject:
+        raise ConfigError("--retain-subject is for one process (not a distributed run)")
     if optim_state not in ROW_LOCAL_STATE:  # checked again by MeftModel; here before joining
         raise ConfigError(f"--optim-state {optim_state} is for one process (a distributed run "
                           f"shards rows; use {', '.join(ROW_LOCAL_STATE)})")

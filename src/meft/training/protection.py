@@ -94,6 +94,7 @@ from meft.evaluation.cache import BaseCache
 from meft.evaluation.evaluate import labelled_logits
 from meft.training.background import replay_pool
 from meft.training.gate import contrast_examples, set_novelty_gate
+from meft.training.subject import fit_subject_router, positions
 
 if TYPE_CHECKING:
     from meft.engine.offload import OffloadedSparseAdapter
@@ -213,7 +214,8 @@ def sparse_only(config: TrainConfig) -> list[str]:
     before kept, the novelty gate): a method without meft's tables refuses them
     (:class:`Retainer`)."""
     asked = {"--retain-written": config.retain_written == "keep",
-             "--retain-gate": config.retain_gate > 0}
+             "--retain-gate": config.retain_gate > 0,
+             "--retain-subject": config.retain_subject > 0}
     return [flag for flag, on in asked.items() if on]
 
 
@@ -229,7 +231,8 @@ class Retainer:
     def __init__(self, model: MeftModel | nn.Module, background: Background | None, *,
                  replay: int = 0, replay_target: str = "distill", written: bool = True,
                  rehearse: int = 0, replay_weight: float = 1.0, pad_id: int = 0,
-                 gate_once: bool = False) -> None:
+                 gate_once: bool = False, subject: Tensor | None = None,
+                 subject_layer: int = 0) -> None:
         if replay_target not in REPLAY_TARGETS:
             raise ValueError(f"replay_target must be one of {REPLAY_TARGETS}, got "
                              f"{replay_target!r}")
@@ -244,6 +247,8 @@ class Retainer:
         self.replay_weight = replay_weight
         self.rehearse = rehearse
         self.gate_once = gate_once  # a resumed run's gate (restore) decides once per token
+        # subject routing (meft.training.subject): its router (d+1,) and deciding block
+        self.subject, self.subject_layer = subject, subject_layer
         # rows an earlier run wrote (values start at zero): never trained, so what the
         # adapter already learned stays as it was (continual learning); written=False trains
         # them like the others
@@ -273,6 +278,8 @@ class Retainer:
                     for layer, mask in self.protected.items()})
         out.update({f"{PREFIX}{layer}.gate": a.novelty.cpu() for layer, a in _layers(self.model)
                     if a.novelty is not None})
+        if self.subject is not None:
+            out[f"{PREFIX}subject"] = self.subject.cpu()
         return out
 
     def restore(self, tensors: dict[str, Tensor]) -> None:
@@ -287,6 +294,10 @@ class Retainer:
         if gates:
             assert isinstance(self.model, MeftModel)
             self.model.set_novelty_gate(gates, once=self.gate_once)
+        if f"{PREFIX}subject" in tensors:
+            assert isinstance(self.model, MeftModel) and self.subject_layer
+            self.subject = tensors[f"{PREFIX}subject"].float()
+            self.model.route_positions(positions(self.model, self.subject, self.subject_layer))
 
     @torch.no_grad()
     def hold_written(self) -> list[int]:
@@ -420,11 +431,13 @@ class Retainer:
         on (with the replay pool; :mod:`meft.training.gate`; a model whose gate is already
         set, e.g. by an earlier set of a continual run, keeps it)."""
         stats = None
+        subject = None  # subject routing's router, when fitted here
         rehearsal = rehearsal if config.retain_rehearse else None
         if background is not None:
             encoded = encode_all(background, tokenizer, config.max_length, "background")
             pool_examples: list[Encoded] = []
-            if config.retain_replay or config.retain_gate:  # the gate is fitted on them
+            # the replay draws from the pool; the gate and subject routing are fitted on it
+            if config.retain_replay or config.retain_gate or config.retain_subject:
                 pool = (replay_pool(background) if config.retain_replay_pool ==
                         "questions" else range(len(background)))
                 # (encoded drops what truncation left without an answer: not index-aligned)
@@ -445,6 +458,19 @@ class Retainer:
                 set_novelty_gate(model, train, pool_examples + contrast, config.retain_gate,
                                  pad_id=tokenizer.pad_token_id or 0,
                                  once=config.retain_gate_once)
+            if (config.retain_subject and isinstance(model, MeftModel)
+                    and not model.routes_positions):
+                if train is None:
+                    raise ValueError("retain_subject is fitted on the training examples; "
+                                     "pass train=")
+                contrast = (contrast_examples(model, tokenizer, config.retain_gate_contrast,
+                                              max_length=config.max_length,
+                                              cache=cache, progress=config.progress)
+                            if config.retain_gate_contrast is not None else [])
+                subject = fit_subject_router(model, train, pool_examples + contrast,
+                                             layer=config.retain_subject,
+                                             pad_id=tokenizer.pad_token_id or 0)
+                model.route_positions(positions(model, subject, config.retain_subject))
             stats = Background(len(encoded), pool_examples)
             if rehearsal:
                 earlier = encode_all(rehearsal, tokenizer, config.max_length, "rehearsal")
@@ -460,7 +486,8 @@ class Retainer:
                    written=_keeps_written(config.retain_written, rehearsal),
                    rehearse=config.retain_rehearse, replay_weight=config.retain_replay_weight,
                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                   gate_once=config.retain_gate_once)
+                   gate_once=config.retain_gate_once, subject=subject,
+                   subject_layer=config.retain_subject)
 
     def summary(self) -> str:
         bg = self.background
@@ -480,6 +507,8 @@ class Retainer:
         if any(a.novelty is not None for _, a in _layers(self.model)):
             parts.append("novelty gate" + (", one decision per token" if self.gate_once
                                            else ""))
+        if self.subject is not None:
+            parts.append(f"subject routing decided at block {self.subject_layer}")
         return "forgetting protection: " + (", ".join(parts) or "nothing replayed or held")
 
 

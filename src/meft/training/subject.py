@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from meft.adapter.model import MeftModel, find_decoder_layers, find_mlp
 from meft.data.records import Encoded, collate
+from meft.errors import ConfigError
 from meft.training.gate import threshold
 
 SURPRISE = 4.0  # nats: a training token above it is on the new side (tau)
@@ -68,7 +69,9 @@ def fit_subject_router(model: MeftModel, train: Sequence[Encoded],
     old = [x for x, _ in _states(model, background, layer, batch_size, pad_id)]
     a, b_ = torch.cat(new).double(), torch.cat(old).double()  # (n_new, d), (n_old, d)
     if len(a) < 2:
-        raise ValueError(f"only {len(a)} training tokens have surprise above {tau} nats")
+        raise ConfigError(f"--retain-subject: only {len(a)} training tokens have surprise "
+                          f"above {tau} nats (the base model predicts the rest): nothing new "
+                          "to route by")
     centred = torch.cat([a - a.mean(0), b_ - b_.mean(0)])
     s = centred.T @ centred / (len(centred) - 2)  # (d, d)
     ridge = shrink * s.diagonal().mean() * torch.eye(s.shape[0], dtype=s.dtype)
