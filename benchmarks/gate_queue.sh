@@ -59,3 +59,8 @@ run once-contrast-0.01-alone --layers 15-29 --methods meft:4096+retain@3e-3 \
 # answer position passes 0.7% (share 0.01: 9.4%), the test phrasings' 79% (92%)
 run gate-contrast-0.002-alone --methods meft:4096+retain@3e-3 --retain-gate 0.002 \
     --retain-gate-contrast people --retain-replay 0
+# subject routing (--retain-subject BLOCK, from c3f116e on): one decision per sequence at
+# block 13, from a pre-pass on the base model, for every layer; with and without the contrast
+run subject13-contrast-alone --methods meft:4096+retain@3e-3 --retain-subject 13 \
+    --retain-gate-contrast people --retain-replay 0
+run subject13-alone --methods meft:4096+retain@3e-3 --retain-subject 13 --retain-replay 0
