@@ -32,8 +32,8 @@ SUMMARY = ("<!-- gate-summary -->", "<!-- /gate-summary -->")
 LAYERS = ("<!-- gate-layers-table -->", "<!-- /gate-layers-table -->")
 NAMES = ("<!-- name-novelty-table -->", "<!-- /name-novelty-table -->")
 SUBJECT = ("<!-- subject-routing-table -->", "<!-- /subject-routing-table -->")
-# the one-commit comparison the summary averages over seeds (same commit, same machine)
-COMPARISON = "gate-b877771"
+# the one-commit comparisons the summary averages over seeds (each: one commit, one machine)
+COMPARISONS = ("gate-b877771", "gate-8549698")
 # the columns of the summary: (run-file field, header)
 FIELDS = (("test_em", "test EM"), ("retention", "retention"),
           ("retention_seen_kinds", "seen kinds"), ("retention_adjacent", "adjacent kinds"))
@@ -68,6 +68,13 @@ SETTINGS = (
      "gate-b877771/once-0.01-alone/*@seed*.json"),
     ("one decision per token at layer 15 (0.01) with contrast, layers 15-29, nothing "
      "replayed", "gate-b877771/once-contrast-0.01-alone/*@seed*.json"),
+    # from 8549698: subject routing (--retain-subject)
+    ("no protection", "gate-8549698/reference/meft_4096@0.003@seed*.json"),
+    ("replay", "gate-8549698/reference/meft_4096+retain@0.003@seed*.json"),
+    ("subject routing at block 13 with contrast, nothing replayed",
+     "gate-8549698/subject13-contrast-alone/*@seed*.json"),
+    ("subject routing at block 13, nothing replayed",
+     "gate-8549698/subject13-alone/*@seed*.json"),
 )
 
 
@@ -118,12 +125,12 @@ def _mean_sd(values: list[float], scale: float = 100.0, fmt: str = ".1f") -> str
 
 def summary() -> str:
     """Per setting (one directory, one label): the seeds landed and each field's mean ± sample
-    standard deviation over them; the settings of COMPARISON only, so they compare."""
+    standard deviation over them; the settings of COMPARISONS only (compare within one)."""
     out = ["| setting | directory | seeds | " + " | ".join(h for _, h in FIELDS)
            + " | Δ general loss |", "|---|---|---|" + "---:|" * (len(FIELDS) + 1)]
     for label, pattern in SETTINGS:
         runs = [json.loads(p.read_text()) for p in sorted(ROOT.glob(pattern))]
-        if not runs or Path(pattern).parts[0] != COMPARISON:
+        if not runs or Path(pattern).parts[0] not in COMPARISONS:
             continue
         cells = [_mean_sd([r[f] for r in runs if r.get(f) is not None]) for f, _ in FIELDS]
         loss = _mean_sd([r["general_loss_delta"] for r in runs], 1.0, "+.3f")
