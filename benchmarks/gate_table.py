@@ -75,6 +75,8 @@ SETTINGS = (
      "gate-8549698/subject13-contrast-alone/*@seed*.json"),
     ("subject routing at block 13, nothing replayed",
      "gate-8549698/subject13-alone/*@seed*.json"),
+    ("subject routing at block 13 with contrast, lr 1e-2, nothing replayed",
+     "gate-8549698/subject13-contrast-1e-2-alone/*@seed*.json"),
 )
 
 
