@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from meft.config import MeftConfig
+from meft.data.records import Encoded
 
 VOCAB = 97
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -144,3 +145,19 @@ def grads_of(fn, x: Tensor, keys: Tensor, values: Tensor, router: Tensor, dy: Te
     y = fn(*leaves, **kw)
     grads = torch.autograd.grad(y, leaves, dy, allow_unused=True, materialize_grads=True)
     return [y.detach(), *[g.to_dense() if g.is_sparse else g for g in grads]]
+
+
+def random_examples(n: int, seed: int, lo: int, hi: int) -> list[Encoded]:
+    """``n`` examples of 5-8 random ids in [lo, hi), the first two without loss."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(lo, hi, (5 + i % 4,), generator=gen).tolist()
+        out.append(Encoded(ids, [-100] * 2 + ids[2:], False))
+    return out
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    """Every file of ``directory`` (not recursive) by name, with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+

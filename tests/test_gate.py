@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from helpers import IDS, TINY, Case, make_inputs, meft_config, tiny
+from helpers import IDS, TINY, Case, files, make_inputs, meft_config, random_examples, tiny
 from meft.adapter.model import MeftModel, get_meft_model, tensor_name
 from meft.adapter.serialization import load_tensors
 from meft.cli.commands import main
@@ -226,14 +226,6 @@ def test_one_decision_per_token_through_a_kv_cache_equals_the_whole_sequence(tok
         assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, whole)
 
 
-def _examples(n: int, seed: int, lo: int, hi: int) -> list[Encoded]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(lo, hi, (5 + i % 4,), generator=gen).tolist()
-        out.append(Encoded(ids, [-100] * 2 + ids[2:], False))
-    return out
-
 
 def _reference_inputs(model: MeftModel, examples: list[Encoded]) -> dict[str, Tensor]:
     """Per layer, the MLP inputs of every token, one example at a time (no padding)."""
@@ -257,7 +249,7 @@ def _reference_inputs(model: MeftModel, examples: list[Encoded]) -> dict[str, Te
 
 def test_fit_equals_a_plain_lda_and_passes_the_share() -> None:
     model = get_meft_model(tiny(), meft_config())  # fresh: the adapter adds nothing
-    train, background = _examples(10, 1, 2, 40), _examples(16, 2, 30, 97)
+    train, background = random_examples(10, 1, 2, 40), random_examples(16, 2, 30, 97)
     share, shrink = 0.2, 0.1
     gates = fit_novelty_gate(model, train, background, share, shrink=shrink, batch_size=3)
     xt, xb = _reference_inputs(model, train), _reference_inputs(model, background)
@@ -316,9 +308,6 @@ RUN = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--lr", "1e-2",
        "--max-new-tokens", "2", "--retain-gate", "0.05", *TINY]
 
 
-def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
 
 @pytest.mark.parametrize("once", [False, True])
 def test_train_with_a_gate_stops_and_resumes_bitwise(model_dir: Path, data_file: Path,
@@ -337,7 +326,7 @@ def test_train_with_a_gate_stops_and_resumes_bitwise(model_dir: Path, data_file:
     capsys.readouterr()
     assert main(["train", "--resume", str(split), "--no-progress"]) == 0
     assert "novelty gate: " not in capsys.readouterr().err  # not fitted again: restored
-    assert _files(whole / "adapter") == _files(split / "adapter")
+    assert files(whole / "adapter") == files(split / "adapter")
     config = json.loads((whole / "adapter" / "adapter_config.json").read_text())
     assert config["novelty_gate"] is True and config["novelty_once"] is once
     assert tensor_name(0, "novelty") in load_tensors(whole / "adapter", "adapter_model")

@@ -13,22 +13,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from helpers import TINY, meft_config, tiny
+from helpers import TINY, files, meft_config, random_examples, tiny
 from meft.adapter.model import MeftModel, find_decoder_layers, find_mlp, get_meft_model
 from meft.adapter.serialization import load_tensors
 from meft.cli.commands import main
 from meft.data.records import Encoded, collate
 from meft.errors import ConfigError
 from meft.training.subject import decide, fit_subject_router, positions, routed, token_surprise
-
-
-def _examples(n: int, seed: int, lo: int, hi: int) -> list[Encoded]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(lo, hi, (5 + i % 4,), generator=gen).tolist()
-        out.append(Encoded(ids, [-100] * 2 + ids[2:], False))
-    return out
 
 
 def _reference(model: MeftModel, e: Encoded, layer: int) -> tuple[Tensor, Tensor]:
@@ -77,7 +68,7 @@ def test_token_surprise_is_the_negative_log_probability_of_each_next_token() -> 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_fit_equals_an_lda_by_hand_on_the_surprising_tokens(layer: int) -> None:
     model = get_meft_model(tiny(), meft_config())
-    train, background = _examples(10, 1, 2, 40), _examples(16, 2, 30, 97)
+    train, background = random_examples(10, 1, 2, 40), random_examples(16, 2, 30, 97)
     refs = [_reference(model, e, layer) for e in train]
     ordered = torch.cat([s[1:] for _, s in refs]).sort().values
     mid = len(ordered) // 2  # about half the tokens new; tau between two of them, so float
@@ -100,8 +91,8 @@ def test_fit_equals_an_lda_by_hand_on_the_surprising_tokens(layer: int) -> None:
 
 def test_the_pre_pass_stops_at_the_deciding_block_and_decides_as_a_full_pass() -> None:
     model = get_meft_model(tiny(layers=3), meft_config())
-    examples = _examples(5, 7, 2, 97)
-    router = fit_subject_router(model, examples, _examples(8, 8, 2, 97), layer=1, share=0.3,
+    examples = random_examples(5, 7, 2, 97)
+    router = fit_subject_router(model, examples, random_examples(8, 8, 2, 97), layer=1, share=0.3,
                                 tau=0.0)
     batch = collate(examples, pad_id=0)
     above: list[int] = []
@@ -121,7 +112,7 @@ def test_the_pre_pass_stops_at_the_deciding_block_and_decides_as_a_full_pass() -
 
 def test_bad_fit_settings_are_errors() -> None:
     model = get_meft_model(tiny(), meft_config())
-    train = _examples(4, 1, 2, 40)
+    train = random_examples(4, 1, 2, 40)
     with pytest.raises(ValueError, match="share"):
         fit_subject_router(model, train, train, layer=0, share=0.0)
     with pytest.raises(ValueError, match=r"blocks 0\.\.2"):
@@ -181,8 +172,8 @@ def test_routed_generation_with_a_cache_is_the_whole_sequences() -> None:
 
 def test_subject_routing_leaves_every_position_before_the_first_routed_one_exact() -> None:
     model = get_meft_model(tiny(layers=3), meft_config())
-    examples = _examples(6, 9, 2, 97)
-    router = fit_subject_router(model, examples, _examples(8, 8, 2, 97), layer=1, share=0.2,
+    examples = random_examples(6, 9, 2, 97)
+    router = fit_subject_router(model, examples, random_examples(8, 8, 2, 97), layer=1, share=0.2,
                                 tau=0.0)
     _written(model)
     batch = collate(examples, pad_id=0)
@@ -207,9 +198,6 @@ RUN = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--lr", "1e-2",
        "--max-new-tokens", "2", "--retain-subject", "1", *TINY]
 
 
-def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
 
 def test_train_with_subject_routing_stops_and_resumes_bitwise(
         model_dir: Path, data_file: Path, tmp_path: Path,
@@ -226,7 +214,7 @@ def test_train_with_subject_routing_stops_and_resumes_bitwise(
     assert main([*common, "--output", str(split), *RUN, "--stop-after", "2"]) == 0
     capsys.readouterr()
     assert main(["train", "--resume", str(split), "--no-progress"]) == 0  # restored from it
-    assert _files(whole / "adapter") == _files(split / "adapter")
+    assert files(whole / "adapter") == files(split / "adapter")
     ckpt = load_tensors(split / "checkpoints" / "step-00000004", "optimizer")
     assert ckpt["retain.subject"].shape == (33,)
     losses = [json.loads(x)["loss"] for x in (whole / "metrics.jsonl").read_text().splitlines()]

@@ -446,31 +446,28 @@ class Retainer:
                     "replayed background")
                 pool_examples = [e.first_targets(REPLAY_TOKENS) for e in replayed]
                 _some_left(replayed, "replayed background", config.max_length, "--retain-replay 0")
-            if (config.retain_gate and isinstance(model, MeftModel)
-                    and all(a.novelty is None for a in model.adapter_modules)):
+            gate = (config.retain_gate and isinstance(model, MeftModel)
+                    and all(a.novelty is None for a in model.adapter_modules))
+            routing = (config.retain_subject and isinstance(model, MeftModel)
+                       and not model.routes_positions)
+            if gate or routing:  # fitted now on train, the pool and the contrast
+                assert isinstance(model, MeftModel)
                 if train is None:
-                    raise ValueError("retain_gate: the novelty gate is fitted on the training "
+                    raise ValueError(("retain_gate: the novelty gate is" if gate else
+                                      "retain_subject is") + " fitted on the training "
                                      "examples; pass train=")
                 contrast = (contrast_examples(model, tokenizer, config.retain_gate_contrast,
                                               max_length=config.max_length,
                                               cache=cache, progress=config.progress)
                             if config.retain_gate_contrast is not None else [])
-                set_novelty_gate(model, train, pool_examples + contrast, config.retain_gate,
-                                 pad_id=tokenizer.pad_token_id or 0,
-                                 once=config.retain_gate_once)
-            if (config.retain_subject and isinstance(model, MeftModel)
-                    and not model.routes_positions):
-                if train is None:
-                    raise ValueError("retain_subject is fitted on the training examples; "
-                                     "pass train=")
-                contrast = (contrast_examples(model, tokenizer, config.retain_gate_contrast,
-                                              max_length=config.max_length,
-                                              cache=cache, progress=config.progress)
-                            if config.retain_gate_contrast is not None else [])
-                subject = fit_subject_router(model, train, pool_examples + contrast,
-                                             layer=config.retain_subject,
-                                             pad_id=tokenizer.pad_token_id or 0)
-                model.route_positions(positions(model, subject, config.retain_subject))
+                pad = tokenizer.pad_token_id or 0
+                if gate:
+                    set_novelty_gate(model, train, pool_examples + contrast, config.retain_gate,
+                                     pad_id=pad, once=config.retain_gate_once)
+                else:
+                    subject = fit_subject_router(model, train, pool_examples + contrast,
+                                                 layer=config.retain_subject, pad_id=pad)
+                    model.route_positions(positions(model, subject, config.retain_subject))
             stats = Background(len(encoded), pool_examples)
             if rehearsal:
                 earlier = encode_all(rehearsal, tokenizer, config.max_length, "rehearsal")
